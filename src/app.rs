@@ -1,0 +1,145 @@
+//! `App::build(config)` binds both listeners and wires store, cache, proxy and admin;
+//! `run_until_stopped` serves until shutdown. The same entry point serves `main` and tests.
+
+use crate::admin::{self, AdminState};
+use crate::cache::KeyCache;
+use crate::config::{Config, StoreConfig};
+use crate::key::{self, KeyHasher};
+use crate::metrics::Metrics;
+use crate::proxy::server::{self, ServerSettings};
+use crate::proxy::Proxy;
+use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long open connections may finish their requests after a shutdown signal.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct App {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    pub admin: Arc<AdminState>,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    settings: ServerSettings,
+    shutdown: Arc<watch::Sender<bool>>,
+    redis_feed: Option<(String, String)>,
+}
+
+/// Ask a running `App` to stop (drain, then return from `run_until_stopped`).
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let (store, redis_feed): (Arc<dyn KeyStore>, _) = match &config.store {
+            StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
+            StoreConfig::Redis(settings) => {
+                let store = RedisStore::connect(settings)?;
+                let feed = (settings.url.clone(), store.channel());
+                (Arc::new(store), Some(feed))
+            }
+        };
+        let cache = Arc::new(KeyCache::new(
+            store.clone(),
+            config.cache.ttl,
+            config.cache.negative_ttl,
+            config.cache.max_entries,
+        ));
+        let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.0.as_bytes()));
+        let metrics = Arc::new(Metrics::new());
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            cache.clone(),
+            hasher.clone(),
+            metrics.clone(),
+        ));
+        let admin = Arc::new(AdminState {
+            store,
+            cache,
+            hasher,
+            prefixes: config.prefixes.clone(),
+            root_digest: config
+                .root_token
+                .as_ref()
+                .map(|t| key::sha256(t.0.as_bytes())),
+            default_tenant: config.default_tenant.clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+            metrics,
+        });
+        let proxy_listener = TcpListener::bind(config.proxy_listen).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (proxy): {e}", config.proxy_listen)
+        })?;
+        let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
+        })?;
+        let (tx, _) = watch::channel(false);
+        Ok(App {
+            proxy_addr: proxy_listener.local_addr()?,
+            admin_addr: admin_listener.local_addr()?,
+            proxy,
+            admin,
+            proxy_listener,
+            admin_listener,
+            settings: ServerSettings {
+                header_read_timeout: config.timeouts.header_read,
+                idle_timeout: config.timeouts.idle,
+                max_header_bytes: config.limits.max_header_bytes,
+                max_connections: config.limits.max_connections,
+            },
+            shutdown: Arc::new(tx),
+            redis_feed,
+        })
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown.clone())
+    }
+
+    /// Serve both ports until shut down; then readiness turns false, listeners close,
+    /// and in-flight requests get up to `DRAIN_TIMEOUT` to finish.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let rx = self.shutdown.subscribe();
+        if let Some((url, channel)) = self.redis_feed.clone() {
+            tokio::spawn(crate::cache::follow_redis_changes(
+                url,
+                channel,
+                self.admin.cache.clone(),
+                rx.clone(),
+            ));
+        }
+        let ready = self.admin.ready.clone();
+        let mut admin_rx = rx.clone();
+        let admin = axum::serve(self.admin_listener, admin::router(self.admin.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = admin_rx.wait_for(|stop| *stop).await;
+            });
+        let admin = tokio::spawn(async move { admin.await });
+        let mut ready_rx = rx.clone();
+        tokio::spawn(async move {
+            let _ = ready_rx.wait_for(|stop| *stop).await;
+            ready.store(false, Ordering::Release);
+        });
+        server::serve(
+            self.proxy_listener,
+            self.proxy,
+            self.settings,
+            rx,
+            DRAIN_TIMEOUT,
+        )
+        .await;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, admin).await;
+        Ok(())
+    }
+}

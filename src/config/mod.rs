@@ -1,0 +1,444 @@
+//! Loading and validating configuration: YAML (strict) -> `RawConfig` -> typed `Config`.
+//! Errors name the file, the field path and, where the YAML parser knows it, the line.
+
+pub mod raw;
+
+use crate::key::Prefixes;
+use crate::proxy::policy::Policy;
+use crate::store::redis::RedisSettings;
+use raw::RawConfig;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A refused configuration: which file, which field, which line, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: String,
+    pub field: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.source)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": field `{}`", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Redis(RedisSettings),
+    Memory,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub upstream: Duration,
+    pub header_read: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub max_entries: u64,
+}
+
+/// The root token, kept out of `Debug`.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: String,
+    pub proxy_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: raw::Upstream,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub root_token: Option<Secret>,
+    pub default_tenant: String,
+    pub store: StoreConfig,
+    pub cache: CacheConfig,
+    pub prefixes: Prefixes,
+    pub pepper: Option<Secret>,
+    /// Routes and header policy: the part that hot reload swaps.
+    pub policy: Arc<Policy>,
+}
+
+/// Where environment overrides come from (the process environment, or a map in tests).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn var(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+impl Config {
+    /// Read and validate a file, with overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: source.clone(),
+            field: String::new(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::from_yaml(&text, &source, &ProcessEnv)
+    }
+
+    /// Parse and validate YAML text. `source` names it in errors.
+    pub fn from_yaml(text: &str, source: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.location().map(|l| l.line());
+            let mut message = inner.to_string();
+            // The YAML error repeats the position; keep the message itself.
+            if let Some(i) = message.find(" at line ") {
+                message.truncate(i);
+            }
+            ConfigError {
+                source: source.to_string(),
+                field: if field == "." { String::new() } else { field },
+                line,
+                message,
+            }
+        })?;
+        validate(raw, source, env)
+    }
+}
+
+fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+    let err = |field: &str, message: String| ConfigError {
+        source: source.to_string(),
+        field: field.to_string(),
+        line: None,
+        message,
+    };
+
+    let proxy_listen = env
+        .var("KEYGATE_PROXY_LISTEN")
+        .map(|v| {
+            v.parse()
+                .map_err(|e| err("KEYGATE_PROXY_LISTEN", format!("{e}")))
+        })
+        .transpose()?
+        .unwrap_or(raw.proxy.listen);
+    let admin_listen = env
+        .var("KEYGATE_ADMIN_LISTEN")
+        .map(|v| {
+            v.parse()
+                .map_err(|e| err("KEYGATE_ADMIN_LISTEN", format!("{e}")))
+        })
+        .transpose()?
+        .unwrap_or(raw.admin.listen);
+    if proxy_listen.port() != 0
+        && proxy_listen.port() == admin_listen.port()
+        && (proxy_listen.ip() == admin_listen.ip()
+            || proxy_listen.ip().is_unspecified()
+            || admin_listen.ip().is_unspecified())
+    {
+        return Err(err(
+            "admin.listen",
+            "the admin API must not share the proxy's address".into(),
+        ));
+    }
+    let upstream = match env.var("KEYGATE_UPSTREAM") {
+        Some(v) => raw::Upstream::parse(&v).map_err(|m| err("KEYGATE_UPSTREAM", m))?,
+        None => raw.proxy.upstream.clone(),
+    };
+
+    let store = match (raw.store.redis, raw.store.memory) {
+        (Some(r), None) => {
+            let url = env.var("KEYGATE_REDIS_URL").unwrap_or(r.url);
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(err("store.redis.url", "must start with redis://".into()));
+            }
+            if redis::Client::open(url.as_str()).is_err() {
+                return Err(err("store.redis.url", "is not a valid Redis URL".into()));
+            }
+            let ns_ok = !r.namespace.is_empty()
+                && r.namespace.len() <= 64
+                && r.namespace
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'));
+            if !ns_ok {
+                return Err(err(
+                    "store.redis.namespace",
+                    "use 1-64 characters of A-Z a-z 0-9 _ . - :".into(),
+                ));
+            }
+            if r.timeout.0.is_zero() {
+                return Err(err("store.redis.timeout", "must be above zero".into()));
+            }
+            StoreConfig::Redis(RedisSettings {
+                url,
+                namespace: r.namespace,
+                timeout: r.timeout.0,
+            })
+        }
+        (None, Some(_)) => StoreConfig::Memory,
+        _ => {
+            return Err(err(
+                "store",
+                "set exactly one of `redis` or `memory`".into(),
+            ))
+        }
+    };
+
+    if raw.cache.ttl.0.is_zero() {
+        return Err(err("cache.ttl", "must be above zero".into()));
+    }
+    if raw.cache.negative_ttl.0 > raw.cache.ttl.0 {
+        return Err(err(
+            "cache.negative_ttl",
+            "must not exceed cache.ttl".into(),
+        ));
+    }
+    if raw.cache.max_entries == 0 {
+        return Err(err("cache.max_entries", "must be above zero".into()));
+    }
+
+    let l = &raw.proxy.limits;
+    if !(8192..=1 << 20).contains(&l.max_header_bytes) {
+        return Err(err(
+            "proxy.limits.max_header_bytes",
+            "must be between 8192 and 1048576".into(),
+        ));
+    }
+    if !(64..=1 << 20).contains(&l.max_uri_bytes) {
+        return Err(err(
+            "proxy.limits.max_uri_bytes",
+            "must be between 64 and 1048576".into(),
+        ));
+    }
+    if l.max_connections == 0 {
+        return Err(err(
+            "proxy.limits.max_connections",
+            "must be above zero".into(),
+        ));
+    }
+    let t = &raw.proxy.timeouts;
+    for (name, d) in [
+        ("proxy.timeouts.upstream", t.upstream),
+        ("proxy.timeouts.header_read", t.header_read),
+        ("proxy.timeouts.idle", t.idle),
+    ] {
+        if d.0.is_zero() {
+            return Err(err(name, "must be above zero".into()));
+        }
+    }
+
+    let p = &raw.keys.prefixes;
+    let prefixes = Prefixes {
+        secret_live: p.secret_live.0.clone(),
+        publishable_live: p.publishable_live.0.clone(),
+        secret_test: p.secret_test.0.clone(),
+        publishable_test: p.publishable_test.0.clone(),
+    };
+    let all = [
+        &prefixes.secret_live,
+        &prefixes.publishable_live,
+        &prefixes.secret_test,
+        &prefixes.publishable_test,
+    ];
+    for (i, a) in all.iter().enumerate() {
+        for (j, b) in all.iter().enumerate() {
+            if i != j && b.starts_with(a.as_str()) {
+                return Err(err(
+                    "keys.prefixes",
+                    format!("prefix {a:?} is a prefix of {b:?}: keys would be ambiguous"),
+                ));
+            }
+        }
+    }
+
+    let root_token = match env.var(&raw.admin.root_token_env) {
+        Some(t) => Some(t),
+        None => match &raw.admin.root_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| err("admin.root_token_file", format!("cannot read {path}: {e}")))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        },
+    };
+    if let Some(t) = &root_token {
+        if t.len() < 16 {
+            return Err(err(
+                "admin.root_token",
+                "the root token must be at least 16 characters".into(),
+            ));
+        }
+    }
+    let pepper = env.var(&raw.keys.pepper_env).map(Secret);
+
+    let policy = Policy::build(&raw.proxy, &raw.routes, raw.unmatched)
+        .map_err(|(field, message)| err(&field, message))?;
+
+    Ok(Config {
+        source: source.to_string(),
+        proxy_listen,
+        admin_listen,
+        upstream,
+        timeouts: Timeouts {
+            upstream: t.upstream.0,
+            header_read: t.header_read.0,
+            idle: t.idle.0,
+        },
+        limits: Limits {
+            max_header_bytes: l.max_header_bytes,
+            max_uri_bytes: l.max_uri_bytes,
+            max_connections: l.max_connections,
+        },
+        root_token: root_token.map(Secret),
+        default_tenant: raw.admin.default_tenant.0,
+        store,
+        cache: CacheConfig {
+            ttl: raw.cache.ttl.0,
+            negative_ttl: raw.cache.negative_ttl.0,
+            max_entries: raw.cache.max_entries,
+        },
+        prefixes,
+        pepper,
+        policy: Arc::new(policy),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "
+proxy:
+  listen: 127.0.0.1:8080
+  upstream: http://127.0.0.1:3000
+store:
+  memory: {}
+routes:
+  - { name: health, path: /healthz, auth: none }
+  - { name: users, methods: [GET], path: \"/users/**\", scopes: [\"users:read\"] }
+";
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, "test.yaml", &[("X", "Y")])
+    }
+
+    #[test]
+    fn the_base_config_loads() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.policy.routes().len(), 2);
+        assert_eq!(c.cache.ttl, Duration::from_secs(300));
+        assert!(matches!(c.store, StoreConfig::Memory));
+    }
+
+    #[test]
+    fn errors_name_field_and_line() {
+        let e = load(&BASE.replace(
+            "listen: 127.0.0.1:8080",
+            "listen: 127.0.0.1:8080\n  lisen: x",
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("unknown field `lisen`"), "{e}");
+
+        let e = load(&format!("{BASE}cache: {{ ttl: 5 parsecs }}\n")).unwrap_err();
+        assert_eq!(e.field, "cache.ttl", "{e}");
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(
+            e.to_string().starts_with("test.yaml:10: field `cache.ttl`"),
+            "{e}"
+        );
+
+        let e = load(&BASE.replace("users:read", "Users Read")).unwrap_err();
+        assert_eq!(e.field, "routes[1].scopes[0]", "{e}");
+
+        let e = load(&BASE.replace("\"/users/**\"", "\"/users/**/x\"")).unwrap_err();
+        assert_eq!(e.field, "routes[1].path", "{e}");
+
+        let e = load(&BASE.replace("memory: {}", "memory: {}\n  redis: { url: redis://x }"))
+            .unwrap_err();
+        assert_eq!(e.field, "store", "{e}");
+
+        let e = load(&BASE.replace("name: users", "name: health")).unwrap_err();
+        assert!(e.field.starts_with("routes[1].name"), "{e}");
+
+        let e = load(&format!("{BASE}admin: {{ listen: 127.0.0.1:8080 }}\n")).unwrap_err();
+        assert_eq!(e.field, "admin.listen", "{e}");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let text = BASE.replace("memory: {}", "redis: { url: \"redis://127.0.0.1:1/0\" }");
+        let c = Config::from_yaml(
+            &text,
+            "t",
+            &[
+                ("KEYGATE_REDIS_URL", "redis://10.0.0.1:6380/2"),
+                ("KEYGATE_ROOT_TOKEN", "0123456789abcdef0123"),
+            ],
+        )
+        .unwrap();
+        match c.store {
+            StoreConfig::Redis(r) => assert_eq!(r.url, "redis://10.0.0.1:6380/2"),
+            StoreConfig::Memory => panic!("expected redis"),
+        }
+        assert_eq!(c.root_token.unwrap().0, "0123456789abcdef0123");
+        let e = Config::from_yaml(BASE, "t", &[("KEYGATE_ROOT_TOKEN", "short")]).unwrap_err();
+        assert_eq!(e.field, "admin.root_token");
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        for f in ["config/keygate.yaml", "config/dev.yaml"] {
+            let text =
+                std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/").to_string() + f)
+                    .unwrap();
+            Config::from_yaml(&text, f, &[("X", "Y")]).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

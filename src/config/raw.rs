@@ -1,0 +1,456 @@
+//! The YAML file as written: serde structs, strict (unknown fields refused), one doc
+//! comment per field. `super` validates them into the typed `Config`.
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The proxy listener and what it forwards to.
+    pub proxy: RawProxy,
+    /// The admin listener (key management, health, metrics).
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Where key records live.
+    pub store: RawStore,
+    /// The in-process cache in front of the store.
+    #[serde(default)]
+    pub cache: RawCache,
+    /// Key text format.
+    #[serde(default)]
+    pub keys: RawKeys,
+    /// Ordered route list: the first match wins.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    /// What to do with a request no route matches: `deny` (404) or `require_key`.
+    #[serde(default)]
+    pub unmatched: Unmatched,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    /// Address the proxy listens on, e.g. `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// The application, e.g. `http://127.0.0.1:3000`.
+    pub upstream: Upstream,
+    /// Pass the client's `Authorization` header to the upstream (default: strip it).
+    #[serde(default)]
+    pub forward_authorization: bool,
+    /// Names of the identity headers keygate sets (and strips when a client sends them).
+    #[serde(default)]
+    pub identity_headers: RawIdentityHeaders,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-*` headers are kept and extended;
+    /// from anyone else they are overwritten.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    /// Size and connection limits.
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentityHeaders {
+    pub key_id: HeaderName,
+    pub tenant: HeaderName,
+    pub scopes: HeaderName,
+    pub key_type: HeaderName,
+}
+
+impl Default for RawIdentityHeaders {
+    fn default() -> Self {
+        let h = |s: &'static str| HeaderName(http::HeaderName::from_static(s));
+        RawIdentityHeaders {
+            key_id: h("x-keygate-key-id"),
+            tenant: h("x-keygate-tenant"),
+            scopes: h("x-keygate-scopes"),
+            key_type: h("x-keygate-key-type"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    /// From sending the request upstream to its response head (504 after).
+    pub upstream: HumanDuration,
+    /// For a client to send a complete request head.
+    pub header_read: HumanDuration,
+    /// A keep-alive connection with no traffic is closed after this.
+    pub idle: HumanDuration,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            upstream: HumanDuration(Duration::from_secs(30)),
+            header_read: HumanDuration(Duration::from_secs(10)),
+            idle: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Largest request head in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// Longest request target in bytes (414 beyond).
+    pub max_uri_bytes: usize,
+    /// Default largest request body in bytes (413 beyond); routes may override. 0 = no limit.
+    pub max_body_bytes: u64,
+    /// Open client connections at most; further connections wait in the accept backlog.
+    pub max_connections: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_header_bytes: 65536,
+            max_uri_bytes: 8192,
+            max_body_bytes: 0,
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Address of the admin API; loopback by default. Must differ from the proxy's.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Environment variable holding the root token (bootstraps the first keys).
+    #[serde(default = "default_root_env")]
+    pub root_token_env: String,
+    /// File holding the root token (used when the variable is unset).
+    #[serde(default)]
+    pub root_token_file: Option<String>,
+    /// Tenant the root token acts in when a request has no `X-Tenant-ID`.
+    #[serde(default = "default_tenant")]
+    pub default_tenant: Tenant,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: default_admin_listen(),
+            root_token_env: default_root_env(),
+            root_token_file: None,
+            default_tenant: default_tenant(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_root_env() -> String {
+    "KEYGATE_ROOT_TOKEN".into()
+}
+fn default_tenant() -> Tenant {
+    Tenant("default".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Redis: production, shared by every replica.
+    #[serde(default)]
+    pub redis: Option<RawRedis>,
+    /// In-process memory: `--dev` and tests; keys vanish on exit.
+    #[serde(default)]
+    pub memory: Option<RawMemory>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// `redis://host:port/db` (`KEYGATE_REDIS_URL` overrides).
+    pub url: String,
+    /// Prefix of every key and channel keygate uses.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Bound on every Redis call.
+    #[serde(default = "default_store_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_namespace() -> String {
+    "keygate".into()
+}
+fn default_store_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(250))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMemory {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    /// How long a valid key is trusted without asking the store: the worst-case staleness
+    /// of a revocation when change notifications are lost.
+    pub ttl: HumanDuration,
+    /// How long an unknown key is remembered as unknown.
+    pub negative_ttl: HumanDuration,
+    /// Entries at most (valid and unknown together).
+    pub max_entries: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            ttl: HumanDuration(Duration::from_secs(300)),
+            negative_ttl: HumanDuration(Duration::from_secs(2)),
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    /// Type prefixes of generated keys.
+    #[serde(default)]
+    pub prefixes: RawPrefixes,
+    /// Environment variable holding an optional pepper: digests become HMAC-SHA-256.
+    #[serde(default = "default_pepper_env")]
+    pub pepper_env: String,
+}
+
+fn default_pepper_env() -> String {
+    "KEYGATE_PEPPER".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPrefixes {
+    pub secret_live: Prefix,
+    pub publishable_live: Prefix,
+    pub secret_test: Prefix,
+    pub publishable_test: Prefix,
+}
+
+impl Default for RawPrefixes {
+    fn default() -> Self {
+        let d = crate::key::Prefixes::default();
+        RawPrefixes {
+            secret_live: Prefix(d.secret_live),
+            publishable_live: Prefix(d.publishable_live),
+            secret_test: Prefix(d.secret_test),
+            publishable_test: Prefix(d.publishable_test),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique; the metrics label.
+    pub name: String,
+    /// Methods this route matches; absent = all.
+    #[serde(default)]
+    pub methods: Option<Vec<Method>>,
+    /// Path pattern: literal segments, `*` (one segment), `**` (the rest, last only).
+    pub path: crate::proxy::route::PathPattern,
+    /// `key` (default) or `none` (public).
+    #[serde(default)]
+    pub auth: Auth,
+    /// Scopes a key must hold, all of them.
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
+    /// Whether publishable keys may pass.
+    #[serde(default)]
+    pub allow_publishable: bool,
+    /// Largest request body for this route (413 beyond); overrides the proxy default.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Auth {
+    #[default]
+    Key,
+    None,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    #[default]
+    Deny,
+    RequireKey,
+}
+
+/// `250ms`, `30s`, `5m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> serde::Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); use e.g. 250ms, 30s, 5m"
+                ))
+            })
+    }
+}
+
+/// An `http://host:port` upstream (no path, query or userinfo).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+}
+
+impl Upstream {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
+        let scheme = uri.scheme().cloned().ok_or("upstream URL needs http://")?;
+        if scheme != http::uri::Scheme::HTTP {
+            return Err(format!(
+                "upstream scheme {scheme} is not supported; use http://"
+            ));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or("upstream URL needs a host")?;
+        if authority.as_str().contains('@') {
+            return Err("upstream URL must not carry credentials".into());
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err("upstream URL must not have a path or query".into());
+        }
+        Ok(Upstream { scheme, authority })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Upstream::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderName(pub http::HeaderName);
+
+impl<'de> serde::Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        http::HeaderName::from_bytes(s.as_bytes())
+            .map(HeaderName)
+            .map_err(|_| de::Error::custom(format!("invalid header name {s:?}")))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Method(pub http::Method);
+
+impl<'de> serde::Deserialize<'de> for Method {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let upper = s.to_ascii_uppercase();
+        match upper.as_str() {
+            "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" | "TRACE"
+            | "CONNECT" => Ok(Method(
+                http::Method::from_bytes(upper.as_bytes()).map_err(de::Error::custom)?,
+            )),
+            _ => Err(de::Error::custom(format!("unknown HTTP method {s:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IpNet(pub ipnet::IpNet);
+
+impl<'de> serde::Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(n) = s.parse::<ipnet::IpNet>() {
+            return Ok(IpNet(n));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| IpNet(ipnet::IpNet::from(ip)))
+            .map_err(|_| de::Error::custom(format!("invalid IP or CIDR {s:?}")))
+    }
+}
+
+/// A tenant id: 1-64 of `[A-Za-z0-9_.-]` (it appears in store keys and headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+impl Tenant {
+    pub fn valid(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Tenant {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if Tenant::valid(&s) {
+            Ok(Tenant(s))
+        } else {
+            Err(de::Error::custom(format!(
+                "invalid tenant {s:?}: use 1-64 characters of A-Z a-z 0-9 _ . -"
+            )))
+        }
+    }
+}
+
+/// A key type prefix: 2-16 of `[a-z0-9_]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix(pub String);
+
+impl<'de> serde::Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = (2..=16).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if ok {
+            Ok(Prefix(s))
+        } else {
+            Err(de::Error::custom(format!(
+                "invalid key prefix {s:?}: use 2-16 characters of a-z 0-9 _"
+            )))
+        }
+    }
+}
+
+/// A scope: `*` or `[a-z0-9_.-]+(:[a-z0-9_.*-]+)*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope(pub String);
+
+impl<'de> serde::Deserialize<'de> for Scope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if crate::key::valid_scope(&s) {
+            Ok(Scope(s))
+        } else {
+            Err(de::Error::custom(format!(
+                "invalid scope {s:?}: use `*` or lowercase words joined by `:`, e.g. users:read"
+            )))
+        }
+    }
+}

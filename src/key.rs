@@ -1,0 +1,441 @@
+//! API key text (`<type prefix><40 base62 body><6 base62 CRC32>`), its parse-and-checksum
+//! without I/O, the at-rest digest (SHA-256, or HMAC-SHA-256 with a pepper), and scopes.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+
+/// Random body length in base62 characters: 40 * log2(62) = 238 bits of entropy.
+pub const BODY_LEN: usize = 40;
+/// Checksum length: CRC32 of prefix + body, base62, fixed width (62^6 > 2^32).
+pub const CHECKSUM_LEN: usize = 6;
+/// Characters of the body shown in the display prefix (after the type prefix).
+pub const DISPLAY_BODY_CHARS: usize = 4;
+
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A SHA-256 (or HMAC-SHA-256) digest of a key's full text: the only form stored.
+pub type Digest = [u8; 32];
+
+/// `secret` keys are for servers; `publishable` keys may sit in a browser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    Secret,
+    Publishable,
+}
+
+impl KeyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Secret => "secret",
+            KeyType::Publishable => "publishable",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "secret" => Some(KeyType::Secret),
+            "publishable" => Some(KeyType::Publishable),
+            _ => None,
+        }
+    }
+}
+
+/// `live` or `test`, carried in the key's prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Live,
+    Test,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Live => "live",
+            Environment::Test => "test",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "live" => Some(Environment::Live),
+            "test" => Some(Environment::Test),
+            _ => None,
+        }
+    }
+}
+
+/// The four configured type prefixes. Validated in config so that none is a prefix of
+/// another, which makes classification of a token unambiguous.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prefixes {
+    pub secret_live: String,
+    pub publishable_live: String,
+    pub secret_test: String,
+    pub publishable_test: String,
+}
+
+impl Default for Prefixes {
+    fn default() -> Self {
+        Prefixes {
+            secret_live: "sk_live_".into(),
+            publishable_live: "pk_live_".into(),
+            secret_test: "sk_test_".into(),
+            publishable_test: "pk_test_".into(),
+        }
+    }
+}
+
+impl Prefixes {
+    pub fn get(&self, t: KeyType, e: Environment) -> &str {
+        match (t, e) {
+            (KeyType::Secret, Environment::Live) => &self.secret_live,
+            (KeyType::Publishable, Environment::Live) => &self.publishable_live,
+            (KeyType::Secret, Environment::Test) => &self.secret_test,
+            (KeyType::Publishable, Environment::Test) => &self.publishable_test,
+        }
+    }
+
+    fn all(&self) -> [(&str, KeyType, Environment); 4] {
+        [
+            (&self.secret_live, KeyType::Secret, Environment::Live),
+            (
+                &self.publishable_live,
+                KeyType::Publishable,
+                Environment::Live,
+            ),
+            (&self.secret_test, KeyType::Secret, Environment::Test),
+            (
+                &self.publishable_test,
+                KeyType::Publishable,
+                Environment::Test,
+            ),
+        ]
+    }
+}
+
+/// Why a token was refused before any lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFormatError {
+    #[error("unknown key prefix")]
+    Prefix,
+    #[error("wrong key length")]
+    Length,
+    #[error("invalid character in key")]
+    Charset,
+    #[error("key checksum mismatch")]
+    Checksum,
+}
+
+/// A token that passed the format and checksum checks.
+#[derive(Clone, Copy)]
+pub struct ParsedKey<'a> {
+    pub text: &'a str,
+    pub key_type: KeyType,
+    pub environment: Environment,
+    pub prefix_len: usize,
+}
+
+impl fmt::Debug for ParsedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ParsedKey({}…)",
+            display_prefix(self.text, self.prefix_len)
+        )
+    }
+}
+
+/// Check prefix, length, alphabet and checksum. Costs no I/O and no allocation.
+pub fn parse<'a>(prefixes: &Prefixes, token: &'a str) -> Result<ParsedKey<'a>, KeyFormatError> {
+    let (prefix, key_type, environment) = prefixes
+        .all()
+        .into_iter()
+        .find(|(p, _, _)| token.starts_with(p))
+        .ok_or(KeyFormatError::Prefix)?;
+    let rest = &token.as_bytes()[prefix.len()..];
+    if rest.len() != BODY_LEN + CHECKSUM_LEN {
+        return Err(KeyFormatError::Length);
+    }
+    if !rest.iter().all(u8::is_ascii_alphanumeric) {
+        return Err(KeyFormatError::Charset);
+    }
+    let (signed, sum) = token.as_bytes().split_at(token.len() - CHECKSUM_LEN);
+    if checksum(signed) != *sum {
+        return Err(KeyFormatError::Checksum);
+    }
+    Ok(ParsedKey {
+        text: token,
+        key_type,
+        environment,
+        prefix_len: prefix.len(),
+    })
+}
+
+fn checksum(signed: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc32fast::hash(signed) as u64;
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// A freshly generated key. Its `Debug` shows only the display prefix.
+pub struct NewKey {
+    pub text: String,
+    pub prefix_len: usize,
+}
+
+impl fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "NewKey({}…)",
+            display_prefix(&self.text, self.prefix_len)
+        )
+    }
+}
+
+impl NewKey {
+    pub fn display_prefix(&self) -> String {
+        display_prefix(&self.text, self.prefix_len).to_string()
+    }
+    pub fn last_four(&self) -> String {
+        self.text[self.text.len() - 4..].to_string()
+    }
+}
+
+/// Generate a key from the OS CSPRNG (uniform base62 by rejection sampling).
+pub fn generate(
+    prefixes: &Prefixes,
+    key_type: KeyType,
+    environment: Environment,
+) -> Result<NewKey, getrandom::Error> {
+    let prefix = prefixes.get(key_type, environment);
+    let mut text = String::with_capacity(prefix.len() + BODY_LEN + CHECKSUM_LEN);
+    text.push_str(prefix);
+    let mut buf = [0u8; 64];
+    let mut body = 0;
+    while body < BODY_LEN {
+        getrandom::fill(&mut buf)?;
+        for &b in &buf {
+            // 248 = 4 * 62: values at or above it would bias the modulo.
+            if b < 248 && body < BODY_LEN {
+                text.push(ALPHABET[(b % 62) as usize] as char);
+                body += 1;
+            }
+        }
+    }
+    let sum = checksum(text.as_bytes());
+    text.push_str(std::str::from_utf8(&sum).expect("base62 alphabet is ASCII"));
+    Ok(NewKey {
+        text,
+        prefix_len: prefix.len(),
+    })
+}
+
+/// Type prefix plus the first few body characters: safe to show, log and store.
+pub fn display_prefix(text: &str, prefix_len: usize) -> &str {
+    &text[..(prefix_len + DISPLAY_BODY_CHARS).min(text.len())]
+}
+
+/// Computes at-rest digests. With a pepper the digest is HMAC-SHA-256, so a leaked
+/// store dump cannot be used to confirm guessed keys without the server-side secret.
+#[derive(Clone)]
+pub struct KeyHasher {
+    pepper: Option<Hmac<Sha256>>,
+}
+
+impl fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyHasher")
+            .field("peppered", &self.pepper.is_some())
+            .finish()
+    }
+}
+
+impl KeyHasher {
+    pub fn new(pepper: Option<&[u8]>) -> Self {
+        KeyHasher {
+            pepper: pepper.map(|p| {
+                <Hmac<Sha256> as Mac>::new_from_slice(p).expect("HMAC accepts keys of any length")
+            }),
+        }
+    }
+
+    pub fn digest(&self, key_text: &str) -> Digest {
+        match &self.pepper {
+            // Cloning the keyed state skips re-hashing the pepper on every call.
+            Some(mac) => {
+                let mut mac = mac.clone();
+                mac.update(key_text.as_bytes());
+                mac.finalize().into_bytes().into()
+            }
+            None => Sha256::digest(key_text.as_bytes()).into(),
+        }
+    }
+}
+
+/// Plain SHA-256, used for the root token so that comparing digests is length-independent.
+pub fn sha256(bytes: &[u8]) -> Digest {
+    Sha256::digest(bytes).into()
+}
+
+/// Constant-time equality for secrets and digests.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
+pub fn hex(d: &Digest) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in d {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn unhex(s: &str) -> Option<Digest> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut d = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        d[i] = (hi * 16 + lo) as u8;
+    }
+    Some(d)
+}
+
+/// Is `s` a well-formed scope: `*` or `[a-z0-9_.-]+(:[a-z0-9_.*-]+)*`?
+pub fn valid_scope(s: &str) -> bool {
+    if s == "*" {
+        return true;
+    }
+    if s.is_empty() || s.len() > 128 {
+        return false;
+    }
+    let mut parts = s.split(':');
+    let head = parts.next().unwrap_or("");
+    let ok = |p: &str, star: bool| {
+        !p.is_empty()
+            && p.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'_' | b'.' | b'-')
+                    || (star && b == b'*')
+            })
+    };
+    ok(head, false) && parts.all(|p| ok(p, true))
+}
+
+/// Does a held scope grant a required one? `*` grants all; `users:*` grants `users:read`.
+pub fn scope_grants(held: &str, required: &str) -> bool {
+    if held == "*" || held == required {
+        return true;
+    }
+    match held.strip_suffix('*') {
+        Some(stem) if stem.ends_with(':') => required.starts_with(stem),
+        _ => false,
+    }
+}
+
+/// Does a set of held scopes grant every required one?
+pub fn grants_all<H: AsRef<str>, R: AsRef<str>>(held: &[H], required: &[R]) -> bool {
+    required
+        .iter()
+        .all(|r| held.iter().any(|h| scope_grants(h.as_ref(), r.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_parse_and_typos_do_not() {
+        let p = Prefixes::default();
+        for (t, e) in [
+            (KeyType::Secret, Environment::Live),
+            (KeyType::Publishable, Environment::Test),
+        ] {
+            let k = generate(&p, t, e).unwrap();
+            let parsed = parse(&p, &k.text).unwrap();
+            assert_eq!((parsed.key_type, parsed.environment), (t, e));
+            // Flip one body character: the checksum must catch it.
+            let mut typo = k.text.clone().into_bytes();
+            let i = p.get(t, e).len() + 3;
+            typo[i] = if typo[i] == b'a' { b'b' } else { b'a' };
+            let typo = String::from_utf8(typo).unwrap();
+            assert_eq!(parse(&p, &typo).unwrap_err(), KeyFormatError::Checksum);
+        }
+        assert_eq!(parse(&p, "nope").unwrap_err(), KeyFormatError::Prefix);
+        assert_eq!(
+            parse(&p, "sk_live_abc").unwrap_err(),
+            KeyFormatError::Length
+        );
+        let bad = format!("sk_live_{}", "!".repeat(BODY_LEN + CHECKSUM_LEN));
+        assert_eq!(parse(&p, &bad).unwrap_err(), KeyFormatError::Charset);
+    }
+
+    #[test]
+    fn keys_are_distinct_and_debug_hides_them() {
+        let p = Prefixes::default();
+        let a = generate(&p, KeyType::Secret, Environment::Live).unwrap();
+        let b = generate(&p, KeyType::Secret, Environment::Live).unwrap();
+        assert_ne!(a.text, b.text);
+        let dbg = format!("{a:?}");
+        assert!(!dbg.contains(&a.text[12..]), "{dbg}");
+        assert_eq!(
+            a.display_prefix().len(),
+            "sk_live_".len() + DISPLAY_BODY_CHARS
+        );
+    }
+
+    #[test]
+    fn pepper_changes_the_digest() {
+        let plain = KeyHasher::new(None).digest("x");
+        let peppered = KeyHasher::new(Some(b"pepper")).digest("x");
+        assert_ne!(plain, peppered);
+        assert_eq!(plain, sha256(b"x"));
+        assert_eq!(unhex(&hex(&peppered)), Some(peppered));
+    }
+
+    #[test]
+    fn scopes() {
+        for ok in [
+            "*",
+            "users:read",
+            "keys:*",
+            "a.b-c_d:e:f*",
+            "audit-logs:read",
+        ] {
+            assert!(valid_scope(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Users:read",
+            "users:",
+            ":read",
+            "*:read",
+            "a b",
+            "users:re ad",
+        ] {
+            assert!(!valid_scope(bad), "{bad}");
+        }
+        assert!(scope_grants("*", "users:read"));
+        assert!(scope_grants("users:*", "users:read"));
+        assert!(!scope_grants("users:*", "usersx:read"));
+        assert!(!scope_grants("users:read", "users:write"));
+        assert!(grants_all(
+            &["users:read", "keys:*"],
+            &["keys:write", "users:read"]
+        ));
+        assert!(!grants_all(&["users:read"], &["users:read", "users:write"]));
+    }
+}

@@ -1,0 +1,18 @@
+//! keygate: a reverse-proxy authentication sidecar. API keys in `Authorization: Bearer`
+//! are checked against a lock-free cache backed by a key store, route scopes are enforced,
+//! and allowed requests reach the upstream with the caller's identity in headers.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod key;
+pub mod metrics;
+pub mod proxy;
+pub mod store;
+pub mod time;
+
+pub use app::App;

@@ -1,0 +1,156 @@
+//! The `keygate` command: `serve --config FILE`, `serve --dev [--upstream URL]`,
+//! `check-config FILE`. Config errors print on stderr and exit 64 before anything starts.
+
+use clap::{Parser, Subcommand};
+use keygate::config::Config;
+use keygate::App;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "API-key authentication sidecar and reverse proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and admin listeners.
+    Serve {
+        /// The YAML config file.
+        #[arg(long, short, required_unless_present = "dev", conflicts_with = "dev")]
+        config: Option<PathBuf>,
+        /// Try it out: in-memory keys, a printed root token, built-in config.
+        #[arg(long)]
+        dev: bool,
+        /// With --dev: the app to protect (default: a built-in echo server).
+        #[arg(long, requires = "dev")]
+        upstream: Option<String>,
+    },
+    /// Validate a config file and print its compiled route table.
+    CheckConfig {
+        /// The YAML config file.
+        file: PathBuf,
+    },
+}
+
+const EX_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!("{}: OK", file.display());
+                print!("{}", c.policy.describe());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+        Command::Serve {
+            config,
+            dev,
+            upstream,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(serve(config, dev, upstream))
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>, dev: bool, upstream: Option<String>) -> ExitCode {
+    let (config, banner) = if dev {
+        let upstream = match upstream {
+            Some(u) => u,
+            None => match keygate::dev::spawn_echo_upstream(([127, 0, 0, 1], 0).into()).await {
+                Ok(addr) => format!("http://{addr}"),
+                Err(e) => {
+                    eprintln!("error: cannot start the echo upstream: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        let token = std::env::var("KEYGATE_ROOT_TOKEN")
+            .ok()
+            .filter(|t| t.len() >= 16)
+            .unwrap_or_else(keygate::dev::root_token);
+        match keygate::dev::config(&upstream, &token) {
+            Ok(c) => (c, Some((token, upstream))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    } else {
+        let path = config.expect("clap requires --config without --dev");
+        match Config::load(&path) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    };
+    let app = match App::build(config).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some((token, upstream)) = banner {
+        println!("keygate dev mode (in-memory keys; they vanish on exit)");
+        println!("  proxy:      http://{}  ->  {upstream}", app.proxy_addr);
+        println!("  admin:      http://{}", app.admin_addr);
+        println!("  root token: {token}");
+        println!("  try:        curl -s -X POST http://{}/v1/keys -H \"Authorization: Bearer {token}\" -H 'Content-Type: application/json' -d '{{\"label\":\"demo\",\"scopes\":[\"users:read\"]}}'", app.admin_addr);
+    }
+    tracing::info!(proxy = %app.proxy_addr, admin = %app.admin_addr, "keygate started");
+    let handle = app.shutdown_handle();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining connections");
+        handle.shutdown();
+    });
+    match app.run_until_stopped().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

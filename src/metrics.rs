@@ -1,0 +1,190 @@
+//! Prometheus metrics, registered once. Label values are bounded (route names from config,
+//! fixed result codes); hot-path handles are resolved ahead so a request takes no lock.
+
+use crate::cache::Source;
+use crate::proxy::policy::Policy;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every `result` label of `keygate_requests_total`.
+pub const RESULTS: &[&str] = &[
+    "allowed",
+    "missing_key",
+    "unsupported_auth_scheme",
+    "multiple_authorization",
+    "malformed_key",
+    "unknown_key",
+    "expired_key",
+    "revoked_key",
+    "publishable_key_not_allowed",
+    "insufficient_scope",
+    "no_route",
+    "bad_path",
+    "ambiguous_framing",
+    "uri_too_long",
+    "body_too_large",
+    "store_unavailable",
+    "upstream_unavailable",
+    "upstream_timeout",
+];
+
+pub fn result_index(code: &str) -> usize {
+    RESULTS.iter().position(|r| *r == code).unwrap_or(0)
+}
+
+/// Outcome of a key check, for the auth-duration histogram.
+#[derive(Debug, Clone, Copy)]
+pub enum AuthOutcome {
+    Allowed = 0,
+    Denied = 1,
+    Error = 2,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    auth_duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    pub cache_entries: IntGauge,
+    pub store_errors: IntCounterVec,
+    auth_handles: [[Histogram; 2]; 3],
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "keygate_requests_total",
+                "Proxied requests by route and result",
+            ),
+            &["route", "result"],
+        )
+        .expect("static metric definition");
+        // 1 µs to ~1 s: a cache hit is microseconds, a store read under a millisecond.
+        let buckets = prometheus::exponential_buckets(1e-6, 2.0, 21).expect("static buckets");
+        let auth_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "keygate_auth_duration_seconds",
+                "Time to authenticate a request's key, by result and source",
+            )
+            .buckets(buckets),
+            &["result", "source"],
+        )
+        .expect("static metric definition");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "keygate_upstream_duration_seconds",
+                "Time from forwarding a request to the upstream's response head, by route",
+            )
+            .buckets(prometheus::exponential_buckets(1e-4, 2.0, 20).expect("static buckets")),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let cache_entries = IntGauge::new("keygate_cache_entries", "Entries in the key cache")
+            .expect("static metric definition");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "keygate_store_errors_total",
+                "Key store errors by operation",
+            ),
+            &["operation"],
+        )
+        .expect("static metric definition");
+        let build = IntGauge::with_opts(
+            Opts::new("keygate_build_info", "keygate build information")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .expect("static metric definition");
+        build.set(1);
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(build),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        let h = |r: &str, s: &str| auth_duration.with_label_values(&[r, s]);
+        let auth_handles = [
+            [h("allowed", "cache"), h("allowed", "store")],
+            [h("denied", "cache"), h("denied", "store")],
+            [h("error", "cache"), h("error", "store")],
+        ];
+        Metrics {
+            registry,
+            requests,
+            auth_duration,
+            upstream_duration,
+            cache_entries,
+            store_errors,
+            auth_handles,
+        }
+    }
+
+    pub fn observe_auth(&self, outcome: AuthOutcome, source: Source, seconds: f64) {
+        self.auth_handles[outcome as usize][source as usize].observe(seconds);
+    }
+
+    /// Resolve the per-route handles for a policy (at load and at every reload).
+    pub fn for_policy(&self, policy: &Policy) -> RouteMetrics {
+        let mut names: Vec<&str> = policy.routes().iter().map(|r| &*r.name).collect();
+        names.push("unmatched");
+        let routes = names
+            .iter()
+            .map(|name| PerRoute {
+                results: RESULTS
+                    .iter()
+                    .map(|res| self.requests.with_label_values(&[name, res]))
+                    .collect(),
+                upstream: self.upstream_duration.with_label_values(&[name]),
+            })
+            .collect();
+        RouteMetrics { routes }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("prometheus text format is UTF-8")
+    }
+
+    pub fn auth_duration(&self) -> &HistogramVec {
+        &self.auth_duration
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct PerRoute {
+    results: Vec<IntCounter>,
+    pub upstream: Histogram,
+}
+
+/// Handles per route index (the last one is for requests no route matched).
+pub struct RouteMetrics {
+    routes: Vec<PerRoute>,
+}
+
+impl RouteMetrics {
+    pub fn route(&self, index: Option<usize>) -> &PerRoute {
+        let last = self.routes.len() - 1;
+        &self.routes[index.unwrap_or(last).min(last)]
+    }
+}
+
+impl PerRoute {
+    pub fn count(&self, result: usize) {
+        self.results[result].inc();
+    }
+}

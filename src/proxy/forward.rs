@@ -1,0 +1,255 @@
+//! Forwarding to the upstream over hyper-util's pooled client: hop-by-hop headers out,
+//! client-sent identity headers out, keygate's identity and `X-Forwarded-*` in, bodies
+//! streamed both ways, `Upgrade` tunnelled only after the upstream answers 101.
+
+use super::policy::Policy;
+use super::ConnInfo;
+use crate::cache::Identity;
+use crate::config::raw::Upstream;
+use crate::error::{Body, BoxError, Deny};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::time::{Duration, Instant};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Headers that only concern one hop (RFC 9110 7.6.1, plus legacy ones).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub struct Forwarder {
+    client: Client<HttpConnector, Body>,
+    upstream: Upstream,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(upstream: Upstream, timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Forwarder {
+            client,
+            upstream,
+            timeout,
+        }
+    }
+
+    /// Send the request upstream; `new_path` is the normalised path when it differs
+    /// from the one received. Returns the response and the time to its head.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        new_path: Option<String>,
+        identity: Option<&Identity>,
+        policy: &Policy,
+        conn: ConnInfo,
+        body_limit: Option<u64>,
+    ) -> Result<(Response<Body>, Duration), Deny> {
+        let upgrade = wants_upgrade(&req);
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+
+        let path_and_query = match new_path {
+            None => req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            Some(p) => {
+                let s = match req.uri().query() {
+                    Some(q) => format!("{p}?{q}"),
+                    None => p,
+                };
+                PathAndQuery::try_from(s).map_err(|_| Deny::BadPath)?
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.upstream.scheme.clone());
+        parts.authority = Some(self.upstream.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Deny::BadPath)?;
+        *req.version_mut() = Version::HTTP_11;
+
+        let headers = req.headers_mut();
+        let upgrade_value = if upgrade {
+            headers.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
+        strip_hop_by_hop(headers);
+        if let Some(u) = upgrade_value {
+            headers.insert(header::UPGRADE, u);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        headers.remove(header::PROXY_AUTHORIZATION);
+        if !policy.forward_authorization {
+            headers.remove(header::AUTHORIZATION);
+        }
+        set_identity(headers, policy, identity);
+        set_forwarded(headers, policy, conn, host.as_ref());
+        if let Some(h) = host {
+            headers.insert(header::HOST, h);
+        }
+
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let req = req.map(|b| match body_limit {
+            Some(limit) => Limited::new(b, limit as usize).boxed(),
+            None => b.map_err(BoxError::from).boxed(),
+        });
+
+        let started = Instant::now();
+        let mut resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => return Err(Deny::UpstreamTimeout),
+            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Ok(r)) => r,
+        };
+        let elapsed = started.elapsed();
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((c, u)) => {
+                            let mut c = TokioIo::new(c);
+                            let mut u = TokioIo::new(u);
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+                let (parts, _) = resp.into_parts();
+                return Ok((Response::from_parts(parts, crate::error::full("")), elapsed));
+            }
+            // 101 to a request that did not ask for it: refuse rather than tunnel.
+            return Err(Deny::UpstreamUnavailable);
+        }
+        strip_hop_by_hop(resp.headers_mut());
+        Ok((resp.map(|b| b.map_err(BoxError::from).boxed()), elapsed))
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
+    if e.is_connect() {
+        return Deny::UpstreamUnavailable;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return Deny::BodyTooLarge;
+        }
+        source = s.source();
+    }
+    tracing::debug!(error = %e, "upstream request failed");
+    Deny::UpstreamUnavailable
+}
+
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Remove hop-by-hop headers and those the `Connection` header names. `Host` and
+/// `Content-Length` survive: they frame and address the message.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// Identity headers are set by keygate only: a client's copies are always removed.
+fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Identity>) {
+    let names = &policy.identity;
+    match identity {
+        Some(id) => {
+            headers.insert(names.key_id.clone(), id.id_header.clone());
+            headers.insert(names.tenant.clone(), id.tenant_header.clone());
+            headers.insert(names.scopes.clone(), id.scopes_header.clone());
+            headers.insert(names.key_type.clone(), id.type_header.clone());
+        }
+        None => {
+            for n in [&names.key_id, &names.tenant, &names.scopes, &names.key_type] {
+                headers.remove(n);
+            }
+        }
+    }
+}
+
+/// `X-Forwarded-*`: kept and extended for trusted peers, overwritten for everyone else.
+fn set_forwarded(
+    headers: &mut HeaderMap,
+    policy: &Policy,
+    conn: ConnInfo,
+    host: Option<&HeaderValue>,
+) {
+    let peer_ip = conn.peer.ip();
+    let trusted = policy.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
+    let peer = peer_ip.to_string();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if trusted && headers.get_all(X_FORWARDED_FOR).iter().count() == 1 => {
+            format!("{prev}, {peer}")
+        }
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+        let proto = if conn.tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
+        match host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST, h.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+}

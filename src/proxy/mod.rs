@@ -1,0 +1,240 @@
+//! The proxy port's request path: normalise, match a route, authenticate the bearer key
+//! against the cache, then forward with identity headers (see `forward`).
+
+pub mod forward;
+pub mod policy;
+pub mod route;
+pub mod server;
+
+use crate::cache::{Entry, Identity, KeyCache, Source};
+use crate::config::Config;
+use crate::error::{Body, Deny};
+use crate::key::{self, KeyHasher, KeyType, Prefixes};
+use crate::metrics::{self, AuthOutcome, Metrics, RouteMetrics};
+use arc_swap::ArcSwap;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use policy::{Policy, Route};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a reload swaps: the policy and the metric handles resolved for its routes.
+pub struct Snapshot {
+    pub policy: Arc<Policy>,
+    pub metrics: RouteMetrics,
+}
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+pub struct Proxy {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub cache: Arc<KeyCache>,
+    pub hasher: KeyHasher,
+    pub prefixes: Prefixes,
+    pub metrics: Arc<Metrics>,
+    pub forwarder: forward::Forwarder,
+    pub max_uri_bytes: usize,
+}
+
+impl Proxy {
+    pub fn new(
+        config: &Config,
+        cache: Arc<KeyCache>,
+        hasher: KeyHasher,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let snapshot = Snapshot {
+            metrics: metrics.for_policy(&config.policy),
+            policy: config.policy.clone(),
+        };
+        Proxy {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            cache,
+            hasher,
+            prefixes: config.prefixes.clone(),
+            metrics,
+            forwarder: forward::Forwarder::new(config.upstream.clone(), config.timeouts.upstream),
+            max_uri_bytes: config.limits.max_uri_bytes,
+        }
+    }
+
+    /// Swap in a new policy (hot reload): requests in flight keep the one they loaded.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        let metrics = self.metrics.for_policy(&policy);
+        self.snapshot.store(Arc::new(Snapshot { policy, metrics }));
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let snap = self.snapshot.load();
+        let (route_index, result) = self.decide_and_forward(&snap.policy, req, conn).await;
+        let per_route = snap.metrics.route(route_index);
+        match result {
+            Ok((resp, upstream_elapsed)) => {
+                per_route.count(0);
+                per_route.upstream.observe(upstream_elapsed.as_secs_f64());
+                resp
+            }
+            Err(deny) => {
+                per_route.count(metrics::result_index(deny.code()));
+                deny.response()
+            }
+        }
+    }
+
+    async fn decide_and_forward(
+        &self,
+        policy: &Policy,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> (Option<usize>, Result<(Response<Body>, Duration), Deny>) {
+        let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if target_len > self.max_uri_bytes {
+            return (None, Err(Deny::UriTooLong));
+        }
+        let h = req.headers();
+        if h.contains_key(TRANSFER_ENCODING) && h.contains_key(CONTENT_LENGTH) {
+            return (None, Err(Deny::AmbiguousFraming));
+        }
+        let path = match route::normalize(req.uri().path()) {
+            Ok(p) => p,
+            Err(_) => return (None, Err(Deny::BadPath)),
+        };
+        let Some((index, route)) = policy.find(req.method(), &path) else {
+            return (None, Err(Deny::NoRoute));
+        };
+        let identity = if route.public {
+            None
+        } else {
+            match self.authenticate(&req, route).await {
+                Ok(id) => Some(id),
+                Err(d) => return (index, Err(d)),
+            }
+        };
+        let limit = route.max_body_bytes.or(policy.default_max_body_bytes);
+        if let Some(limit) = limit {
+            let declared = req
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return (index, Err(Deny::BodyTooLarge));
+            }
+        }
+        let path = path.into_owned_if_changed();
+        let result = self
+            .forwarder
+            .forward(req, path, identity.as_deref(), policy, conn, limit)
+            .await;
+        (index, result)
+    }
+
+    /// Bearer extraction, format check (no I/O), digest, cache, then the record's rules.
+    pub async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        route: &Route,
+    ) -> Result<Arc<Identity>, Deny> {
+        let token = bearer(req.headers())?;
+        self.check_token(token, route).await
+    }
+
+    /// Everything after extraction: what the criterion bench measures on a cache hit.
+    pub async fn check_token(&self, token: &str, route: &Route) -> Result<Arc<Identity>, Deny> {
+        key::parse(&self.prefixes, token).map_err(|_| Deny::MalformedKey)?;
+        let digest = self.hasher.digest(token);
+        let started = Instant::now();
+        let (entry, source) = match self.cache.lookup(&digest).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "key store read failed");
+                self.metrics.store_errors.with_label_values(&["read"]).inc();
+                self.metrics.observe_auth(
+                    AuthOutcome::Error,
+                    Source::Store,
+                    started.elapsed().as_secs_f64(),
+                );
+                return Err(Deny::StoreUnavailable);
+            }
+        };
+        let verdict = match entry {
+            Entry::Unknown => Err(Deny::UnknownKey),
+            Entry::Known(id) => check_record(id, &digest, route, crate::time::now_ms()),
+        };
+        let outcome = if verdict.is_ok() {
+            AuthOutcome::Allowed
+        } else {
+            AuthOutcome::Denied
+        };
+        self.metrics
+            .observe_auth(outcome, source, started.elapsed().as_secs_f64());
+        verdict
+    }
+}
+
+/// The record's own rules, in the order a caller would want to hear about them.
+pub fn check_record(
+    id: Arc<Identity>,
+    digest: &key::Digest,
+    route: &Route,
+    now_ms: u64,
+) -> Result<Arc<Identity>, Deny> {
+    let r = &id.record;
+    if !key::ct_eq(&r.digest, digest) {
+        return Err(Deny::UnknownKey);
+    }
+    if r.is_revoked_at(now_ms) {
+        return Err(Deny::RevokedKey);
+    }
+    if r.is_expired_at(now_ms) {
+        return Err(Deny::ExpiredKey);
+    }
+    if r.key_type == KeyType::Publishable && !route.allow_publishable {
+        return Err(Deny::PublishableNotAllowed);
+    }
+    if !key::grants_all(&r.scopes, &route.scopes) {
+        return Err(Deny::InsufficientScope(route.scope_challenge.clone()));
+    }
+    Ok(id)
+}
+
+/// The token of the one `Authorization: Bearer` header. Keys in query strings are
+/// never looked at.
+pub fn bearer(headers: &http::HeaderMap) -> Result<&str, Deny> {
+    let mut all = headers.get_all(AUTHORIZATION).iter();
+    let value = all.next().ok_or(Deny::MissingKey)?;
+    if all.next().is_some() {
+        return Err(Deny::MultipleAuthorization);
+    }
+    let value = value.to_str().map_err(|_| Deny::MalformedKey)?.trim();
+    let (scheme, token) = match value.split_once(' ') {
+        Some(parts) => parts,
+        None if value.eq_ignore_ascii_case("bearer") => return Err(Deny::MalformedKey),
+        None => return Err(Deny::UnsupportedScheme),
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Deny::UnsupportedScheme);
+    }
+    Ok(token.trim_start())
+}
+
+trait CowExt {
+    fn into_owned_if_changed(self) -> Option<String>;
+}
+
+impl CowExt for std::borrow::Cow<'_, str> {
+    /// `None` when normalisation changed nothing, so the original URI can be reused.
+    fn into_owned_if_changed(self) -> Option<String> {
+        match self {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(s) => Some(s),
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The per-request policy snapshot: compiled routes (first match wins) and the header
+//! policy. One `Arc<Policy>` is loaded per request, so a reload swaps it atomically.
+
+use super::route::PathPattern;
+use crate::config::raw::{Auth, RawProxy, RawRoute, Unmatched};
+use http::{HeaderName, HeaderValue, Method};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// One compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    methods: Option<Box<[Method]>>,
+    pub pattern: PathPattern,
+    pub public: bool,
+    pub scopes: Box<[Box<str>]>,
+    pub allow_publishable: bool,
+    pub max_body_bytes: Option<u64>,
+    /// `WWW-Authenticate` for a key lacking this route's scopes, built once.
+    pub scope_challenge: HeaderValue,
+}
+
+impl Route {
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|ms| ms.iter().any(|m| m == method))
+            && self.pattern.matches(path)
+    }
+
+    pub fn methods_label(&self) -> String {
+        match &self.methods {
+            None => "*".into(),
+            Some(ms) => ms.iter().map(Method::as_str).collect::<Vec<_>>().join(","),
+        }
+    }
+}
+
+/// Names of the headers that carry the caller's identity upstream.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    pub key_id: HeaderName,
+    pub tenant: HeaderName,
+    pub scopes: HeaderName,
+    pub key_type: HeaderName,
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    routes: Vec<Route>,
+    unmatched: Option<Route>,
+    pub identity: IdentityHeaders,
+    pub forward_authorization: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub default_max_body_bytes: Option<u64>,
+}
+
+fn challenge(scopes: &[Box<str>]) -> HeaderValue {
+    let v = format!(
+        "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"{}\"",
+        scopes.join(" ")
+    );
+    HeaderValue::from_str(&v).expect("scopes are validated to a header-safe alphabet")
+}
+
+const RESERVED: &[&str] = &[
+    "authorization",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+impl Policy {
+    pub fn build(
+        proxy: &RawProxy,
+        raw_routes: &[RawRoute],
+        unmatched: Unmatched,
+    ) -> Result<Policy, (String, String)> {
+        let ih = &proxy.identity_headers;
+        let identity = IdentityHeaders {
+            key_id: ih.key_id.0.clone(),
+            tenant: ih.tenant.0.clone(),
+            scopes: ih.scopes.0.clone(),
+            key_type: ih.key_type.0.clone(),
+        };
+        let mut names = HashSet::new();
+        for (field, name) in [
+            ("key_id", &identity.key_id),
+            ("tenant", &identity.tenant),
+            ("scopes", &identity.scopes),
+            ("key_type", &identity.key_type),
+        ] {
+            let path = format!("proxy.identity_headers.{field}");
+            if RESERVED.contains(&name.as_str()) {
+                return Err((
+                    path,
+                    format!("{name} is reserved and cannot carry identity"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err((path, format!("{name} is used twice")));
+            }
+        }
+
+        let mut seen = HashSet::new();
+        let mut routes = Vec::with_capacity(raw_routes.len());
+        for (i, r) in raw_routes.iter().enumerate() {
+            let field = |f: &str| format!("routes[{i}].{f}");
+            let name_ok = !r.name.is_empty()
+                && r.name.len() <= 64
+                && r.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !name_ok {
+                return Err((
+                    field("name"),
+                    format!(
+                        "invalid route name {:?}: use 1-64 of A-Z a-z 0-9 _ . -",
+                        r.name
+                    ),
+                ));
+            }
+            if !seen.insert(r.name.clone()) {
+                return Err((field("name"), format!("duplicate route name {:?}", r.name)));
+            }
+            if r.name == "unmatched" {
+                return Err((field("name"), "\"unmatched\" is reserved".into()));
+            }
+            let public = r.auth == Auth::None;
+            if public && !r.scopes.is_empty() {
+                return Err((
+                    field("scopes"),
+                    "a route with `auth: none` cannot require scopes".into(),
+                ));
+            }
+            if public && r.allow_publishable {
+                return Err((
+                    field("allow_publishable"),
+                    "a route with `auth: none` lets everyone through already".into(),
+                ));
+            }
+            if let Some(ms) = &r.methods {
+                if ms.is_empty() {
+                    return Err((
+                        field("methods"),
+                        "empty list: omit it to match all methods".into(),
+                    ));
+                }
+            }
+            let scopes: Box<[Box<str>]> = r.scopes.iter().map(|s| s.0.as_str().into()).collect();
+            routes.push(Route {
+                name: r.name.as_str().into(),
+                methods: r
+                    .methods
+                    .as_ref()
+                    .map(|ms| ms.iter().map(|m| m.0.clone()).collect()),
+                pattern: r.path.clone(),
+                public,
+                scope_challenge: challenge(&scopes),
+                scopes,
+                allow_publishable: r.allow_publishable,
+                max_body_bytes: r.max_body_bytes,
+            });
+        }
+        let unmatched = match unmatched {
+            Unmatched::Deny => None,
+            Unmatched::RequireKey => Some(Route {
+                name: "unmatched".into(),
+                methods: None,
+                pattern: PathPattern::parse("/**").expect("a valid literal pattern"),
+                public: false,
+                scopes: Box::new([]),
+                allow_publishable: false,
+                max_body_bytes: None,
+                scope_challenge: challenge(&[]),
+            }),
+        };
+        Ok(Policy {
+            routes,
+            unmatched,
+            identity,
+            forward_authorization: proxy.forward_authorization,
+            trusted_proxies: proxy.trusted_proxies.iter().map(|n| n.0).collect(),
+            default_max_body_bytes: match proxy.limits.max_body_bytes {
+                0 => None,
+                n => Some(n),
+            },
+        })
+    }
+
+    /// First route matching method and normalised path; `unmatched: require_key` gives
+    /// a key-only pseudo-route; `deny` gives `None`.
+    /// The index is `None` for the `unmatched` pseudo-route.
+    pub fn find(&self, method: &Method, path: &str) -> Option<(Option<usize>, &Route)> {
+        match self.routes.iter().position(|r| r.matches(method, path)) {
+            Some(i) => Some((Some(i), &self.routes[i])),
+            None => self.unmatched.as_ref().map(|r| (None, r)),
+        }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn unmatched_requires_key(&self) -> bool {
+        self.unmatched.is_some()
+    }
+
+    /// The compiled table as `check-config` prints it.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "{:<4} {:<20} {:<24} {:<30} {:<6} {}\n",
+            "#", "name", "methods", "path", "auth", "scopes / publishable"
+        ));
+        for (i, r) in self.routes.iter().enumerate() {
+            let scopes = if r.public {
+                "-".to_string()
+            } else if r.scopes.is_empty() {
+                "(any valid key)".to_string()
+            } else {
+                r.scopes.join(" ")
+            };
+            out.push_str(&format!(
+                "{:<4} {:<20} {:<24} {:<30} {:<6} {}{}\n",
+                i + 1,
+                r.name,
+                r.methods_label(),
+                r.pattern,
+                if r.public { "none" } else { "key" },
+                scopes,
+                if r.allow_publishable {
+                    " +publishable"
+                } else {
+                    ""
+                }
+            ));
+        }
+        out.push_str(&format!(
+            "unmatched requests: {}\n",
+            if self.unmatched.is_some() {
+                "require a valid key"
+            } else {
+                "denied (404)"
+            }
+        ));
+        out
+    }
+}

@@ -1,0 +1,119 @@
+//! In-process key store for `--dev` and tests: the same behaviour as Redis, one process.
+
+use super::{check_cursor, order_key, KeyRecord, KeyStore, Page, PageRequest, StoreError};
+use crate::key::Digest;
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap};
+use tokio::sync::RwLock;
+
+#[derive(Default)]
+struct Inner {
+    by_digest: HashMap<Digest, KeyRecord>,
+    by_id: HashMap<String, Digest>,
+    /// tenant -> order key -> digest
+    by_tenant: HashMap<String, BTreeMap<String, Digest>>,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: RwLock<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let mut g = self.inner.write().await;
+        if g.by_digest.contains_key(&record.digest) || g.by_id.contains_key(&record.id) {
+            return Err(StoreError::Conflict);
+        }
+        g.by_id.insert(record.id.clone(), record.digest);
+        g.by_tenant
+            .entry(record.tenant.clone())
+            .or_default()
+            .insert(order_key(record), record.digest);
+        g.by_digest.insert(record.digest, record.clone());
+        Ok(())
+    }
+
+    async fn by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.inner.read().await.by_digest.get(digest).cloned())
+    }
+
+    async fn by_id(&self, tenant: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let g = self.inner.read().await;
+        Ok(g.by_id
+            .get(id)
+            .and_then(|d| g.by_digest.get(d))
+            .filter(|r| r.tenant == tenant)
+            .cloned())
+    }
+
+    async fn list(&self, tenant: &str, page: &PageRequest) -> Result<Page, StoreError> {
+        if let Some(c) = &page.cursor {
+            check_cursor(c)?;
+        }
+        let g = self.inner.read().await;
+        let Some(index) = g.by_tenant.get(tenant) else {
+            return Ok(Page::default());
+        };
+        let range = match &page.cursor {
+            Some(c) => index.range(..c.clone()),
+            None => index.range::<String, _>(..),
+        };
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (_, digest) in range.rev() {
+            if items.len() == page.limit {
+                next_cursor = items.last().map(order_key);
+                break;
+            }
+            if let Some(r) = g.by_digest.get(digest) {
+                items.push(r.clone());
+            }
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn revoke(
+        &self,
+        tenant: &str,
+        id: &str,
+        at_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut g = self.inner.write().await;
+        let Some(digest) = g.by_id.get(id).copied() else {
+            return Ok(None);
+        };
+        match g.by_digest.get_mut(&digest) {
+            Some(r) if r.tenant == tenant => {
+                if r.revoked_at.is_none() {
+                    r.revoked_at = Some(at_ms);
+                }
+                Ok(Some(r.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn contract() {
+        super::super::contract::run_all(&super::MemoryStore::new()).await;
+    }
+}

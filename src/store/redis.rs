@@ -1,0 +1,364 @@
+//! Redis key store: a hash per record keyed by digest, an id index, a per-tenant sorted
+//! index, and a change counter. Every write is one Lua script, so it is atomic, and every
+//! change is published (digest and sequence number, never a key) for other replicas.
+//!
+//! Layout under namespace `ns`:
+//! - `ns:k:<digest hex>`  hash: the record
+//! - `ns:id:<id>`         string: digest hex
+//! - `ns:t:<tenant>`      sorted set (all scores 0, lexicographic): `<created hex16>:<id>`
+//! - `ns:seq`             counter bumped by every change, carried in the published message
+//! - `ns:events`          pub/sub channel: `<seq> <event> <digest hex> <commit ms>`
+
+use super::{check_cursor, order_key, KeyRecord, KeyStore, Page, PageRequest, StoreError};
+use crate::key::{self, Digest, Environment, KeyType};
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+static INSERT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+local seq = redis.call('INCR', KEYS[4])
+redis.call('PUBLISH', ARGV[3], seq .. ' create ' .. ARGV[1] .. ' ' .. ARGV[4])
+return 1
+",
+    )
+});
+
+static BY_ID: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local d = redis.call('GET', KEYS[1])
+if not d then return false end
+local rk = ARGV[1] .. d
+if redis.call('HGET', rk, 'tenant') ~= ARGV[2] then return false end
+return redis.call('HGETALL', rk)
+",
+    )
+});
+
+static REVOKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local d = redis.call('GET', KEYS[1])
+if not d then return false end
+local rk = ARGV[1] .. d
+if redis.call('HGET', rk, 'tenant') ~= ARGV[2] then return false end
+if not redis.call('HGET', rk, 'revoked_at') then
+  redis.call('HSET', rk, 'revoked_at', ARGV[3])
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('PUBLISH', ARGV[4], seq .. ' revoke ' .. d .. ' ' .. ARGV[3])
+end
+return redis.call('HGETALL', rk)
+",
+    )
+});
+
+static LIST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local members = redis.call('ZRANGE', KEYS[1], ARGV[3], '-', 'BYLEX', 'REV', 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for i, m in ipairs(members) do
+  local id = string.sub(m, 18)
+  local d = redis.call('GET', ARGV[2] .. id)
+  if d then out[#out + 1] = redis.call('HGETALL', ARGV[1] .. d) else out[#out + 1] = {} end
+end
+return out
+",
+    )
+});
+
+/// Connection settings for the Redis store.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub url: String,
+    pub namespace: String,
+    /// Bound on every call, including reconnect attempts inside it.
+    pub timeout: Duration,
+}
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    ns: String,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// Connects lazily: keygate starts (and reports unready) while Redis is down.
+    pub fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(RedisStore {
+            conn,
+            ns: settings.namespace.clone(),
+            timeout: settings.timeout,
+        })
+    }
+
+    pub fn channel(&self) -> String {
+        format!("{}:events", self.ns)
+    }
+
+    fn rec_prefix(&self) -> String {
+        format!("{}:k:", self.ns)
+    }
+    fn id_prefix(&self) -> String {
+        format!("{}:id:", self.ns)
+    }
+    fn rec_key(&self, d: &Digest) -> String {
+        format!("{}:k:{}", self.ns, key::hex(d))
+    }
+    fn id_key(&self, id: &str) -> String {
+        format!("{}:id:{}", self.ns, id)
+    }
+    fn tenant_key(&self, tenant: &str) -> String {
+        format!("{}:t:{}", self.ns, tenant)
+    }
+    fn seq_key(&self) -> String {
+        format!("{}:seq", self.ns)
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout),
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::UnexpectedReturnType => {
+                Err(StoreError::Corrupt {
+                    key: "reply".into(),
+                    reason: e.to_string(),
+                })
+            }
+            Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("id", record.id.clone()),
+        ("tenant", record.tenant.clone()),
+        ("name", record.name.clone()),
+        ("type", record.key_type.as_str().into()),
+        ("env", record.environment.as_str().into()),
+        ("prefix", record.prefix.clone()),
+        ("last_four", record.last_four.clone()),
+        ("scopes", record.scopes.join(" ")),
+        ("created_at", record.created_at.to_string()),
+        ("digest", key::hex(&record.digest)),
+    ];
+    let opt = |v: Option<u64>| v.map(|v| v.to_string());
+    for (name, value) in [
+        ("last_used_at", opt(record.last_used_at)),
+        ("expires_at", opt(record.expires_at)),
+        ("revoked_at", opt(record.revoked_at)),
+        ("successor_id", record.successor_id.clone()),
+    ] {
+        if let Some(v) = value {
+            f.push((name, v));
+        }
+    }
+    f
+}
+
+/// Parse an HGETALL reply strictly: a record that fails here is reported, never guessed.
+fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, StoreError> {
+    if flat.is_empty() {
+        return Ok(None);
+    }
+    let mut map: HashMap<String, String> = HashMap::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        map.insert(k, v);
+    }
+    let id = map.get("id").cloned().unwrap_or_default();
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: format!("id {id}"),
+        reason,
+    };
+    let mut take = |name: &str| {
+        map.remove(name)
+            .ok_or_else(|| corrupt(format!("missing field {name}")))
+    };
+    let num = |name: &str, v: String| {
+        v.parse::<u64>()
+            .map_err(|_| corrupt(format!("field {name} is not a number")))
+    };
+    let record = KeyRecord {
+        id: take("id")?,
+        tenant: take("tenant")?,
+        name: take("name")?,
+        key_type: KeyType::parse(&take("type")?).ok_or_else(|| corrupt("bad type".into()))?,
+        environment: Environment::parse(&take("env")?).ok_or_else(|| corrupt("bad env".into()))?,
+        prefix: take("prefix")?,
+        last_four: take("last_four")?,
+        scopes: take("scopes")?
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        created_at: num("created_at", take("created_at")?)?,
+        digest: key::unhex(&take("digest")?).ok_or_else(|| corrupt("bad digest".into()))?,
+        last_used_at: map
+            .remove("last_used_at")
+            .map(|v| num("last_used_at", v))
+            .transpose()?,
+        expires_at: map
+            .remove("expires_at")
+            .map(|v| num("expires_at", v))
+            .transpose()?,
+        revoked_at: map
+            .remove("revoked_at")
+            .map(|v| num("revoked_at", v))
+            .transpose()?,
+        successor_id: map.remove("successor_id"),
+    };
+    Ok(Some(record))
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut inv = INSERT.prepare_invoke();
+        inv.key(self.rec_key(&record.digest))
+            .key(self.id_key(&record.id))
+            .key(self.tenant_key(&record.tenant))
+            .key(self.seq_key())
+            .arg(key::hex(&record.digest))
+            .arg(order_key(record))
+            .arg(self.channel())
+            .arg(crate::time::now_ms());
+        for (k, v) in fields(record) {
+            inv.arg(k).arg(v);
+        }
+        let created: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
+    }
+
+    async fn by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let flat: Vec<String> = self
+            .bounded(
+                redis::cmd("HGETALL")
+                    .arg(self.rec_key(digest))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let record = parse_record(flat)?;
+        match record {
+            Some(r) if !key::ct_eq(&r.digest, digest) => Err(StoreError::Corrupt {
+                key: format!("id {}", r.id),
+                reason: "digest field does not match its key".into(),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    async fn by_id(&self, tenant: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let flat: Option<Vec<String>> = self
+            .bounded(
+                BY_ID
+                    .key(self.id_key(id))
+                    .arg(self.rec_prefix())
+                    .arg(tenant)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        parse_record(flat.unwrap_or_default())
+    }
+
+    async fn list(&self, tenant: &str, page: &PageRequest) -> Result<Page, StoreError> {
+        let start = match &page.cursor {
+            Some(c) => {
+                check_cursor(c)?;
+                format!("({c}")
+            }
+            None => "+".into(),
+        };
+        let mut conn = self.conn.clone();
+        let rows: Vec<Vec<String>> = self
+            .bounded(
+                LIST.key(self.tenant_key(tenant))
+                    .arg(self.rec_prefix())
+                    .arg(self.id_prefix())
+                    .arg(start)
+                    .arg(page.limit + 1)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        let more = rows.len() > page.limit;
+        let mut items = Vec::with_capacity(rows.len().min(page.limit));
+        for row in rows.into_iter().take(page.limit) {
+            if let Some(r) = parse_record(row)? {
+                items.push(r);
+            }
+        }
+        let next_cursor = if more {
+            items.last().map(order_key)
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn revoke(
+        &self,
+        tenant: &str,
+        id: &str,
+        at_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let flat: Option<Vec<String>> = self
+            .bounded(
+                REVOKE
+                    .key(self.id_key(id))
+                    .key(self.seq_key())
+                    .arg(self.rec_prefix())
+                    .arg(tenant)
+                    .arg(at_ms)
+                    .arg(self.channel())
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        parse_record(flat.unwrap_or_default())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
