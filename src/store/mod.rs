@@ -129,9 +129,10 @@ pub(crate) fn check_cursor(cursor: &str) -> Result<(), StoreError> {
     ok.then_some(()).ok_or(StoreError::BadCursor)
 }
 
-#[cfg(test)]
-pub(crate) mod contract {
-    //! The same behaviour cases, run against every store.
+#[doc(hidden)]
+pub mod contract {
+    //! The same behaviour cases, run against every store (unit tests run them on
+    //! memory; the integration tests on a real Redis).
     use super::*;
     use crate::key::{self, Environment, KeyType};
 

@@ -1,0 +1,11 @@
+//! Integration tests: real sockets, a real `redis-server` started per test, a real
+//! upstream (the echo server), and keygate itself in-process or as a child process.
+
+mod support;
+
+mod admin_jack;
+mod cli;
+mod proxy_auth;
+mod proxy_forward;
+mod redis_store;
+mod streaming;
