@@ -9,6 +9,7 @@ use crate::metrics::Metrics;
 use crate::proxy::server::{self, ServerSettings};
 use crate::proxy::Proxy;
 use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
+use crate::usage::{UsageQueue, UsageRecorder};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct App {
     settings: ServerSettings,
     shutdown: Arc<watch::Sender<bool>>,
     redis_feed: Option<(String, String)>,
+    usage_queue: UsageQueue,
+    last_used_interval: Duration,
 }
 
 /// Ask a running `App` to stop (drain, then return from `run_until_stopped`).
@@ -59,11 +62,13 @@ impl App {
         ));
         let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.0.as_bytes()));
         let metrics = Arc::new(Metrics::new());
+        let (usage, usage_queue) = UsageRecorder::new();
         let proxy = Arc::new(Proxy::new(
             &config,
             cache.clone(),
             hasher.clone(),
             metrics.clone(),
+            usage,
         ));
         let admin = Arc::new(AdminState {
             store,
@@ -100,6 +105,8 @@ impl App {
             },
             shutdown: Arc::new(tx),
             redis_feed,
+            usage_queue,
+            last_used_interval: config.last_used_interval,
         })
     }
 
@@ -119,6 +126,14 @@ impl App {
                 rx.clone(),
             ));
         }
+        let (stop_usage, usage_stopped) = tokio::sync::oneshot::channel();
+        let flusher = tokio::spawn(crate::usage::run_flusher(
+            self.usage_queue,
+            self.admin.store.clone(),
+            self.admin.metrics.clone(),
+            self.last_used_interval,
+            usage_stopped,
+        ));
         let ready = self.admin.ready.clone();
         let mut admin_rx = rx.clone();
         let admin = axum::serve(self.admin_listener, admin::router(self.admin.clone()))
@@ -139,6 +154,9 @@ impl App {
             DRAIN_TIMEOUT,
         )
         .await;
+        // After the drain: the last requests' uses are in the queue; write them.
+        let _ = stop_usage.send(());
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, flusher).await;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, admin).await;
         Ok(())
     }

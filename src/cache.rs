@@ -8,7 +8,7 @@ use crate::store::{KeyRecord, KeyStore, StoreError};
 use http::HeaderValue;
 use moka::future::Cache;
 use moka::Expiry;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::Xxh3Builder;
@@ -21,6 +21,10 @@ pub struct Identity {
     pub tenant_header: HeaderValue,
     pub scopes_header: HeaderValue,
     pub type_header: HeaderValue,
+    /// Last successful use seen by this process (write-behind, see `usage`).
+    pub last_used_ms: AtomicU64,
+    /// Whether this identity waits in the usage queue.
+    pub usage_queued: AtomicBool,
 }
 
 impl Identity {
@@ -36,6 +40,8 @@ impl Identity {
             tenant_header: hv("tenant", &record.tenant)?,
             scopes_header: hv("scopes", &record.scopes.join(" "))?,
             type_header: HeaderValue::from_static(record.key_type.as_str()),
+            last_used_ms: AtomicU64::new(record.last_used_at.unwrap_or(0)),
+            usage_queued: AtomicBool::new(false),
             record,
         })
     }
@@ -188,9 +194,10 @@ pub async fn follow_redis_changes(
                         _ = shutdown.changed() => return,
                     }
                 }
-                // Lost the subscription: whatever was published meanwhile is lost too.
-                cache.invalidate_all();
-                tracing::warn!("key change subscription lost; cache flushed, reconnecting");
+                // Messages published while we are away are lost: the flush on resubscribe
+                // covers them; until then cached entries are bounded by their TTL, and cache
+                // hits keep working while the store is down.
+                tracing::warn!("key change subscription lost; reconnecting");
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot subscribe to key changes"),
             Err(_) => tracing::warn!("subscribing to key changes timed out"),

@@ -39,7 +39,6 @@ pub enum Deny {
     InsufficientScope(HeaderValue),
     NoRoute,
     BadPath,
-    AmbiguousFraming,
     UriTooLong,
     BodyTooLarge,
     StoreUnavailable,
@@ -55,7 +54,7 @@ impl Deny {
                 StatusCode::UNAUTHORIZED
             }
             RevokedKey | PublishableNotAllowed | InsufficientScope(_) => StatusCode::FORBIDDEN,
-            MultipleAuthorization | BadPath | AmbiguousFraming => StatusCode::BAD_REQUEST,
+            MultipleAuthorization | BadPath => StatusCode::BAD_REQUEST,
             NoRoute => StatusCode::NOT_FOUND,
             UriTooLong => StatusCode::URI_TOO_LONG,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -80,7 +79,6 @@ impl Deny {
             InsufficientScope(_) => "insufficient_scope",
             NoRoute => "no_route",
             BadPath => "bad_path",
-            AmbiguousFraming => "ambiguous_framing",
             UriTooLong => "uri_too_long",
             BodyTooLarge => "body_too_large",
             StoreUnavailable => "store_unavailable",
@@ -103,7 +101,6 @@ impl Deny {
             InsufficientScope(_) => "the API key lacks a scope this route requires",
             NoRoute => "no route matches this request",
             BadPath => "the request path is not acceptable",
-            AmbiguousFraming => "the request has conflicting framing headers",
             UriTooLong => "the request target is too long",
             BodyTooLarge => "the request body is too large for this route",
             StoreUnavailable => "the key store is unavailable; retry shortly",
@@ -126,7 +123,7 @@ impl Deny {
 
     /// Close the connection after answering: the request's framing can't be trusted.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Deny::AmbiguousFraming | Deny::BodyTooLarge)
+        matches!(self, Deny::BodyTooLarge)
     }
 
     pub fn response(&self) -> Response<Body> {

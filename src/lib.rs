@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod store;
 pub mod time;
+pub mod usage;
 
 pub use app::App;

@@ -22,7 +22,6 @@ pub const RESULTS: &[&str] = &[
     "insufficient_scope",
     "no_route",
     "bad_path",
-    "ambiguous_framing",
     "uri_too_long",
     "body_too_large",
     "store_unavailable",

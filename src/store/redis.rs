@@ -79,6 +79,21 @@ return out
     )
 });
 
+const TOUCH: &str = r"
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local cur = redis.call('HGET', KEYS[i], 'last_used_at')
+    if not cur or tonumber(cur) < tonumber(ARGV[i]) then
+      redis.call('HSET', KEYS[i], 'last_used_at', ARGV[i])
+    end
+  end
+end
+return #KEYS
+";
+
+/// Keys per `touch` script call (the batch is one pipelined round trip either way).
+const TOUCH_CHUNK: usize = 1000;
+
 /// Connection settings for the Redis store.
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
@@ -348,6 +363,27 @@ impl KeyStore for RedisStore {
             )
             .await?;
         parse_record(flat.unwrap_or_default())
+    }
+
+    async fn touch(&self, uses: &[(Digest, u64)]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for chunk in uses.chunks(TOUCH_CHUNK) {
+            // EVAL (not EVALSHA) inside a pipeline: no NOSCRIPT round trip to recover from.
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(TOUCH).arg(chunk.len());
+            for (digest, _) in chunk {
+                cmd.arg(self.rec_key(digest));
+            }
+            for (_, at) in chunk {
+                cmd.arg(*at);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        let mut conn = self.conn.clone();
+        self.bounded(pipe.query_async::<()>(&mut conn)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,1 +1,240 @@
-//! (tests to come)
+//! The `keygate` binary: `check-config` (route table, or exit 64 with file, line and
+//! field), `serve --config` refusing a bad file before it starts, and `serve --dev`
+//! end to end (printed root token, a key, a proxied call, SIGTERM, exit 0).
+
+use crate::support::free_port;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const EX_CONFIG: i32 = 64;
+
+/// The keygate binary with no `KEYGATE_*` variables inherited from the test's environment.
+fn keygate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KEYGATE_")) {
+        cmd.env_remove(k);
+    }
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+/// Run to completion, within 15 s.
+async fn run(cmd: &mut Command) -> Output {
+    tokio::time::timeout(Duration::from_secs(15), cmd.output())
+        .await
+        .expect("keygate did not exit within 15 s")
+        .expect("run keygate")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A valid config (`{port}` is the proxy port); line numbers matter to the tests below.
+const GOOD: &str = "proxy:
+  listen: 127.0.0.1:{port}
+  upstream: http://127.0.0.1:3000
+store:
+  memory: {}
+routes:
+  - { name: health, path: /healthz, auth: none }
+";
+
+fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// Assert exit 64 with an `error:` on stderr containing every one of `needles`.
+fn assert_config_error(out: &Output, needles: &[&str]) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "stderr: {stderr}");
+    assert!(stderr.contains("error:"), "stderr: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_prints_the_route_table() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.yaml");
+    let out = run(keygate().arg("check-config").arg(&file)).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("OK"), "stdout: {stdout}");
+    for route in [
+        "health",
+        "users-read",
+        "users-write",
+        "widgets",
+        "/users/**",
+    ] {
+        assert!(
+            stdout.contains(route),
+            "route table lacks {route}: {stdout}"
+        );
+    }
+    // The good file for the other tests is itself good.
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(dir.path(), "good.yaml", &GOOD.replace("{port}", "0"));
+    let out = run(keygate().arg("check-config").arg(&good)).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // Unknown field on line 4.
+    let bad = GOOD
+        .replace("{port}", "0")
+        .replace("3000\n", "3000\n  lisen: 127.0.0.1:1\n");
+    let file = write(dir.path(), "unknown-field.yaml", &bad);
+    let path = file.display().to_string();
+    let out = run(keygate().arg("check-config").arg(&file)).await;
+    assert_config_error(&out, &[&format!("{path}:4"), "lisen"]);
+    assert!(out.stdout.is_empty(), "stdout: {}", text(&out.stdout));
+
+    // A bad duration on line 8.
+    let bad = format!(
+        "{}cache: {{ ttl: 5 parsecs }}\n",
+        GOOD.replace("{port}", "0")
+    );
+    let file = write(dir.path(), "bad-duration.yaml", &bad);
+    let path = file.display().to_string();
+    let out = run(keygate().arg("check-config").arg(&file)).await;
+    assert_config_error(&out, &[&format!("{path}:8"), "cache.ttl"]);
+
+    // A missing file.
+    let missing = dir.path().join("no-such-file.yaml");
+    let path = missing.display().to_string();
+    let out = run(keygate().arg("check-config").arg(&missing)).await;
+    assert_config_error(&out, &[&path, "cannot read"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_bad_config_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bad = format!(
+        "{}cache: {{ ttl: 5 parsecs }}\n",
+        GOOD.replace("{port}", &port.to_string())
+    );
+    let file = write(dir.path(), "bad.yaml", &bad);
+    let path = file.display().to_string();
+    let out = run(keygate().args(["serve", "--config"]).arg(&file)).await;
+    assert_config_error(&out, &[&format!("{path}:8"), "cache.ttl"]);
+    assert!(
+        !text(&out.stderr).contains("keygate started"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "something listens on the proxy port of the refused config"
+    );
+
+    let out = run(keygate()
+        .args(["serve", "--config"])
+        .arg(dir.path().join("missing.yaml")))
+    .await;
+    assert_config_error(&out, &["missing.yaml", "cannot read"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_dev_end_to_end_and_sigterm_exits_zero() {
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let mut child = keygate()
+        .args(["serve", "--dev"])
+        .env("KEYGATE_PROXY_LISTEN", format!("127.0.0.1:{proxy_port}"))
+        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start keygate --dev");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    let mut banner = String::new();
+    let token = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            banner.push_str(&line);
+            banner.push('\n');
+            if let Some(t) = line.split("root token:").nth(1) {
+                return Some(t.trim().to_string());
+            }
+        }
+        None
+    })
+    .await
+    .expect("no root token line within 20 s")
+    .unwrap_or_else(|| panic!("stdout ended without a root token line: {banner}"));
+    assert!(token.len() >= 16, "root token {token:?}");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+
+    let resp = http
+        .post(format!("{admin}/v1/keys"))
+        .bearer_auth(&token)
+        .json(&json!({"label": "cli", "scopes": ["users:read"]}))
+        .send()
+        .await
+        .expect("admin reachable on KEYGATE_ADMIN_LISTEN");
+    assert_eq!(resp.status(), 201);
+    let created: Value = resp.json().await.unwrap();
+    let (id, key) = (
+        created["id"].as_str().unwrap(),
+        created["key"].as_str().unwrap(),
+    );
+
+    let resp = http
+        .get(format!("{proxy}/users/1"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("proxy reachable on KEYGATE_PROXY_LISTEN");
+    assert_eq!(resp.status(), 200);
+    let echo: Value = resp.json().await.unwrap();
+    assert_eq!(echo["path"], "/users/1", "{echo}");
+    let h = &echo["headers"];
+    assert_eq!(h["x-keygate-key-id"][0], id, "{echo}");
+    assert_eq!(h["x-keygate-scopes"][0], "users:read", "{echo}");
+    assert_eq!(h["x-keygate-key-type"][0], "secret", "{echo}");
+    assert!(h["x-keygate-tenant"][0].is_string(), "{echo}");
+    assert!(h.get("authorization").is_none(), "key forwarded: {echo}");
+
+    // Without a key: refused by keygate, not the echo server.
+    let resp = http.get(format!("{proxy}/users/1")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let pid = child.id().expect("running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("keygate did not exit within 15 s of SIGTERM")
+        .unwrap();
+    println!("exited {status} {:?} after SIGTERM", started.elapsed());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+}

@@ -23,7 +23,11 @@ pub fn free_port() -> u16 {
 }
 
 fn redis_server_bin() -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/local/bin", "/usr/sbin"]) {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
+        "/usr/bin",
+        "/usr/local/bin",
+        "/usr/sbin",
+    ]) {
         let p = PathBuf::from(dir).join("redis-server");
         if p.exists() {
             return p;
@@ -93,7 +97,11 @@ impl Redis {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -168,6 +176,7 @@ admin:
   listen: 127.0.0.1:0
 store:
   {store}
+  last_used_interval: 200ms
 cache: { ttl: 5m, negative_ttl: 2s }
 routes:
   - { name: health, path: /healthz, auth: none }
@@ -194,7 +203,10 @@ impl Store<'_> {
     fn yaml(&self) -> String {
         match self {
             Store::Memory => "memory: {}".into(),
-            Store::Redis(r) => format!("redis: {{ url: \"{}\", namespace: kgtest, timeout: 250ms }}", r.url),
+            Store::Redis(r) => format!(
+                "redis: {{ url: \"{}\", namespace: kgtest, timeout: 250ms }}",
+                r.url
+            ),
         }
     }
 }
@@ -331,7 +343,11 @@ where
 }
 
 /// Assert a keygate JSON error: status and stable code.
-pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> reqwest::header::HeaderMap {
+pub async fn assert_error(
+    resp: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> reqwest::header::HeaderMap {
     let got = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
