@@ -1,11 +1,12 @@
 //! The per-request policy snapshot: compiled routes (first match wins) and the header
 //! policy. One `Arc<Policy>` is loaded per request, so a reload swaps it atomically.
 
-use super::route::PathPattern;
+use super::route::{PathPattern, SplitPath};
 use crate::config::raw::{Auth, RawProxy, RawRoute, Unmatched};
 use http::{HeaderName, HeaderValue, Method};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use xxhash_rust::xxh3::Xxh3Builder;
 
 /// One compiled route.
 #[derive(Debug)]
@@ -22,11 +23,10 @@ pub struct Route {
 }
 
 impl Route {
-    fn matches(&self, method: &Method, path: &str) -> bool {
+    fn matches_method(&self, method: &Method) -> bool {
         self.methods
             .as_ref()
             .is_none_or(|ms| ms.iter().any(|m| m == method))
-            && self.pattern.matches(path)
     }
 
     pub fn methods_label(&self) -> String {
@@ -49,6 +49,10 @@ pub struct IdentityHeaders {
 #[derive(Debug)]
 pub struct Policy {
     routes: Vec<Route>,
+    /// Route indexes by literal first segment, and those starting with a wildcard
+    /// (or matching only `/`): a request checks only the routes that could match.
+    by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder>,
+    wild_first: Vec<usize>,
     unmatched: Option<Route>,
     pub identity: IdentityHeaders,
     pub forward_authorization: bool,
@@ -185,8 +189,19 @@ impl Policy {
                 scope_challenge: challenge(&[]),
             }),
         };
+        let mut by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder> =
+            HashMap::with_hasher(Xxh3Builder::new());
+        let mut wild_first = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            match r.pattern.first_literal() {
+                Some(l) => by_first.entry(l.into()).or_default().push(i),
+                None => wild_first.push(i),
+            }
+        }
         Ok(Policy {
             routes,
+            by_first,
+            wild_first,
             unmatched,
             identity,
             forward_authorization: proxy.forward_authorization,
@@ -202,7 +217,35 @@ impl Policy {
     /// a key-only pseudo-route; `deny` gives `None`.
     /// The index is `None` for the `unmatched` pseudo-route.
     pub fn find(&self, method: &Method, path: &str) -> Option<(Option<usize>, &Route)> {
-        match self.routes.iter().position(|r| r.matches(method, path)) {
+        let found = match SplitPath::new(path) {
+            Some(split) => {
+                let literal = split
+                    .first()
+                    .and_then(|f| self.by_first.get(f))
+                    .map_or(&[][..], Vec::as_slice);
+                // Merge the two ascending index lists: first match in config order wins.
+                let (mut a, mut b) = (literal.iter().peekable(), self.wild_first.iter().peekable());
+                let mut hit = None;
+                while let Some(&i) = match (a.peek(), b.peek()) {
+                    (Some(&&x), Some(&&y)) if x < y => a.next(),
+                    (Some(_), Some(_)) => b.next(),
+                    (Some(_), None) => a.next(),
+                    (None, _) => b.next(),
+                } {
+                    let r = &self.routes[i];
+                    if r.matches_method(method) && r.pattern.matches_split(&split) {
+                        hit = Some(i);
+                        break;
+                    }
+                }
+                hit
+            }
+            None => self
+                .routes
+                .iter()
+                .position(|r| r.matches_method(method) && r.pattern.matches(path)),
+        };
+        match found {
             Some(i) => Some((Some(i), &self.routes[i])),
             None => self.unmatched.as_ref().map(|r| (None, r)),
         }
@@ -255,5 +298,34 @@ impl Policy {
             }
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use http::Method;
+
+    fn policy(routes: &str) -> std::sync::Arc<super::Policy> {
+        let text = format!(
+            "proxy: {{ listen: \"127.0.0.1:0\", upstream: \"http://127.0.0.1:1\" }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nstore: {{ memory: {{}} }}\nroutes:\n{routes}"
+        );
+        Config::from_yaml(&text, "t", &[("X", "Y")]).unwrap().policy
+    }
+
+    #[test]
+    fn first_match_wins_across_literal_and_wildcard_routes() {
+        let p = policy(
+            "  - { name: a, path: \"/*/x\" }\n  - { name: b, path: \"/users/**\" }\n  - { name: c, path: \"/**\", methods: [POST] }\n  - { name: d, path: \"/users/x\" }\n  - { name: root, path: / }\n",
+        );
+        let name = |m: Method, path: &str| p.find(&m, path).map(|(_, r)| r.name.to_string());
+        assert_eq!(name(Method::GET, "/users/x").as_deref(), Some("a"));
+        assert_eq!(name(Method::GET, "/users/y").as_deref(), Some("b"));
+        assert_eq!(name(Method::POST, "/other/y").as_deref(), Some("c"));
+        assert_eq!(name(Method::GET, "/other/y"), None);
+        assert_eq!(name(Method::GET, "/").as_deref(), Some("root"));
+        assert_eq!(name(Method::POST, "/").as_deref(), Some("c"));
+        let deep = format!("/users{}", "/x".repeat(40));
+        assert_eq!(name(Method::GET, &deep).as_deref(), Some("b"));
     }
 }

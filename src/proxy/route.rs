@@ -188,27 +188,86 @@ impl PathPattern {
         &self.text
     }
 
+    /// The first segment when it is a literal: the route table indexes on it.
+    pub fn first_literal(&self) -> Option<&str> {
+        match self.segments.first() {
+            Some(Segment::Literal(l)) => Some(l),
+            _ => None,
+        }
+    }
+
     /// Match a normalised path. Literal segments compare exactly (case-sensitive).
     pub fn matches(&self, path: &str) -> bool {
-        let body = &path[1.min(path.len())..];
-        let path_trailing = body.ends_with('/');
-        let mut parts = body.split('/').filter(|s| !s.is_empty());
+        match SplitPath::new(path) {
+            Some(p) => self.matches_split(&p),
+            None => {
+                let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+                self.matches_segments(&parts, path.len() > 1 && path.ends_with('/'))
+            }
+        }
+    }
+
+    /// Match a path split once (the route table splits once for all routes).
+    pub fn matches_split(&self, path: &SplitPath<'_>) -> bool {
+        self.matches_segments(path.segments(), path.trailing)
+    }
+
+    fn matches_segments(&self, parts: &[&str], trailing: bool) -> bool {
+        let mut i = 0;
         for seg in self.segments.iter() {
             match seg {
                 Segment::Rest => return true,
                 Segment::One => {
-                    if parts.next().is_none() {
+                    if i >= parts.len() {
                         return false;
                     }
                 }
                 Segment::Literal(l) => {
-                    if parts.next() != Some(&**l) {
+                    if parts.get(i) != Some(&&**l) {
                         return false;
                     }
                 }
             }
+            i += 1;
         }
-        parts.next().is_none() && (self.trailing_slash == path_trailing || self.segments.is_empty())
+        i == parts.len() && (self.trailing_slash == trailing || self.segments.is_empty())
+    }
+}
+
+/// Segments of a normalised path, split once without allocating.
+pub struct SplitPath<'a> {
+    segs: [&'a str; SplitPath::MAX],
+    len: usize,
+    trailing: bool,
+}
+
+impl<'a> SplitPath<'a> {
+    /// Deeper paths take the (allocating) slow path.
+    pub const MAX: usize = 32;
+
+    pub fn new(path: &'a str) -> Option<Self> {
+        let mut segs = [""; Self::MAX];
+        let mut len = 0;
+        for part in path.split('/').filter(|s| !s.is_empty()) {
+            if len == Self::MAX {
+                return None;
+            }
+            segs[len] = part;
+            len += 1;
+        }
+        Some(SplitPath {
+            segs,
+            len,
+            trailing: path.len() > 1 && path.ends_with('/'),
+        })
+    }
+
+    pub fn segments(&self) -> &[&'a str] {
+        &self.segs[..self.len]
+    }
+
+    pub fn first(&self) -> Option<&'a str> {
+        self.segments().first().copied()
     }
 }
 
