@@ -4,6 +4,7 @@
 use crate::admin::{self, AdminState};
 use crate::cache::KeyCache;
 use crate::config::{Config, StoreConfig};
+use crate::feed::FeedSettings;
 use crate::key::{self, KeyHasher};
 use crate::metrics::Metrics;
 use crate::proxy::server::{self, ServerSettings};
@@ -29,7 +30,7 @@ pub struct App {
     admin_listener: TcpListener,
     settings: ServerSettings,
     shutdown: Arc<watch::Sender<bool>>,
-    redis_feed: Option<(String, String)>,
+    redis_feed: Option<FeedSettings>,
     usage_queue: UsageQueue,
     last_used_interval: Duration,
 }
@@ -50,7 +51,11 @@ impl App {
             StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
             StoreConfig::Redis(settings) => {
                 let store = RedisStore::connect(settings)?;
-                let feed = (settings.url.clone(), store.channel());
+                let feed = FeedSettings {
+                    url: settings.url.clone(),
+                    channel: store.channel(),
+                    seq_key: store.seq_key(),
+                };
                 (Arc::new(store), Some(feed))
             }
         };
@@ -118,11 +123,11 @@ impl App {
     /// and in-flight requests get up to `DRAIN_TIMEOUT` to finish.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let rx = self.shutdown.subscribe();
-        if let Some((url, channel)) = self.redis_feed.clone() {
-            tokio::spawn(crate::cache::follow_redis_changes(
-                url,
-                channel,
+        if let Some(feed) = self.redis_feed.clone() {
+            tokio::spawn(crate::feed::follow(
+                feed,
                 self.admin.cache.clone(),
+                self.admin.metrics.clone(),
                 rx.clone(),
             ));
         }

@@ -88,6 +88,11 @@ pub struct KeyCache {
     cache: Cache<Digest, Entry, Xxh3Builder>,
     store: Arc<dyn KeyStore>,
     generation: AtomicU64,
+    /// Test hook: a pause between a fill's store read and its check (0 = none).
+    fill_delay_ms: AtomicU64,
+    /// Last known store health: a failed read or a lost change feed clears it; a good
+    /// read or a (re)subscribe sets it.
+    store_ok: AtomicBool,
 }
 
 impl KeyCache {
@@ -103,6 +108,8 @@ impl KeyCache {
             cache,
             store,
             generation: AtomicU64::new(0),
+            fill_delay_ms: AtomicU64::new(0),
+            store_ok: AtomicBool::new(true),
         }
     }
 
@@ -129,6 +136,10 @@ impl KeyCache {
         let read = loop {
             let started = self.generation.load(Ordering::Acquire);
             let read = self.store.by_digest(&digest).await?;
+            let delay = self.fill_delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             attempts += 1;
             // Re-read when an invalidation ran meanwhile: the store may have changed after
             // our read began. Bounded; `lookup` drops the entry if the race persists.
@@ -154,69 +165,67 @@ impl KeyCache {
         self.cache.invalidate_all();
     }
 
+    pub fn mark_store(&self, ok: bool) {
+        if self.store_ok.load(Ordering::Relaxed) != ok {
+            self.store_ok.store(ok, Ordering::Relaxed);
+        }
+    }
+
+    pub fn store_ok(&self) -> bool {
+        self.store_ok.load(Ordering::Relaxed)
+    }
+
+    /// Test hook: make every fill pause after its store read, to race invalidations.
+    #[doc(hidden)]
+    pub fn set_fill_delay(&self, delay: Duration) {
+        self.fill_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.cache.entry_count()
     }
 }
 
-/// Follow the store's change channel: evict each changed digest; flush everything on
-/// every (re)subscribe, since messages published while disconnected are lost.
-pub async fn follow_redis_changes(
-    url: String,
-    channel: String,
-    cache: Arc<KeyCache>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    use futures_util::StreamExt;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let subscribed = async {
-            let client = redis::Client::open(url.as_str())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
-            Ok(Ok(pubsub)) => {
-                cache.invalidate_all();
-                tracing::info!(channel = %channel, "subscribed to key changes; cache flushed");
-                backoff = Duration::from_millis(50);
-                let mut messages = pubsub.into_on_message();
-                loop {
-                    tokio::select! {
-                        msg = messages.next() => match msg {
-                            Some(m) => match parse_change(m.get_payload_bytes()) {
-                                Some(d) => cache.invalidate(&d).await,
-                                None => tracing::warn!("ignored a malformed change message"),
-                            },
-                            None => break,
-                        },
-                        _ = shutdown.changed() => return,
-                    }
-                }
-                // Messages published while we are away are lost: the flush on resubscribe
-                // covers them; until then cached entries are bounded by their TTL, and cache
-                // hits keep working while the store is down.
-                tracing::warn!("key change subscription lost; reconnecting");
-            }
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot subscribe to key changes"),
-            Err(_) => tracing::warn!("subscribing to key changes timed out"),
-        }
-        // Capped exponential backoff with jitter, so replicas don't reconnect in lockstep.
-        let jitter = Duration::from_millis(u64::from(crate::time::now_ms() as u32 % 50));
-        tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
-            _ = shutdown.changed() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{contract::record, memory::MemoryStore};
 
-/// `<seq> <event> <digest hex> <commit ms>` -> digest.
-fn parse_change(payload: &[u8]) -> Option<Digest> {
-    let text = std::str::from_utf8(payload).ok()?;
-    let mut parts = text.split(' ');
-    let _seq: u64 = parts.next()?.parse().ok()?;
-    let _event = parts.next()?;
-    crate::key::unhex(parts.next()?)
+    /// A fill whose store read began before a revocation must not put the unrevoked
+    /// record back into the cache after the revocation's eviction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fill_racing_a_revocation_does_not_cache_stale_data() {
+        let store = Arc::new(MemoryStore::new());
+        let mut r = record("t", 1_700_000_000_000);
+        r.expires_at = None;
+        store.insert(&r).await.unwrap();
+        let cache = Arc::new(KeyCache::new(
+            store.clone(),
+            Duration::from_secs(300),
+            Duration::from_secs(2),
+            100,
+        ));
+        cache.set_fill_delay(Duration::from_millis(300));
+        let filler = {
+            let cache = cache.clone();
+            let digest = r.digest;
+            tokio::spawn(async move { cache.lookup(&digest).await })
+        };
+        // Let the fill read the unrevoked record and pause.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.revoke("t", &r.id, 5).await.unwrap().unwrap();
+        cache.invalidate(&r.digest).await;
+        let (first, _) = filler.await.unwrap().unwrap();
+        cache.set_fill_delay(Duration::ZERO);
+        let (later, _) = cache.lookup(&r.digest).await.unwrap();
+        for (what, entry) in [("racing fill", first), ("later lookup", later)] {
+            match entry {
+                Entry::Known(id) => {
+                    assert_eq!(id.record.revoked_at, Some(5), "{what} saw stale data")
+                }
+                Entry::Unknown => panic!("{what}: the key vanished"),
+            }
+        }
+    }
 }

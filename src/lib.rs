@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod feed;
 pub mod key;
 pub mod metrics;
 pub mod proxy;

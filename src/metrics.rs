@@ -49,6 +49,12 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub store_errors: IntCounterVec,
     auth_handles: [[Histogram; 2]; 3],
+    pub feed_received: IntCounterVec,
+    pub feed_malformed: IntCounter,
+    pub feed_reconnects: IntCounter,
+    pub feed_flushes: IntCounterVec,
+    pub feed_up: IntGauge,
+    feed_lag: Histogram,
 }
 
 impl Metrics {
@@ -98,6 +104,45 @@ impl Metrics {
         )
         .expect("static metric definition");
         build.set(1);
+        let feed_received = IntCounterVec::new(
+            Opts::new(
+                "keygate_invalidations_received_total",
+                "Key change messages received from the store, by event",
+            ),
+            &["event"],
+        )
+        .expect("static metric definition");
+        let feed_malformed = IntCounter::new(
+            "keygate_invalidations_malformed_total",
+            "Change messages that could not be parsed (ignored)",
+        )
+        .expect("static metric definition");
+        let feed_reconnects = IntCounter::new(
+            "keygate_pubsub_reconnects_total",
+            "Times the change subscription was re-established",
+        )
+        .expect("static metric definition");
+        let feed_flushes = IntCounterVec::new(
+            Opts::new(
+                "keygate_cache_flushes_total",
+                "Whole-cache flushes, by reason (subscribe, gap, counter_ahead, counter_missing, counter_back)",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        let feed_up = IntGauge::new(
+            "keygate_pubsub_connected",
+            "1 while the change subscription is up",
+        )
+        .expect("static metric definition");
+        let feed_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "keygate_invalidation_lag_seconds",
+                "From a change's commit (time in the message) to its local eviction",
+            )
+            .buckets(prometheus::exponential_buckets(1e-4, 2.0, 16).expect("static buckets")),
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(auth_duration.clone()),
@@ -105,6 +150,12 @@ impl Metrics {
             Box::new(cache_entries.clone()),
             Box::new(store_errors.clone()),
             Box::new(build),
+            Box::new(feed_received.clone()),
+            Box::new(feed_malformed.clone()),
+            Box::new(feed_reconnects.clone()),
+            Box::new(feed_flushes.clone()),
+            Box::new(feed_up.clone()),
+            Box::new(feed_lag.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -122,11 +173,26 @@ impl Metrics {
             cache_entries,
             store_errors,
             auth_handles,
+            feed_received,
+            feed_malformed,
+            feed_reconnects,
+            feed_flushes,
+            feed_up,
+            feed_lag,
         }
     }
 
     pub fn observe_auth(&self, outcome: AuthOutcome, source: Source, seconds: f64) {
         self.auth_handles[outcome as usize][source as usize].observe(seconds);
+    }
+
+    /// A change message was applied: count it and record its propagation lag.
+    pub fn observe_feed(&self, event: &str, committed_ms: u64) {
+        self.feed_received.with_label_values(&[event]).inc();
+        let now = crate::time::now_ms();
+        if now >= committed_ms {
+            self.feed_lag.observe((now - committed_ms) as f64 / 1000.0);
+        }
     }
 
     /// Resolve the per-route handles for a policy (at load and at every reload).

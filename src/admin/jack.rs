@@ -53,10 +53,18 @@ pub struct JackKey {
     last_used_at: Option<String>,
     expires_at: Option<String>,
     revoked_at: Option<String>,
+    /// A revocation scheduled by a rotation (the key still works until then).
+    revokes_at: Option<String>,
 }
 
 impl From<&KeyRecord> for JackKey {
     fn from(r: &KeyRecord) -> Self {
+        let now = crate::time::now_ms();
+        let (revoked_at, revokes_at) = match r.revoked_at {
+            Some(t) if t <= now => (Some(rfc3339(t)), None),
+            Some(t) => (None, Some(rfc3339(t))),
+            None => (None, None),
+        };
         JackKey {
             id: r.id.clone(),
             prefix: r.prefix.clone(),
@@ -66,7 +74,8 @@ impl From<&KeyRecord> for JackKey {
             created_at: rfc3339(r.created_at),
             last_used_at: r.last_used_at.map(rfc3339),
             expires_at: r.expires_at.map(rfc3339),
-            revoked_at: r.revoked_at.map(rfc3339),
+            revoked_at,
+            revokes_at,
         }
     }
 }

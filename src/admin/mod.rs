@@ -1,10 +1,14 @@
 //! The admin port (axum), never the proxy port. Endpoints:
 //! - `GET /healthz` (alive), `GET /readyz` (config loaded, store answering), `GET /metrics`
 //! - `POST /v1/keys`, `GET /v1/keys`, `DELETE /v1/keys/{id}`: the jack document (`jack.rs`)
+//! - `GET|POST /v1/api-keys`, `GET|PATCH|DELETE /v1/api-keys/{id}`,
+//!   `POST /v1/api-keys/rotate`: the HelloJohn document (`hellojohn.rs`)
+//! - `GET /openapi.json`: the OpenAPI 3.1 document of all of the above
 //!
 //! Management calls authenticate with the root token or a secret key holding
 //! `keys:read` / `keys:write`, and act only inside the caller's tenant.
 
+pub mod hellojohn;
 pub mod jack;
 
 use crate::cache::{Entry, KeyCache};
@@ -46,7 +50,20 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/keys", get(jack::list).post(jack::create))
         .route("/v1/keys/{id}", axum::routing::delete(jack::revoke))
+        .route("/v1/api-keys", get(hellojohn::list).post(hellojohn::create))
+        .route(
+            "/v1/api-keys/rotate",
+            axum::routing::post(hellojohn::rotate),
+        )
+        .route(
+            "/v1/api-keys/{id}",
+            get(hellojohn::get)
+                .patch(hellojohn::update)
+                .delete(hellojohn::revoke),
+        )
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -82,6 +99,45 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// The OpenAPI 3.1 document of the admin API (kept in the repo as `openapi.json`).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every (method, path) the router serves, as written in `openapi.json`.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/v1/keys"),
+    ("post", "/v1/keys"),
+    ("delete", "/v1/keys/{id}"),
+    ("get", "/v1/api-keys"),
+    ("post", "/v1/api-keys"),
+    ("post", "/v1/api-keys/rotate"),
+    ("get", "/v1/api-keys/{id}"),
+    ("patch", "/v1/api-keys/{id}"),
+    ("delete", "/v1/api-keys/{id}"),
+];
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method",
+    )
 }
 
 async fn not_found() -> ApiError {
@@ -121,6 +177,11 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", "the key already exists")
             }
+            StoreError::NotRotatable => ApiError::new(
+                StatusCode::CONFLICT,
+                "key_not_rotatable",
+                "the key is revoked or expired and cannot be rotated",
+            ),
             other => {
                 tracing::error!(error = %other, "key store error in admin API");
                 ApiError::new(
@@ -394,20 +455,9 @@ pub async fn create_key(
     spec: NewKeySpec,
 ) -> Result<(KeyRecord, NewKey), ApiError> {
     if !caller.may_grant(&spec.scopes) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "scope_escalation",
-            "field `scopes`: a key cannot create a key with scopes it does not hold",
-        ));
+        return Err(escalation());
     }
-    let new = key::generate(&s.prefixes, spec.key_type, spec.environment).map_err(|e| {
-        tracing::error!(error = %e, "OS random number generator failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "key generation failed",
-        )
-    })?;
+    let new = new_key_text(s, spec.key_type, spec.environment)?;
     let record = KeyRecord {
         id: uuid::Uuid::now_v7().to_string(),
         tenant: caller.tenant.clone(),
@@ -431,11 +481,44 @@ pub async fn create_key(
     Ok((record, new))
 }
 
+pub fn escalation() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "scope_escalation",
+        "field `scopes`: a key cannot hand out scopes it does not hold",
+    )
+}
+
+/// Fresh key text from the OS CSPRNG.
+pub fn new_key_text(
+    s: &AdminState,
+    key_type: KeyType,
+    environment: Environment,
+) -> Result<NewKey, ApiError> {
+    key::generate(&s.prefixes, key_type, environment).map_err(|e| {
+        tracing::error!(error = %e, "OS random number generator failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "key generation failed",
+        )
+    })
+}
+
 /// Parse an id from a path: anything that is not one of our ids is simply not found.
 pub fn parse_id(id: &str) -> Result<&str, ApiError> {
     uuid::Uuid::try_parse(id)
         .map(|_| id)
         .map_err(|_| ApiError::key_not_found())
+}
+
+/// Get one key of the caller's tenant.
+pub async fn get_key(s: &AdminState, caller: &Caller, id: &str) -> Result<KeyRecord, ApiError> {
+    let id = parse_id(id)?;
+    s.store
+        .by_id(&caller.tenant, id)
+        .await?
+        .ok_or_else(ApiError::key_not_found)
 }
 
 /// Revoke in the caller's tenant (idempotent) and evict it from this process's cache.
@@ -449,4 +532,29 @@ pub async fn revoke_key(s: &AdminState, caller: &Caller, id: &str) -> Result<Key
     s.cache.invalidate(&record.digest).await;
     tracing::info!(id = %record.id, tenant = %record.tenant, prefix = %record.prefix, "key revoked");
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router serves is in the OpenAPI document, and nothing else is.
+    #[test]
+    fn openapi_lists_exactly_the_served_routes() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("valid JSON");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..3]), Some("3.1"));
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in ["get", "post", "put", "patch", "delete"] {
+                if item.get(method).is_some() {
+                    documented.push((method.to_string(), path.clone()));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = super::ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
 }

@@ -62,6 +62,7 @@ pub struct CacheConfig {
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub max_entries: u64,
+    pub on_store_error: raw::OnStoreError,
 }
 
 /// The root token, kept out of `Debug`.
@@ -351,6 +352,7 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
             ttl: raw.cache.ttl.0,
             negative_ttl: raw.cache.negative_ttl.0,
             max_entries: raw.cache.max_entries,
+            on_store_error: raw.cache.on_store_error,
         },
         prefixes,
         pepper,

@@ -211,6 +211,17 @@ pub struct RawCache {
     pub negative_ttl: HumanDuration,
     /// Entries at most (valid and unknown together).
     pub max_entries: u64,
+    /// While the store is failing: `serve_cached` (cached keys keep passing within
+    /// their TTL) or `deny` (every key check answers 503).
+    pub on_store_error: OnStoreError,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    #[default]
+    ServeCached,
+    Deny,
 }
 
 impl Default for RawCache {
@@ -219,6 +230,7 @@ impl Default for RawCache {
             ttl: HumanDuration(Duration::from_secs(300)),
             negative_ttl: HumanDuration(Duration::from_secs(2)),
             max_entries: 1_000_000,
+            on_store_error: OnStoreError::ServeCached,
         }
     }
 }

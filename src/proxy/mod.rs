@@ -43,6 +43,8 @@ pub struct Proxy {
     pub forwarder: forward::Forwarder,
     pub max_uri_bytes: usize,
     pub usage: UsageRecorder,
+    /// `cache.on_store_error: deny`: refuse cache hits while the store is failing.
+    pub deny_on_store_error: bool,
 }
 
 impl Proxy {
@@ -66,6 +68,8 @@ impl Proxy {
             forwarder: forward::Forwarder::new(config.upstream.clone(), config.timeouts.upstream),
             max_uri_bytes: config.limits.max_uri_bytes,
             usage,
+            deny_on_store_error: config.cache.on_store_error
+                == crate::config::raw::OnStoreError::Deny,
         }
     }
 
@@ -167,6 +171,9 @@ impl Proxy {
                 return Err(Deny::StoreUnavailable);
             }
         };
+        if self.deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
+            return Err(Deny::StoreUnavailable);
+        }
         let now = crate::time::now_ms();
         let verdict = match entry {
             Entry::Unknown => Err(Deny::UnknownKey),

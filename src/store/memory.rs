@@ -1,6 +1,8 @@
 //! In-process key store for `--dev` and tests: the same behaviour as Redis, one process.
 
-use super::{check_cursor, order_key, KeyRecord, KeyStore, Page, PageRequest, StoreError};
+use super::{
+    check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
+};
 use crate::key::Digest;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap};
@@ -92,13 +94,77 @@ impl KeyStore for MemoryStore {
         };
         match g.by_digest.get_mut(&digest) {
             Some(r) if r.tenant == tenant => {
-                if r.revoked_at.is_none() {
+                if r.revoked_at.is_none_or(|t| t > at_ms) {
                     r.revoked_at = Some(at_ms);
                 }
                 Ok(Some(r.clone()))
             }
             _ => Ok(None),
         }
+    }
+
+    async fn update(
+        &self,
+        tenant: &str,
+        id: &str,
+        change: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut g = self.inner.write().await;
+        let Some(digest) = g.by_id.get(id).copied() else {
+            return Ok(None);
+        };
+        match g.by_digest.get_mut(&digest) {
+            Some(r) if r.tenant == tenant => {
+                if let Some(n) = &change.name {
+                    r.name = n.clone();
+                }
+                if let Some(s) = &change.scopes {
+                    r.scopes = s.clone();
+                }
+                Ok(Some(r.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn rotate(
+        &self,
+        tenant: &str,
+        old_id: &str,
+        new: &KeyRecord,
+        old_revokes_at: u64,
+        now_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut g = self.inner.write().await;
+        let Some(digest) = g.by_id.get(old_id).copied() else {
+            return Ok(None);
+        };
+        match g.by_digest.get(&digest) {
+            Some(r) if r.tenant == tenant => {
+                if r.is_revoked_at(now_ms) || r.is_expired_at(now_ms) {
+                    return Err(StoreError::NotRotatable);
+                }
+            }
+            _ => return Ok(None),
+        }
+        if g.by_digest.contains_key(&new.digest) || g.by_id.contains_key(&new.id) {
+            return Err(StoreError::Conflict);
+        }
+        g.by_id.insert(new.id.clone(), new.digest);
+        g.by_tenant
+            .entry(new.tenant.clone())
+            .or_default()
+            .insert(order_key(new), new.digest);
+        g.by_digest.insert(new.digest, new.clone());
+        let old = g
+            .by_digest
+            .get_mut(&digest)
+            .expect("checked above under the same lock");
+        if old.revoked_at.is_none_or(|t| t > old_revokes_at) {
+            old.revoked_at = Some(old_revokes_at);
+        }
+        old.successor_id = Some(new.id.clone());
+        Ok(Some(old.clone()))
     }
 
     async fn touch(&self, uses: &[(Digest, u64)]) -> Result<(), StoreError> {

@@ -82,6 +82,15 @@ pub enum StoreError {
     Conflict,
     #[error("invalid cursor")]
     BadCursor,
+    #[error("the key is revoked or expired and cannot be rotated")]
+    NotRotatable,
+}
+
+/// A change to a key's name and/or scopes.
+#[derive(Clone, Debug, Default)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
 }
 
 /// Storage of key records. Every write is atomic: a record is findable by digest
@@ -96,8 +105,27 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn by_id(&self, tenant: &str, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// A tenant's keys, newest first.
     async fn list(&self, tenant: &str, page: &PageRequest) -> Result<Page, StoreError>;
-    /// Mark revoked at `at_ms` unless already revoked; returns the record as it now is.
-    /// Idempotent: revoking twice changes nothing.
+    /// Change name and/or scopes in the tenant; returns the record as it now is.
+    async fn update(
+        &self,
+        tenant: &str,
+        id: &str,
+        change: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Atomically insert `new` (same tenant) and schedule the old key's revocation at
+    /// `old_revokes_at` (never later than an earlier scheduled one), linking it to `new`.
+    /// `NotRotatable` when the old key is revoked or expired at `now_ms`.
+    /// Returns the old record as it now is; `None` when it is not in the tenant.
+    async fn rotate(
+        &self,
+        tenant: &str,
+        old_id: &str,
+        new: &KeyRecord,
+        old_revokes_at: u64,
+        now_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Revoke at `at_ms` unless already revoked by then (a rotation's future revocation
+    /// is brought forward); returns the record as it now is. Revoking twice changes nothing.
     async fn revoke(
         &self,
         tenant: &str,
@@ -166,6 +194,7 @@ pub mod contract {
     }
 
     pub async fn run_all(store: &dyn KeyStore) {
+        update_and_rotate(store).await;
         touch_records_last_use(store).await;
         insert_and_read_back(store).await;
         tenants_are_isolated(store).await;
@@ -180,6 +209,105 @@ pub mod contract {
         assert_eq!(store.by_id("t-read", &r.id).await.unwrap(), Some(r.clone()));
         assert!(matches!(store.insert(&r).await, Err(StoreError::Conflict)));
         assert_eq!(store.by_digest(&[7u8; 32]).await.unwrap(), None);
+    }
+
+    async fn update_and_rotate(store: &dyn KeyStore) {
+        let old = record("t-rot", 1_700_000_000_000);
+        store.insert(&old).await.unwrap();
+        let change = KeyUpdate {
+            name: Some("renamed".into()),
+            scopes: Some(vec!["a:b".into()]),
+        };
+        let updated = store
+            .update("t-rot", &old.id, &change)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (updated.name.as_str(), updated.scopes.clone()),
+            ("renamed", vec!["a:b".to_string()])
+        );
+        assert_eq!(
+            store.by_digest(&old.digest).await.unwrap().unwrap().scopes,
+            vec!["a:b".to_string()]
+        );
+        assert_eq!(
+            store.update("t-other", &old.id, &change).await.unwrap(),
+            None
+        );
+        let only_name = KeyUpdate {
+            name: Some("again".into()),
+            scopes: None,
+        };
+        let r = store
+            .update("t-rot", &old.id, &only_name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.name.as_str(), r.scopes.len()), ("again", 1));
+
+        let mut new = record("t-rot", 1_700_000_000_001);
+        new.expires_at = None;
+        let now = 1_700_000_000_500;
+        let rotated = store
+            .rotate("t-rot", &old.id, &new, now + 100, now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rotated.revoked_at, Some(now + 100));
+        assert_eq!(rotated.successor_id.as_deref(), Some(new.id.as_str()));
+        assert_eq!(
+            store.by_digest(&new.digest).await.unwrap(),
+            Some(new.clone())
+        );
+        let ids: Vec<String> = store
+            .list(
+                "t-rot",
+                &PageRequest {
+                    limit: 10,
+                    cursor: None,
+                },
+            )
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, vec![new.id.clone(), old.id.clone()]);
+        // Revoking during the grace period brings the revocation forward.
+        let revoked = store
+            .revoke("t-rot", &old.id, now + 10)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(revoked.revoked_at, Some(now + 10));
+        // A revoked key cannot be rotated; neither can another tenant's.
+        let newer = record("t-rot", 1_700_000_000_002);
+        assert!(matches!(
+            store
+                .rotate("t-rot", &old.id, &newer, now + 1000, now + 20)
+                .await,
+            Err(StoreError::NotRotatable)
+        ));
+        assert_eq!(
+            store
+                .rotate("t-x", &new.id, &newer, now, now)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.by_digest(&newer.digest).await.unwrap(), None);
+        // An expired key cannot be rotated (record() expires 1000 ms after creation).
+        let expired = record("t-rot", 1_700_000_000_000);
+        store.insert(&expired).await.unwrap();
+        assert!(matches!(
+            store
+                .rotate("t-rot", &expired.id, &newer, now + 5000, 1_700_000_002_000)
+                .await,
+            Err(StoreError::NotRotatable)
+        ));
+        assert_eq!(store.by_digest(&newer.digest).await.unwrap(), None);
     }
 
     async fn touch_records_last_use(store: &dyn KeyStore) {

@@ -9,7 +9,9 @@
 //! - `ns:seq`             counter bumped by every change, carried in the published message
 //! - `ns:events`          pub/sub channel: `<seq> <event> <digest hex> <commit ms>`
 
-use super::{check_cursor, order_key, KeyRecord, KeyStore, Page, PageRequest, StoreError};
+use super::{
+    check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
+};
 use crate::key::{self, Digest, Environment, KeyType};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -54,12 +56,63 @@ local d = redis.call('GET', KEYS[1])
 if not d then return false end
 local rk = ARGV[1] .. d
 if redis.call('HGET', rk, 'tenant') ~= ARGV[2] then return false end
-if not redis.call('HGET', rk, 'revoked_at') then
+local cur = redis.call('HGET', rk, 'revoked_at')
+if not cur or tonumber(cur) > tonumber(ARGV[3]) then
   redis.call('HSET', rk, 'revoked_at', ARGV[3])
   local seq = redis.call('INCR', KEYS[2])
   redis.call('PUBLISH', ARGV[4], seq .. ' revoke ' .. d .. ' ' .. ARGV[3])
 end
 return redis.call('HGETALL', rk)
+",
+    )
+});
+
+static UPDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local d = redis.call('GET', KEYS[1])
+if not d then return false end
+local rk = ARGV[1] .. d
+if redis.call('HGET', rk, 'tenant') ~= ARGV[2] then return false end
+if ARGV[5] == '1' then redis.call('HSET', rk, 'name', ARGV[6]) end
+if ARGV[7] == '1' then redis.call('HSET', rk, 'scopes', ARGV[8]) end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], seq .. ' update ' .. d .. ' ' .. ARGV[4])
+return redis.call('HGETALL', rk)
+",
+    )
+});
+
+/// Returns `{status, old record}`: 1 rotated, 2 revoked or expired, 3 new key conflicts;
+/// `false` when the old key is not in the tenant.
+static ROTATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local d = redis.call('GET', KEYS[1])
+if not d then return false end
+local rk = ARGV[1] .. d
+if redis.call('HGET', rk, 'tenant') ~= ARGV[2] then return false end
+local now = tonumber(ARGV[4])
+local rev = redis.call('HGET', rk, 'revoked_at')
+local exp = redis.call('HGET', rk, 'expires_at')
+if (rev and tonumber(rev) <= now) or (exp and tonumber(exp) <= now) then
+  return {2, {}}
+end
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  return {3, {}}
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 9))
+redis.call('SET', KEYS[3], ARGV[6])
+redis.call('ZADD', KEYS[4], 0, ARGV[7])
+if not rev or tonumber(rev) > tonumber(ARGV[5]) then
+  redis.call('HSET', rk, 'revoked_at', ARGV[5])
+end
+redis.call('HSET', rk, 'successor_id', ARGV[8])
+local seq = redis.call('INCR', KEYS[5])
+redis.call('PUBLISH', ARGV[3], seq .. ' create ' .. ARGV[6] .. ' ' .. ARGV[4])
+seq = redis.call('INCR', KEYS[5])
+redis.call('PUBLISH', ARGV[3], seq .. ' rotate ' .. d .. ' ' .. ARGV[4])
+return {1, redis.call('HGETALL', rk)}
 ",
     )
 });
@@ -147,7 +200,8 @@ impl RedisStore {
     fn tenant_key(&self, tenant: &str) -> String {
         format!("{}:t:{}", self.ns, tenant)
     }
-    fn seq_key(&self) -> String {
+    /// The change counter's key (read by the change feed's periodic check).
+    pub fn seq_key(&self) -> String {
         format!("{}:seq", self.ns)
     }
 
@@ -384,6 +438,78 @@ impl KeyStore for RedisStore {
         }
         let mut conn = self.conn.clone();
         self.bounded(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn update(
+        &self,
+        tenant: &str,
+        id: &str,
+        change: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let flag = |b: bool| if b { "1" } else { "0" };
+        let flat: Option<Vec<String>> = self
+            .bounded(
+                UPDATE
+                    .key(self.id_key(id))
+                    .key(self.seq_key())
+                    .arg(self.rec_prefix())
+                    .arg(tenant)
+                    .arg(self.channel())
+                    .arg(crate::time::now_ms())
+                    .arg(flag(change.name.is_some()))
+                    .arg(change.name.as_deref().unwrap_or(""))
+                    .arg(flag(change.scopes.is_some()))
+                    .arg(
+                        change
+                            .scopes
+                            .as_ref()
+                            .map(|s| s.join(" "))
+                            .unwrap_or_default(),
+                    )
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        parse_record(flat.unwrap_or_default())
+    }
+
+    async fn rotate(
+        &self,
+        tenant: &str,
+        old_id: &str,
+        new: &KeyRecord,
+        old_revokes_at: u64,
+        now_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut inv = ROTATE.prepare_invoke();
+        inv.key(self.id_key(old_id))
+            .key(self.rec_key(&new.digest))
+            .key(self.id_key(&new.id))
+            .key(self.tenant_key(&new.tenant))
+            .key(self.seq_key())
+            .arg(self.rec_prefix())
+            .arg(tenant)
+            .arg(self.channel())
+            .arg(now_ms)
+            .arg(old_revokes_at)
+            .arg(key::hex(&new.digest))
+            .arg(order_key(new))
+            .arg(&new.id);
+        for (k, v) in fields(new) {
+            inv.arg(k).arg(v);
+        }
+        let reply: Option<(i64, Vec<String>)> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        match reply {
+            None => Ok(None),
+            Some((1, old)) => parse_record(old),
+            Some((2, _)) => Err(StoreError::NotRotatable),
+            Some((3, _)) => Err(StoreError::Conflict),
+            Some((code, _)) => Err(StoreError::Corrupt {
+                key: "rotate".into(),
+                reason: format!("unexpected script status {code}"),
+            }),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -3,8 +3,10 @@
 
 mod support;
 
+mod admin_hellojohn;
 mod admin_jack;
 mod cli;
+mod crash;
 mod proxy_auth;
 mod proxy_forward;
 mod redis_store;

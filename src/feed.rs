@@ -1,0 +1,290 @@
+//! The change feed from Redis: every write publishes `<seq> <event> <digest hex> <ms>`
+//! with `seq` from a counter bumped in the same script. Each replica evicts the digest;
+//! pub/sub is at-most-once, so a gap in `seq`, a counter seen ahead of the messages, a
+//! counter that vanished or went back (FLUSHALL, failover), or a (re)subscribe flushes
+//! the whole cache. While the subscription is down, `cache.ttl` bounds staleness.
+
+use crate::cache::KeyCache;
+use crate::key::Digest;
+use crate::metrics::Metrics;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often the counter is compared with the last message seen.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the feed lives.
+#[derive(Debug, Clone)]
+pub struct FeedSettings {
+    pub url: String,
+    pub channel: String,
+    pub seq_key: String,
+}
+
+/// One parsed change message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change<'a> {
+    pub seq: u64,
+    pub event: &'a str,
+    pub digest: Digest,
+    pub at_ms: u64,
+}
+
+pub fn parse_change(payload: &[u8]) -> Option<Change<'_>> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.split(' ');
+    let seq = parts.next()?.parse().ok()?;
+    let event = parts.next()?;
+    if !matches!(event, "create" | "revoke" | "update" | "rotate") {
+        return None;
+    }
+    let digest = crate::key::unhex(parts.next()?)?;
+    let at_ms = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Change {
+        seq,
+        event,
+        digest,
+        at_ms,
+    })
+}
+
+/// Sequence bookkeeping, apart from I/O so it can be tested exactly.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    last: u64,
+    /// Counter value seen ahead of `last` at the previous check.
+    ahead: Option<u64>,
+}
+
+/// Why the cache must be flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    Gap,
+    CounterAhead,
+    CounterMissing,
+    CounterBack,
+}
+
+impl Flush {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flush::Gap => "gap",
+            Flush::CounterAhead => "counter_ahead",
+            Flush::CounterMissing => "counter_missing",
+            Flush::CounterBack => "counter_back",
+        }
+    }
+}
+
+impl Tracker {
+    /// Start from the counter read right after subscribing (the cache is flushed then).
+    pub fn new(baseline: u64) -> Self {
+        Tracker {
+            last: baseline,
+            ahead: None,
+        }
+    }
+
+    /// A message arrived.
+    pub fn message(&mut self, seq: u64) -> Option<Flush> {
+        if seq <= self.last {
+            // Covered by the flush at subscribe time (or a duplicate).
+            return None;
+        }
+        let gap = seq != self.last + 1;
+        self.last = seq;
+        gap.then_some(Flush::Gap)
+    }
+
+    /// The periodic read of the counter (`None`: the key is gone).
+    pub fn check(&mut self, counter: Option<u64>) -> Option<Flush> {
+        match counter {
+            None if self.last > 0 => {
+                self.last = 0;
+                self.ahead = None;
+                Some(Flush::CounterMissing)
+            }
+            None => None,
+            Some(c) if c < self.last => {
+                self.last = c;
+                self.ahead = None;
+                Some(Flush::CounterBack)
+            }
+            Some(c) if c > self.last => {
+                // A message may be on its way: flush only if it is still missing by the
+                // next check.
+                match self.ahead {
+                    Some(prev) if self.last < prev => {
+                        self.last = c;
+                        self.ahead = None;
+                        Some(Flush::CounterAhead)
+                    }
+                    _ => {
+                        self.ahead = Some(c);
+                        None
+                    }
+                }
+            }
+            Some(_) => {
+                self.ahead = None;
+                None
+            }
+        }
+    }
+}
+
+/// Follow the feed until `shutdown`, reconnecting with capped exponential backoff and
+/// jitter.
+pub async fn follow(
+    settings: FeedSettings,
+    cache: Arc<KeyCache>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut first = true;
+    loop {
+        match subscribe(&settings).await {
+            Ok((pubsub, mut conn, baseline)) => {
+                cache.invalidate_all();
+                cache.mark_store(true);
+                if !first {
+                    metrics.feed_reconnects.inc();
+                }
+                first = false;
+                metrics.feed_flushes.with_label_values(&["subscribe"]).inc();
+                metrics.feed_up.set(1);
+                tracing::info!(channel = %settings.channel, seq = baseline, "following key changes; cache flushed");
+                backoff = Duration::from_millis(50);
+                let mut tracker = Tracker::new(baseline);
+                let mut messages = pubsub.into_on_message();
+                let mut tick = tokio::time::interval(CHECK_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let flush = tokio::select! {
+                        msg = messages.next() => match msg {
+                            None => break,
+                            Some(m) => match parse_change(m.get_payload_bytes()) {
+                                None => {
+                                    metrics.feed_malformed.inc();
+                                    tracing::warn!("ignored a malformed change message");
+                                    None
+                                }
+                                Some(change) => {
+                                    cache.invalidate(&change.digest).await;
+                                    metrics.observe_feed(change.event, change.at_ms);
+                                    tracker.message(change.seq)
+                                }
+                            },
+                        },
+                        _ = tick.tick() => {
+                            let read = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                conn.get::<_, Option<u64>>(&settings.seq_key),
+                            )
+                            .await;
+                            match read {
+                                Ok(Ok(counter)) => tracker.check(counter),
+                                // Redis trouble: the subscription will tell if it is gone.
+                                _ => None,
+                            }
+                        }
+                        _ = shutdown.changed() => return,
+                    };
+                    if let Some(reason) = flush {
+                        cache.invalidate_all();
+                        metrics
+                            .feed_flushes
+                            .with_label_values(&[reason.as_str()])
+                            .inc();
+                        tracing::warn!(
+                            reason = reason.as_str(),
+                            "change feed out of step; cache flushed"
+                        );
+                    }
+                }
+                metrics.feed_up.set(0);
+                cache.mark_store(false);
+                tracing::warn!("key change subscription lost; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to key changes"),
+        }
+        let jitter = Duration::from_millis(u64::from(crate::time::now_ms() as u32 % 50));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn subscribe(
+    s: &FeedSettings,
+) -> Result<(redis::aio::PubSub, redis::aio::MultiplexedConnection, u64), String> {
+    let work = async {
+        let client = redis::Client::open(s.url.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&s.channel).await?;
+        // Read the counter after subscribing: anything later arrives as a message.
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let baseline: Option<u64> = conn.get(&s.seq_key).await?;
+        Ok::<_, redis::RedisError>((pubsub, conn, baseline.unwrap_or(0)))
+    };
+    match tokio::time::timeout(Duration::from_secs(2), work).await {
+        Ok(Ok(x)) => Ok(x),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_only_well_formed_messages() {
+        let d = "ab".repeat(32);
+        let ok = format!("7 revoke {d} 1700000000000");
+        let c = parse_change(ok.as_bytes()).unwrap();
+        assert_eq!((c.seq, c.event, c.at_ms), (7, "revoke", 1_700_000_000_000));
+        for bad in [
+            "x revoke".to_string(),
+            format!("7 explode {d} 1"),
+            format!("7 revoke {} 1", &d[..10]),
+            format!("7 revoke {d}"),
+            format!("7 revoke {d} 1 extra"),
+        ] {
+            assert!(parse_change(bad.as_bytes()).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sequence_gaps_and_counter_checks() {
+        let mut t = Tracker::new(10);
+        assert_eq!(t.message(11), None);
+        assert_eq!(t.message(11), None, "duplicate");
+        assert_eq!(t.message(9), None, "older than the baseline");
+        assert_eq!(t.message(13), Some(Flush::Gap));
+        assert_eq!(t.message(14), None);
+        assert_eq!(t.check(Some(14)), None);
+        // Ahead once: maybe in flight. Caught up by the next check: fine.
+        assert_eq!(t.check(Some(15)), None);
+        assert_eq!(t.message(15), None);
+        assert_eq!(t.check(Some(15)), None);
+        // Ahead twice without the message: lost.
+        assert_eq!(t.check(Some(16)), None);
+        assert_eq!(t.check(Some(16)), Some(Flush::CounterAhead));
+        assert_eq!(t.message(17), None);
+        assert_eq!(t.check(Some(3)), Some(Flush::CounterBack));
+        assert_eq!(t.message(4), None);
+        assert_eq!(t.check(None), Some(Flush::CounterMissing));
+        assert_eq!(t.check(None), None);
+        assert_eq!(t.message(1), None);
+    }
+}
