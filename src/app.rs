@@ -3,6 +3,7 @@
 
 use crate::admin::{self, AdminState};
 use crate::cache::KeyCache;
+use crate::config::reload::Reloadable;
 use crate::config::{Config, StoreConfig};
 use crate::feed::FeedSettings;
 use crate::key::{self, KeyHasher};
@@ -12,6 +13,7 @@ use crate::proxy::Proxy;
 use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
 use crate::usage::{UsageQueue, UsageRecorder};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +35,8 @@ pub struct App {
     redis_feed: Option<FeedSettings>,
     usage_queue: UsageQueue,
     last_used_interval: Duration,
+    config: Config,
+    reload_from: Option<PathBuf>,
 }
 
 /// Ask a running `App` to stop (drain, then return from `run_until_stopped`).
@@ -112,7 +116,15 @@ impl App {
             redis_feed,
             usage_queue,
             last_used_interval: config.last_used_interval,
+            config,
+            reload_from: None,
         })
+    }
+
+    /// Reload from `path` when it changes or on SIGHUP (`serve --config`).
+    pub fn reload_from(mut self, path: PathBuf) -> Self {
+        self.reload_from = Some(path);
+        self
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -128,6 +140,18 @@ impl App {
                 feed,
                 self.admin.cache.clone(),
                 self.admin.metrics.clone(),
+                rx.clone(),
+            ));
+        }
+        if let Some(path) = self.reload_from.clone() {
+            tokio::spawn(crate::config::reload::run(
+                path,
+                self.config.clone(),
+                Reloadable {
+                    proxy: self.proxy.clone(),
+                    cache: self.admin.cache.clone(),
+                    metrics: self.admin.metrics.clone(),
+                },
                 rx.clone(),
             ));
         }

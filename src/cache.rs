@@ -70,17 +70,21 @@ impl Source {
     }
 }
 
+/// TTLs in milliseconds, shared with the cache's expiry policy so a reload can change
+/// them (entries already cached keep the TTL they were given).
+#[derive(Clone)]
 struct Ttls {
-    positive: Duration,
-    negative: Duration,
+    positive_ms: Arc<AtomicU64>,
+    negative_ms: Arc<AtomicU64>,
 }
 
 impl Expiry<Digest, Entry> for Ttls {
     fn expire_after_create(&self, _: &Digest, value: &Entry, _: Instant) -> Option<Duration> {
-        Some(match value {
-            Entry::Known(_) => self.positive,
-            Entry::Unknown => self.negative,
-        })
+        let ms = match value {
+            Entry::Known(_) => &self.positive_ms,
+            Entry::Unknown => &self.negative_ms,
+        };
+        Some(Duration::from_millis(ms.load(Ordering::Relaxed)))
     }
 }
 
@@ -90,6 +94,7 @@ pub struct KeyCache {
     generation: AtomicU64,
     /// Test hook: a pause between a fill's store read and its check (0 = none).
     fill_delay_ms: AtomicU64,
+    ttls: Ttls,
     /// Last known store health: a failed read or a lost change feed clears it; a good
     /// read or a (re)subscribe sets it.
     store_ok: AtomicBool,
@@ -97,12 +102,13 @@ pub struct KeyCache {
 
 impl KeyCache {
     pub fn new(store: Arc<dyn KeyStore>, ttl: Duration, negative_ttl: Duration, max: u64) -> Self {
+        let ttls = Ttls {
+            positive_ms: Arc::new(AtomicU64::new(ttl.as_millis() as u64)),
+            negative_ms: Arc::new(AtomicU64::new(negative_ttl.as_millis() as u64)),
+        };
         let cache = Cache::builder()
             .max_capacity(max)
-            .expire_after(Ttls {
-                positive: ttl,
-                negative: negative_ttl,
-            })
+            .expire_after(ttls.clone())
             .build_with_hasher(Xxh3Builder::new());
         KeyCache {
             cache,
@@ -110,6 +116,7 @@ impl KeyCache {
             generation: AtomicU64::new(0),
             fill_delay_ms: AtomicU64::new(0),
             store_ok: AtomicBool::new(true),
+            ttls,
         }
     }
 
@@ -163,6 +170,16 @@ impl KeyCache {
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate_all();
+    }
+
+    /// New TTLs for entries cached from now on (hot reload).
+    pub fn set_ttls(&self, ttl: Duration, negative_ttl: Duration) {
+        self.ttls
+            .positive_ms
+            .store(ttl.as_millis() as u64, Ordering::Relaxed);
+        self.ttls
+            .negative_ms
+            .store(negative_ttl.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn mark_store(&self, ok: bool) {

@@ -84,6 +84,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Option<PathBuf>, dev: bool, upstream: Option<String>) -> ExitCode {
+    let reload_path = if dev { None } else { config.clone() };
     let (config, banner) = if dev {
         let upstream = match upstream {
             Some(u) => u,
@@ -117,7 +118,10 @@ async fn serve(config: Option<PathBuf>, dev: bool, upstream: Option<String>) -> 
         }
     };
     let app = match App::build(config).await {
-        Ok(a) => a,
+        Ok(a) => match reload_path {
+            Some(p) => a.reload_from(p),
+            None => a,
+        },
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;

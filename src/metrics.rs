@@ -55,6 +55,7 @@ pub struct Metrics {
     pub feed_flushes: IntCounterVec,
     pub feed_up: IntGauge,
     feed_lag: Histogram,
+    pub config_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -143,8 +144,17 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(1e-4, 2.0, 16).expect("static buckets")),
         )
         .expect("static metric definition");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "keygate_config_reloads_total",
+                "Configuration reloads by result",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(auth_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(cache_entries.clone()),
@@ -158,6 +168,22 @@ impl Metrics {
             Box::new(feed_lag.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
+        }
+        // Known label values start at 0 so dashboards and alerts see them before they move.
+        for r in ["success", "failure"] {
+            config_reloads.with_label_values(&[r]);
+        }
+        for r in [
+            "subscribe",
+            "gap",
+            "counter_ahead",
+            "counter_missing",
+            "counter_back",
+        ] {
+            feed_flushes.with_label_values(&[r]);
+        }
+        for op in ["read", "touch"] {
+            store_errors.with_label_values(&[op]);
         }
         let h = |r: &str, s: &str| auth_duration.with_label_values(&[r, s]);
         let auth_handles = [
@@ -179,6 +205,7 @@ impl Metrics {
             feed_flushes,
             feed_up,
             feed_lag,
+            config_reloads,
         }
     }
 

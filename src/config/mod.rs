@@ -2,6 +2,7 @@
 //! Errors name the file, the field path and, where the YAML parser knows it, the line.
 
 pub mod raw;
+pub mod reload;
 
 use crate::key::Prefixes;
 use crate::proxy::policy::Policy;

@@ -238,3 +238,93 @@ async fn serve_dev_end_to_end_and_sigterm_exits_zero() {
         "exit status after SIGTERM: {status}"
     );
 }
+
+/// SIGHUP reloads without stopping; SIGTERM turns readiness off, lets a slow in-flight
+/// request finish, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = keygate::dev::spawn_echo_upstream(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "proxy:\n  listen: 127.0.0.1:{proxy_port}\n  upstream: http://{upstream}\n\
+         admin:\n  listen: 127.0.0.1:{admin_port}\n\
+         store:\n  memory: {{}}\n\
+         routes:\n  - {{ name: slow, path: /__sleep, auth: none }}\n"
+    );
+    let path = write(dir.path(), "keygate.yaml", &config);
+    let mut child = keygate()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start keygate");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let up = crate::support::eventually(Duration::from_secs(20), || async {
+        http.get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(up, "keygate did not become ready");
+    let pid = child.id().expect("running").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    };
+
+    signal("-HUP");
+    let reloaded = crate::support::eventually(Duration::from_secs(5), || async {
+        let text = http
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("keygate_config_reloads_total{result=\"success\"} 1")
+    })
+    .await;
+    assert!(reloaded, "SIGHUP did not reload");
+
+    let slow = {
+        let http = http.clone();
+        tokio::spawn(async move {
+            http.get(format!("http://127.0.0.1:{proxy_port}/__sleep?ms=1500"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    // Let the slow request reach the upstream, then ask keygate to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal("-TERM");
+    let not_ready = crate::support::eventually(Duration::from_secs(2), || async {
+        match http.get(format!("{admin}/readyz")).send().await {
+            Ok(r) => r.status() == 503,
+            Err(_) => true,
+        }
+    })
+    .await;
+    assert!(not_ready, "readiness stayed true after SIGTERM");
+    assert_eq!(
+        slow.await.unwrap().expect("in-flight request failed"),
+        200,
+        "the in-flight request was not drained"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("keygate did not exit after draining")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+}
