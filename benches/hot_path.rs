@@ -82,11 +82,17 @@ fn verification(c: &mut Criterion) {
         let policy = config.policy.clone();
         let (_, route) = policy.find(&http::Method::GET, "/users/1").unwrap();
         // Warm the cache.
-        rt.block_on(proxy.check_token(&new.text, route)).unwrap();
+        rt.block_on(proxy.check_token(&new.text, route, &mut None))
+            .unwrap();
 
         c.bench_function(&format!("verify/cache_hit/{label}"), |b| {
             b.to_async(&rt).iter(|| async {
-                black_box(proxy.check_token(black_box(&new.text), route).await).unwrap();
+                black_box(
+                    proxy
+                        .check_token(black_box(&new.text), route, &mut None)
+                        .await,
+                )
+                .unwrap();
             })
         });
         c.bench_function(&format!("verify/digest_only/{label}"), |b| {

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::proxy::server::{self, ServerSettings};
 use crate::proxy::Proxy;
 use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
+use crate::tls::CertResolver;
 use crate::usage::{UsageQueue, UsageRecorder};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,9 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// How long open connections may finish their requests after a shutdown signal.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct App {
     pub proxy_addr: SocketAddr,
@@ -37,6 +35,7 @@ pub struct App {
     last_used_interval: Duration,
     config: Config,
     reload_from: Option<PathBuf>,
+    tls: Option<Arc<CertResolver>>,
 }
 
 /// Ask a running `App` to stop (drain, then return from `run_until_stopped`).
@@ -98,6 +97,12 @@ impl App {
         let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
         })?;
+        let tls = match &config.tls {
+            None => None,
+            Some((cert, key)) => Some(Arc::new(
+                CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
+            )),
+        };
         let (tx, _) = watch::channel(false);
         Ok(App {
             proxy_addr: proxy_listener.local_addr()?,
@@ -118,6 +123,7 @@ impl App {
             last_used_interval: config.last_used_interval,
             config,
             reload_from: None,
+            tls,
         })
     }
 
@@ -132,8 +138,9 @@ impl App {
     }
 
     /// Serve both ports until shut down; then readiness turns false, listeners close,
-    /// and in-flight requests get up to `DRAIN_TIMEOUT` to finish.
+    /// and in-flight requests get up to `proxy.timeouts.drain` to finish.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let drain = self.config.timeouts.drain;
         let rx = self.shutdown.subscribe();
         if let Some(feed) = self.redis_feed.clone() {
             tokio::spawn(crate::feed::follow(
@@ -155,6 +162,10 @@ impl App {
                 rx.clone(),
             ));
         }
+        let acceptor = self.tls.clone().map(|resolver| {
+            tokio::spawn(crate::tls::watch_cert(resolver.clone(), rx.clone()));
+            tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver))
+        });
         let (stop_usage, usage_stopped) = tokio::sync::oneshot::channel();
         let flusher = tokio::spawn(crate::usage::run_flusher(
             self.usage_queue,
@@ -179,14 +190,15 @@ impl App {
             self.proxy_listener,
             self.proxy,
             self.settings,
+            acceptor,
             rx,
-            DRAIN_TIMEOUT,
+            drain,
         )
         .await;
         // After the drain: the last requests' uses are in the queue; write them.
         let _ = stop_usage.send(());
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, flusher).await;
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, admin).await;
+        let _ = tokio::time::timeout(drain, flusher).await;
+        let _ = tokio::time::timeout(drain, admin).await;
         Ok(())
     }
 }

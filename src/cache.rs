@@ -95,9 +95,10 @@ pub struct KeyCache {
     /// Test hook: a pause between a fill's store read and its check (0 = none).
     fill_delay_ms: AtomicU64,
     ttls: Ttls,
-    /// Last known store health: a failed read or a lost change feed clears it; a good
-    /// read or a (re)subscribe sets it.
-    store_ok: AtomicBool,
+    /// Last known store health: the last read (or counter check) worked...
+    reads_ok: AtomicBool,
+    /// ...and the change feed is following (always true without a feed).
+    feed_ok: AtomicBool,
 }
 
 impl KeyCache {
@@ -115,7 +116,8 @@ impl KeyCache {
             store,
             generation: AtomicU64::new(0),
             fill_delay_ms: AtomicU64::new(0),
-            store_ok: AtomicBool::new(true),
+            reads_ok: AtomicBool::new(true),
+            feed_ok: AtomicBool::new(true),
             ttls,
         }
     }
@@ -130,7 +132,16 @@ impl KeyCache {
             return Ok((e, Source::Cache));
         }
         let before = self.generation.load(Ordering::Acquire);
-        let entry = self.cache.try_get_with(*digest, self.fill(*digest)).await?;
+        let entry = match self.cache.try_get_with(*digest, self.fill(*digest)).await {
+            Ok(e) => {
+                self.mark_reads(true);
+                e
+            }
+            Err(e) => {
+                self.mark_reads(false);
+                return Err(e);
+            }
+        };
         if self.generation.load(Ordering::Acquire) != before {
             // An invalidation ran while we filled: the inserted value may predate it.
             self.cache.invalidate(digest).await;
@@ -182,14 +193,21 @@ impl KeyCache {
             .store(negative_ttl.as_millis() as u64, Ordering::Relaxed);
     }
 
-    pub fn mark_store(&self, ok: bool) {
-        if self.store_ok.load(Ordering::Relaxed) != ok {
-            self.store_ok.store(ok, Ordering::Relaxed);
+    /// A store read (or the feed's counter check) worked or failed.
+    pub fn mark_reads(&self, ok: bool) {
+        if self.reads_ok.load(Ordering::Relaxed) != ok {
+            self.reads_ok.store(ok, Ordering::Relaxed);
         }
     }
 
+    /// The change feed is following, or lost.
+    pub fn mark_feed(&self, ok: bool) {
+        self.feed_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Is the store answering and the change feed up? (`on_store_error: deny`)
     pub fn store_ok(&self) -> bool {
-        self.store_ok.load(Ordering::Relaxed)
+        self.reads_ok.load(Ordering::Relaxed) && self.feed_ok.load(Ordering::Relaxed)
     }
 
     /// Test hook: make every fill pause after its store read, to race invalidations.

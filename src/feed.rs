@@ -60,6 +60,10 @@ pub struct Tracker {
     last: u64,
     /// Counter value seen ahead of `last` at the previous check.
     ahead: Option<u64>,
+    /// The counter read at subscribe time: older messages may still arrive once.
+    baseline: u64,
+    /// A message newer than the baseline arrived.
+    moved: bool,
 }
 
 /// Why the cache must be flushed.
@@ -88,15 +92,25 @@ impl Tracker {
         Tracker {
             last: baseline,
             ahead: None,
+            baseline,
+            moved: false,
         }
     }
 
     /// A message arrived.
     pub fn message(&mut self, seq: u64) -> Option<Flush> {
         if seq <= self.last {
-            // Covered by the flush at subscribe time (or a duplicate).
-            return None;
+            if !self.moved && seq <= self.baseline {
+                // Published before we read the counter: covered by the subscribe flush.
+                return None;
+            }
+            // Pub/sub does not repeat messages: the counter restarted (FLUSHALL, failover)
+            // and has been written again since.
+            self.last = seq;
+            self.ahead = None;
+            return Some(Flush::CounterBack);
         }
+        self.moved = true;
         let gap = seq != self.last + 1;
         self.last = seq;
         gap.then_some(Flush::Gap)
@@ -153,7 +167,8 @@ pub async fn follow(
         match subscribe(&settings).await {
             Ok((pubsub, mut conn, baseline)) => {
                 cache.invalidate_all();
-                cache.mark_store(true);
+                cache.mark_feed(true);
+                cache.mark_reads(true);
                 if !first {
                     metrics.feed_reconnects.inc();
                 }
@@ -190,9 +205,16 @@ pub async fn follow(
                             )
                             .await;
                             match read {
-                                Ok(Ok(counter)) => tracker.check(counter),
-                                // Redis trouble: the subscription will tell if it is gone.
-                                _ => None,
+                                Ok(Ok(counter)) => {
+                                    cache.mark_reads(true);
+                                    tracker.check(counter)
+                                }
+                                // Redis trouble: reads fail; the subscription will tell if
+                                // it is gone.
+                                _ => {
+                                    cache.mark_reads(false);
+                                    None
+                                }
                             }
                         }
                         _ = shutdown.changed() => return,
@@ -210,7 +232,7 @@ pub async fn follow(
                     }
                 }
                 metrics.feed_up.set(0);
-                cache.mark_store(false);
+                cache.mark_feed(false);
                 tracing::warn!("key change subscription lost; reconnecting");
             }
             Err(e) => tracing::warn!(error = %e, "cannot subscribe to key changes"),
@@ -267,9 +289,13 @@ mod tests {
     #[test]
     fn sequence_gaps_and_counter_checks() {
         let mut t = Tracker::new(10);
+        assert_eq!(t.message(9), None, "published before the baseline was read");
         assert_eq!(t.message(11), None);
-        assert_eq!(t.message(11), None, "duplicate");
-        assert_eq!(t.message(9), None, "older than the baseline");
+        assert_eq!(
+            t.message(11),
+            Some(Flush::CounterBack),
+            "the counter restarted"
+        );
         assert_eq!(t.message(13), Some(Flush::Gap));
         assert_eq!(t.message(14), None);
         assert_eq!(t.check(Some(14)), None);
@@ -286,5 +312,9 @@ mod tests {
         assert_eq!(t.check(None), Some(Flush::CounterMissing));
         assert_eq!(t.check(None), None);
         assert_eq!(t.message(1), None);
+        // FLUSHALL then writes up to our last value before the next check.
+        let mut t = Tracker::new(0);
+        assert_eq!(t.message(1), None);
+        assert_eq!(t.message(1), Some(Flush::CounterBack));
     }
 }

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod store;
 pub mod time;
+pub mod tls;
 pub mod usage;
 
 pub use app::App;

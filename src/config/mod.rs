@@ -49,6 +49,7 @@ pub struct Timeouts {
     pub upstream: Duration,
     pub header_read: Duration,
     pub idle: Duration,
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +84,8 @@ pub struct Config {
     pub proxy_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub upstream: raw::Upstream,
+    /// Certificate and key files of the proxy listener's TLS.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub root_token: Option<Secret>,
@@ -327,6 +330,17 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
     }
     let pepper = env.var(&raw.keys.pepper_env).map(Secret);
 
+    let tls = match &raw.proxy.tls {
+        None => None,
+        Some(t) => {
+            let pair = (
+                std::path::PathBuf::from(&t.cert),
+                std::path::PathBuf::from(&t.key),
+            );
+            crate::tls::load_pair(&pair.0, &pair.1).map_err(|m| err("proxy.tls", m))?;
+            Some(pair)
+        }
+    };
     let policy = Policy::build(&raw.proxy, &raw.routes, raw.unmatched)
         .map_err(|(field, message)| err(&field, message))?;
 
@@ -335,10 +349,12 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
         proxy_listen,
         admin_listen,
         upstream,
+        tls,
         timeouts: Timeouts {
             upstream: t.upstream.0,
             header_read: t.header_read.0,
             idle: t.idle.0,
+            drain: t.drain.0,
         },
         limits: Limits {
             max_header_bytes: l.max_header_bytes,

@@ -37,6 +37,14 @@ pub struct RawProxy {
     pub listen: SocketAddr,
     /// The application, e.g. `http://127.0.0.1:3000`.
     pub upstream: Upstream,
+    /// Serve TLS on the proxy listener with this PEM certificate chain and key
+    /// (reloaded when the files change).
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// Log one line per request (method, route, status, decision, key id, tenant,
+    /// duration; never a path or a key). Default on.
+    #[serde(default = "yes")]
+    pub access_log: bool,
     /// Pass the client's `Authorization` header to the upstream (default: strip it).
     #[serde(default)]
     pub forward_authorization: bool,
@@ -53,6 +61,15 @@ pub struct RawProxy {
     /// Size and connection limits.
     #[serde(default)]
     pub limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +102,8 @@ pub struct RawTimeouts {
     pub header_read: HumanDuration,
     /// A keep-alive connection with no traffic is closed after this.
     pub idle: HumanDuration,
+    /// At shutdown, how long in-flight requests may take to finish.
+    pub drain: HumanDuration,
 }
 
 impl Default for RawTimeouts {
@@ -93,6 +112,7 @@ impl Default for RawTimeouts {
             upstream: HumanDuration(Duration::from_secs(30)),
             header_read: HumanDuration(Duration::from_secs(10)),
             idle: HumanDuration(Duration::from_secs(60)),
+            drain: HumanDuration(Duration::from_secs(10)),
         }
     }
 }
@@ -147,6 +167,10 @@ impl Default for RawAdmin {
             default_tenant: default_tenant(),
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_admin_listen() -> SocketAddr {

@@ -81,19 +81,41 @@ impl Proxy {
 
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let snap = self.snapshot.load();
-        let (route_index, result) = self.decide_and_forward(&snap.policy, req, conn).await;
+        let started = Instant::now();
+        let method = req.method().clone();
+        let mut who = None;
+        let (route_index, result) = self
+            .decide_and_forward(&snap.policy, req, conn, &mut who)
+            .await;
         let per_route = snap.metrics.route(route_index);
-        match result {
+        let (resp, code) = match result {
             Ok((resp, upstream_elapsed)) => {
                 per_route.count(0);
                 per_route.upstream.observe(upstream_elapsed.as_secs_f64());
-                resp
+                (resp, "allowed")
             }
             Err(deny) => {
                 per_route.count(metrics::result_index(deny.code()));
-                deny.response()
+                (deny.response(), deny.code())
             }
+        };
+        if snap.policy.access_log {
+            // One line per request: never the path (it may carry data), never a key.
+            let route = route_index.map_or("-", |i| &*snap.policy.routes()[i].name);
+            let record = who.as_ref().map(|id: &Arc<Identity>| &id.record);
+            tracing::info!(
+                target: "keygate::access",
+                method = %method,
+                route,
+                status = resp.status().as_u16(),
+                decision = code,
+                key_id = record.map_or("-", |r| r.id.as_str()),
+                tenant = record.map_or("-", |r| r.tenant.as_str()),
+                peer = %conn.peer.ip(),
+                duration_us = started.elapsed().as_micros() as u64,
+            );
         }
+        resp
     }
 
     async fn decide_and_forward(
@@ -101,6 +123,7 @@ impl Proxy {
         policy: &Policy,
         req: Request<Incoming>,
         conn: ConnInfo,
+        who: &mut Option<Arc<Identity>>,
     ) -> (Option<usize>, Result<(Response<Body>, Duration), Deny>) {
         let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target_len > self.max_uri_bytes {
@@ -119,7 +142,7 @@ impl Proxy {
         let identity = if route.public {
             None
         } else {
-            match self.authenticate(&req, route).await {
+            match self.authenticate(&req, route, who).await {
                 Ok(id) => Some(id),
                 Err(d) => return (index, Err(d)),
             }
@@ -140,21 +163,29 @@ impl Proxy {
             .forwarder
             .forward(req, path, identity.as_deref(), policy, conn, limit)
             .await;
+        *who = identity;
         (index, result)
     }
 
     /// Bearer extraction, format check (no I/O), digest, cache, then the record's rules.
+    /// `who` learns the key's identity as soon as it is known (for the access log).
     pub async fn authenticate(
         &self,
         req: &Request<Incoming>,
         route: &Route,
+        who: &mut Option<Arc<Identity>>,
     ) -> Result<Arc<Identity>, Deny> {
         let token = bearer(req.headers())?;
-        self.check_token(token, route).await
+        self.check_token(token, route, who).await
     }
 
     /// Everything after extraction: what the criterion bench measures on a cache hit.
-    pub async fn check_token(&self, token: &str, route: &Route) -> Result<Arc<Identity>, Deny> {
+    pub async fn check_token(
+        &self,
+        token: &str,
+        route: &Route,
+        who: &mut Option<Arc<Identity>>,
+    ) -> Result<Arc<Identity>, Deny> {
         key::parse(&self.prefixes, token).map_err(|_| Deny::MalformedKey)?;
         let digest = self.hasher.digest(token);
         let started = Instant::now();
@@ -177,7 +208,10 @@ impl Proxy {
         let now = crate::time::now_ms();
         let verdict = match entry {
             Entry::Unknown => Err(Deny::UnknownKey),
-            Entry::Known(id) => check_record(id, &digest, route, now),
+            Entry::Known(id) => {
+                *who = Some(id.clone());
+                check_record(id, &digest, route, now)
+            }
         };
         if let Ok(id) = &verdict {
             self.usage.note(id, now);

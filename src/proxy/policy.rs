@@ -58,6 +58,8 @@ pub struct Policy {
     pub forward_authorization: bool,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub default_max_body_bytes: Option<u64>,
+    /// One log line per proxied request (target `keygate::access`).
+    pub access_log: bool,
 }
 
 fn challenge(scopes: &[Box<str>]) -> HeaderValue {
@@ -210,6 +212,7 @@ impl Policy {
                 0 => None,
                 n => Some(n),
             },
+            access_log: proxy.access_log,
         })
     }
 

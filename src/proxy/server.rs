@@ -13,8 +13,9 @@ use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -90,6 +91,7 @@ pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     settings: ServerSettings,
+    tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -125,13 +127,31 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnInfo { peer, tls: false };
         let proxy = proxy.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let idle = settings.idle_timeout;
+        let handshake_timeout = settings.header_read_timeout;
+        let tls = tls.clone();
         tokio::spawn(async move {
-            serve_connection(stream, conn, proxy, &builder, shutdown, idle).await;
+            match tls {
+                None => {
+                    let conn = ConnInfo { peer, tls: false };
+                    serve_connection(stream, conn, proxy, &builder, shutdown, idle).await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = ConnInfo { peer, tls: true };
+                            serve_connection(stream, conn, proxy, &builder, shutdown, idle).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -141,8 +161,8 @@ pub async fn serve(
     let _ = tokio::time::timeout(drain, slots.acquire_many(all)).await;
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     conn: ConnInfo,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,

@@ -328,3 +328,128 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+/// Logs (debug level, text and JSON) never carry a key or an Authorization header; the
+/// access log has one line per request with the key id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_contain_keys_and_access_lines_carry_ids() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = keygate::dev::spawn_echo_upstream(([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        let config = format!(
+            "proxy:\n  listen: 127.0.0.1:{proxy_port}\n  upstream: http://{upstream}\n\
+             admin:\n  listen: 127.0.0.1:{admin_port}\n\
+             store:\n  memory: {{}}\n\
+             routes:\n  - {{ name: users, path: \"/users/**\", scopes: [\"users:read\"] }}\n"
+        );
+        let path = write(dir.path(), "keygate.yaml", &config);
+        let log_path = dir.path().join("stderr.log");
+        let mut child = keygate()
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("KEYGATE_ROOT_TOKEN", crate::support::ROOT)
+            .env("KEYGATE_LOG", "debug")
+            .env("KEYGATE_LOG_FORMAT", format)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("start keygate");
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        let proxy = format!("http://127.0.0.1:{proxy_port}");
+        let up = crate::support::eventually(Duration::from_secs(20), || async {
+            http.get(format!("{admin}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(up, "keygate did not become ready");
+        let created: Value = http
+            .post(format!("{admin}/v1/keys"))
+            .bearer_auth(crate::support::ROOT)
+            .json(&json!({"label": "log", "scopes": ["users:read"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let key = created["key"].as_str().unwrap().to_string();
+        let id = created["id"].as_str().unwrap().to_string();
+        let r = http
+            .get(format!("{proxy}/users/1"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let last = if key.ends_with('x') { 'y' } else { 'x' };
+        let typo = format!("{}{last}", &key[..key.len() - 1]);
+        http.get(format!("{proxy}/users/2"))
+            .bearer_auth(&typo)
+            .send()
+            .await
+            .unwrap();
+        http.delete(format!("{admin}/v1/keys/{id}"))
+            .bearer_auth(crate::support::ROOT)
+            .send()
+            .await
+            .unwrap();
+        let r = http
+            .get(format!("{proxy}/users/3"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+
+        let logs = std::fs::read_to_string(&log_path).unwrap();
+        let secret_part = &key["sk_live_".len() + 4..];
+        for needle in [key.as_str(), secret_part, &typo, crate::support::ROOT] {
+            assert!(
+                !logs.contains(needle),
+                "{format} logs contain a secret: {logs}"
+            );
+        }
+        assert!(
+            !logs.to_ascii_lowercase().contains("bearer "),
+            "{format} logs: {logs}"
+        );
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("keygate::access"))
+            .collect();
+        assert_eq!(
+            access.len(),
+            3,
+            "{format}: one access line per proxied request: {logs}"
+        );
+        assert!(
+            access[0].contains(&id) && access[0].contains("allowed"),
+            "{}",
+            access[0]
+        );
+        assert!(access[1].contains("malformed_key"), "{}", access[1]);
+        assert!(
+            access[2].contains("revoked_key") && access[2].contains(&id),
+            "{}",
+            access[2]
+        );
+        if format == "json" {
+            for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+                serde_json::from_str::<Value>(line)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            }
+        }
+    }
+}

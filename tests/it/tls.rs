@@ -1,0 +1,136 @@
+//! TLS on the proxy listener: HTTPS with ALPN h2 and http/1.1 (self-signed certificates
+//! made in the test with rcgen), `X-Forwarded-Proto: https`, the certificate reloaded when
+//! its files change, and bad certificate files refused at load.
+
+use crate::support::*;
+use keygate::config::Config;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+fn make_cert(dir: &Path, tag: &str) -> (String, String, reqwest::Certificate) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = ck.cert.pem();
+    let key_pem = ck.key_pair.serialize_pem();
+    let cert = dir.join(format!("{tag}.crt"));
+    let key = dir.join(format!("{tag}.key"));
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, &key_pem).unwrap();
+    (
+        cert.display().to_string(),
+        key.display().to_string(),
+        reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap(),
+    )
+}
+
+fn tls_config(cert: &str, key: &str) -> String {
+    TEST_CONFIG.replace(
+        "  upstream: {upstream}\n",
+        &format!("  upstream: {{upstream}}\n  tls: {{ cert: \"{cert}\", key: \"{key}\" }}\n"),
+    )
+}
+
+fn client(root: reqwest::Certificate, proxy: std::net::SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root)
+        .resolve("localhost", proxy)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_alpn_and_certificate_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, root1) = make_cert(dir.path(), "live");
+    let app = spawn_app_with(&tls_config(&cert, &key), Store::Memory).await;
+    let k = app.create_key(&["users:read"]).await;
+    let url = format!("https://localhost:{}/users/1", app.proxy.port());
+
+    let https = client(root1.clone(), app.proxy);
+    let resp = https.get(&url).bearer_auth(&k.key).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.version(),
+        reqwest::Version::HTTP_2,
+        "ALPN should pick h2"
+    );
+    let echo: Value = resp.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https", "{echo}");
+    assert_eq!(
+        echo["headers"]["x-keygate-key-id"][0],
+        k.id.as_str(),
+        "{echo}"
+    );
+
+    let h1 = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root1.clone())
+        .resolve("localhost", app.proxy)
+        .http1_only()
+        .build()
+        .unwrap();
+    let resp = h1.get(&url).bearer_auth(&k.key).send().await.unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), resp.version()),
+        (200, reqwest::Version::HTTP_11)
+    );
+    // Refusals are the same JSON over TLS.
+    assert_error(https.get(&url).send().await.unwrap(), 401, "missing_key").await;
+    // Plain HTTP on the TLS port gets nothing useful.
+    assert!(reqwest::Client::new()
+        .get(format!("http://{}/users/1", app.proxy))
+        .bearer_auth(&k.key)
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true));
+
+    // Replace the files with a new certificate: new connections get it.
+    let (cert2, key2, root2) = make_cert(dir.path(), "next");
+    std::fs::copy(&key2, &key).unwrap();
+    std::fs::copy(&cert2, &cert).unwrap();
+    let reloaded = eventually(Duration::from_secs(5), || async {
+        client(root2.clone(), app.proxy)
+            .get(&url)
+            .bearer_auth(&k.key)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(reloaded, "the new certificate was never served");
+    // A broken pair is refused and the current certificate kept.
+    std::fs::write(&key, "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let resp = client(root2, app.proxy)
+        .get(&url)
+        .bearer_auth(&k.key)
+        .send()
+        .await;
+    assert_eq!(
+        resp.unwrap().status(),
+        200,
+        "a broken key file replaced the certificate"
+    );
+}
+
+#[test]
+fn bad_certificate_files_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _key, _) = make_cert(dir.path(), "a");
+    let (_cert2, key2, _) = make_cert(dir.path(), "b");
+    let text = tls_config(&cert, &key2)
+        .replace("{upstream}", "http://127.0.0.1:1")
+        .replace("{store}", "memory: {}");
+    let e = Config::from_yaml(&text, "tls.yaml", &[("X", "Y")]).unwrap_err();
+    assert_eq!(e.field, "proxy.tls", "{e}");
+    assert!(e.message.contains("do not match"), "{e}");
+    let text = tls_config(&cert, "/nonexistent/key.pem")
+        .replace("{upstream}", "http://127.0.0.1:1")
+        .replace("{store}", "memory: {}");
+    let e = Config::from_yaml(&text, "tls.yaml", &[("X", "Y")]).unwrap_err();
+    assert!(e.message.contains("/nonexistent/key.pem"), "{e}");
+}
