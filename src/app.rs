@@ -50,12 +50,14 @@ impl ShutdownHandle {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        // rustls' process-wide provider, used by the Redis TLS client (idempotent).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let (store, redis_feed): (Arc<dyn KeyStore>, _) = match &config.store {
             StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
             StoreConfig::Redis(settings) => {
                 let store = RedisStore::connect(settings)?;
                 let feed = FeedSettings {
-                    url: settings.url.clone(),
+                    redis: settings.clone(),
                     channel: store.channel(),
                     seq_key: store.seq_key(),
                 };

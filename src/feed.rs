@@ -19,7 +19,7 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Where the feed lives.
 #[derive(Debug, Clone)]
 pub struct FeedSettings {
-    pub url: String,
+    pub redis: crate::store::redis::RedisSettings,
     pub channel: String,
     pub seq_key: String,
 }
@@ -250,7 +250,10 @@ async fn subscribe(
     s: &FeedSettings,
 ) -> Result<(redis::aio::PubSub, redis::aio::MultiplexedConnection, u64), String> {
     let work = async {
-        let client = redis::Client::open(s.url.as_str())?;
+        let client = s
+            .redis
+            .client()
+            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "redis client", e)))?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&s.channel).await?;
         // Read the counter after subscribing: anything later arrives as a message.

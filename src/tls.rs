@@ -35,6 +35,45 @@ pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     Ok(certified)
 }
 
+/// A root store from a PEM CA file.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?
+    {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no PEM certificate found", path.display()));
+    }
+    Ok(roots)
+}
+
+/// Client TLS for an `https://` upstream: the CA file's roots, else the system's.
+pub fn upstream_client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let roots = match ca {
+        Some(path) => load_roots(path)?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            roots
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // ALPN is left to the connector (it offers http/1.1).
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Serves the current certificate; `reload` swaps it atomically.
 pub struct CertResolver {
     current: ArcSwap<CertifiedKey>,

@@ -84,6 +84,8 @@ pub struct Config {
     pub proxy_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub upstream: raw::Upstream,
+    /// Trusted CA file for an `https://` upstream (system roots when absent).
+    pub upstream_ca: Option<std::path::PathBuf>,
     /// Certificate and key files of the proxy listener's TLS.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     pub timeouts: Timeouts,
@@ -220,10 +222,20 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
             if r.timeout.0.is_zero() {
                 return Err(err("store.redis.timeout", "must be above zero".into()));
             }
+            let ca_file = r.ca_file.as_ref().map(std::path::PathBuf::from);
+            if let Some(ca) = &ca_file {
+                std::fs::read(ca).map_err(|e| {
+                    err(
+                        "store.redis.ca_file",
+                        format!("cannot read {}: {e}", ca.display()),
+                    )
+                })?;
+            }
             StoreConfig::Redis(RedisSettings {
                 url,
                 namespace: r.namespace,
                 timeout: r.timeout.0,
+                ca_file,
             })
         }
         (None, Some(_)) => StoreConfig::Memory,
@@ -330,6 +342,14 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
     }
     let pepper = env.var(&raw.keys.pepper_env).map(Secret);
 
+    let upstream_ca = match &raw.proxy.upstream_ca {
+        None => None,
+        Some(p) => {
+            let path = std::path::PathBuf::from(p);
+            crate::tls::load_roots(&path).map_err(|m| err("proxy.upstream_ca", m))?;
+            Some(path)
+        }
+    };
     let tls = match &raw.proxy.tls {
         None => None,
         Some(t) => {
@@ -349,6 +369,7 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
         proxy_listen,
         admin_listen,
         upstream,
+        upstream_ca,
         tls,
         timeouts: Timeouts {
             upstream: t.upstream.0,

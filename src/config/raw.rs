@@ -35,8 +35,12 @@ pub struct RawConfig {
 pub struct RawProxy {
     /// Address the proxy listens on, e.g. `0.0.0.0:8080`.
     pub listen: SocketAddr,
-    /// The application, e.g. `http://127.0.0.1:3000`.
+    /// The application, e.g. `http://127.0.0.1:3000` (or `https://`).
     pub upstream: Upstream,
+    /// For an `https://` upstream: PEM CA certificate(s) to trust instead of the system
+    /// store.
+    #[serde(default)]
+    pub upstream_ca: Option<String>,
     /// Serve TLS on the proxy listener with this PEM certificate chain and key
     /// (reloaded when the files change).
     #[serde(default)]
@@ -212,6 +216,9 @@ pub struct RawRedis {
     /// Bound on every Redis call.
     #[serde(default = "default_store_timeout")]
     pub timeout: HumanDuration,
+    /// For `rediss://`: PEM CA certificate(s) to trust instead of the system store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -364,10 +371,13 @@ impl Upstream {
         let uri: http::Uri = s
             .parse()
             .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
-        let scheme = uri.scheme().cloned().ok_or("upstream URL needs http://")?;
-        if scheme != http::uri::Scheme::HTTP {
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or("upstream URL needs http:// or https://")?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
             return Err(format!(
-                "upstream scheme {scheme} is not supported; use http://"
+                "upstream scheme {scheme} is not supported; use http:// or https://"
             ));
         }
         let authority = uri

@@ -65,7 +65,12 @@ impl Proxy {
             hasher,
             prefixes: config.prefixes.clone(),
             metrics,
-            forwarder: forward::Forwarder::new(config.upstream.clone(), config.timeouts.upstream),
+            forwarder: forward::Forwarder::new(
+                config.upstream.clone(),
+                config.timeouts.upstream,
+                crate::tls::upstream_client_config(config.upstream_ca.as_deref())
+                    .expect("upstream_ca was validated when the config was loaded"),
+            ),
             max_uri_bytes: config.limits.max_uri_bytes,
             usage,
             deny_on_store_error: config.cache.on_store_error

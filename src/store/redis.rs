@@ -154,6 +154,28 @@ pub struct RedisSettings {
     pub namespace: String,
     /// Bound on every call, including reconnect attempts inside it.
     pub timeout: Duration,
+    /// PEM CA certificate(s) trusted for `rediss://` instead of the system store.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl RedisSettings {
+    /// A client for these settings (`rediss://` verifies against `ca_file` when set).
+    pub fn client(&self) -> Result<redis::Client, String> {
+        match &self.ca_file {
+            None => redis::Client::open(self.url.as_str()).map_err(|e| e.to_string()),
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+                redis::Client::build_with_tls(
+                    self.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 pub struct RedisStore {
@@ -165,8 +187,9 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects lazily: keygate starts (and reports unready) while Redis is down.
     pub fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
+        let client = settings
+            .client()
+            .map_err(|e| StoreError::Unavailable(format!("redis client: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))

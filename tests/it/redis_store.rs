@@ -101,6 +101,7 @@ async fn store_contract_holds_on_real_redis() {
         url: redis.url.clone(),
         namespace: "contract".into(),
         timeout: Duration::from_millis(250),
+        ca_file: None,
     })
     .unwrap();
     keygate::store::contract::run_all(&store).await;
@@ -323,6 +324,7 @@ async fn a_create_clears_a_cached_unknown_on_other_replicas() {
         url: redis.url.clone(),
         namespace: "kgtest".into(),
         timeout: Duration::from_millis(250),
+        ca_file: None,
     })
     .unwrap();
     let record = KeyRecord {

@@ -134,3 +134,111 @@ fn bad_certificate_files_are_refused_at_load() {
     let e = Config::from_yaml(&text, "tls.yaml", &[("X", "Y")]).unwrap_err();
     assert!(e.message.contains("/nonexistent/key.pem"), "{e}");
 }
+
+/// `rediss://` to a TLS-only redis-server, trusting a CA file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_store_with_a_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, key) = (dir.path().join("redis.crt"), dir.path().join("redis.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let port = free_port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert)
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let _guard = Kill(child);
+    let store = format!(
+        "redis: {{ url: \"rediss://127.0.0.1:{port}/0\", namespace: kgtest, timeout: 1s, ca_file: \"{}\" }}",
+        cert.display()
+    );
+    let config = TEST_CONFIG.replace("{store}", &store);
+    let app = spawn_app_with(&config, Store::Memory).await;
+    let ready = eventually(Duration::from_secs(10), || async {
+        app.http
+            .get(app.admin_url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "keygate never reached the TLS redis");
+    let k = app.create_key(&["users:read"]).await;
+    assert_eq!(app.get_with("/users/1", &k.key).await.status(), 200);
+    assert_eq!(app.revoke(&k.id).await.status(), 200);
+    assert_error(app.get_with("/users/1", &k.key).await, 403, "revoked_key").await;
+}
+
+/// An `https://` upstream verified against `upstream_ca` (here: another keygate serving
+/// TLS in front of the echo server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_a_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = make_cert(dir.path(), "front");
+    let inner = spawn_app_with(&tls_config(&cert, &key), Store::Memory).await;
+    let outer_config = TEST_CONFIG.replace(
+        "  upstream: {upstream}\n",
+        &format!(
+            "  upstream: https://localhost:{}\n  upstream_ca: \"{cert}\"\n",
+            inner.proxy.port()
+        ),
+    );
+    let outer = spawn_app_with(&outer_config, Store::Memory).await;
+    // /public/** is public on both: the request crosses both proxies to the echo server.
+    let resp = outer
+        .http
+        .get(outer.proxy_url("/public/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(echo["path"], "/public/x", "{echo}");
+    assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https", "{echo}");
+
+    // Without the CA, the upstream's certificate is not trusted: 502, not a plain-text leak.
+    let untrusted = TEST_CONFIG.replace(
+        "  upstream: {upstream}\n",
+        &format!("  upstream: https://localhost:{}\n", inner.proxy.port()),
+    );
+    let outer2 = spawn_app_with(&untrusted, Store::Memory).await;
+    assert_error(
+        outer2
+            .http
+            .get(outer2.proxy_url("/public/x"))
+            .send()
+            .await
+            .unwrap(),
+        502,
+        "upstream_unavailable",
+    )
+    .await;
+}
