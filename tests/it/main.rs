@@ -8,6 +8,7 @@ mod admin_jack;
 mod cli;
 mod crash;
 mod feed;
+mod k8s;
 mod limits;
 mod metrics;
 mod proxy_auth;
