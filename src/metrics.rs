@@ -56,6 +56,10 @@ pub struct Metrics {
     pub feed_up: IntGauge,
     feed_lag: Histogram,
     pub config_reloads: IntCounterVec,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    /// Serialises scrapes while they bring hits and misses up to date (not a request path).
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Metrics {
@@ -152,8 +156,20 @@ impl Metrics {
             &["result"],
         )
         .expect("static metric definition");
+        let cache_hits = IntCounter::new(
+            "keygate_cache_hits_total",
+            "Key checks answered from the cache",
+        )
+        .expect("static metric definition");
+        let cache_misses = IntCounter::new(
+            "keygate_cache_misses_total",
+            "Key checks that read the store (one read per coalesced miss)",
+        )
+        .expect("static metric definition");
         for c in [
-            Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_hits.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_misses.clone()),
+            Box::new(config_reloads.clone()),
             Box::new(requests.clone()),
             Box::new(auth_duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -206,6 +222,9 @@ impl Metrics {
             feed_up,
             feed_lag,
             config_reloads,
+            cache_hits,
+            cache_misses,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
@@ -240,6 +259,23 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        // Hits and misses are the auth histogram's counts by source, brought up to date
+        // here so the hot path pays for one histogram observation only.
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        for (counter, source) in [
+            (&self.cache_hits, Source::Cache),
+            (&self.cache_misses, Source::Store),
+        ] {
+            let seen: u64 = self
+                .auth_handles
+                .iter()
+                .map(|by_source| by_source[source as usize].get_sample_count())
+                .sum();
+            let now = counter.get();
+            if seen > now {
+                counter.inc_by(seen - now);
+            }
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

@@ -76,9 +76,15 @@ async fn metrics_follow_prometheus_conventions_and_leak_nothing() {
         "keygate_store_errors_total",
         "keygate_config_reloads_total",
         "keygate_build_info",
+        "keygate_cache_hits_total",
+        "keygate_cache_misses_total",
     ] {
         assert!(types.contains_key(family), "{family} missing");
     }
+    // /users/1 reads the store; /users/2 and /admin/x hit the cache; /nope, /healthz and
+    // the malformed key never look a key up.
+    assert!(text.contains("keygate_cache_misses_total 1"), "{text}");
+    assert!(text.contains("keygate_cache_hits_total 2"), "{text}");
     // The auth histogram spans 1 µs to about 1 s.
     assert!(text.contains(
         "keygate_auth_duration_seconds_bucket{result=\"allowed\",source=\"cache\",le=\"0.000001\"}"
