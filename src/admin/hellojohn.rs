@@ -4,7 +4,7 @@
 //! Additive: `environment` on create; `limit`/`cursor` on list with `next_cursor` in the
 //! body; `environment` and `revoked_at` on the key object.
 
-use super::jack::{page_request, parse_expires_in};
+use super::jack::page_request;
 use super::{
     authorize, check_name, check_scopes, create_key, get_key, parse_id, read_json, revoke_key,
     AdminState, ApiError, NewKeySpec,
@@ -197,16 +197,8 @@ pub async fn create(
     let caller = authorize(&s, &headers, "keys:write").await?;
     let b: CreateBody = read_json(&headers, body).await?;
     let name = check_name("name", &b.name)?;
-    let scopes = match b.scopes {
-        Some(sc) => check_scopes("scopes", sc)?,
-        None => caller.scopes_or_all(),
-    };
-    let expires_at = b
-        .expires_in
-        .as_deref()
-        .map(|e| parse_expires_in("expires_in", e))
-        .transpose()?
-        .map(|ms| now_ms() + ms);
+    let (scopes, expires_at) =
+        super::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
     let (r, new) = create_key(
         &s,
         &caller,

@@ -4,8 +4,7 @@
 //! next cursor in the `X-Next-Cursor` response header.
 
 use super::{
-    authorize, check_name, check_scopes, create_key, read_json, revoke_key, AdminState, ApiError,
-    NewKeySpec,
+    authorize, check_name, create_key, read_json, revoke_key, AdminState, ApiError, NewKeySpec,
 };
 use crate::key::{Environment, KeyType};
 use crate::store::{KeyRecord, PageRequest};
@@ -104,16 +103,8 @@ pub async fn create(
     let caller = authorize(&s, &headers, "keys:write").await?;
     let b: CreateBody = read_json(&headers, body).await?;
     let name = check_name("label", &b.label)?;
-    let scopes = match b.scopes {
-        Some(sc) => check_scopes("scopes", sc)?,
-        None => caller.scopes_or_all(),
-    };
-    let expires_at = b
-        .expires_in
-        .as_deref()
-        .map(|e| parse_expires_in("expires_in", e))
-        .transpose()?
-        .map(|ms| crate::time::now_ms() + ms);
+    let (scopes, expires_at) =
+        super::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
     let (r, new) = create_key(
         &s,
         &caller,

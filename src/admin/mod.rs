@@ -444,6 +444,24 @@ pub fn check_scopes(field: &'static str, scopes: Vec<String>) -> Result<Vec<Stri
     Ok(out)
 }
 
+/// The optional `scopes` and `expires_in` of a create request, checked: scopes default
+/// to the caller's own; `expires_in` becomes an absolute expiry.
+pub fn scopes_and_expiry(
+    caller: &Caller,
+    scopes: Option<Vec<String>>,
+    expires_in: Option<&str>,
+) -> Result<(Vec<String>, Option<u64>), ApiError> {
+    let scopes = match scopes {
+        Some(sc) => check_scopes("scopes", sc)?,
+        None => caller.scopes_or_all(),
+    };
+    let expires_at = expires_in
+        .map(|e| jack::parse_expires_in("expires_in", e))
+        .transpose()?
+        .map(|ms| crate::time::now_ms() + ms);
+    Ok((scopes, expires_at))
+}
+
 /// What to create; shared by both API surfaces.
 pub struct NewKeySpec {
     pub name: String,
