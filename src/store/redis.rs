@@ -144,8 +144,9 @@ end
 return #KEYS
 ";
 
-/// Keys per `touch` script call (the batch is one pipelined round trip either way).
-const TOUCH_CHUNK: usize = 1000;
+/// Keys per `touch` script call: short scripts, so Redis serves other clients' reads
+/// between them (the batch is one pipelined round trip either way).
+const TOUCH_CHUNK: usize = 100;
 
 /// Connection settings for the Redis store.
 #[derive(Clone, Debug)]
@@ -180,6 +181,9 @@ impl RedisSettings {
 
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// A second connection for bulk background writes (`touch`), so key reads never
+    /// queue behind them on one pipeline.
+    bulk: ConnectionManager,
     ns: String,
     timeout: Duration,
 }
@@ -195,10 +199,16 @@ impl RedisStore {
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let bulk_config = config
+            .clone()
+            .set_response_timeout(Some(settings.timeout.max(Duration::from_secs(5))));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let bulk = ConnectionManager::new_lazy_with_config(client, bulk_config)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(RedisStore {
             conn,
+            bulk,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
         })
@@ -459,8 +469,13 @@ impl KeyStore for RedisStore {
             }
             pipe.add_command(cmd).ignore();
         }
-        let mut conn = self.conn.clone();
-        self.bounded(pipe.query_async::<()>(&mut conn)).await
+        let mut conn = self.bulk.clone();
+        // A big batch may take longer than one read's timeout.
+        let budget = self.timeout.max(Duration::from_secs(5));
+        match tokio::time::timeout(budget, pipe.query_async::<()>(&mut conn)).await {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(r) => r.map_err(|e| StoreError::Unavailable(e.to_string())),
+        }
     }
 
     async fn update(
