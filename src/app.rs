@@ -36,6 +36,7 @@ pub struct App {
     config: Config,
     reload_from: Option<PathBuf>,
     tls: Option<Arc<CertResolver>>,
+    admin_tls: Option<Arc<CertResolver>>,
 }
 
 /// Ask a running `App` to stop (drain, then return from `run_until_stopped`).
@@ -105,6 +106,12 @@ impl App {
                 CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
             )),
         };
+        let admin_tls = match &config.admin_tls {
+            None => None,
+            Some((cert, key)) => Some(Arc::new(
+                CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
+            )),
+        };
         let (tx, _) = watch::channel(false);
         Ok(App {
             proxy_addr: proxy_listener.local_addr()?,
@@ -126,6 +133,7 @@ impl App {
             config,
             reload_from: None,
             tls,
+            admin_tls,
         })
     }
 
@@ -178,11 +186,28 @@ impl App {
         ));
         let ready = self.admin.ready.clone();
         let mut admin_rx = rx.clone();
-        let admin = axum::serve(self.admin_listener, admin::router(self.admin.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = admin_rx.wait_for(|stop| *stop).await;
-            });
-        let admin = tokio::spawn(async move { admin.await });
+        let router = admin::router(self.admin.clone());
+        let admin = match self.admin_tls.clone() {
+            None => {
+                let admin =
+                    axum::serve(self.admin_listener, router).with_graceful_shutdown(async move {
+                        let _ = admin_rx.wait_for(|stop| *stop).await;
+                    });
+                tokio::spawn(async move {
+                    let _ = admin.await;
+                })
+            }
+            Some(resolver) => {
+                tokio::spawn(crate::tls::watch_cert(resolver.clone(), rx.clone()));
+                let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver));
+                tokio::spawn(admin::serve_tls(
+                    self.admin_listener,
+                    router,
+                    acceptor,
+                    admin_rx,
+                ))
+            }
+        };
         let mut ready_rx = rx.clone();
         tokio::spawn(async move {
             let _ = ready_rx.wait_for(|stop| *stop).await;

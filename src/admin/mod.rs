@@ -67,6 +67,49 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
+/// Serve the admin router over TLS until `shutdown` (stops accepting; open connections
+/// finish on their own).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                _ => {
+                    tracing::debug!(peer = %peer, "admin TLS handshake failed");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }

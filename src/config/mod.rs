@@ -88,6 +88,8 @@ pub struct Config {
     pub upstream_ca: Option<std::path::PathBuf>,
     /// Certificate and key files of the proxy listener's TLS.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Certificate and key files of the admin listener's TLS.
+    pub admin_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub root_token: Option<Secret>,
@@ -350,17 +352,19 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
             Some(path)
         }
     };
-    let tls = match &raw.proxy.tls {
-        None => None,
+    let tls_pair = |field: &str, t: &Option<raw::RawTls>| match t {
+        None => Ok(None),
         Some(t) => {
             let pair = (
                 std::path::PathBuf::from(&t.cert),
                 std::path::PathBuf::from(&t.key),
             );
-            crate::tls::load_pair(&pair.0, &pair.1).map_err(|m| err("proxy.tls", m))?;
-            Some(pair)
+            crate::tls::load_pair(&pair.0, &pair.1).map_err(|m| err(field, m))?;
+            Ok(Some(pair))
         }
     };
+    let tls = tls_pair("proxy.tls", &raw.proxy.tls)?;
+    let admin_tls = tls_pair("admin.tls", &raw.admin.tls)?;
     let policy = Policy::build(&raw.proxy, &raw.routes, raw.unmatched)
         .map_err(|(field, message)| err(&field, message))?;
 
@@ -371,6 +375,7 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
         upstream,
         upstream_ca,
         tls,
+        admin_tls,
         timeouts: Timeouts {
             upstream: t.upstream.0,
             header_read: t.header_read.0,

@@ -160,11 +160,15 @@ pub struct RawAdmin {
     /// Tenant the root token acts in when a request has no `X-Tenant-ID`.
     #[serde(default = "default_tenant")]
     pub default_tenant: Tenant,
+    /// Serve the admin API over TLS with this PEM certificate chain and key.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
+            tls: None,
             listen: default_admin_listen(),
             root_token_env: default_root_env(),
             root_token_file: None,

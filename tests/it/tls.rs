@@ -242,3 +242,33 @@ async fn https_upstream_with_a_ca_file() {
     )
     .await;
 }
+
+/// The admin API over TLS (`admin.tls`): management works over HTTPS, plain HTTP does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, root) = make_cert(dir.path(), "admin");
+    let config = TEST_CONFIG.replace(
+        "admin:\n  listen: 127.0.0.1:0\n",
+        &format!("admin:\n  listen: 127.0.0.1:0\n  tls: {{ cert: \"{cert}\", key: \"{key}\" }}\n"),
+    );
+    let app = spawn_app_with(&config, Store::Memory).await;
+    let https = client(root, app.admin);
+    let base = format!("https://localhost:{}", app.admin.port());
+    let resp = https.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = https
+        .post(format!("{base}/v1/keys"))
+        .bearer_auth(ROOT)
+        .json(&serde_json::json!({"label": "tls", "scopes": ["users:read"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let key = body["key"].as_str().unwrap();
+    assert_eq!(app.get_with("/users/1", key).await.status(), 200);
+    // Plain HTTP to the TLS admin port gets no API.
+    let plain = app.http.get(app.admin_url("/readyz")).send().await;
+    assert!(plain.map(|r| r.status() != 200).unwrap_or(true));
+}
