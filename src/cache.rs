@@ -122,10 +122,6 @@ impl KeyCache {
         }
     }
 
-    pub fn store(&self) -> &Arc<dyn KeyStore> {
-        &self.store
-    }
-
     /// The hot path: a hit is an in-memory lookup; a miss is one coalesced store read.
     pub async fn lookup(&self, digest: &Digest) -> Result<(Entry, Source), Arc<StoreError>> {
         if let Some(e) = self.cache.get(digest).await {
@@ -225,15 +221,34 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{contract::record, memory::MemoryStore};
+    use crate::key::{Environment, KeyType};
+    use crate::store::memory::MemoryStore;
+
+    fn record(tenant: &str, created_at: u64) -> KeyRecord {
+        KeyRecord {
+            id: "01900000-0000-7000-8000-000000000001".into(),
+            tenant: tenant.into(),
+            name: "n".into(),
+            key_type: KeyType::Secret,
+            environment: Environment::Live,
+            prefix: "sk_live_abcd".into(),
+            last_four: "wxyz".into(),
+            scopes: vec!["*".into()],
+            created_at,
+            last_used_at: None,
+            expires_at: None,
+            revoked_at: None,
+            successor_id: None,
+            digest: [3u8; 32],
+        }
+    }
 
     /// A fill whose store read began before a revocation must not put the unrevoked
     /// record back into the cache after the revocation's eviction.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fill_racing_a_revocation_does_not_cache_stale_data() {
         let store = Arc::new(MemoryStore::new());
-        let mut r = record("t", 1_700_000_000_000);
-        r.expires_at = None;
+        let r = record("t", 1_700_000_000_000);
         store.insert(&r).await.unwrap();
         let cache = Arc::new(KeyCache::new(
             store.clone(),

@@ -44,7 +44,6 @@ pub enum AuthOutcome {
 pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
-    auth_duration: HistogramVec,
     upstream_duration: HistogramVec,
     pub cache_entries: IntGauge,
     pub store_errors: IntCounterVec,
@@ -210,7 +209,6 @@ impl Metrics {
         Metrics {
             registry,
             requests,
-            auth_duration,
             upstream_duration,
             cache_entries,
             store_errors,
@@ -281,10 +279,6 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buf).expect("prometheus text format is UTF-8")
-    }
-
-    pub fn auth_duration(&self) -> &HistogramVec {
-        &self.auth_duration
     }
 }
 

@@ -258,10 +258,6 @@ impl Policy {
         &self.routes
     }
 
-    pub fn unmatched_requires_key(&self) -> bool {
-        self.unmatched.is_some()
-    }
-
     /// The compiled table as `check-config` prints it.
     pub fn describe(&self) -> String {
         let mut out = String::new();

@@ -187,11 +187,3 @@ impl KeyStore for MemoryStore {
         "memory"
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #[tokio::test]
-    async fn contract() {
-        super::super::contract::run_all(&super::MemoryStore::new()).await;
-    }
-}

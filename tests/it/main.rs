@@ -6,6 +6,7 @@ mod support;
 mod admin_hellojohn;
 mod admin_jack;
 mod cli;
+mod contract;
 mod crash;
 mod feed;
 mod k8s;

@@ -104,7 +104,7 @@ async fn store_contract_holds_on_real_redis() {
         ca_file: None,
     })
     .unwrap();
-    keygate::store::contract::run_all(&store).await;
+    crate::contract::run_all(&store).await;
     // Everything landed under the namespace, nothing outside it.
     let keys: Vec<String> = redis.cmd(&["KEYS", "*"]);
     assert!(!keys.is_empty());

@@ -1,0 +1,256 @@
+//! The store contract: the same behaviour cases, run against the memory store here and
+//! against a real Redis in `redis_store.rs`.
+use keygate::key::{self, Environment, KeyType};
+use keygate::store::{KeyRecord, KeyStore, KeyUpdate, PageRequest, StoreError};
+
+pub fn record(tenant: &str, created_at: u64) -> KeyRecord {
+    let id = uuid::Uuid::now_v7().to_string();
+    let k = key::generate(
+        &key::Prefixes::default(),
+        KeyType::Secret,
+        Environment::Live,
+    )
+    .expect("os rng");
+    KeyRecord {
+        id,
+        tenant: tenant.into(),
+        name: "n".into(),
+        key_type: KeyType::Secret,
+        environment: Environment::Live,
+        prefix: k.display_prefix(),
+        last_four: k.last_four(),
+        scopes: vec!["users:read".into(), "*".into()],
+        created_at,
+        last_used_at: None,
+        expires_at: Some(created_at + 1000),
+        revoked_at: None,
+        successor_id: None,
+        digest: key::sha256(k.text.as_bytes()),
+    }
+}
+
+pub async fn run_all(store: &dyn KeyStore) {
+    update_and_rotate(store).await;
+    touch_records_last_use(store).await;
+    insert_and_read_back(store).await;
+    tenants_are_isolated(store).await;
+    revoke_is_idempotent(store).await;
+    list_pages_newest_first(store).await;
+}
+
+async fn insert_and_read_back(store: &dyn KeyStore) {
+    let r = record("t-read", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    assert_eq!(store.by_digest(&r.digest).await.unwrap(), Some(r.clone()));
+    assert_eq!(store.by_id("t-read", &r.id).await.unwrap(), Some(r.clone()));
+    assert!(matches!(store.insert(&r).await, Err(StoreError::Conflict)));
+    assert_eq!(store.by_digest(&[7u8; 32]).await.unwrap(), None);
+}
+
+async fn update_and_rotate(store: &dyn KeyStore) {
+    let old = record("t-rot", 1_700_000_000_000);
+    store.insert(&old).await.unwrap();
+    let change = KeyUpdate {
+        name: Some("renamed".into()),
+        scopes: Some(vec!["a:b".into()]),
+    };
+    let updated = store
+        .update("t-rot", &old.id, &change)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (updated.name.as_str(), updated.scopes.clone()),
+        ("renamed", vec!["a:b".to_string()])
+    );
+    assert_eq!(
+        store.by_digest(&old.digest).await.unwrap().unwrap().scopes,
+        vec!["a:b".to_string()]
+    );
+    assert_eq!(
+        store.update("t-other", &old.id, &change).await.unwrap(),
+        None
+    );
+    let only_name = KeyUpdate {
+        name: Some("again".into()),
+        scopes: None,
+    };
+    let r = store
+        .update("t-rot", &old.id, &only_name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.name.as_str(), r.scopes.len()), ("again", 1));
+
+    let mut new = record("t-rot", 1_700_000_000_001);
+    new.expires_at = None;
+    let now = 1_700_000_000_500;
+    let rotated = store
+        .rotate("t-rot", &old.id, &new, now + 100, now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rotated.revoked_at, Some(now + 100));
+    assert_eq!(rotated.successor_id.as_deref(), Some(new.id.as_str()));
+    assert_eq!(
+        store.by_digest(&new.digest).await.unwrap(),
+        Some(new.clone())
+    );
+    let ids: Vec<String> = store
+        .list(
+            "t-rot",
+            &PageRequest {
+                limit: 10,
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, vec![new.id.clone(), old.id.clone()]);
+    // Revoking during the grace period brings the revocation forward.
+    let revoked = store
+        .revoke("t-rot", &old.id, now + 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(now + 10));
+    // A revoked key cannot be rotated; neither can another tenant's.
+    let newer = record("t-rot", 1_700_000_000_002);
+    assert!(matches!(
+        store
+            .rotate("t-rot", &old.id, &newer, now + 1000, now + 20)
+            .await,
+        Err(StoreError::NotRotatable)
+    ));
+    assert_eq!(
+        store
+            .rotate("t-x", &new.id, &newer, now, now)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.by_digest(&newer.digest).await.unwrap(), None);
+    // An expired key cannot be rotated (record() expires 1000 ms after creation).
+    let expired = record("t-rot", 1_700_000_000_000);
+    store.insert(&expired).await.unwrap();
+    assert!(matches!(
+        store
+            .rotate("t-rot", &expired.id, &newer, now + 5000, 1_700_000_002_000)
+            .await,
+        Err(StoreError::NotRotatable)
+    ));
+    assert_eq!(store.by_digest(&newer.digest).await.unwrap(), None);
+}
+
+async fn touch_records_last_use(store: &dyn KeyStore) {
+    let r = record("t-touch", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    store
+        .touch(&[(r.digest, 5_000), ([9u8; 32], 6_000)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .by_digest(&r.digest)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at,
+        Some(5_000)
+    );
+    store.touch(&[(r.digest, 4_000)]).await.unwrap();
+    assert_eq!(
+        store
+            .by_digest(&r.digest)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at,
+        Some(5_000)
+    );
+    assert_eq!(store.by_digest(&[9u8; 32]).await.unwrap(), None);
+    store.touch(&[]).await.unwrap();
+}
+
+async fn tenants_are_isolated(store: &dyn KeyStore) {
+    let r = record("t-a", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    assert_eq!(store.by_id("t-b", &r.id).await.unwrap(), None);
+    assert_eq!(store.revoke("t-b", &r.id, 5).await.unwrap(), None);
+    assert!(store
+        .list(
+            "t-b",
+            &PageRequest {
+                limit: 10,
+                cursor: None
+            }
+        )
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert_eq!(store.by_id("t-a", "not-an-id").await.unwrap(), None);
+}
+
+async fn revoke_is_idempotent(store: &dyn KeyStore) {
+    let r = record("t-rev", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    let first = store.revoke("t-rev", &r.id, 111).await.unwrap().unwrap();
+    assert_eq!(first.revoked_at, Some(111));
+    let second = store.revoke("t-rev", &r.id, 222).await.unwrap().unwrap();
+    assert_eq!(second.revoked_at, Some(111));
+    let read = store.by_digest(&r.digest).await.unwrap().unwrap();
+    assert_eq!(read.revoked_at, Some(111));
+}
+
+async fn list_pages_newest_first(store: &dyn KeyStore) {
+    let mut made = Vec::new();
+    for i in 0..7 {
+        let r = record("t-list", 1_700_000_000_000 + i);
+        store.insert(&r).await.unwrap();
+        made.push(r.id);
+    }
+    made.reverse();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(
+                "t-list",
+                &PageRequest {
+                    limit: 3,
+                    cursor: cursor.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(page.items.len() <= 3);
+        seen.extend(page.items.iter().map(|r| r.id.clone()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, made);
+    assert!(matches!(
+        store
+            .list(
+                "t-list",
+                &PageRequest {
+                    limit: 3,
+                    cursor: Some("garbage".into())
+                }
+            )
+            .await,
+        Err(StoreError::BadCursor)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_keeps_the_contract() {
+    run_all(&keygate::store::memory::MemoryStore::new()).await;
+}
