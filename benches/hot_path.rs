@@ -78,7 +78,8 @@ fn verification(c: &mut Criterion) {
             hasher.clone(),
             Arc::new(Metrics::new()),
             usage,
-        );
+        )
+        .unwrap();
         let policy = config.policy.clone();
         let (_, route) = policy.find(&http::Method::GET, "/users/1").unwrap();
         // Warm the cache.

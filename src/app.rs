@@ -74,13 +74,16 @@ impl App {
         let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.0.as_bytes()));
         let metrics = Arc::new(Metrics::new());
         let (usage, usage_queue) = UsageRecorder::new();
-        let proxy = Arc::new(Proxy::new(
-            &config,
-            cache.clone(),
-            hasher.clone(),
-            metrics.clone(),
-            usage,
-        ));
+        let proxy = Arc::new(
+            Proxy::new(
+                &config,
+                cache.clone(),
+                hasher.clone(),
+                metrics.clone(),
+                usage,
+            )
+            .map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?,
+        );
         let admin = Arc::new(AdminState {
             store,
             cache,

@@ -54,12 +54,14 @@ impl Proxy {
         hasher: KeyHasher,
         metrics: Arc<Metrics>,
         usage: UsageRecorder,
-    ) -> Self {
+    ) -> Result<Self, String> {
+        // The CA file was checked at load, but it may have changed since: report, not panic.
+        let upstream_tls = crate::tls::upstream_client_config(config.upstream_ca.as_deref())?;
         let snapshot = Snapshot {
             metrics: metrics.for_policy(&config.policy),
             policy: config.policy.clone(),
         };
-        Proxy {
+        Ok(Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             cache,
             hasher,
@@ -68,14 +70,13 @@ impl Proxy {
             forwarder: forward::Forwarder::new(
                 config.upstream.clone(),
                 config.timeouts.upstream,
-                crate::tls::upstream_client_config(config.upstream_ca.as_deref())
-                    .expect("upstream_ca was validated when the config was loaded"),
+                upstream_tls,
             ),
             max_uri_bytes: config.limits.max_uri_bytes,
             usage,
             deny_on_store_error: config.cache.on_store_error
                 == crate::config::raw::OnStoreError::Deny,
-        }
+        })
     }
 
     /// Swap in a new policy (hot reload): requests in flight keep the one they loaded.
