@@ -543,7 +543,7 @@ const DENY_CONFIG_TO: &str = "cache: { ttl: 5m, negative_ttl: 2s, on_store_error
 async fn spawn_deny_app(redis: &Redis) -> TestApp {
     assert!(TEST_CONFIG.contains(DENY_CONFIG_FROM));
     let config = TEST_CONFIG.replace(DENY_CONFIG_FROM, DENY_CONFIG_TO);
-    spawn_app_with(&config, Store::Redis(redis)).await
+    spawn_app_with(&config, Store::RedisTimeout(redis, "250ms")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

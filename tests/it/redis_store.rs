@@ -449,7 +449,7 @@ async fn redis_down_cache_hits_pass_misses_get_503_then_recovery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_gives_503_not_a_hang() {
     let redis = Redis::start();
-    let app = spawn_app(Store::Redis(&redis)).await;
+    let app = spawn_app(Store::RedisTimeout(&redis, "250ms")).await;
     // Warm the connection up.
     assert_error(app.get_with(PATH, &unknown_key()).await, 401, "unknown_key").await;
 
