@@ -26,7 +26,8 @@ pub struct App {
     pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
     pub admin: Arc<AdminState>,
-    proxy_listener: TcpListener,
+    /// One per proxy worker thread.
+    proxy_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
     settings: ServerSettings,
     shutdown: Arc<watch::Sender<bool>>,
@@ -97,9 +98,10 @@ impl App {
             ready: Arc::new(AtomicBool::new(true)),
             metrics,
         });
-        let proxy_listener = TcpListener::bind(config.proxy_listen).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {} (proxy): {e}", config.proxy_listen)
-        })?;
+        let proxy_listeners =
+            server::bind(config.proxy_listen, config.proxy_workers).map_err(|e| {
+                anyhow::anyhow!("cannot listen on {} (proxy): {e}", config.proxy_listen)
+            })?;
         let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
         })?;
@@ -117,11 +119,11 @@ impl App {
         };
         let (tx, _) = watch::channel(false);
         Ok(App {
-            proxy_addr: proxy_listener.local_addr()?,
+            proxy_addr: proxy_listeners[0].local_addr()?,
             admin_addr: admin_listener.local_addr()?,
             proxy,
             admin,
-            proxy_listener,
+            proxy_listeners,
             admin_listener,
             settings: ServerSettings {
                 header_read_timeout: config.timeouts.header_read,
@@ -216,8 +218,8 @@ impl App {
             let _ = ready_rx.wait_for(|stop| *stop).await;
             ready.store(false, Ordering::Release);
         });
-        server::serve(
-            self.proxy_listener,
+        server::serve_workers(
+            self.proxy_listeners,
             self.proxy,
             self.settings,
             acceptor,

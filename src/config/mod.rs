@@ -82,6 +82,8 @@ impl fmt::Debug for Secret {
 pub struct Config {
     pub source: String,
     pub proxy_listen: SocketAddr,
+    /// Proxy worker threads (`proxy.workers` resolved).
+    pub proxy_workers: usize,
     pub admin_listen: SocketAddr,
     pub upstream: raw::Upstream,
     /// Trusted CA file for an `https://` upstream (system roots when absent).
@@ -371,6 +373,7 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
     Ok(Config {
         source: source.to_string(),
         proxy_listen,
+        proxy_workers: raw.proxy.workers.resolve(),
         admin_listen,
         upstream,
         upstream_ca,
@@ -463,6 +466,25 @@ routes:
 
         let e = load(&format!("{BASE}admin: {{ listen: 127.0.0.1:8080 }}\n")).unwrap_err();
         assert_eq!(e.field, "admin.listen", "{e}");
+    }
+
+    #[test]
+    fn proxy_workers_are_auto_or_a_sane_count() {
+        let with = |v: &str| {
+            load(&BASE.replace(
+                "listen: 127.0.0.1:8080",
+                &format!("listen: 127.0.0.1:8080\n  workers: {v}"),
+            ))
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(load(BASE).unwrap().proxy_workers, cpus);
+        assert_eq!(with("auto").unwrap().proxy_workers, cpus);
+        assert_eq!(with("3").unwrap().proxy_workers, 3);
+        for bad in ["0", "-1", "5000", "lots", "1.5"] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.field, "proxy.workers", "{bad}: {e}");
+            assert_eq!(e.line, Some(4), "{bad}: {e}");
+        }
     }
 
     #[test]

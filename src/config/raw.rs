@@ -65,6 +65,67 @@ pub struct RawProxy {
     /// Size and connection limits.
     #[serde(default)]
     pub limits: RawLimits,
+    /// Proxy worker threads, each with its own event loop, listener (`SO_REUSEPORT`) and
+    /// upstream connections: `auto` (the CPUs this process may use, cgroup quota
+    /// included) or a number.
+    #[serde(default)]
+    pub workers: Workers,
+}
+
+/// `proxy.workers`: `auto` or a count from 1 to 1024.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Workers {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl Workers {
+    /// The thread count: `auto` is what `std::thread::available_parallelism` reports
+    /// (on Linux it honours the cgroup CPU quota and the affinity mask).
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Workers;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`auto` or a number of threads from 1 to 1024")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Workers, E> {
+                match n {
+                    1..=1024 => Ok(Workers::Count(n as usize)),
+                    _ => Err(E::custom(format!(
+                        "{n} worker threads: expected `auto` or 1 to 1024"
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Workers, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!(
+                        "{n} worker threads: expected `auto` or 1 to 1024"
+                    ))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Workers, E> {
+                match s {
+                    "auto" => Ok(Workers::Auto),
+                    _ => Err(E::custom(format!(
+                        "`{s}`: expected `auto` or a number of threads from 1 to 1024"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]

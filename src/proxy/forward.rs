@@ -1,9 +1,11 @@
-//! Forwarding to the upstream over hyper-util's pooled client: hop-by-hop headers out,
-//! client-sent identity headers out, keygate's identity and `X-Forwarded-*` in, bodies
-//! streamed both ways, `Upgrade` tunnelled only after the upstream answers 101.
+//! Forwarding to the upstream: hop-by-hop headers out, client-sent identity headers out,
+//! keygate's identity and `X-Forwarded-*` in, bodies streamed both ways, `Upgrade`
+//! tunnelled only after the upstream answers 101. An HTTP/1 client connection gets its own
+//! upstream connection, driven on the same worker thread (no pool lock, no cross-thread
+//! wake-up per request); HTTP/2 clients and upgrades go through hyper-util's pooled client.
 
 use super::policy::Policy;
-use super::ConnInfo;
+use super::Conn;
 use crate::cache::Identity;
 use crate::config::raw::Upstream;
 use crate::error::{Body, BoxError, Deny};
@@ -12,11 +14,14 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tower_service::Service;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -35,9 +40,27 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// The upstream connection of one HTTP/1 client connection. HTTP/1 requests on a
+/// connection come one after another, so the lock is never contended; it is only there
+/// because hyper's service futures must be `Send`.
+#[derive(Default)]
+pub struct UpstreamSlot(Mutex<Option<SendRequest<Body>>>);
+
+impl UpstreamSlot {
+    fn take(&self) -> Option<SendRequest<Body>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+    fn put(&self, sender: SendRequest<Body>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    }
+}
+
 pub struct Forwarder {
     client: Client<HttpsConnector<HttpConnector>, Body>,
+    connector: HttpsConnector<HttpConnector>,
     upstream: Upstream,
+    /// `scheme://authority/` of the upstream: what the connector dials.
+    upstream_uri: Uri,
     timeout: Duration,
 }
 
@@ -56,12 +79,87 @@ impl Forwarder {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .build(connector);
+            .build(connector.clone());
+        let upstream_uri = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority were validated with the config");
         Forwarder {
             client,
+            connector,
             upstream,
+            upstream_uri,
             timeout,
         }
+    }
+
+    /// A new HTTP/1 connection to the upstream (TLS when `https://`); its driver task
+    /// runs on the calling worker thread's runtime.
+    async fn connect(&self) -> Result<SendRequest<Body>, Deny> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "upstream connector not ready");
+                Deny::UpstreamUnavailable
+            })?;
+        let io = connector
+            .call(self.upstream_uri.clone())
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "upstream connect failed");
+                Deny::UpstreamUnavailable
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "upstream handshake failed");
+                Deny::UpstreamUnavailable
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Send on the client connection's own upstream connection, opening one when there is
+    /// none or it was closed. A request the closed connection never took is sent once
+    /// more on a fresh one (nothing of it reached the upstream).
+    async fn send_direct(
+        &self,
+        slot: &UpstreamSlot,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Deny> {
+        let kept = match slot.take() {
+            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            None => None,
+        };
+        let mut sender = match kept {
+            Some(s) => s,
+            None => self.connect().await?,
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    sender = self.connect().await?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| classify_hyper(&e))?
+                }
+                None => return Err(classify_hyper(e.error())),
+            },
+        };
+        // Back in the slot at once: the next request on this client connection comes only
+        // after this response's body has gone through (HTTP/1 is sequential), and
+        // `ready()` above waits for that.
+        slot.put(sender);
+        Ok(resp)
     }
 
     /// Send the request upstream; `new_path` is the normalised path when it differs
@@ -72,10 +170,13 @@ impl Forwarder {
         new_path: Option<String>,
         identity: Option<&Identity>,
         policy: &Policy,
-        conn: ConnInfo,
+        conn: &Conn,
         body_limit: Option<u64>,
     ) -> Result<(Response<Body>, Duration), Deny> {
         let upgrade = wants_upgrade(&req);
+        // HTTP/1 clients send one request at a time: they get their own upstream
+        // connection. HTTP/2 (many streams at once) and upgrades use the pool.
+        let direct = !upgrade && req.version() <= Version::HTTP_11;
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
@@ -96,11 +197,16 @@ impl Forwarder {
                 PathAndQuery::try_from(s).map_err(|_| Deny::BadPath)?
             }
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.upstream.scheme.clone());
-        parts.authority = Some(self.upstream.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Deny::BadPath)?;
+        *req.uri_mut() = if direct {
+            // Origin form: a connection of our own is already addressed.
+            Uri::from(path_and_query)
+        } else {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.upstream.scheme.clone());
+            parts.authority = Some(self.upstream.authority.clone());
+            parts.path_and_query = Some(path_and_query);
+            Uri::from_parts(parts).map_err(|_| Deny::BadPath)?
+        };
         *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
@@ -120,8 +226,17 @@ impl Forwarder {
         }
         set_identity(headers, policy, identity);
         set_forwarded(headers, policy, conn, host.as_ref());
-        if let Some(h) = host {
-            headers.insert(header::HOST, h);
+        match host {
+            Some(h) => {
+                headers.insert(header::HOST, h);
+            }
+            // HTTP/1.1 needs a Host (the pool adds one from the URI; do the same).
+            None if direct => {
+                if let Ok(h) = HeaderValue::from_str(self.upstream.authority.as_str()) {
+                    headers.insert(header::HOST, h);
+                }
+            }
+            None => {}
         }
 
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -131,9 +246,17 @@ impl Forwarder {
         });
 
         let started = Instant::now();
-        let mut resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+        let sent = if direct {
+            tokio::time::timeout(self.timeout, self.send_direct(&conn.upstream, req)).await
+        } else {
+            tokio::time::timeout(self.timeout, async {
+                self.client.request(req).await.map_err(|e| classify(&e))
+            })
+            .await
+        };
+        let mut resp = match sent {
             Err(_) => return Err(Deny::UpstreamTimeout),
-            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Err(deny)) => return Err(deny),
             Ok(Ok(r)) => r,
         };
         let elapsed = started.elapsed();
@@ -166,7 +289,17 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
     if e.is_connect() {
         return Deny::UpstreamUnavailable;
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    classify_source(e)
+}
+
+fn classify_hyper(e: &hyper::Error) -> Deny {
+    classify_source(e)
+}
+
+/// A body over the route's limit is the client's fault (413); anything else is the
+/// upstream's (502).
+fn classify_source(e: &(dyn std::error::Error + 'static)) -> Deny {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<http_body_util::LengthLimitError>() {
             return Deny::BodyTooLarge;
@@ -197,6 +330,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Remove hop-by-hop headers and those the `Connection` header names. `Host` and
 /// `Content-Length` survive: they frame and address the message.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names present beats a hash lookup
+    // per hop-by-hop name.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
@@ -231,19 +369,19 @@ fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Iden
 fn set_forwarded(
     headers: &mut HeaderMap,
     policy: &Policy,
-    conn: ConnInfo,
+    conn: &Conn,
     host: Option<&HeaderValue>,
 ) {
     let peer_ip = conn.peer.ip();
     let trusted = policy.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
-    let peer = peer_ip.to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if trusted && headers.get_all(X_FORWARDED_FOR).iter().count() == 1 => {
-            format!("{prev}, {peer}")
+            HeaderValue::from_str(&format!("{prev}, {peer_ip}")).ok()
         }
-        _ => peer,
+        // The usual case: the connection's own value, built once when it was accepted.
+        _ => Some(conn.peer_header.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {

@@ -27,11 +27,27 @@ pub struct Snapshot {
     pub metrics: RouteMetrics,
 }
 
-/// Facts about the client connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
+/// The client connection a request arrived on: facts about it, and its own upstream
+/// connection (HTTP/1).
+pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's IP as an `X-Forwarded-For` value, made once per connection.
+    pub peer_header: http::HeaderValue,
+    pub upstream: forward::UpstreamSlot,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
+        let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Conn {
+            peer,
+            tls,
+            peer_header,
+            upstream: forward::UpstreamSlot::default(),
+        }
+    }
 }
 
 pub struct Proxy {
@@ -85,7 +101,7 @@ impl Proxy {
         self.snapshot.store(Arc::new(Snapshot { policy, metrics }));
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let snap = self.snapshot.load();
         let started = Instant::now();
         let method = req.method().clone();
@@ -128,7 +144,7 @@ impl Proxy {
         &self,
         policy: &Policy,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &Conn,
         who: &mut Option<Arc<Identity>>,
     ) -> (Option<usize>, Result<(Response<Body>, Duration), Deny>) {
         let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());

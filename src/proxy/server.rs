@@ -1,20 +1,24 @@
-//! The proxy listener: accept (bounded by `max_connections`), HTTP/1.1 and HTTP/2 via
+//! The proxy listener: one worker thread per CPU, each with its own single-threaded
+//! runtime and `SO_REUSEPORT` listener (as nginx's workers), so a request is served start
+//! to finish on one thread; accept bounded by `max_connections`, HTTP/1.1 and HTTP/2 via
 //! hyper-util's auto builder, header-read and idle timeouts, and graceful drain.
 
-use super::{ConnInfo, Proxy};
+use super::{Conn, Proxy};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Clone)]
@@ -85,15 +89,98 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
-/// Serve until `shutdown` turns true, then stop accepting and let open connections
-/// finish their in-flight requests for up to `drain`.
-pub async fn serve(
+/// Bind `workers` listening sockets on `addr` for the worker threads. On Linux they share
+/// the port with `SO_REUSEPORT` (the kernel spreads connections over them); elsewhere
+/// the workers share one socket. Port 0 picks one port for all.
+pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let socket = |addr: SocketAddr| -> io::Result<std::net::TcpListener> {
+        let s = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        #[cfg(target_os = "linux")]
+        s.set_reuseport(workers > 1)?;
+        s.bind(addr)?;
+        s.listen(4096)?.into_std()
+    };
+    let first = socket(addr)?;
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        #[cfg(target_os = "linux")]
+        all.push(socket(addr)?);
+        #[cfg(not(target_os = "linux"))]
+        all.push(all[0].try_clone()?);
+    }
+    Ok(all)
+}
+
+/// Serve on one worker thread per listener (see `bind`) until `shutdown` turns true; then
+/// stop accepting and let open connections finish their in-flight requests for up to
+/// `drain`. Returns when every worker has stopped.
+pub async fn serve_workers(
+    listeners: Vec<std::net::TcpListener>,
+    proxy: Arc<Proxy>,
+    settings: ServerSettings,
+    tls: Option<TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let mut done = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        done.push(rx);
+        let (proxy, settings, tls, shutdown, slots) = (
+            proxy.clone(),
+            settings.clone(),
+            tls.clone(),
+            shutdown.clone(),
+            slots.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("keygate-proxy-{i}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a proxy worker's runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => serve(l, proxy, settings, tls, shutdown, drain, slots).await,
+                        Err(e) => tracing::error!(error = %e, "proxy worker cannot listen"),
+                    }
+                });
+                let _ = tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a proxy worker thread");
+        }
+    }
+    for rx in done {
+        if rx.await.is_err() {
+            tracing::error!("a proxy worker stopped abnormally");
+        }
+    }
+}
+
+/// One worker's accept loop; connections are tasks on this thread's runtime.
+async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     settings: ServerSettings,
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    slots: Arc<Semaphore>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -107,24 +194,30 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32);
     let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let mut connections = JoinSet::new();
 
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.changed() => break,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let (stream, peer) = loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => break x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                // Reap finished connections so the set does not grow.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = shutdown.changed() => {
+                    drain_connections(&mut connections, drain).await;
+                    return;
                 }
-            },
-            _ = shutdown.changed() => break,
+            }
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
@@ -133,16 +226,16 @@ pub async fn serve(
         let idle = settings.idle_timeout;
         let handshake_timeout = settings.header_read_timeout;
         let tls = tls.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match tls {
                 None => {
-                    let conn = ConnInfo { peer, tls: false };
+                    let conn = Conn::new(peer, false);
                     serve_connection(stream, conn, proxy, &builder, shutdown, idle).await;
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let conn = ConnInfo { peer, tls: true };
+                            let conn = Conn::new(peer, true);
                             serve_connection(stream, conn, proxy, &builder, shutdown, idle).await;
                         }
                         Ok(Err(e)) => {
@@ -155,28 +248,45 @@ pub async fn serve(
             drop(permit);
         });
     }
-    drop(listener);
-    // Wait for open connections to finish (each one saw the shutdown signal).
-    let all = settings.max_connections as u32;
-    let _ = tokio::time::timeout(drain, slots.acquire_many(all)).await;
+    drain_connections(&mut connections, drain).await;
+}
+
+/// Stop accepting (the caller drops the listener) and wait up to `drain` for this
+/// worker's connections, which saw the shutdown signal and finish their requests.
+async fn drain_connections(connections: &mut JoinSet<()>, drain: Duration) {
+    let all_done = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain, all_done).await.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "drain timeout: closing connections with requests in flight"
+        );
+        connections.shutdown().await;
+    }
+}
+
+struct ConnCtx {
+    proxy: Arc<Proxy>,
+    conn: Conn,
 }
 
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
-    conn: ConnInfo,
+    conn: Conn,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
     idle: Duration,
 ) {
+    let peer = conn.peer;
     let last = Arc::new(AtomicU64::new(now_ms()));
     let io = TokioIo::new(IdleIo {
         inner: stream,
         last: last.clone(),
     });
+    let ctx = Arc::new(ConnCtx { proxy, conn });
     let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, conn).await) }
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.proxy.handle(req, &ctx.conn).await) }
     });
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
@@ -188,7 +298,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         tokio::select! {
             res = connection.as_mut() => {
                 if let Err(e) = res {
-                    tracing::debug!(peer = %conn.peer, error = %e, "connection ended with error");
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with error");
                 }
                 return;
             }

@@ -1140,3 +1140,115 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
     assert_eq!(c.expect_response().await.echoed()["path"], "/users/a");
     assert_eq!(c.expect_response().await.echoed()["path"], "/users/b");
 }
+
+/// An upstream that answers one request per connection and then closes it without saying
+/// so (no `Connection: close`), the way an app's keep-alive timeout races a proxy. Counts
+/// the connections it accepted.
+async fn spawn_one_shot_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Close at once, without `Connection: close`.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Each HTTP/1 client connection has its own upstream connection; when the upstream closed
+/// it since the last request, keygate opens a new one instead of failing the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_closes_between_requests_costs_no_failed_request() {
+    let (upstream, accepted) = spawn_one_shot_upstream().await;
+    let app = spawn_app_upstream(TEST_CONFIG, Store::Memory, upstream).await;
+    let k = app.create_key(&["users:read"]).await;
+    // One keep-alive client connection (reqwest's pool reuses it), requests in sequence.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    for i in 0..20 {
+        let resp = client
+            .get(app.proxy_url("/users/1"))
+            .bearer_auth(&k.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.text().await.unwrap(), "ok", "request {i}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        20,
+        "one upstream connection per request, since the upstream closed each one"
+    );
+}
+
+/// A keep-alive upstream connection is reused for the next request on the same client
+/// connection: no connection per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_across_requests() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: hyper::Request<Incoming>| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let app = spawn_app_upstream(TEST_CONFIG, Store::Memory, upstream).await;
+    let k = app.create_key(&["users:read"]).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    for i in 0..50 {
+        let resp = client
+            .get(app.proxy_url("/users/1"))
+            .bearer_auth(&k.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        n, 1,
+        "50 requests on one client connection opened {n} upstream connections"
+    );
+}
