@@ -330,20 +330,42 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Remove hop-by-hop headers and those the `Connection` header names. `Host` and
 /// `Content-Length` survive: they frame and address the message.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the few names present beats a hash lookup
-    // per hop-by-hop name.
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    // One pass over the few names present (one bit per `HOP_BY_HOP` entry) instead of a
+    // hash lookup per hop-by-hop name: most messages carry none, or only `Connection`.
+    let mut present = 0u8;
+    for n in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == n) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
-        .collect();
+    // `HOP_BY_HOP[0]` is `Connection`. Its usual tokens (`close`, `keep-alive`,
+    // `upgrade`) are not other headers to look for, or are in `HOP_BY_HOP` already.
+    let mut named = Vec::new();
+    if present & 1 != 0 {
+        for t in connection_tokens(headers) {
+            if ["close", "keep-alive", "upgrade"]
+                .iter()
+                .any(|u| t.eq_ignore_ascii_case(u))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                if n != header::HOST && n != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(&n) {
+                    named.push(n);
+                }
+            }
+        }
+    }
     for n in named {
         headers.remove(n);
     }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(n);
+        }
     }
 }
 
@@ -358,8 +380,12 @@ fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Iden
             headers.insert(names.key_type.clone(), id.type_header.clone());
         }
         None => {
-            for n in [&names.key_id, &names.tenant, &names.scopes, &names.key_type] {
-                headers.remove(n);
+            let all = [&names.key_id, &names.tenant, &names.scopes, &names.key_type];
+            // Comparing the few names present is cheaper than four hash lookups.
+            if headers.keys().any(|k| all.contains(&k)) {
+                for n in all {
+                    headers.remove(n);
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -93,17 +93,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 /// the port with `SO_REUSEPORT` (the kernel spreads connections over them); elsewhere
 /// the workers share one socket. Port 0 picks one port for all.
 pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    // Plain sockets (no runtime needed): each worker registers its own with its runtime.
     let socket = |addr: SocketAddr| -> io::Result<std::net::TcpListener> {
-        let s = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
         #[cfg(target_os = "linux")]
-        s.set_reuseport(workers > 1)?;
-        s.bind(addr)?;
-        s.listen(4096)?.into_std()
+        s.set_reuse_port(workers > 1)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(4096)?;
+        Ok(s.into())
     };
     let first = socket(addr)?;
     let addr = first.local_addr()?;
