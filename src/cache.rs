@@ -2,12 +2,16 @@
 //! prebuilt) and short-lived "unknown" markers, keyed by digest with an xxh3 hasher.
 //! Misses are coalesced (one store read for N concurrent requests of one key), and a
 //! generation counter keeps a fill that raced an invalidation from caching stale data.
+//! In front of moka, each thread keeps the identities it served recently (`local`), so a
+//! repeat hit touches no cache line another thread writes.
 
 use crate::key::Digest;
 use crate::store::{KeyRecord, KeyStore, StoreError};
 use http::HeaderValue;
 use moka::future::Cache;
 use moka::Expiry;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,23 +29,31 @@ pub struct Identity {
     pub last_used_ms: AtomicU64,
     /// Whether this identity waits in the usage queue.
     pub usage_queued: AtomicBool,
+    /// When it was read from the store (`time::mono_ms`): the start of its positive TTL.
+    pub cached_at_ms: u64,
 }
 
 impl Identity {
     pub fn new(record: KeyRecord) -> Result<Self, StoreError> {
-        let hv = |what: &str, v: &str| {
-            HeaderValue::from_str(v).map_err(|_| StoreError::Corrupt {
+        let hv = |what: &str, v: bytes::Bytes| {
+            HeaderValue::from_maybe_shared(v).map_err(|_| StoreError::Corrupt {
                 key: format!("id {}", record.id),
                 reason: format!("{what} is not a valid header value"),
             })
         };
+        // One buffer for the three values: cloning them per request then touches one
+        // reference count and one or two cache lines, not three of each.
+        let scopes = record.scopes.join(" ");
+        let buf = bytes::Bytes::from(format!("{}{}{scopes}", record.id, record.tenant));
+        let (a, b) = (record.id.len(), record.id.len() + record.tenant.len());
         Ok(Identity {
-            id_header: hv("id", &record.id)?,
-            tenant_header: hv("tenant", &record.tenant)?,
-            scopes_header: hv("scopes", &record.scopes.join(" "))?,
+            id_header: hv("id", buf.slice(..a))?,
+            tenant_header: hv("tenant", buf.slice(a..b))?,
+            scopes_header: hv("scopes", buf.slice(b..))?,
             type_header: HeaderValue::from_static(record.key_type.as_str()),
             last_used_ms: AtomicU64::new(record.last_used_at.unwrap_or(0)),
             usage_queued: AtomicBool::new(false),
+            cached_at_ms: crate::time::mono_ms(),
             record,
         })
     }
@@ -88,8 +100,50 @@ impl Expiry<Digest, Entry> for Ttls {
     }
 }
 
+/// Entries each thread's local front holds at most; when full it starts over.
+const LOCAL_MAX: usize = 16_384;
+
+/// One identity a thread served, trusted while its cache's generation is unchanged (every
+/// invalidation changes it) and its positive TTL, counted from the store read, lasts.
+struct LocalSlot {
+    /// The cache it came from (tests and benches run several caches per thread).
+    instance: u64,
+    id: Arc<Identity>,
+    generation: u64,
+    until_ms: u64,
+}
+
+/// Hashes a digest by its first eight bytes. The local front holds only keys that were
+/// found valid in the store (SHA-256 or HMAC digests: uniform, and not chosen freely by a
+/// client), so that is as good as hashing all 32 and much cheaper than a streaming hasher.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+    // The slice length that `[u8; 32]` hashes first: the same for every digest.
+    fn write_usize(&mut self, _: usize) {}
+}
+
+thread_local! {
+    static LOCAL: RefCell<HashMap<Digest, LocalSlot, std::hash::BuildHasherDefault<DigestHasher>>> =
+        RefCell::new(HashMap::default());
+}
+
+static INSTANCES: AtomicU64 = AtomicU64::new(0);
+
 pub struct KeyCache {
     cache: Cache<Digest, Entry, Xxh3Builder>,
+    /// Tells this cache's entries apart in the per-thread fronts.
+    instance: u64,
     store: Arc<dyn KeyStore>,
     generation: AtomicU64,
     /// Test hook: a pause between a fill's store read and its check (0 = none).
@@ -113,6 +167,7 @@ impl KeyCache {
             .build_with_hasher(Xxh3Builder::new());
         KeyCache {
             cache,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             store,
             generation: AtomicU64::new(0),
             fill_delay_ms: AtomicU64::new(0),
@@ -124,10 +179,17 @@ impl KeyCache {
 
     /// The hot path: a hit is an in-memory lookup; a miss is one coalesced store read.
     pub async fn lookup(&self, digest: &Digest) -> Result<(Entry, Source), Arc<StoreError>> {
+        let now_ms = crate::time::mono_ms();
+        let before = self.generation.load(Ordering::Acquire);
+        if let Some(id) = self.local_get(digest, before, now_ms) {
+            return Ok((Entry::Known(id), Source::Cache));
+        }
         if let Some(e) = self.cache.get(digest).await {
+            if let Entry::Known(id) = &e {
+                self.local_put(digest, id, before, now_ms);
+            }
             return Ok((e, Source::Cache));
         }
-        let before = self.generation.load(Ordering::Acquire);
         let entry = match self.cache.try_get_with(*digest, self.fill(*digest)).await {
             Ok(e) => {
                 self.mark_reads(true);
@@ -141,8 +203,47 @@ impl KeyCache {
         if self.generation.load(Ordering::Acquire) != before {
             // An invalidation ran while we filled: the inserted value may predate it.
             self.cache.invalidate(digest).await;
+        } else if let Entry::Known(id) = &entry {
+            self.local_put(digest, id, before, now_ms);
         }
         Ok((entry, Source::Store))
+    }
+
+    fn local_get(&self, digest: &Digest, generation: u64, now_ms: u64) -> Option<Arc<Identity>> {
+        LOCAL.with(|local| {
+            let local = local.borrow();
+            let slot = local.get(digest)?;
+            (slot.instance == self.instance
+                && slot.generation == generation
+                && now_ms < slot.until_ms)
+                .then(|| slot.id.clone())
+        })
+    }
+
+    /// Remember `id` on this thread. `generation` must have been read before the entry
+    /// was obtained, so an invalidation in between leaves the slot stale at once.
+    fn local_put(&self, digest: &Digest, id: &Arc<Identity>, generation: u64, now_ms: u64) {
+        let until_ms = id
+            .cached_at_ms
+            .saturating_add(self.ttls.positive_ms.load(Ordering::Relaxed));
+        if until_ms <= now_ms {
+            return;
+        }
+        LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            if local.len() >= LOCAL_MAX {
+                local.clear();
+            }
+            local.insert(
+                *digest,
+                LocalSlot {
+                    instance: self.instance,
+                    id: id.clone(),
+                    generation,
+                    until_ms,
+                },
+            );
+        });
     }
 
     async fn fill(&self, digest: Digest) -> Result<Entry, StoreError> {
@@ -168,15 +269,19 @@ impl KeyCache {
     }
 
     /// Drop one key's entry (after a change to it, or a create that must clear "unknown").
+    /// The generation moves before (fencing fills that are reading) and after (so that a
+    /// thread that read the old entry just before its eviction cannot keep it locally).
     pub async fn invalidate(&self, digest: &Digest) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate(digest).await;
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drop everything (a lost change feed, a store that was flushed).
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate_all();
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// New TTLs for entries cached from now on (hot reload).
@@ -187,6 +292,8 @@ impl KeyCache {
         self.ttls
             .negative_ms
             .store(negative_ttl.as_millis() as u64, Ordering::Relaxed);
+        // A shorter TTL applies to what the threads hold locally too.
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A store read (or the feed's counter check) worked or failed.
@@ -277,5 +384,107 @@ mod tests {
                 Entry::Unknown => panic!("{what}: the key vanished"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+    use crate::key::{Environment, KeyType};
+    use crate::store::memory::MemoryStore;
+
+    fn record() -> KeyRecord {
+        KeyRecord {
+            id: "01900000-0000-7000-8000-000000000002".into(),
+            tenant: "t".into(),
+            name: "n".into(),
+            key_type: KeyType::Secret,
+            environment: Environment::Live,
+            prefix: "sk_live_abcd".into(),
+            last_four: "wxyz".into(),
+            scopes: vec!["a:read".into(), "b".into()],
+            created_at: 1,
+            last_used_at: None,
+            expires_at: None,
+            revoked_at: None,
+            successor_id: None,
+            digest: [7u8; 32],
+        }
+    }
+
+    fn revoked_at(entry: Entry) -> Option<u64> {
+        match entry {
+            Entry::Known(id) => id.record.revoked_at,
+            Entry::Unknown => panic!("the key vanished"),
+        }
+    }
+
+    /// The per-thread front never outlives the TTL: a change the cache was not told about
+    /// (no feed) shows once the TTL has passed, as it would without the front.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_local_front_honours_the_ttl() {
+        let store = Arc::new(MemoryStore::new());
+        let r = record();
+        store.insert(&r).await.unwrap();
+        let cache = KeyCache::new(
+            store.clone(),
+            Duration::from_millis(300),
+            Duration::from_millis(100),
+            100,
+        );
+        assert_eq!(cache.lookup(&r.digest).await.unwrap().1, Source::Store);
+        let (e, source) = cache.lookup(&r.digest).await.unwrap();
+        assert_eq!((revoked_at(e), source), (None, Source::Cache));
+        store.revoke("t", &r.id, 5).await.unwrap().unwrap();
+        // Within the TTL the cached record is served (nobody invalidated it)...
+        assert_eq!(revoked_at(cache.lookup(&r.digest).await.unwrap().0), None);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // ...after it, the store's answer.
+        assert_eq!(
+            revoked_at(cache.lookup(&r.digest).await.unwrap().0),
+            Some(5)
+        );
+    }
+
+    /// An invalidation reaches what a thread holds locally at once, and one cache's
+    /// entries are never served for another's.
+    #[tokio::test(flavor = "current_thread")]
+    async fn invalidation_reaches_the_local_front_and_caches_stay_apart() {
+        let store = Arc::new(MemoryStore::new());
+        let r = record();
+        store.insert(&r).await.unwrap();
+        let other_store = Arc::new(MemoryStore::new());
+        let cache = KeyCache::new(
+            store.clone(),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+            100,
+        );
+        let other = KeyCache::new(
+            other_store,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+            100,
+        );
+        cache.lookup(&r.digest).await.unwrap();
+        assert_eq!(cache.lookup(&r.digest).await.unwrap().1, Source::Cache);
+        assert!(matches!(
+            other.lookup(&r.digest).await.unwrap().0,
+            Entry::Unknown
+        ));
+        assert_eq!(revoked_at(cache.lookup(&r.digest).await.unwrap().0), None);
+
+        store.revoke("t", &r.id, 9).await.unwrap().unwrap();
+        cache.invalidate(&r.digest).await;
+        assert_eq!(
+            revoked_at(cache.lookup(&r.digest).await.unwrap().0),
+            Some(9)
+        );
+
+        store.revoke("t", &r.id, 11).await.unwrap();
+        cache.invalidate_all();
+        let (e, source) = cache.lookup(&r.digest).await.unwrap();
+        assert_eq!(source, Source::Store);
+        assert!(revoked_at(e).is_some());
     }
 }

@@ -1,6 +1,15 @@
 //! Wall-clock helpers: keygate stores instants as Unix milliseconds and shows them as RFC 3339.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Milliseconds on a monotonic clock (since the first call in this process): for local
+/// deadlines that a wall-clock step must not stretch.
+pub fn mono_ms() -> u64 {
+    START.elapsed().as_millis() as u64
+}
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
