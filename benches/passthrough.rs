@@ -3,8 +3,8 @@
 //! runs it as a no-op; the load bench starts the built binary with
 //! `--listen ADDR --upstream HOST:PORT [--pooled] [--workers N]`:
 //! - default: keygate's architecture: one thread per CPU, each a single-threaded runtime
-//!   with its own `SO_REUSEPORT` listener, and one upstream connection per client
-//!   connection driven on the same thread;
+//!   serving the connections an acceptor hands it (the least busy worker gets the next),
+//!   and one upstream connection per client connection driven on the same thread;
 //! - `--pooled`: the textbook hyper proxy: a multi-threaded runtime and hyper-util's
 //!   pooled client.
 
@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -52,22 +53,46 @@ fn main() {
         rt.block_on(serve_pooled(listen, upstream));
         return;
     }
-    let listeners = keygate::proxy::server::bind(listen, workers).expect("bind");
-    let threads: Vec<_> = listeners
-        .into_iter()
-        .map(|l| {
+    // As keygate: an acceptor hands each connection to the worker with the fewest open
+    // ones; each worker is a thread with a single-threaded runtime.
+    let listener = keygate::proxy::server::bind(listen).expect("bind");
+    let workers: Vec<_> = (0..workers.max(1))
+        .map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+            let open = Arc::new(AtomicUsize::new(0));
+            let count = open.clone();
             std::thread::spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .expect("runtime")
-                    .block_on(serve_per_core(l, upstream))
-            })
+                    .block_on(serve_per_core(rx, count, upstream))
+            });
+            (tx, open)
         })
         .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let Ok(stream) = stream.into_std() else {
+                    continue;
+                };
+                let (tx, open) = workers
+                    .iter()
+                    .min_by_key(|(_, open)| open.load(Ordering::Relaxed))
+                    .expect("a worker");
+                open.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(stream);
+            }
+        });
 }
 
 fn bad_gateway() -> Response<Body> {
@@ -80,13 +105,17 @@ fn bad_gateway() -> Response<Body> {
     resp
 }
 
-async fn serve_per_core(listener: std::net::TcpListener, upstream: SocketAddr) {
-    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
+async fn serve_per_core(
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    open: Arc<AtomicUsize>,
+    upstream: SocketAddr,
+) {
+    while let Some(stream) = incoming.recv().await {
+        let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+            open.fetch_sub(1, Ordering::Relaxed);
             continue;
         };
-        let _ = stream.set_nodelay(true);
+        let open = open.clone();
         tokio::spawn(async move {
             let slot: Arc<Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
             let service = service_fn(move |mut req: Request<Incoming>| {
@@ -120,6 +149,7 @@ async fn serve_per_core(listener: std::net::TcpListener, upstream: SocketAddr) {
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -26,8 +26,7 @@ pub struct App {
     pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
     pub admin: Arc<AdminState>,
-    /// One per proxy worker thread.
-    proxy_listeners: Vec<std::net::TcpListener>,
+    proxy_listener: std::net::TcpListener,
     admin_listener: TcpListener,
     settings: ServerSettings,
     shutdown: Arc<watch::Sender<bool>>,
@@ -98,10 +97,9 @@ impl App {
             ready: Arc::new(AtomicBool::new(true)),
             metrics,
         });
-        let proxy_listeners =
-            server::bind(config.proxy_listen, config.proxy_workers).map_err(|e| {
-                anyhow::anyhow!("cannot listen on {} (proxy): {e}", config.proxy_listen)
-            })?;
+        let proxy_listener = server::bind(config.proxy_listen).map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (proxy): {e}", config.proxy_listen)
+        })?;
         let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
         })?;
@@ -119,11 +117,11 @@ impl App {
         };
         let (tx, _) = watch::channel(false);
         Ok(App {
-            proxy_addr: proxy_listeners[0].local_addr()?,
+            proxy_addr: proxy_listener.local_addr()?,
             admin_addr: admin_listener.local_addr()?,
             proxy,
             admin,
-            proxy_listeners,
+            proxy_listener,
             admin_listener,
             settings: ServerSettings {
                 header_read_timeout: config.timeouts.header_read,
@@ -219,7 +217,8 @@ impl App {
             ready.store(false, Ordering::Release);
         });
         server::serve_workers(
-            self.proxy_listeners,
+            self.proxy_listener,
+            self.config.proxy_workers,
             self.proxy,
             self.settings,
             acceptor,

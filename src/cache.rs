@@ -17,10 +17,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::Xxh3Builder;
 
-/// A valid record and the header values the proxy sends upstream for it.
+/// What an authentication decision needs of a key record; the rest (name, display
+/// prefix, timestamps shown by the admin API) stays in the store, so a cached key costs
+/// less memory. The id and tenant live in the header values below.
+#[derive(Debug)]
+pub struct CachedRecord {
+    pub digest: crate::key::Digest,
+    pub key_type: crate::key::KeyType,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<u64>,
+    /// When the key stops authenticating (in the future during a rotation's grace).
+    pub revoked_at: Option<u64>,
+}
+
+impl CachedRecord {
+    pub fn is_revoked_at(&self, now_ms: u64) -> bool {
+        self.revoked_at.is_some_and(|t| t <= now_ms)
+    }
+    pub fn is_expired_at(&self, now_ms: u64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now_ms)
+    }
+}
+
+/// A valid key as cached: the record's rules and the header values the proxy sends
+/// upstream for it.
 #[derive(Debug)]
 pub struct Identity {
-    pub record: KeyRecord,
+    pub record: CachedRecord,
     pub id_header: HeaderValue,
     pub tenant_header: HeaderValue,
     pub scopes_header: HeaderValue,
@@ -54,8 +77,24 @@ impl Identity {
             last_used_ms: AtomicU64::new(record.last_used_at.unwrap_or(0)),
             usage_queued: AtomicBool::new(false),
             cached_at_ms: crate::time::mono_ms(),
-            record,
+            record: CachedRecord {
+                digest: record.digest,
+                key_type: record.key_type,
+                scopes: record.scopes,
+                expires_at: record.expires_at,
+                revoked_at: record.revoked_at,
+            },
         })
+    }
+
+    /// The key's id (ASCII, checked when the header value was built).
+    pub fn id(&self) -> &str {
+        self.id_header.to_str().unwrap_or("-")
+    }
+
+    /// The key's tenant.
+    pub fn tenant(&self) -> &str {
+        self.tenant_header.to_str().unwrap_or("-")
     }
 }
 

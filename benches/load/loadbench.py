@@ -961,8 +961,8 @@ def write_report(a, report, machine, started):
         lines.append("")
         lines.append("`bare-hyper` is the issue's bare hyper pass-through, built in the bench "
                      "(`benches/passthrough.rs`): hyper 1.x forwarding with keygate's "
-                     "architecture (a thread per CPU with its own runtime and `SO_REUSEPORT` "
-                     "listener, one upstream connection per client connection) and nothing "
+                     "architecture (a thread per CPU with its own runtime, connections handed "
+                     "to the least busy one; one upstream connection per client connection) and nothing "
                      "else, so keygate-auth / bare-hyper is the cost of everything keygate "
                      "adds. `keygate-noauth` is keygate's own forwarding path with the auth "
                      "decision skipped (it still normalises the path, matches the route, "

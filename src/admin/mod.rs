@@ -382,7 +382,7 @@ pub async fn authorize(
             format!("this call needs the `{scope}` scope"),
         ));
     }
-    if asked_tenant.as_deref().is_some_and(|t| t != r.tenant) {
+    if asked_tenant.as_deref().is_some_and(|t| t != id.tenant()) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "tenant_mismatch",
@@ -390,7 +390,7 @@ pub async fn authorize(
         ));
     }
     Ok(Caller {
-        tenant: r.tenant.clone(),
+        tenant: id.tenant().to_string(),
         key_scopes: Some(r.scopes.clone()),
     })
 }

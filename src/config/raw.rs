@@ -65,8 +65,8 @@ pub struct RawProxy {
     /// Size and connection limits.
     #[serde(default)]
     pub limits: RawLimits,
-    /// Proxy worker threads, each with its own event loop, listener (`SO_REUSEPORT`) and
-    /// upstream connections: `auto` (the CPUs this process may use, cgroup quota
+    /// Proxy worker threads, each an event loop serving the connections handed to it with
+    /// its own upstream connections: `auto` (the CPUs this process may use, cgroup quota
     /// included) or a number.
     #[serde(default)]
     pub workers: Workers,

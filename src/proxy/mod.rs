@@ -124,15 +124,15 @@ impl Proxy {
         if snap.policy.access_log {
             // One line per request: never the path (it may carry data), never a key.
             let route = route_index.map_or("-", |i| &*snap.policy.routes()[i].name);
-            let record = who.as_ref().map(|id: &Arc<Identity>| &id.record);
+            let who = who.as_deref();
             tracing::info!(
                 target: "keygate::access",
                 method = %method,
                 route,
                 status = resp.status().as_u16(),
                 decision = code,
-                key_id = record.map_or("-", |r| r.id.as_str()),
-                tenant = record.map_or("-", |r| r.tenant.as_str()),
+                key_id = who.map_or("-", Identity::id),
+                tenant = who.map_or("-", Identity::tenant),
                 peer = %conn.peer.ip(),
                 duration_us = started.elapsed().as_micros() as u64,
             );

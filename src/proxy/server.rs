@@ -1,6 +1,6 @@
 //! The proxy listener: one worker thread per CPU, each with its own single-threaded
-//! runtime and `SO_REUSEPORT` listener (as nginx's workers), so a request is served start
-//! to finish on one thread; accept bounded by `max_connections`, HTTP/1.1 and HTTP/2 via
+//! runtime (as nginx's workers); an acceptor hands each connection to the least busy
+//! worker, so a request is served start to finish on one thread; accept bounded by `max_connections`, HTTP/1.1 and HTTP/2 via
 //! hyper-util's auto builder, header-read and idle timeouts, and graceful drain.
 
 use super::{Conn, Proxy};
@@ -11,13 +11,13 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -89,82 +89,111 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
-/// Bind `workers` listening sockets on `addr` for the worker threads. On Linux they share
-/// the port with `SO_REUSEPORT` (the kernel spreads connections over them); elsewhere
-/// the workers share one socket. Port 0 picks one port for all.
-pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+/// Bind the proxy's listening socket (a plain socket: no runtime needed yet).
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    // Plain sockets (no runtime needed): each worker registers its own with its runtime.
-    let socket = |addr: SocketAddr| -> io::Result<std::net::TcpListener> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_reuse_address(true)?;
-        #[cfg(target_os = "linux")]
-        s.set_reuse_port(workers > 1)?;
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        s.listen(4096)?;
-        Ok(s.into())
-    };
-    let first = socket(addr)?;
-    let addr = first.local_addr()?;
-    let mut all = vec![first];
-    for _ in 1..workers {
-        #[cfg(target_os = "linux")]
-        all.push(socket(addr)?);
-        #[cfg(not(target_os = "linux"))]
-        all.push(all[0].try_clone()?);
-    }
-    Ok(all)
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
 }
 
-/// Serve on one worker thread per listener (see `bind`) until `shutdown` turns true; then
-/// stop accepting and let open connections finish their in-flight requests for up to
-/// `drain`. Returns when every worker has stopped.
+/// A connection handed to a worker, with its `max_connections` slot.
+type Handoff = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
+
+/// Serve with `workers` threads until `shutdown` turns true; then stop accepting and let
+/// open connections finish their in-flight requests for up to `drain`. Returns when every
+/// worker has stopped.
+///
+/// This task accepts and hands each connection to the worker with the fewest open ones
+/// (a connection's requests then all run on that worker). Not `SO_REUSEPORT` listeners:
+/// the kernel's hash can load one worker far more than another, a process of the same
+/// user could bind the port too and take a share, and two listeners binding port 0 could
+/// be given the same port.
 pub async fn serve_workers(
-    listeners: Vec<std::net::TcpListener>,
+    listener: std::net::TcpListener,
+    workers: usize,
     proxy: Arc<Proxy>,
     settings: ServerSettings,
     tls: Option<TlsAcceptor>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut done = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        done.push(rx);
-        let (proxy, settings, tls, shutdown, slots) = (
+    let mut handoff = Vec::new();
+    for i in 0..workers.max(1) {
+        let (tx, rx) = mpsc::unbounded_channel::<Handoff>();
+        let open = Arc::new(AtomicUsize::new(0));
+        handoff.push((tx, open.clone()));
+        let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
+        done.push(finished_rx);
+        let (proxy, settings, tls, shutdown) = (
             proxy.clone(),
             settings.clone(),
             tls.clone(),
             shutdown.clone(),
-            slots.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name(format!("keygate-proxy-{i}"))
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
+                match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a proxy worker's runtime");
-                        return;
+                    Ok(runtime) => {
+                        runtime.block_on(worker(rx, open, proxy, settings, tls, shutdown, drain))
                     }
-                };
-                runtime.block_on(async move {
-                    match TcpListener::from_std(listener) {
-                        Ok(l) => serve(l, proxy, settings, tls, shutdown, drain, slots).await,
-                        Err(e) => tracing::error!(error = %e, "proxy worker cannot listen"),
-                    }
-                });
-                let _ = tx.send(());
+                    Err(e) => tracing::error!(error = %e, "cannot start a proxy worker's runtime"),
+                }
+                let _ = finished.send(());
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a proxy worker thread");
         }
     }
+
+    match TcpListener::from_std(listener) {
+        Ok(listener) => loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = shutdown.changed() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            let Some((tx, open)) = handoff
+                .iter()
+                .filter(|(tx, _)| !tx.is_closed())
+                .min_by_key(|(_, open)| open.load(Ordering::Relaxed))
+            else {
+                tracing::error!("no proxy worker is running");
+                break;
+            };
+            open.fetch_add(1, Ordering::Relaxed);
+            if tx.send((stream, peer, permit)).is_err() {
+                open.fetch_sub(1, Ordering::Relaxed);
+            }
+        },
+        Err(e) => tracing::error!(error = %e, "cannot listen on the proxy socket"),
+    }
+    // Stop accepting; the workers drain their connections.
+    drop(handoff);
     for rx in done {
         if rx.await.is_err() {
             tracing::error!("a proxy worker stopped abnormally");
@@ -172,15 +201,15 @@ pub async fn serve_workers(
     }
 }
 
-/// One worker's accept loop; connections are tasks on this thread's runtime.
-async fn serve(
-    listener: TcpListener,
+/// One worker: serves the connections handed to it as tasks on this thread's runtime.
+async fn worker(
+    mut incoming: mpsc::UnboundedReceiver<Handoff>,
+    open: Arc<AtomicUsize>,
     proxy: Arc<Proxy>,
     settings: ServerSettings,
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
-    slots: Arc<Semaphore>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -197,35 +226,30 @@ async fn serve(
     let mut connections = JoinSet::new();
 
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        let (stream, peer, permit) = tokio::select! {
+            c = incoming.recv() => match c {
+                Some(c) => c,
+                None => break, // the acceptor stopped: shutting down
+            },
+            // Reap finished connections so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = shutdown.changed() => break,
         };
-        let (stream, peer) = loop {
-            tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => break x,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                // Reap finished connections so the set does not grow.
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                _ = shutdown.changed() => {
-                    drain_connections(&mut connections, drain).await;
-                    return;
-                }
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a connection");
+                open.fetch_sub(1, Ordering::Relaxed);
+                continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let idle = settings.idle_timeout;
         let handshake_timeout = settings.header_read_timeout;
         let tls = tls.clone();
+        let open = open.clone();
         connections.spawn(async move {
             match tls {
                 None => {
@@ -245,14 +269,14 @@ async fn serve(
                     }
                 }
             }
+            open.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
     drain_connections(&mut connections, drain).await;
 }
 
-/// Stop accepting (the caller drops the listener) and wait up to `drain` for this
-/// worker's connections, which saw the shutdown signal and finish their requests.
+/// Wait up to `drain` for this worker's connections, which saw the shutdown signal and finish their requests.
 async fn drain_connections(connections: &mut JoinSet<()>, drain: Duration) {
     let all_done = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(drain, all_done).await.is_err() {
