@@ -1174,20 +1174,18 @@ async fn spawn_one_shot_upstream() -> (SocketAddr, Arc<std::sync::atomic::Atomic
     (addr, accepted)
 }
 
-/// Each HTTP/1 client connection has its own upstream connection; when the upstream closed
-/// it since the last request, keygate opens a new one instead of failing the request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_that_closes_between_requests_costs_no_failed_request() {
-    let (upstream, accepted) = spawn_one_shot_upstream().await;
+/// `n` authenticated GETs in sequence through a keygate in front of `upstream`, on one
+/// keep-alive client connection (reqwest's pool reuses it), `pause` apart; each must get
+/// the upstream's `200 ok`.
+async fn sequential_gets(upstream: SocketAddr, n: usize, pause: Duration) {
     let app = spawn_app_upstream(TEST_CONFIG, Store::Memory, upstream).await;
     let k = app.create_key(&["users:read"]).await;
-    // One keep-alive client connection (reqwest's pool reuses it), requests in sequence.
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(1)
         .build()
         .unwrap();
-    for i in 0..20 {
+    for i in 0..n {
         let resp = client
             .get(app.proxy_url("/users/1"))
             .bearer_auth(&k.key)
@@ -1196,8 +1194,16 @@ async fn an_upstream_that_closes_between_requests_costs_no_failed_request() {
             .unwrap();
         assert_eq!(resp.status(), 200, "request {i}");
         assert_eq!(resp.text().await.unwrap(), "ok", "request {i}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
     }
+}
+
+/// Each HTTP/1 client connection has its own upstream connection; when the upstream closed
+/// it since the last request, keygate opens a new one instead of failing the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_closes_between_requests_costs_no_failed_request() {
+    let (upstream, accepted) = spawn_one_shot_upstream().await;
+    sequential_gets(upstream, 20, Duration::from_millis(20)).await;
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         20,
@@ -1229,23 +1235,7 @@ async fn upstream_connections_are_reused_across_requests() {
             });
         }
     });
-    let app = spawn_app_upstream(TEST_CONFIG, Store::Memory, upstream).await;
-    let k = app.create_key(&["users:read"]).await;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(1)
-        .build()
-        .unwrap();
-    for i in 0..50 {
-        let resp = client
-            .get(app.proxy_url("/users/1"))
-            .bearer_auth(&k.key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "request {i}");
-        assert_eq!(resp.text().await.unwrap(), "ok");
-    }
+    sequential_gets(upstream, 50, Duration::ZERO).await;
     let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
         n, 1,
