@@ -14,12 +14,23 @@ use std::time::{Duration, Instant};
 
 pub const ROOT: &str = "test-root-token-0123456789abcdef";
 
+/// A port nothing listens on now, and never one this test process handed out before: the
+/// kernel may give the same ephemeral port to two binds in a row once the first is closed,
+/// and a config with the same port for proxy and admin is (rightly) refused.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind an ephemeral port")
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn redis_server_bin() -> PathBuf {
