@@ -65,9 +65,18 @@ impl Identity {
             })
         };
         // One buffer for the three values: cloning them per request then touches one
-        // reference count and one or two cache lines, not three of each.
+        // reference count and one or two cache lines, not three of each. Visible ASCII
+        // only (a record from the store is input like any other), so `id()` and
+        // `tenant()` below always have text to give.
         let scopes = record.scopes.join(" ");
-        let buf = bytes::Bytes::from(format!("{}{}{scopes}", record.id, record.tenant));
+        let text = format!("{}{}{scopes}", record.id, record.tenant);
+        if !text.is_ascii() {
+            return Err(StoreError::Corrupt {
+                key: format!("id {}", record.id.escape_default()),
+                reason: "id, tenant or scopes are not ASCII".into(),
+            });
+        }
+        let buf = bytes::Bytes::from(text);
         let (a, b) = (record.id.len(), record.id.len() + record.tenant.len());
         Ok(Identity {
             id_header: hv("id", buf.slice(..a))?,
@@ -424,30 +433,30 @@ mod tests {
             }
         }
     }
-}
 
-#[cfg(test)]
-mod local_tests {
-    use super::*;
-    use crate::key::{Environment, KeyType};
-    use crate::store::memory::MemoryStore;
-
-    fn record() -> KeyRecord {
-        KeyRecord {
-            id: "01900000-0000-7000-8000-000000000002".into(),
-            tenant: "t".into(),
-            name: "n".into(),
-            key_type: KeyType::Secret,
-            environment: Environment::Live,
-            prefix: "sk_live_abcd".into(),
-            last_four: "wxyz".into(),
-            scopes: vec!["a:read".into(), "b".into()],
-            created_at: 1,
-            last_used_at: None,
-            expires_at: None,
-            revoked_at: None,
-            successor_id: None,
-            digest: [7u8; 32],
+    /// A record whose id, tenant or scopes are not plain ASCII is refused as corrupt (it
+    /// would make an invalid header, or an unreadable tenant in an admin check).
+    #[test]
+    fn a_record_with_non_ascii_text_is_corrupt() {
+        assert!(Identity::new(record("t", 1)).is_ok());
+        for bad in [
+            KeyRecord {
+                tenant: "t\u{e9}".into(),
+                ..record("t", 1)
+            },
+            KeyRecord {
+                scopes: vec!["\u{e9}".into()],
+                ..record("t", 1)
+            },
+            KeyRecord {
+                tenant: "t\n".into(),
+                ..record("t", 1)
+            },
+        ] {
+            assert!(
+                matches!(Identity::new(bad), Err(StoreError::Corrupt { .. })),
+                "accepted"
+            );
         }
     }
 
@@ -463,7 +472,7 @@ mod local_tests {
     #[tokio::test(flavor = "current_thread")]
     async fn the_local_front_honours_the_ttl() {
         let store = Arc::new(MemoryStore::new());
-        let r = record();
+        let r = record("t", 1);
         store.insert(&r).await.unwrap();
         let cache = KeyCache::new(
             store.clone(),
@@ -490,7 +499,7 @@ mod local_tests {
     #[tokio::test(flavor = "current_thread")]
     async fn invalidation_reaches_the_local_front_and_caches_stay_apart() {
         let store = Arc::new(MemoryStore::new());
-        let r = record();
+        let r = record("t", 1);
         store.insert(&r).await.unwrap();
         let other_store = Arc::new(MemoryStore::new());
         let cache = KeyCache::new(

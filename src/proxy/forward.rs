@@ -66,7 +66,11 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// `tls` is used when the upstream is `https://`.
-    pub fn new(upstream: Upstream, timeout: Duration, tls: rustls::ClientConfig) -> Self {
+    pub fn new(
+        upstream: Upstream,
+        timeout: Duration,
+        tls: rustls::ClientConfig,
+    ) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(timeout));
@@ -85,14 +89,14 @@ impl Forwarder {
             .authority(upstream.authority.clone())
             .path_and_query("/")
             .build()
-            .expect("scheme and authority were validated with the config");
-        Forwarder {
+            .map_err(|e| format!("proxy.upstream: {e}"))?;
+        Ok(Forwarder {
             client,
             connector,
             upstream,
             upstream_uri,
             timeout,
-        }
+        })
     }
 
     /// A new HTTP/1 connection to the upstream (TLS when `https://`); its driver task
@@ -150,9 +154,9 @@ impl Forwarder {
                     sender
                         .send_request(req)
                         .await
-                        .map_err(|e| classify_hyper(&e))?
+                        .map_err(|e| classify_source(&e))?
                 }
-                None => return Err(classify_hyper(e.error())),
+                None => return Err(classify_source(e.error())),
             },
         };
         // Back in the slot at once: the next request on this client connection comes only
@@ -289,10 +293,6 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
     if e.is_connect() {
         return Deny::UpstreamUnavailable;
     }
-    classify_source(e)
-}
-
-fn classify_hyper(e: &hyper::Error) -> Deny {
     classify_source(e)
 }
 

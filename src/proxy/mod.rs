@@ -39,8 +39,9 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(peer: SocketAddr, tls: bool) -> Conn {
+        // An IP address always makes a valid value; the fallback only avoids a panic path.
         let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
-            .expect("an IP address is a valid header value");
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
         Conn {
             peer,
             tls,
@@ -87,7 +88,7 @@ impl Proxy {
                 config.upstream.clone(),
                 config.timeouts.upstream,
                 upstream_tls,
-            ),
+            )?,
             max_uri_bytes: config.limits.max_uri_bytes,
             usage,
             deny_on_store_error: config.cache.on_store_error

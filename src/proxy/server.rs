@@ -158,7 +158,10 @@ pub async fn serve_workers(
     match TcpListener::from_std(listener) {
         Ok(listener) => loop {
             let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break, // closed: never happens, the semaphore is ours
+                },
                 _ = shutdown.changed() => break,
             };
             let (stream, peer) = tokio::select! {
