@@ -6,7 +6,9 @@
 //! repeat hit touches no cache line another thread writes.
 
 use crate::key::Digest;
+use crate::key::KeyType;
 use crate::store::{KeyRecord, KeyStore, StoreError};
+use bytes::Bytes;
 use http::HeaderValue;
 use moka::future::Cache;
 use moka::Expiry;
@@ -17,93 +19,151 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::Xxh3Builder;
 
-/// What an authentication decision needs of a key record; the rest (name, display
-/// prefix, timestamps shown by the admin API) stays in the store, so a cached key costs
-/// less memory. The id and tenant live in the header values below.
-#[derive(Debug)]
-pub struct CachedRecord {
-    pub digest: crate::key::Digest,
-    pub key_type: crate::key::KeyType,
-    pub scopes: Vec<String>,
-    pub expires_at: Option<u64>,
-    /// When the key stops authenticating (in the future during a rotation's grace).
-    pub revoked_at: Option<u64>,
-}
-
-impl CachedRecord {
-    pub fn is_revoked_at(&self, now_ms: u64) -> bool {
-        self.revoked_at.is_some_and(|t| t <= now_ms)
-    }
-    pub fn is_expired_at(&self, now_ms: u64) -> bool {
-        self.expires_at.is_some_and(|t| t <= now_ms)
-    }
-}
-
-/// A valid key as cached: the record's rules and the header values the proxy sends
-/// upstream for it.
+/// A valid key as cached: what an authentication decision needs of its record, and the
+/// text of the identity headers the proxy sends upstream for it. The rest of the record
+/// (name, display prefix, timestamps the admin API shows) stays in the store. Kept small
+/// (one allocation of 128 bytes, one for the text): a million cached keys is a normal
+/// working set, and the hot path reads the struct on every request.
 #[derive(Debug)]
 pub struct Identity {
-    pub record: CachedRecord,
-    pub id_header: HeaderValue,
-    pub tenant_header: HeaderValue,
-    pub scopes_header: HeaderValue,
-    pub type_header: HeaderValue,
-    /// Last successful use seen by this process (write-behind, see `usage`).
-    pub last_used_ms: AtomicU64,
+    /// The key's id, tenant and space-separated scopes, back to back (visible ASCII,
+    /// checked when built): the header values are slices of it, so sending them costs a
+    /// reference count each, not a copy.
+    text: Bytes,
+    id_end: u32,
+    tenant_end: u32,
+    pub key_type: KeyType,
     /// Whether this identity waits in the usage queue.
     pub usage_queued: AtomicBool,
+    pub digest: Digest,
+    /// `u64::MAX` when the key never expires.
+    expires_at: u64,
+    /// When the key stops authenticating (in the future during a rotation's grace);
+    /// `u64::MAX` when it is not revoked.
+    revoked_at: u64,
+    /// Last successful use seen by this process (write-behind, see `usage`).
+    pub last_used_ms: AtomicU64,
     /// When it was read from the store (`time::mono_ms`): the start of its positive TTL.
     pub cached_at_ms: u64,
 }
 
 impl Identity {
     pub fn new(record: KeyRecord) -> Result<Self, StoreError> {
-        let hv = |what: &str, v: bytes::Bytes| {
-            HeaderValue::from_maybe_shared(v).map_err(|_| StoreError::Corrupt {
-                key: format!("id {}", record.id),
-                reason: format!("{what} is not a valid header value"),
-            })
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            key: format!("id {}", record.id.escape_default()),
+            reason: reason.into(),
         };
-        // One buffer for the three values: cloning them per request then touches one
-        // reference count and one or two cache lines, not three of each. Visible ASCII
-        // only (a record from the store is input like any other), so `id()` and
-        // `tenant()` below always have text to give.
-        let scopes = record.scopes.join(" ");
-        let text = format!("{}{}{scopes}", record.id, record.tenant);
-        if !text.is_ascii() {
-            return Err(StoreError::Corrupt {
-                key: format!("id {}", record.id.escape_default()),
-                reason: "id, tenant or scopes are not ASCII".into(),
-            });
+        // Visible ASCII only (a record from the store is input like any other): the
+        // header values below are made without checking again, and `id()`/`tenant()`
+        // always have text to give.
+        let visible = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
+        if !visible(&record.id) || !visible(&record.tenant) {
+            return Err(corrupt("id or tenant is not visible ASCII"));
         }
-        let buf = bytes::Bytes::from(text);
-        let (a, b) = (record.id.len(), record.id.len() + record.tenant.len());
+        if !record.scopes.iter().all(|s| !s.is_empty() && visible(s)) {
+            return Err(corrupt("a scope is empty or not visible ASCII"));
+        }
+        let mut text = String::with_capacity(
+            record.id.len()
+                + record.tenant.len()
+                + record.scopes.iter().map(|s| s.len() + 1).sum::<usize>(),
+        );
+        text.push_str(&record.id);
+        text.push_str(&record.tenant);
+        for (i, s) in record.scopes.iter().enumerate() {
+            if i > 0 {
+                text.push(' ');
+            }
+            text.push_str(s);
+        }
+        let id_end = u32::try_from(record.id.len()).map_err(|_| corrupt("id too long"))?;
+        let tenant_end = u32::try_from(record.id.len() + record.tenant.len())
+            .map_err(|_| corrupt("tenant too long"))?;
         Ok(Identity {
-            id_header: hv("id", buf.slice(..a))?,
-            tenant_header: hv("tenant", buf.slice(a..b))?,
-            scopes_header: hv("scopes", buf.slice(b..))?,
-            type_header: HeaderValue::from_static(record.key_type.as_str()),
-            last_used_ms: AtomicU64::new(record.last_used_at.unwrap_or(0)),
+            text: Bytes::from(text),
+            id_end,
+            tenant_end,
+            key_type: record.key_type,
             usage_queued: AtomicBool::new(false),
+            digest: record.digest,
+            expires_at: record.expires_at.unwrap_or(u64::MAX),
+            revoked_at: record.revoked_at.unwrap_or(u64::MAX),
+            last_used_ms: AtomicU64::new(record.last_used_at.unwrap_or(0)),
             cached_at_ms: crate::time::mono_ms(),
-            record: CachedRecord {
-                digest: record.digest,
-                key_type: record.key_type,
-                scopes: record.scopes,
-                expires_at: record.expires_at,
-                revoked_at: record.revoked_at,
-            },
         })
     }
 
-    /// The key's id (ASCII, checked when the header value was built).
+    fn part(&self, range: std::ops::Range<usize>) -> &str {
+        // ASCII, checked in `new`: never the fallback.
+        std::str::from_utf8(&self.text[range]).unwrap_or("-")
+    }
+
+    fn header(&self, range: std::ops::Range<usize>) -> HeaderValue {
+        // Checked in `new` (visible ASCII and spaces), so this never fails; the fallback
+        // only avoids a panic path.
+        HeaderValue::from_maybe_shared(self.text.slice(range))
+            .unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+
+    fn id_range(&self) -> std::ops::Range<usize> {
+        0..self.id_end as usize
+    }
+    fn tenant_range(&self) -> std::ops::Range<usize> {
+        self.id_end as usize..self.tenant_end as usize
+    }
+    fn scopes_range(&self) -> std::ops::Range<usize> {
+        self.tenant_end as usize..self.text.len()
+    }
+
+    /// The key's id.
     pub fn id(&self) -> &str {
-        self.id_header.to_str().unwrap_or("-")
+        self.part(self.id_range())
     }
 
     /// The key's tenant.
     pub fn tenant(&self) -> &str {
-        self.tenant_header.to_str().unwrap_or("-")
+        self.part(self.tenant_range())
+    }
+
+    /// The scopes the key holds.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> + Clone {
+        self.part(self.scopes_range())
+            .split(' ')
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Does the key hold (or imply) every one of `required`?
+    pub fn grants_all<R: AsRef<str>>(&self, required: &[R]) -> bool {
+        required.iter().all(|r| {
+            self.scopes()
+                .any(|h| crate::key::scope_grants(h, r.as_ref()))
+        })
+    }
+
+    pub fn id_header(&self) -> HeaderValue {
+        self.header(self.id_range())
+    }
+    pub fn tenant_header(&self) -> HeaderValue {
+        self.header(self.tenant_range())
+    }
+    pub fn scopes_header(&self) -> HeaderValue {
+        self.header(self.scopes_range())
+    }
+    pub fn type_header(&self) -> HeaderValue {
+        HeaderValue::from_static(self.key_type.as_str())
+    }
+
+    pub fn expires_at(&self) -> Option<u64> {
+        (self.expires_at != u64::MAX).then_some(self.expires_at)
+    }
+    pub fn revoked_at(&self) -> Option<u64> {
+        (self.revoked_at != u64::MAX).then_some(self.revoked_at)
+    }
+    pub fn is_revoked_at(&self, now_ms: u64) -> bool {
+        self.revoked_at <= now_ms
+    }
+    pub fn is_expired_at(&self, now_ms: u64) -> bool {
+        self.expires_at <= now_ms
     }
 }
 
@@ -147,6 +207,9 @@ impl Expiry<Digest, Entry> for Ttls {
         Some(Duration::from_millis(ms.load(Ordering::Relaxed)))
     }
 }
+
+// With the `Arc` counts, one 128-byte allocation per cached key.
+const _: () = assert!(std::mem::size_of::<Identity>() <= 112);
 
 /// Entries each thread's local front holds at most; when full it starts over.
 const LOCAL_MAX: usize = 16_384;
@@ -427,7 +490,7 @@ mod tests {
         for (what, entry) in [("racing fill", first), ("later lookup", later)] {
             match entry {
                 Entry::Known(id) => {
-                    assert_eq!(id.record.revoked_at, Some(5), "{what} saw stale data")
+                    assert_eq!(id.revoked_at(), Some(5), "{what} saw stale data")
                 }
                 Entry::Unknown => panic!("{what}: the key vanished"),
             }
@@ -460,9 +523,39 @@ mod tests {
         }
     }
 
+    /// The compact identity gives back what the record held: the header values the
+    /// proxy sends, the scopes a decision checks, the record's deadlines.
+    #[test]
+    fn an_identity_keeps_what_the_record_said() {
+        let r = KeyRecord {
+            scopes: vec!["users:*".into(), "billing:read".into()],
+            expires_at: Some(77),
+            ..record("acme", 1)
+        };
+        let id = Identity::new(r.clone()).unwrap();
+        assert_eq!((id.id(), id.tenant()), (r.id.as_str(), "acme"));
+        assert_eq!(id.id_header(), r.id.as_str());
+        assert_eq!(id.tenant_header(), "acme");
+        assert_eq!(id.scopes_header(), "users:* billing:read");
+        assert_eq!(id.type_header(), "secret");
+        assert_eq!(id.scopes().collect::<Vec<_>>(), ["users:*", "billing:read"]);
+        assert!(id.grants_all(&["users:write", "billing:read"]));
+        assert!(!id.grants_all(&["billing:write"]));
+        assert_eq!((id.expires_at(), id.revoked_at()), (Some(77), None));
+        assert!(id.is_expired_at(77) && !id.is_expired_at(76) && !id.is_revoked_at(u64::MAX - 1));
+        let none = Identity::new(KeyRecord {
+            scopes: vec![],
+            ..record("acme", 1)
+        })
+        .unwrap();
+        assert_eq!(none.scopes().count(), 0);
+        assert!(none.grants_all::<&str>(&[]) && !none.grants_all(&["users:read"]));
+        assert_eq!(none.scopes_header(), "");
+    }
+
     fn revoked_at(entry: Entry) -> Option<u64> {
         match entry {
-            Entry::Known(id) => id.record.revoked_at,
+            Entry::Known(id) => id.revoked_at(),
             Entry::Unknown => panic!("the key vanished"),
         }
     }

@@ -45,7 +45,7 @@ fn drain(queue: &mut UsageQueue) -> Vec<(Digest, u64)> {
     while let Ok(id) = queue.0.try_recv() {
         // Clear the flag before reading the time: a use after this point queues again.
         id.usage_queued.store(false, Ordering::Release);
-        batch.push((id.record.digest, id.last_used_ms.load(Ordering::Relaxed)));
+        batch.push((id.digest, id.last_used_ms.load(Ordering::Relaxed)));
     }
     batch
 }

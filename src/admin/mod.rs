@@ -353,29 +353,28 @@ pub async fn authorize(
     let Entry::Known(id) = entry else {
         return Err(unauthorized("unknown_key", "the API key is not valid"));
     };
-    let r = &id.record;
     let now = crate::time::now_ms();
-    if !key::ct_eq(&r.digest, &digest) {
+    if !key::ct_eq(&id.digest, &digest) {
         return Err(unauthorized("unknown_key", "the API key is not valid"));
     }
-    if r.is_revoked_at(now) {
+    if id.is_revoked_at(now) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "revoked_key",
             "the API key has been revoked",
         ));
     }
-    if r.is_expired_at(now) {
+    if id.is_expired_at(now) {
         return Err(unauthorized("expired_key", "the API key has expired"));
     }
-    if parsed.key_type != KeyType::Secret || r.key_type != KeyType::Secret {
+    if parsed.key_type != KeyType::Secret || id.key_type != KeyType::Secret {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "publishable_key_forbidden",
             "publishable keys cannot manage keys",
         ));
     }
-    if !key::grants_all(&r.scopes, &[scope]) {
+    if !id.grants_all(&[scope]) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "insufficient_scope",
@@ -391,7 +390,7 @@ pub async fn authorize(
     }
     Ok(Caller {
         tenant: id.tenant().to_string(),
-        key_scopes: Some(r.scopes.clone()),
+        key_scopes: Some(id.scopes().map(String::from).collect()),
     })
 }
 

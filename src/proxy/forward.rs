@@ -374,10 +374,10 @@ fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Iden
     let names = &policy.identity;
     match identity {
         Some(id) => {
-            headers.insert(names.key_id.clone(), id.id_header.clone());
-            headers.insert(names.tenant.clone(), id.tenant_header.clone());
-            headers.insert(names.scopes.clone(), id.scopes_header.clone());
-            headers.insert(names.key_type.clone(), id.type_header.clone());
+            headers.insert(names.key_id.clone(), id.id_header());
+            headers.insert(names.tenant.clone(), id.tenant_header());
+            headers.insert(names.scopes.clone(), id.scopes_header());
+            headers.insert(names.key_type.clone(), id.type_header());
         }
         None => {
             let all = [&names.key_id, &names.tenant, &names.scopes, &names.key_type];

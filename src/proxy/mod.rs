@@ -257,20 +257,19 @@ pub fn check_record(
     route: &Route,
     now_ms: u64,
 ) -> Result<Arc<Identity>, Deny> {
-    let r = &id.record;
-    if !key::ct_eq(&r.digest, digest) {
+    if !key::ct_eq(&id.digest, digest) {
         return Err(Deny::UnknownKey);
     }
-    if r.is_revoked_at(now_ms) {
+    if id.is_revoked_at(now_ms) {
         return Err(Deny::RevokedKey);
     }
-    if r.is_expired_at(now_ms) {
+    if id.is_expired_at(now_ms) {
         return Err(Deny::ExpiredKey);
     }
-    if r.key_type == KeyType::Publishable && !route.allow_publishable {
+    if id.key_type == KeyType::Publishable && !route.allow_publishable {
         return Err(Deny::PublishableNotAllowed);
     }
-    if !key::grants_all(&r.scopes, &route.scopes) {
+    if !id.grants_all(&route.scopes) {
         return Err(Deny::InsufficientScope(route.scope_challenge.clone()));
     }
     Ok(id)
