@@ -757,13 +757,16 @@ def cold_phase(a, procs, workdir, binary, up_port, report):
     offset = 0
     cold = {}
 
-    def cold_run(label, target, threads, conns, duration, delay_ms=0):
+    def cold_run(label, target, threads, conns, duration, delay_ms=0, at=None):
+        """`at`: walk the keys from there again (keys an earlier run cached) and leave
+        the offset where it is: the same load, all cache hits."""
         nonlocal offset
         if a.quiet_wait:
             wait_quiet(a.quiet_wait)
         s0 = redis.commandstats()
+        start = offset if at is None else at
         r = measure(target, no_up, "walk_keys.lua",
-                    [keyfile, offset, threads, BENCH_PATH, delay_ms],
+                    [keyfile, start, threads, BENCH_PATH, delay_ms],
                     threads, conns, duration)
         s1 = redis.commandstats()
         if r["errors"]:
@@ -780,9 +783,11 @@ def cold_phase(a, procs, workdir, binary, up_port, report):
         r["hgetall_per_key"] = d.get("hgetall", 0) / max(r["keys_sent"] - 1, 1)
         r["redis_cmds"] = d
         r["threads"], r["conns"], r["delay_ms"] = threads, conns, delay_ms
+        r["duration"] = duration
         # Each thread took every `threads`-th key: skip past the furthest one used (+1 for
         # the request wrk's startup check draws from thread 0 without sending).
-        offset += threads * (r["max_thread_sent"] + 2)
+        if at is None:
+            offset += threads * (r["max_thread_sent"] + 2)
         cold[label] = r
         log(f"cold {label:10} {r['rps']:>9,.0f} req/s  p50 {r['p50_us']} µs  "
             f"p99 {r['p99_us']} µs  max {r['max_us']} µs  non-2xx {r['status_errors']}  "
@@ -792,8 +797,14 @@ def cold_phase(a, procs, workdir, binary, up_port, report):
 
     def runs(suffix, target):
         cold_run("saturated" + suffix, target, a.threads, a.conns, a.cold_duration)
+        moderate_at = offset
         cold_run("moderate" + suffix, target, 1, a.cold_moderate_conns, a.cold_duration,
                  a.cold_moderate_delay)
+        # The same pace over the keys that run just cached (half as long, so the walk
+        # cannot run past them): what the rig itself costs at this load (wake-ups of
+        # idle CPUs, wrk, upstream), so that the difference is the miss.
+        cold_run("moderate, cached keys" + suffix, target, 1, a.cold_moderate_conns,
+                 max(1, a.cold_duration // 2), a.cold_moderate_delay, at=moderate_at)
 
     # First, for comparison, a keygate whose last_used_at write-behind does not run
     # during the bench (store.last_used_interval: 1h): the read path alone.
@@ -1050,7 +1061,7 @@ def write_report(a, report, machine, started):
             other_s = ", ".join(f"{k} {v}" for k, v in sorted(other.items())) or "none"
             pace = (f", {r['delay_ms']} ms pause after each response" if r["delay_ms"]
                     else "")
-            lines.append(f"| {label}: wrk -t{r['threads']} -c{r['conns']} -d{a.cold_duration}s"
+            lines.append(f"| {label}: wrk -t{r['threads']} -c{r['conns']} -d{r['duration']}s"
                          f"{pace} "
                          f"| {fmt_int(r['rps'])} | {r['p50_us'] / 1000:.2f} ms "
                          f"| {r['p99_us'] / 1000:.2f} ms | {r['max_us'] / 1000:.1f} ms "
@@ -1064,9 +1075,12 @@ def write_report(a, report, machine, started):
                      "per key sent counts those too: 1.0000 means exactly one Redis round "
                      "trip per uncached key. Other commands: `get` is the change feed's "
                      "once-a-second counter check; `eval` is the `last_used_at` write-behind "
-                     "(one Lua script per 100 keys used since the last flush, each doing "
-                     "`exists`, `hget`, `hset` per key, pipelined on a connection of their "
-                     "own; each script still blocks Redis while it runs).")
+                     "(one Lua script per 32 keys used since the last flush, each doing "
+                     "`exists`, `hget`, `hset` per key, one round trip at a time on a "
+                     "connection of their own, so each stalls Redis only briefly). The "
+                     "*cached keys* rows walk the keys of the moderate run before them "
+                     "again at the same pace: every request a cache hit, so the difference "
+                     "between the two rows is what a miss adds at that load.")
         lines.append("")
     mem = report.get("memory")
     if mem:

@@ -16,8 +16,10 @@ use crate::key::{self, Digest, Environment, KeyType};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -182,8 +184,20 @@ impl RedisSettings {
     }
 }
 
+static STORES: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Each proxy worker's own connection for key reads, by store (see `read_conn`).
+    static READ_CONNS: RefCell<Vec<(u64, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
+}
+
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// What a proxy worker needs to open its own read connection.
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Tells this store's connections apart in `READ_CONNS` (tests run several stores).
+    instance: u64,
     /// A second connection for bulk background writes (`touch`), so key reads never
     /// queue behind them on one pipeline.
     bulk: ConnectionManager,
@@ -205,15 +219,47 @@ impl RedisStore {
         let bulk_config = config
             .clone()
             .set_response_timeout(Some(settings.timeout.max(Duration::from_secs(5))));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let bulk = ConnectionManager::new_lazy_with_config(client, bulk_config)
+        let bulk = ConnectionManager::new_lazy_with_config(client.clone(), bulk_config)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(RedisStore {
             conn,
+            client,
+            config,
+            instance: STORES.fetch_add(1, Ordering::Relaxed),
             bulk,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
+        })
+    }
+
+    /// The connection for a key read (the cold path). A proxy worker (a single-threaded
+    /// runtime) gets its own, driven on its own thread: the shared connection's task runs
+    /// on the control runtime, and a read through it costs two cross-thread wake-ups
+    /// (there and back), which on a busy machine is most of a miss's latency.
+    fn read_conn(&self) -> ConnectionManager {
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if !on_worker {
+            return self.conn.clone();
+        }
+        READ_CONNS.with(|conns| {
+            let mut conns = conns.borrow_mut();
+            if let Some((_, c)) = conns.iter().find(|(i, _)| *i == self.instance) {
+                return c.clone();
+            }
+            // Lazy: connects (and spawns its task on this thread's runtime) on first use.
+            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+                Ok(c) => {
+                    conns.push((self.instance, c.clone()));
+                    c
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "no per-worker Redis connection; using the shared one");
+                    self.conn.clone()
+                }
+            }
         })
     }
 
@@ -367,7 +413,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_conn();
         let flat: Vec<String> = self
             .bounded(
                 redis::cmd("HGETALL")
