@@ -290,7 +290,16 @@ impl KeyCache {
 
     /// The hot path: a hit is an in-memory lookup; a miss is one coalesced store read.
     pub async fn lookup(&self, digest: &Digest) -> Result<(Entry, Source), Arc<StoreError>> {
-        let now_ms = crate::time::mono_ms();
+        self.lookup_at(digest, Instant::now()).await
+    }
+
+    /// `lookup` with the time already read by the caller.
+    pub async fn lookup_at(
+        &self,
+        digest: &Digest,
+        now: Instant,
+    ) -> Result<(Entry, Source), Arc<StoreError>> {
+        let now_ms = crate::time::mono_ms_at(now);
         let before = self.generation.load(Ordering::Acquire);
         if let Some(id) = self.local_get(digest, before, now_ms) {
             return Ok((Entry::Known(id), Source::Cache));

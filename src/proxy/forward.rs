@@ -214,6 +214,9 @@ impl Forwarder {
         *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
+        // Room for what is added below (identity, X-Forwarded-*, Host) at once, instead of
+        // the map growing insert by insert.
+        headers.reserve(10);
         let upgrade_value = if upgrade {
             headers.get(header::UPGRADE).cloned()
         } else {

@@ -104,7 +104,8 @@ impl Proxy {
 
     pub async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let snap = self.snapshot.load();
-        let started = Instant::now();
+        // Only the access log needs it: one clock read fewer per request without.
+        let started = snap.policy.access_log.then(Instant::now);
         let method = req.method().clone();
         let mut who = None;
         let (route_index, result) = self
@@ -135,7 +136,7 @@ impl Proxy {
                 key_id = who.map_or("-", Identity::id),
                 tenant = who.map_or("-", Identity::tenant),
                 peer = %conn.peer.ip(),
-                duration_us = started.elapsed().as_micros() as u64,
+                duration_us = started.map_or(0, |s| s.elapsed().as_micros() as u64),
             );
         }
         resp
@@ -212,7 +213,7 @@ impl Proxy {
         key::parse(&self.prefixes, token).map_err(|_| Deny::MalformedKey)?;
         let digest = self.hasher.digest(token);
         let started = Instant::now();
-        let (entry, source) = match self.cache.lookup(&digest).await {
+        let (entry, source) = match self.cache.lookup_at(&digest, started).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, "key store read failed");

@@ -12,12 +12,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -29,16 +29,19 @@ pub struct ServerSettings {
     pub max_connections: usize,
 }
 
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64
-}
-
-/// A stream that notes when bytes last moved, for the idle timeout.
+/// A stream that counts the reads and writes that moved bytes, for the idle timeout (a
+/// counter, not a clock read per I/O: the watcher compares it between its ticks).
 struct IdleIo<T> {
     inner: T,
-    last: Arc<AtomicU64>,
+    moved: Arc<AtomicU64>,
+}
+
+impl<T> IdleIo<T> {
+    fn note(&self) {
+        // One writer (the connection's task): no read-modify-write needed.
+        let n = self.moved.load(Ordering::Relaxed);
+        self.moved.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
@@ -49,7 +52,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     ) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if r.is_ready() {
-            self.last.store(now_ms(), Ordering::Relaxed);
+            self.note();
         }
         r
     }
@@ -63,7 +66,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if r.is_ready() {
-            self.last.store(now_ms(), Ordering::Relaxed);
+            self.note();
         }
         r
     }
@@ -74,7 +77,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if r.is_ready() {
-            self.last.store(now_ms(), Ordering::Relaxed);
+            self.note();
         }
         r
     }
@@ -301,14 +304,14 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     conn: Conn,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     idle: Duration,
 ) {
     let peer = conn.peer;
-    let last = Arc::new(AtomicU64::new(now_ms()));
+    let moved = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(IdleIo {
         inner: stream,
-        last: last.clone(),
+        moved: moved.clone(),
     });
     let ctx = Arc::new(ConnCtx { proxy, conn });
     let service = service_fn(move |req| {
@@ -317,29 +320,61 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     });
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
-    let idle_ms = idle.as_millis() as u64;
+    // The idle and shutdown watch is a task of its own, which runs only when its timer or
+    // the shutdown signal fires: polled here, its timer and the shutdown receiver would be
+    // polled again at every wake-up of the connection, several times per request.
+    let (close_tx, mut close_rx) = oneshot::channel::<()>();
+    tokio::spawn(watch_connection(moved, idle, shutdown, close_tx));
     let mut closing = false;
     loop {
-        let since = now_ms().saturating_sub(last.load(Ordering::Relaxed));
-        let wait = Duration::from_millis(idle_ms.saturating_sub(since).max(1));
         tokio::select! {
+            biased;
             res = connection.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(peer = %peer, error = %e, "connection ended with error");
                 }
+                // Dropping `close_rx` ends the watcher.
                 return;
             }
-            _ = shutdown.changed(), if !closing => {
+            // Graceful: a request still in flight (slow upstream) completes first.
+            _ = &mut close_rx, if !closing => {
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep(wait), if !closing => {
-                if now_ms().saturating_sub(last.load(Ordering::Relaxed)) >= idle_ms {
-                    // Graceful: a request still in flight (slow upstream) completes first.
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
+        }
+    }
+}
+
+/// Tell the connection to close once no bytes moved for `idle` (checked every quarter
+/// of it, so it closes between `idle` and 1.25 x `idle` after the last byte) or when
+/// the server shuts down. Returns when the connection has ended.
+async fn watch_connection(
+    moved: Arc<AtomicU64>,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    mut close: oneshot::Sender<()>,
+) {
+    let tick = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = moved.load(Ordering::Relaxed);
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = close.closed() => return,
+            // A closed channel means the server is going away too.
+            _ = shutdown.changed() => break,
+            _ = tokio::time::sleep(tick) => {
+                let now = moved.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    quiet = Duration::ZERO;
+                } else {
+                    quiet += tick;
+                    if quiet >= idle {
+                        break;
+                    }
                 }
             }
         }
     }
+    let _ = close.send(());
 }

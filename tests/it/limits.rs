@@ -77,6 +77,34 @@ async fn an_idle_keep_alive_connection_is_closed() {
     assert!(closed, "an idle keep-alive connection was never closed");
 }
 
+/// The idle timeout counts from the last byte: a connection used more often than that
+/// stays open however long it lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_in_use_outlives_the_idle_timeout() {
+    let app = spawn_app_with(
+        &config("{ upstream: 2s, header_read: 2s, idle: 600ms }", "{}"),
+        Store::Memory,
+    )
+    .await;
+    let mut s = TcpStream::connect(app.proxy).await.unwrap();
+    let started = Instant::now();
+    for i in 0..8 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kg.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("request {i}: no answer"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Well past twice the idle timeout on one connection.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_wait_for_a_slot() {
     let app = spawn_app_with(
