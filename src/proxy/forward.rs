@@ -403,8 +403,14 @@ fn set_forwarded(
 ) {
     let peer_ip = conn.peer.ip();
     let trusted = policy.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if trusted && headers.get_all(X_FORWARDED_FOR).iter().count() == 1 => {
+    // A client's own X-Forwarded-For is only looked at when it is trusted.
+    let prev = if trusted {
+        headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
+    } else {
+        None
+    };
+    let xff = match prev {
+        Some(prev) if headers.get_all(X_FORWARDED_FOR).iter().count() == 1 => {
             HeaderValue::from_str(&format!("{prev}, {peer_ip}")).ok()
         }
         // The usual case: the connection's own value, built once when it was accepted.
