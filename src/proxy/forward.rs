@@ -216,7 +216,8 @@ impl Forwarder {
         let headers = req.headers_mut();
         // Room for what is added below (identity, X-Forwarded-*, Host) at once, instead of
         // the map growing insert by insert.
-        headers.reserve(10);
+        // (`try_`: a map already at http's size limit just grows as it can.)
+        let _ = headers.try_reserve(10);
         let upgrade_value = if upgrade {
             headers.get(header::UPGRADE).cloned()
         } else {

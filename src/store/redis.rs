@@ -413,13 +413,29 @@ impl KeyStore for RedisStore {
     }
 
     async fn by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.read_conn();
+        let key = self.rec_key(digest);
+        let read = |mut conn: ConnectionManager| {
+            let cmd = redis::cmd("HGETALL").arg(&key).clone();
+            async move { cmd.query_async::<Vec<String>>(&mut conn).await }
+        };
         let flat: Vec<String> = self
-            .bounded(
-                redis::cmd("HGETALL")
-                    .arg(self.rec_key(digest))
-                    .query_async(&mut conn),
-            )
+            .bounded(async {
+                match read(self.read_conn()).await {
+                    // A worker's own connection is used only on its misses, so a Redis
+                    // restart or an idle cut since then shows here first. Its manager is
+                    // reconnecting now; this read goes over the shared connection, which
+                    // the readiness checks keep fresh, rather than failing.
+                    Err(e)
+                        if e.is_io_error()
+                            || e.is_connection_dropped()
+                            || e.is_connection_refusal() =>
+                    {
+                        tracing::debug!(error = %e, "worker's Redis connection dropped; reading over the shared one");
+                        read(self.conn.clone()).await
+                    }
+                    other => other,
+                }
+            })
             .await?;
         let record = parse_record(flat)?;
         match record {
@@ -508,7 +524,14 @@ impl KeyStore for RedisStore {
         let mut conn = self.bulk.clone();
         // A round trip may queue behind other writes: allow more than one read's timeout.
         let budget = self.timeout.max(Duration::from_secs(5));
+        // And one bound on the whole batch, so a slow Redis cannot keep a flush going for
+        // minutes (the rest is dropped, as with any failed flush: last use is
+        // informational, and a key's next use queues it again).
+        let deadline = tokio::time::Instant::now() + budget * 6;
         for chunk in uses.chunks(TOUCH_CHUNK) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Timeout);
+            }
             // EVAL (not EVALSHA): no NOSCRIPT round trip to recover from.
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(TOUCH).arg(chunk.len());

@@ -446,6 +446,47 @@ async fn redis_down_cache_hits_pass_misses_get_503_then_recovery() {
     assert_error(app.get_with(PATH, &never_seen).await, 401, "unknown_key").await;
 }
 
+/// Each proxy worker reads misses over its own Redis connection. After a Redis restart
+/// (keygate ready again), the first miss on every worker is answered, not refused
+/// because that worker's connection died with the old Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_the_first_miss_on_each_worker_is_answered() {
+    let mut redis = Redis::start_persistent();
+    let app = spawn_app(Store::Redis(&redis)).await;
+    // Two client connections held open: the second goes to the other worker (the
+    // acceptor picks the least busy one), so both workers open their connections.
+    let client = || reqwest::Client::builder().no_proxy().build().unwrap();
+    let clients = [client(), client()];
+    let get = |c: &reqwest::Client, key: &str| c.get(app.proxy_url(PATH)).bearer_auth(key).send();
+    for c in &clients {
+        let k = app.create_key(&["users:read"]).await;
+        assert_eq!(get(c, &k.key).await.unwrap().status(), 200);
+    }
+
+    redis.kill();
+    redis.restart();
+    let ready = eventually(Duration::from_secs(10), || async {
+        app.http
+            .get(app.admin_url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "readyz never turned 200 after Redis came back");
+
+    for (i, c) in clients.iter().enumerate() {
+        let k = app.create_key(&["users:read"]).await;
+        let resp = get(c, &k.key).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "connection {i}: first miss after the restart: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_gives_503_not_a_hang() {
     let redis = Redis::start();
