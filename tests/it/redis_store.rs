@@ -430,14 +430,7 @@ async fn redis_down_cache_hits_pass_misses_get_503_then_recovery() {
     );
 
     redis.restart();
-    let ready = eventually(Duration::from_secs(10), || async {
-        app.http
-            .get(app.admin_url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let ready = app.becomes_ready().await;
     assert!(ready, "readyz never turned 200 after Redis came back");
     // Data survived (AOF), and new keys work.
     assert_eq!(app.get_with(PATH, &key.key).await.status(), 200);
@@ -465,14 +458,7 @@ async fn after_a_redis_restart_the_first_miss_on_each_worker_is_answered() {
 
     redis.kill();
     redis.restart();
-    let ready = eventually(Duration::from_secs(10), || async {
-        app.http
-            .get(app.admin_url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let ready = app.becomes_ready().await;
     assert!(ready, "readyz never turned 200 after Redis came back");
 
     for (i, c) in clients.iter().enumerate() {

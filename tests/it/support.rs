@@ -282,6 +282,18 @@ impl TestApp {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// Does `/readyz` answer 200 within 10 s?
+    pub async fn becomes_ready(&self) -> bool {
+        eventually(Duration::from_secs(10), || async {
+            self.http
+                .get(self.admin_url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await
+    }
+
     /// Create a key through `POST /v1/keys` with the root token (tenant `default`
     /// unless `tenant` is given).
     pub async fn create_key_in(&self, tenant: Option<&str>, scopes: &[&str]) -> Key {

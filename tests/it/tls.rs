@@ -182,14 +182,7 @@ async fn rediss_store_with_a_ca_file() {
     );
     let config = TEST_CONFIG.replace("{store}", &store);
     let app = spawn_app_with(&config, Store::Memory).await;
-    let ready = eventually(Duration::from_secs(10), || async {
-        app.http
-            .get(app.admin_url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let ready = app.becomes_ready().await;
     assert!(ready, "keygate never reached the TLS redis");
     let k = app.create_key(&["users:read"]).await;
     assert_eq!(app.get_with("/users/1", &k.key).await.status(), 200);
