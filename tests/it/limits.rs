@@ -13,6 +13,14 @@ fn config(timeouts: &str, limits: &str) -> String {
     )
 }
 
+/// A keygate with these timeouts (memory store, no other limits) and one connection to
+/// its proxy port; keep the app alive while the connection is used.
+async fn connected(timeouts: &str) -> (TestApp, TcpStream) {
+    let app = spawn_app_with(&config(timeouts, "{}"), Store::Memory).await;
+    let s = TcpStream::connect(app.proxy).await.unwrap();
+    (app, s)
+}
+
 /// Read until EOF (or 5 s); returns the bytes and whether the peer closed.
 async fn read_until_close(s: &mut TcpStream) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
@@ -30,12 +38,7 @@ async fn read_until_close(s: &mut TcpStream) -> (Vec<u8>, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_head_is_cut_off_by_the_header_read_timeout() {
-    let app = spawn_app_with(
-        &config("{ upstream: 2s, header_read: 300ms, idle: 30s }", "{}"),
-        Store::Memory,
-    )
-    .await;
-    let mut s = TcpStream::connect(app.proxy).await.unwrap();
+    let (_app, mut s) = connected("{ upstream: 2s, header_read: 300ms, idle: 30s }").await;
     // Half a request head, then silence (slowloris).
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kg.test\r\n")
         .await
@@ -60,12 +63,7 @@ async fn a_slow_request_head_is_cut_off_by_the_header_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed() {
-    let app = spawn_app_with(
-        &config("{ upstream: 2s, header_read: 2s, idle: 400ms }", "{}"),
-        Store::Memory,
-    )
-    .await;
-    let mut s = TcpStream::connect(app.proxy).await.unwrap();
+    let (_app, mut s) = connected("{ upstream: 2s, header_read: 2s, idle: 400ms }").await;
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kg.test\r\n\r\n")
         .await
         .unwrap();
@@ -81,12 +79,7 @@ async fn an_idle_keep_alive_connection_is_closed() {
 /// stays open however long it lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_in_use_outlives_the_idle_timeout() {
-    let app = spawn_app_with(
-        &config("{ upstream: 2s, header_read: 2s, idle: 600ms }", "{}"),
-        Store::Memory,
-    )
-    .await;
-    let mut s = TcpStream::connect(app.proxy).await.unwrap();
+    let (_app, mut s) = connected("{ upstream: 2s, header_read: 2s, idle: 600ms }").await;
     let started = Instant::now();
     for i in 0..8 {
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kg.test\r\n\r\n")
