@@ -5,10 +5,11 @@ use crate::admin::{self, AdminState};
 use crate::cache::KeyCache;
 use crate::config::reload::Reloadable;
 use crate::config::{Config, StoreConfig};
+use crate::connection::{Deadlines, ServerSettings};
 use crate::feed::FeedSettings;
 use crate::key::{self, KeyHasher};
 use crate::metrics::Metrics;
-use crate::proxy::server::{self, ServerSettings};
+use crate::proxy::server;
 use crate::proxy::Proxy;
 use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
 use crate::tls::CertResolver;
@@ -124,9 +125,16 @@ impl App {
             proxy_listener,
             admin_listener,
             settings: ServerSettings {
-                header_read_timeout: config.timeouts.header_read,
-                idle_timeout: config.timeouts.idle,
+                deadlines: Deadlines {
+                    header_read: config.timeouts.header_read,
+                    idle: config.timeouts.idle,
+                    write: config.timeouts.write,
+                    // A slow upstream is bounded by its own timeout, not the idle one.
+                    stall: config.timeouts.idle.max(config.timeouts.upstream),
+                    drain: config.timeouts.drain,
+                },
                 max_header_bytes: config.limits.max_header_bytes,
+                max_uri_bytes: config.limits.max_uri_bytes,
                 max_connections: config.limits.max_connections,
             },
             shutdown: Arc::new(tx),
@@ -188,29 +196,22 @@ impl App {
             usage_stopped,
         ));
         let ready = self.admin.ready.clone();
-        let mut admin_rx = rx.clone();
         let router = admin::router(self.admin.clone());
-        let admin = match self.admin_tls.clone() {
-            None => {
-                let admin =
-                    axum::serve(self.admin_listener, router).with_graceful_shutdown(async move {
-                        let _ = admin_rx.wait_for(|stop| *stop).await;
-                    });
-                tokio::spawn(async move {
-                    let _ = admin.await;
-                })
-            }
-            Some(resolver) => {
-                tokio::spawn(crate::tls::watch_cert(resolver.clone(), rx.clone()));
-                let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver));
-                tokio::spawn(admin::serve_tls(
-                    self.admin_listener,
-                    router,
-                    acceptor,
-                    admin_rx,
-                ))
-            }
+        let admin_acceptor = self.admin_tls.clone().map(|resolver| {
+            tokio::spawn(crate::tls::watch_cert(resolver.clone(), rx.clone()));
+            tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver))
+        });
+        let admin_settings = ServerSettings {
+            max_connections: self.config.limits.admin_max_connections,
+            ..self.settings.clone()
         };
+        let admin = tokio::spawn(admin::serve(
+            self.admin_listener,
+            router,
+            admin_acceptor,
+            admin_settings,
+            rx.clone(),
+        ));
         let mut ready_rx = rx.clone();
         tokio::spawn(async move {
             let _ = ready_rx.wait_for(|stop| *stop).await;

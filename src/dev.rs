@@ -63,7 +63,10 @@ pub async fn spawn_echo_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr
                 continue;
             };
             tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
+                // As many header fields as keygate lets through (hyper's default is 100).
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http1().max_headers(4096);
+                let _ = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(echo))
                     .await;
             });

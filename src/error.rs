@@ -39,6 +39,10 @@ pub enum Deny {
     InsufficientScope(HeaderValue),
     NoRoute,
     BadPath,
+    /// HTTP/1.1 without `Host`, several `Host` headers, or an invalid host (RFC 9112 §3.2).
+    BadHost,
+    /// The client's request body broke its framing (bad chunked encoding) or was cut off.
+    BadRequestBody,
     UriTooLong,
     BodyTooLarge,
     StoreUnavailable,
@@ -54,7 +58,7 @@ impl Deny {
                 StatusCode::UNAUTHORIZED
             }
             RevokedKey | PublishableNotAllowed | InsufficientScope(_) => StatusCode::FORBIDDEN,
-            MultipleAuthorization | BadPath => StatusCode::BAD_REQUEST,
+            MultipleAuthorization | BadPath | BadHost | BadRequestBody => StatusCode::BAD_REQUEST,
             NoRoute => StatusCode::NOT_FOUND,
             UriTooLong => StatusCode::URI_TOO_LONG,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -79,6 +83,8 @@ impl Deny {
             InsufficientScope(_) => "insufficient_scope",
             NoRoute => "no_route",
             BadPath => "bad_path",
+            BadHost => "bad_host",
+            BadRequestBody => "bad_request_body",
             UriTooLong => "uri_too_long",
             BodyTooLarge => "body_too_large",
             StoreUnavailable => "store_unavailable",
@@ -101,6 +107,8 @@ impl Deny {
             InsufficientScope(_) => "the API key lacks a scope this route requires",
             NoRoute => "no route matches this request",
             BadPath => "the request path is not acceptable",
+            BadHost => "send exactly one valid Host header",
+            BadRequestBody => "the request body is malformed or incomplete",
             UriTooLong => "the request target is too long",
             BodyTooLarge => "the request body is too large for this route",
             StoreUnavailable => "the key store is unavailable; retry shortly",
@@ -123,16 +131,19 @@ impl Deny {
 
     /// Close the connection after answering: the request's framing can't be trusted.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Deny::BodyTooLarge)
+        matches!(self, Deny::BodyTooLarge | Deny::BadRequestBody)
     }
 
-    pub fn response(&self) -> Response<Body> {
-        let body = format!(
+    fn body(&self) -> String {
+        format!(
             "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\"}}}}",
             self.code(),
             self.message()
-        );
-        let mut resp = Response::new(full(body));
+        )
+    }
+
+    pub fn response(&self) -> Response<Body> {
+        let mut resp = Response::new(full(self.body()));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -146,6 +157,22 @@ impl Deny {
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
+    }
+}
+
+impl Deny {
+    /// The whole HTTP/1.1 answer as bytes, for a refusal made before hyper has parsed a
+    /// request (a first request line over the limit); it always closes the connection.
+    pub fn raw_http1(&self) -> Vec<u8> {
+        let status = self.status();
+        let body = self.body();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes()
     }
 }
 
@@ -212,6 +239,8 @@ mod tests {
             ),
             (Deny::NoRoute, 404, "no_route", None),
             (Deny::BadPath, 400, "bad_path", None),
+            (Deny::BadHost, 400, "bad_host", None),
+            (Deny::BadRequestBody, 400, "bad_request_body", None),
             (Deny::StoreUnavailable, 503, "store_unavailable", None),
             (Deny::UpstreamUnavailable, 502, "upstream_unavailable", None),
             (Deny::UpstreamTimeout, 504, "upstream_timeout", None),

@@ -22,6 +22,8 @@ pub const RESULTS: &[&str] = &[
     "insufficient_scope",
     "no_route",
     "bad_path",
+    "bad_host",
+    "bad_request_body",
     "uri_too_long",
     "body_too_large",
     "store_unavailable",

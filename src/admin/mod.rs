@@ -13,6 +13,7 @@ pub mod jack;
 
 use crate::cache::{Entry, KeyCache};
 use crate::config::raw::Tenant;
+use crate::connection::{self, ServerSettings, Tracked, Watch};
 use crate::key::{self, Digest, Environment, KeyHasher, KeyType, NewKey, Prefixes};
 use crate::metrics::Metrics;
 use crate::proxy;
@@ -67,16 +68,25 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// Serve the admin router over TLS until `shutdown` (stops accepting; open connections
-/// finish on their own).
-pub async fn serve_tls(
+/// Serve the admin router until `shutdown`: at most `settings.max_connections` at once
+/// (more wait in the accept backlog), TLS when `tls` is given, the proxy's deadlines on
+/// every connection; at shutdown, stop accepting and let requests finish for `drain`.
+pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    settings: ServerSettings,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    let builder = Arc::new(settings.builder());
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        let permit = tokio::select! {
+            Ok(p) = slots.clone().acquire_owned() => p,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = shutdown.changed() => break,
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -86,28 +96,68 @@ pub async fn serve_tls(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(tls)) => tls,
-                _ => {
-                    tracing::debug!(peer = %peer, "admin TLS handshake failed");
-                    return;
+        let (router, builder, settings) = (router.clone(), builder.clone(), settings.clone());
+        let (tls, shutdown) = (tls.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let accepted = tokio::time::Instant::now();
+            let watch = Watch::new(accepted);
+            match tls {
+                None => serve_one(stream, watch, router, &builder, &settings, shutdown, peer).await,
+                Some(acceptor) => {
+                    let until = accepted + settings.deadlines.header_read;
+                    match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_one(tls, watch, router, &builder, &settings, shutdown, peer).await
+                        }
+                        _ => tracing::debug!(peer = %peer, "admin TLS handshake failed"),
+                    }
                 }
-            };
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            }
+            drop(permit);
         });
     }
+    let drain = settings.deadlines.drain;
+    let all_done = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain, all_done).await.is_err() {
+        connections.shutdown().await;
+    }
+}
+
+/// One admin connection: the router behind keygate's connection deadlines.
+async fn serve_one<S>(
+    stream: S,
+    watch: Watch,
+    router: Router,
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    settings: &ServerSettings,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower_service::Service;
+    let io = watch.io(stream, None);
+    let marks = watch.handle();
+    let service = hyper::service::service_fn(move |req| {
+        let finished = marks.begin(&req);
+        let mut router = router.clone();
+        async move {
+            let resp = router.call(req).await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, finished)))
+        }
+    });
+    connection::serve(
+        watch,
+        io,
+        service,
+        builder,
+        &settings.deadlines,
+        shutdown,
+        peer,
+    )
+    .await;
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -49,6 +49,7 @@ pub struct Timeouts {
     pub upstream: Duration,
     pub header_read: Duration,
     pub idle: Duration,
+    pub write: Duration,
     pub drain: Duration,
 }
 
@@ -57,6 +58,7 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     pub max_connections: usize,
+    pub admin_max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -289,11 +291,15 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
             "must be above zero".into(),
         ));
     }
+    if raw.admin.max_connections == 0 {
+        return Err(err("admin.max_connections", "must be above zero".into()));
+    }
     let t = &raw.proxy.timeouts;
     for (name, d) in [
         ("proxy.timeouts.upstream", t.upstream),
         ("proxy.timeouts.header_read", t.header_read),
         ("proxy.timeouts.idle", t.idle),
+        ("proxy.timeouts.write", t.write),
     ] {
         if d.0.is_zero() {
             return Err(err(name, "must be above zero".into()));
@@ -383,12 +389,14 @@ fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, Confi
             upstream: t.upstream.0,
             header_read: t.header_read.0,
             idle: t.idle.0,
+            write: t.write.0,
             drain: t.drain.0,
         },
         limits: Limits {
             max_header_bytes: l.max_header_bytes,
             max_uri_bytes: l.max_uri_bytes,
             max_connections: l.max_connections,
+            admin_max_connections: raw.admin.max_connections,
         },
         root_token: root_token.map(Secret),
         default_tenant: raw.admin.default_tenant.0,

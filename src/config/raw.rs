@@ -55,10 +55,19 @@ pub struct RawProxy {
     /// Names of the identity headers keygate sets (and strips when a client sends them).
     #[serde(default)]
     pub identity_headers: RawIdentityHeaders,
-    /// Peers (IPs or CIDRs) whose `X-Forwarded-*` headers are kept and extended;
-    /// from anyone else they are overwritten.
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-*` and `Forwarded` headers are kept and
+    /// extended; from anyone else they are overwritten or removed.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// Client headers with `_` in the name: `drop` (default: CGI, WSGI, Rack and PHP
+    /// read `x_keygate_tenant` as `x-keygate-tenant`) or `keep` (only those that would
+    /// read as a header keygate sets or strips are dropped).
+    #[serde(default)]
+    pub underscore_headers: UnderscoreHeaders,
+    /// `Upgrade` protocols tunnelled after the upstream answers 101 (default
+    /// `[websocket]`); any other offer is removed. `h2c` is never allowed.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
     /// Timeouts.
     #[serde(default)]
     pub timeouts: RawTimeouts,
@@ -70,6 +79,18 @@ pub struct RawProxy {
     /// included) or a number.
     #[serde(default)]
     pub workers: Workers,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    #[default]
+    Drop,
+    Keep,
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".into()]
 }
 
 /// `proxy.workers`: `auto` or a count from 1 to 1024.
@@ -165,8 +186,11 @@ pub struct RawTimeouts {
     pub upstream: HumanDuration,
     /// For a client to send a complete request head.
     pub header_read: HumanDuration,
-    /// A keep-alive connection with no traffic is closed after this.
+    /// A connection with no request in progress is closed after this (HTTP/2: GOAWAY).
     pub idle: HumanDuration,
+    /// A response write that makes no progress for this long (the client stopped
+    /// reading) closes the connection.
+    pub write: HumanDuration,
     /// At shutdown, how long in-flight requests may take to finish.
     pub drain: HumanDuration,
 }
@@ -177,6 +201,7 @@ impl Default for RawTimeouts {
             upstream: HumanDuration(Duration::from_secs(30)),
             header_read: HumanDuration(Duration::from_secs(10)),
             idle: HumanDuration(Duration::from_secs(60)),
+            write: HumanDuration(Duration::from_secs(30)),
             drain: HumanDuration(Duration::from_secs(10)),
         }
     }
@@ -224,12 +249,21 @@ pub struct RawAdmin {
     /// Serve the admin API over TLS with this PEM certificate chain and key.
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// Open admin connections at most (the proxy's `timeouts` apply to them too);
+    /// further connections wait in the accept backlog.
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: usize,
+}
+
+fn default_admin_connections() -> usize {
+    256
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             tls: None,
+            max_connections: default_admin_connections(),
             listen: default_admin_listen(),
             root_token_env: default_root_env(),
             root_token_file: None,

@@ -37,13 +37,19 @@ pub fn apply(current: &mut Config, new: Config, target: &Reloadable) {
             "proxy.timeouts",
             current.timeouts.header_read != new.timeouts.header_read
                 || current.timeouts.idle != new.timeouts.idle
-                || current.timeouts.upstream != new.timeouts.upstream,
+                || current.timeouts.upstream != new.timeouts.upstream
+                || current.timeouts.write != new.timeouts.write
+                || current.timeouts.drain != new.timeouts.drain,
         ),
         (
             "proxy.limits",
             current.limits.max_header_bytes != new.limits.max_header_bytes
                 || current.limits.max_uri_bytes != new.limits.max_uri_bytes
                 || current.limits.max_connections != new.limits.max_connections,
+        ),
+        (
+            "admin.max_connections",
+            current.limits.admin_max_connections != new.limits.admin_max_connections,
         ),
         ("keys", current.prefixes != new.prefixes),
         (

@@ -28,9 +28,57 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-/// Headers that only concern one hop (RFC 9110 7.6.1, plus legacy ones).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers by which an upstream framework would act on another method or path than the
+/// one keygate matched (Rails, Express, Symfony, IIS URL rewrite): never forwarded.
+const OVERRIDES: [&str; 6] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+];
+
+/// Client address and scheme claims besides `X-Forwarded-For/Proto/Host` (which are
+/// rewritten): kept from trusted proxies only. `Forwarded` is extended for those.
+const CLIENT_CLAIMS: [&str; 12] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+];
+
+/// Bit n set when a name in `OVERRIDES` or `CLIENT_CLAIMS` is n bytes long: most header
+/// names are ruled out by their length alone.
+const CLAIM_LENGTHS: u64 = {
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < OVERRIDES.len() {
+        mask |= 1 << OVERRIDES[i].len();
+        i += 1;
+    }
+    let mut i = 0;
+    while i < CLIENT_CLAIMS.len() {
+        mask |= 1 << CLIENT_CLAIMS[i].len();
+        i += 1;
+    }
+    mask
+};
+
+/// Headers that only concern one hop (RFC 9110 7.6.1, plus legacy ones and the h2c
+/// upgrade's `HTTP2-Settings`).
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -38,6 +86,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HTTP2_SETTINGS,
 ];
 
 /// The upstream connection of one HTTP/1 client connection. HTTP/1 requests on a
@@ -62,6 +111,8 @@ pub struct Forwarder {
     /// `scheme://authority/` of the upstream: what the connector dials.
     upstream_uri: Uri,
     timeout: Duration,
+    /// An upgraded connection (WebSocket) on which no byte moves for this long is closed.
+    tunnel_idle: Duration,
 }
 
 impl Forwarder {
@@ -69,6 +120,7 @@ impl Forwarder {
     pub fn new(
         upstream: Upstream,
         timeout: Duration,
+        tunnel_idle: Duration,
         tls: rustls::ClientConfig,
     ) -> Result<Self, String> {
         let mut http = HttpConnector::new();
@@ -96,6 +148,7 @@ impl Forwarder {
             upstream,
             upstream_uri,
             timeout,
+            tunnel_idle,
         })
     }
 
@@ -167,90 +220,42 @@ impl Forwarder {
     }
 
     /// Send the request upstream; `new_path` is the normalised path when it differs
-    /// from the one received. Returns the response and the time to its head.
+    /// from the one received, `host` the host the upstream is told (see `request_host`).
+    /// Returns the response and the time to its head.
+    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
         new_path: Option<String>,
+        host: Option<HeaderValue>,
         identity: Option<&Identity>,
         policy: &Policy,
         conn: &Conn,
         body_limit: Option<u64>,
     ) -> Result<(Response<Body>, Duration), Deny> {
-        let upgrade = wants_upgrade(&req);
+        let upgrade = upgrade_offer(&req, &policy.upgrades);
         // HTTP/1 clients send one request at a time: they get their own upstream
         // connection. HTTP/2 (many streams at once) and upgrades use the pool.
-        let direct = !upgrade && req.version() <= Version::HTTP_11;
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-
-        let path_and_query = match new_path {
-            None => req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            Some(p) => {
-                let s = match req.uri().query() {
-                    Some(q) => format!("{p}?{q}"),
-                    None => p,
-                };
-                PathAndQuery::try_from(s).map_err(|_| Deny::BadPath)?
-            }
-        };
-        *req.uri_mut() = if direct {
-            // Origin form: a connection of our own is already addressed.
-            Uri::from(path_and_query)
-        } else {
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(self.upstream.scheme.clone());
-            parts.authority = Some(self.upstream.authority.clone());
-            parts.path_and_query = Some(path_and_query);
-            Uri::from_parts(parts).map_err(|_| Deny::BadPath)?
-        };
+        let direct = upgrade.is_none() && req.version() <= Version::HTTP_11;
+        *req.uri_mut() = self.upstream_target(req.uri(), new_path, direct)?;
         *req.version_mut() = Version::HTTP_11;
+        self.set_headers(
+            req.headers_mut(),
+            policy,
+            conn,
+            identity,
+            host,
+            &upgrade,
+            direct,
+        );
 
-        let headers = req.headers_mut();
-        // Room for what is added below (identity, X-Forwarded-*, Host) at once, instead of
-        // the map growing insert by insert.
-        // (`try_`: a map already at http's size limit just grows as it can.)
-        let _ = headers.try_reserve(10);
-        let upgrade_value = if upgrade {
-            headers.get(header::UPGRADE).cloned()
-        } else {
-            None
-        };
-        strip_hop_by_hop(headers);
-        if let Some(u) = upgrade_value {
-            headers.insert(header::UPGRADE, u);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        headers.remove(header::PROXY_AUTHORIZATION);
-        if !policy.forward_authorization {
-            headers.remove(header::AUTHORIZATION);
-        }
-        set_identity(headers, policy, identity);
-        set_forwarded(headers, policy, conn, host.as_ref());
-        match host {
-            Some(h) => {
-                headers.insert(header::HOST, h);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let req = req.map(|b| {
+            let b = b.map_err(|e| BoxError::from(ClientBodyError(e)));
+            match body_limit {
+                Some(limit) => Limited::new(b, limit as usize).boxed(),
+                None => b.boxed(),
             }
-            // HTTP/1.1 needs a Host (the pool adds one from the URI; do the same).
-            None if direct => {
-                if let Ok(h) = HeaderValue::from_str(self.upstream.authority.as_str()) {
-                    headers.insert(header::HOST, h);
-                }
-            }
-            None => {}
-        }
-
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let req = req.map(|b| match body_limit {
-            Some(limit) => Limited::new(b, limit as usize).boxed(),
-            None => b.map_err(BoxError::from).boxed(),
         });
 
         let started = Instant::now();
@@ -270,26 +275,126 @@ impl Forwarder {
         let elapsed = started.elapsed();
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((c, u)) => {
-                            let mut c = TokioIo::new(c);
-                            let mut u = TokioIo::new(u);
-                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                    }
-                });
-                let (parts, _) = resp.into_parts();
-                return Ok((Response::from_parts(parts, crate::error::full("")), elapsed));
-            }
-            // 101 to a request that did not ask for it: refuse rather than tunnel.
-            return Err(Deny::UpstreamUnavailable);
+            return match (client_upgrade, upgrade) {
+                (Some(client), Some(offer)) if switched_to_offered(&resp, &offer) => {
+                    self.tunnel(client, &mut resp);
+                    let (parts, _) = resp.into_parts();
+                    Ok((Response::from_parts(parts, crate::error::full("")), elapsed))
+                }
+                // 101 to a request that did not offer that protocol: refuse, not tunnel.
+                _ => Err(Deny::UpstreamUnavailable),
+            };
         }
         strip_hop_by_hop(resp.headers_mut());
         Ok((resp.map(|b| b.map_err(BoxError::from).boxed()), elapsed))
+    }
+
+    /// The request target the upstream gets: origin form on a connection of our own,
+    /// absolute form for the pool (which dials from it).
+    fn upstream_target(
+        &self,
+        uri: &Uri,
+        new_path: Option<String>,
+        direct: bool,
+    ) -> Result<Uri, Deny> {
+        let path_and_query = match new_path {
+            None => uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            Some(p) => {
+                let s = match uri.query() {
+                    Some(q) => format!("{p}?{q}"),
+                    None => p,
+                };
+                PathAndQuery::try_from(s).map_err(|_| Deny::BadPath)?
+            }
+        };
+        if direct {
+            return Ok(Uri::from(path_and_query));
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.upstream.scheme.clone());
+        parts.authority = Some(self.upstream.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).map_err(|_| Deny::BadPath)
+    }
+
+    /// Every header the upstream sees is one keygate vouches for: the client's are
+    /// cleaned (`strip_client_headers`), then identity, `X-Forwarded-*`, `Host` and the
+    /// allowed `Upgrade` are set.
+    #[allow(clippy::too_many_arguments)]
+    fn set_headers(
+        &self,
+        headers: &mut HeaderMap,
+        policy: &Policy,
+        conn: &Conn,
+        identity: Option<&Identity>,
+        host: Option<HeaderValue>,
+        upgrade: &Option<HeaderValue>,
+        direct: bool,
+    ) {
+        // Room for what is added below at once, instead of the map growing insert by
+        // insert (`try_`: a map already at http's size limit just grows as it can).
+        let _ = headers.try_reserve(10);
+        let trusted = policy
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&conn.peer.ip()));
+        strip_client_headers(headers, policy, trusted);
+        if let Some(u) = upgrade {
+            headers.insert(header::UPGRADE, u.clone());
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        headers.remove(header::PROXY_AUTHORIZATION);
+        if !policy.forward_authorization {
+            headers.remove(header::AUTHORIZATION);
+        }
+        set_identity(headers, policy, identity);
+        set_forwarded(headers, conn, trusted, host.as_ref());
+        match host {
+            Some(h) => {
+                headers.insert(header::HOST, h);
+            }
+            // HTTP/1.1 needs a Host (the pool adds one from the URI; do the same).
+            None if direct => {
+                if let Ok(h) = HeaderValue::from_str(self.upstream.authority.as_str()) {
+                    headers.insert(header::HOST, h);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Copy both ways once both sides have switched protocols.
+    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>) {
+        let upstream = hyper::upgrade::on(resp);
+        let idle = self.tunnel_idle;
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((c, u)) => {
+                    crate::connection::tunnel(TokioIo::new(c), TokioIo::new(u), idle).await
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    }
+}
+
+/// An error of the client's request body (bad chunked framing, cut off): the client's
+/// fault (400), not the upstream's (502).
+#[derive(Debug)]
+struct ClientBodyError(hyper::Error);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }
 
@@ -300,13 +405,17 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Deny {
     classify_source(e)
 }
 
-/// A body over the route's limit is the client's fault (413); anything else is the
-/// upstream's (502).
+/// A body over the route's limit (413) or a broken one (400) is the client's fault;
+/// anything else is the upstream's (502).
 fn classify_source(e: &(dyn std::error::Error + 'static)) -> Deny {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<http_body_util::LengthLimitError>() {
             return Deny::BodyTooLarge;
+        }
+        if s.is::<ClientBodyError>() {
+            tracing::debug!(error = %s, "client request body failed");
+            return Deny::BadRequestBody;
         }
         source = s.source();
     }
@@ -314,11 +423,54 @@ fn classify_source(e: &(dyn std::error::Error + 'static)) -> Deny {
     Deny::UpstreamUnavailable
 }
 
-/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
-fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
+/// The protocols of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`)
+/// that `allowed` names, as the `Upgrade` value to forward; `None` when it offers none
+/// (then it is forwarded as a plain request, its `Upgrade` removed).
+fn upgrade_offer<B>(req: &Request<B>, allowed: &[Box<str>]) -> Option<HeaderValue> {
+    let asks = req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    let offered = req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| allowed_protocol(p, allowed));
+    let kept: Vec<&str> = offered.collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// `websocket` or `websocket/13` when `websocket` is allowed (names are case-insensitive).
+fn allowed_protocol(protocol: &str, allowed: &[Box<str>]) -> bool {
+    let name = protocol.split('/').next().unwrap_or("").trim();
+    !name.is_empty() && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// The upstream switched to one of the protocols offered to it.
+fn switched_to_offered<B>(resp: &Response<B>, offer: &HeaderValue) -> bool {
+    let Some(chosen) = resp
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let name = chosen.split('/').next().unwrap_or("").trim();
+    offer.to_str().unwrap_or("").split(',').any(|p| {
+        p.split('/')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(name)
+    })
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -373,6 +525,56 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Remove what a client may not tell the upstream: hop-by-hop headers; any header with an
+/// `_` in its name (CGI, WSGI, Rack and PHP read `x_keygate_tenant` as
+/// `x-keygate-tenant`), or with `underscore_headers: keep` those that would read as a
+/// header keygate vouches for; method and URL overrides; and, unless the peer is a
+/// trusted proxy, client address and scheme claims.
+fn strip_client_headers(headers: &mut HeaderMap, policy: &Policy, trusted: bool) {
+    strip_hop_by_hop(headers);
+    let mut refused = Vec::new();
+    for name in headers.keys() {
+        if refuse(name.as_str(), policy, trusted) {
+            refused.push(name.clone());
+        }
+    }
+    for n in refused {
+        headers.remove(n);
+    }
+}
+
+fn refuse(name: &str, policy: &Policy, trusted: bool) -> bool {
+    if name.as_bytes().contains(&b'_') {
+        return !policy.keep_underscore_headers || vouched(&name.replace('_', "-"), policy);
+    }
+    if name.len() >= 64 || CLAIM_LENGTHS & (1 << name.len()) == 0 {
+        return false;
+    }
+    OVERRIDES.contains(&name) || (!trusted && CLIENT_CLAIMS.contains(&name))
+}
+
+/// A name keygate sets, rewrites or strips: a look-alike spelling must not reach the
+/// upstream either.
+fn vouched(name: &str, policy: &Policy) -> bool {
+    let ids = &policy.identity;
+    [&ids.key_id, &ids.tenant, &ids.scopes, &ids.key_type]
+        .iter()
+        .any(|n| n.as_str() == name)
+        || HOP_BY_HOP.iter().any(|n| n.as_str() == name)
+        || OVERRIDES.contains(&name)
+        || CLIENT_CLAIMS.contains(&name)
+        || [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "authorization",
+            "proxy-authorization",
+            "host",
+            "content-length",
+        ]
+        .contains(&name)
+}
+
 /// Identity headers are set by keygate only: a client's copies are always removed.
 fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Identity>) {
     let names = &policy.identity;
@@ -395,15 +597,14 @@ fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Iden
     }
 }
 
-/// `X-Forwarded-*`: kept and extended for trusted peers, overwritten for everyone else.
-fn set_forwarded(
-    headers: &mut HeaderMap,
-    policy: &Policy,
-    conn: &Conn,
-    host: Option<&HeaderValue>,
-) {
+/// `X-Forwarded-*`: kept and extended for trusted peers, overwritten for everyone else;
+/// `Forwarded` (RFC 7239) is extended for trusted peers and was removed for the others.
+fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, trusted: bool, host: Option<&HeaderValue>) {
     let peer_ip = conn.peer.ip();
-    let trusted = policy.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
+    let proto = if conn.tls { "https" } else { "http" };
+    if trusted {
+        extend_forwarded(headers, peer_ip, proto);
+    }
     // A client's own X-Forwarded-For is only looked at when it is trusted.
     let prev = if trusted {
         headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
@@ -421,7 +622,6 @@ fn set_forwarded(
         headers.insert(X_FORWARDED_FOR, v);
     }
     if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
-        let proto = if conn.tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
@@ -432,6 +632,31 @@ fn set_forwarded(
             None => {
                 headers.remove(X_FORWARDED_HOST);
             }
+        }
+    }
+}
+
+/// A trusted proxy's `Forwarded` elements, then this hop's (`for`, quoted for IPv6).
+fn extend_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &str) {
+    let prev: Vec<&str> = headers
+        .get_all(FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if prev.is_empty() {
+        return;
+    }
+    let this = match peer {
+        std::net::IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+        std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    };
+    let value = format!("{}, {this}", prev.join(", "));
+    match HeaderValue::from_str(&value) {
+        Ok(v) => {
+            headers.insert(FORWARDED, v);
+        }
+        Err(_) => {
+            headers.remove(FORWARDED);
         }
     }
 }

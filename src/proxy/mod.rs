@@ -2,6 +2,7 @@
 //! against the cache, then forward with identity headers (see `forward`).
 
 pub mod forward;
+pub mod host;
 pub mod policy;
 pub mod route;
 pub mod server;
@@ -87,6 +88,7 @@ impl Proxy {
             forwarder: forward::Forwarder::new(
                 config.upstream.clone(),
                 config.timeouts.upstream,
+                config.timeouts.idle,
                 upstream_tls,
             )?,
             max_uri_bytes: config.limits.max_uri_bytes,
@@ -153,6 +155,10 @@ impl Proxy {
         if target_len > self.max_uri_bytes {
             return (None, Err(Deny::UriTooLong));
         }
+        let host = match host::request_host(&req) {
+            Ok(h) => h,
+            Err(d) => return (None, Err(d)),
+        };
         // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
         // parser keeps only the chunked framing and closes the connection afterwards,
         // and the forwarder re-frames the body, so the upstream sees one request.
@@ -185,7 +191,7 @@ impl Proxy {
         let path = path.into_owned_if_changed();
         let result = self
             .forwarder
-            .forward(req, path, identity.as_deref(), policy, conn, limit)
+            .forward(req, path, host, identity.as_deref(), policy, conn, limit)
             .await;
         *who = identity;
         (index, result)

@@ -2,7 +2,7 @@
 //! policy. One `Arc<Policy>` is loaded per request, so a reload swaps it atomically.
 
 use super::route::{PathPattern, SplitPath};
-use crate::config::raw::{Auth, RawProxy, RawRoute, Unmatched};
+use crate::config::raw::{Auth, RawProxy, RawRoute, UnderscoreHeaders, Unmatched};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -60,6 +60,10 @@ pub struct Policy {
     pub default_max_body_bytes: Option<u64>,
     /// One log line per proxied request (target `keygate::access`).
     pub access_log: bool,
+    /// `underscore_headers: keep`.
+    pub keep_underscore_headers: bool,
+    /// `Upgrade` protocols allowed through, lower-case.
+    pub upgrades: Box<[Box<str>]>,
 }
 
 fn challenge(scopes: &[Box<str>]) -> HeaderValue {
@@ -68,6 +72,31 @@ fn challenge(scopes: &[Box<str>]) -> HeaderValue {
         scopes.join(" ")
     );
     HeaderValue::from_str(&v).expect("scopes are validated to a header-safe alphabet")
+}
+
+/// `proxy.upgrades`: protocol names (RFC 9110 tokens), lower-cased; never `h2c`.
+fn upgrades(list: &[String]) -> Result<Box<[Box<str>]>, (String, String)> {
+    let field = || "proxy.upgrades".to_string();
+    let mut out = Vec::with_capacity(list.len());
+    for p in list {
+        let token = !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err((field(), format!("{p:?} is not a protocol name")));
+        }
+        let p = p.to_ascii_lowercase();
+        if p == "h2c" {
+            return Err((
+                field(),
+                "h2c cannot be tunnelled: RFC 9113 deprecates it, and the tunnel would bypass \
+                 every route check"
+                    .into(),
+            ));
+        }
+        out.push(p.into_boxed_str());
+    }
+    Ok(out.into())
 }
 
 const RESERVED: &[&str] = &[
@@ -84,6 +113,7 @@ const RESERVED: &[&str] = &[
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "forwarded",
 ];
 
 impl Policy {
@@ -213,6 +243,8 @@ impl Policy {
                 n => Some(n),
             },
             access_log: proxy.access_log,
+            keep_underscore_headers: proxy.underscore_headers == UnderscoreHeaders::Keep,
+            upgrades: upgrades(&proxy.upgrades)?,
         })
     }
 

@@ -4,93 +4,21 @@
 //! hyper-util's auto builder, header-read and idle timeouts, and graceful drain.
 
 use super::{Conn, Proxy};
+use crate::connection::{self, ServerSettings, Tracked, Watch};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-
-#[derive(Debug, Clone)]
-pub struct ServerSettings {
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_connections: usize,
-}
-
-/// A stream that counts the reads and writes that moved bytes, for the idle timeout (a
-/// counter, not a clock read per I/O: the watcher compares it between its ticks).
-struct IdleIo<T> {
-    inner: T,
-    moved: Arc<AtomicU64>,
-}
-
-impl<T> IdleIo<T> {
-    fn note(&self) {
-        // One writer (the connection's task): no read-modify-write needed.
-        let n = self.moved.load(Ordering::Relaxed);
-        self.moved.store(n.wrapping_add(1), Ordering::Relaxed);
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if r.is_ready() {
-            self.note();
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            self.note();
-        }
-        r
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            self.note();
-        }
-        r
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// Bind the proxy's listening socket (a plain socket: no runtime needed yet).
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -104,7 +32,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// A connection handed to a worker, with its `max_connections` slot.
-type Handoff = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
+type Handoff = (
+    std::net::TcpStream,
+    SocketAddr,
+    OwnedSemaphorePermit,
+    tokio::time::Instant,
+);
 
 /// Serve with `workers` threads until `shutdown` turns true; then stop accepting and let
 /// open connections finish their in-flight requests for up to `drain`. Returns when every
@@ -192,7 +125,8 @@ pub async fn serve_workers(
                 break;
             };
             open.fetch_add(1, Ordering::Relaxed);
-            if tx.send((stream, peer, permit)).is_err() {
+            let accepted = tokio::time::Instant::now();
+            if tx.send((stream, peer, permit, accepted)).is_err() {
                 open.fetch_sub(1, Ordering::Relaxed);
             }
         },
@@ -217,22 +151,11 @@ async fn worker(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_bytes as u32);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(settings.builder());
     let mut connections = JoinSet::new();
 
     loop {
-        let (stream, peer, permit) = tokio::select! {
+        let (stream, peer, permit, accepted) = tokio::select! {
             c = incoming.recv() => match c {
                 Some(c) => c,
                 None => break, // the acceptor stopped: shutting down
@@ -249,24 +172,25 @@ async fn worker(
                 continue;
             }
         };
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
-        let idle = settings.idle_timeout;
-        let handshake_timeout = settings.header_read_timeout;
-        let tls = tls.clone();
-        let open = open.clone();
+        let (proxy, builder, settings) = (proxy.clone(), builder.clone(), settings.clone());
+        let (shutdown, tls, open) = (shutdown.clone(), tls.clone(), open.clone());
         connections.spawn(async move {
+            let watch = Watch::new(accepted);
             match tls {
                 None => {
                     let conn = Conn::new(peer, false);
-                    serve_connection(stream, conn, proxy, &builder, shutdown, idle).await;
+                    serve_connection(stream, watch, conn, proxy, &builder, &settings, shutdown)
+                        .await;
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let until = accepted + settings.deadlines.header_read;
+                    match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let conn = Conn::new(peer, true);
-                            serve_connection(stream, conn, proxy, &builder, shutdown, idle).await;
+                            serve_connection(
+                                stream, watch, conn, proxy, &builder, &settings, shutdown,
+                            )
+                            .await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
@@ -301,80 +225,33 @@ struct ConnCtx {
 
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
+    watch: Watch,
     conn: Conn,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
+    settings: &ServerSettings,
     shutdown: watch::Receiver<bool>,
-    idle: Duration,
 ) {
     let peer = conn.peer;
-    let moved = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(IdleIo {
-        inner: stream,
-        moved: moved.clone(),
-    });
+    let io = watch.io(stream, Some(settings.max_first_line()));
+    let marks = watch.handle();
     let ctx = Arc::new(ConnCtx { proxy, conn });
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.proxy.handle(req, &ctx.conn).await) }
+        let finished = marks.begin(&req);
+        async move {
+            let resp = ctx.proxy.handle(req, &ctx.conn).await;
+            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, finished)))
+        }
     });
-    let connection = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(connection);
-    // The idle and shutdown watch is a task of its own, which runs only when its timer or
-    // the shutdown signal fires: polled here, its timer and the shutdown receiver would be
-    // polled again at every wake-up of the connection, several times per request.
-    let (close_tx, mut close_rx) = oneshot::channel::<()>();
-    tokio::spawn(watch_connection(moved, idle, shutdown, close_tx));
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            biased;
-            res = connection.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(peer = %peer, error = %e, "connection ended with error");
-                }
-                // Dropping `close_rx` ends the watcher.
-                return;
-            }
-            // Graceful: a request still in flight (slow upstream) completes first.
-            _ = &mut close_rx, if !closing => {
-                closing = true;
-                connection.as_mut().graceful_shutdown();
-            }
-        }
-    }
-}
-
-/// Tell the connection to close once no bytes moved for `idle` (checked every quarter
-/// of it, so it closes between `idle` and 1.25 x `idle` after the last byte) or when
-/// the server shuts down. Returns when the connection has ended.
-async fn watch_connection(
-    moved: Arc<AtomicU64>,
-    idle: Duration,
-    mut shutdown: watch::Receiver<bool>,
-    mut close: oneshot::Sender<()>,
-) {
-    let tick = (idle / 4).max(Duration::from_millis(1));
-    let mut seen = moved.load(Ordering::Relaxed);
-    let mut quiet = Duration::ZERO;
-    loop {
-        tokio::select! {
-            _ = close.closed() => return,
-            // A closed channel means the server is going away too.
-            _ = shutdown.changed() => break,
-            _ = tokio::time::sleep(tick) => {
-                let now = moved.load(Ordering::Relaxed);
-                if now != seen {
-                    seen = now;
-                    quiet = Duration::ZERO;
-                } else {
-                    quiet += tick;
-                    if quiet >= idle {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    let _ = close.send(());
+    connection::serve(
+        watch,
+        io,
+        service,
+        builder,
+        &settings.deadlines,
+        shutdown,
+        peer,
+    )
+    .await;
 }

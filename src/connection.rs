@@ -1,0 +1,568 @@
+//! One client connection, on the proxy port or the admin port: hyper's HTTP/1.1 and HTTP/2
+//! server with every deadline enforced by keygate. hyper's own header-read timer also cuts
+//! idle keep-alive connections and never runs before the protocol is known, and nothing in
+//! hyper closes a connection whose peer stops reading or never acknowledges a GOAWAY.
+//!
+//! The request path only bumps counters (the I/O wrapper and the response body do); a
+//! watcher task per connection reads them a few times per timeout and decides.
+
+use crate::error::Deny;
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// After keygate asks a connection to close (GOAWAY on HTTP/2), how long a peer with no
+/// request in flight may take to go; then the socket is closed regardless.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The deadlines of a connection (`proxy.timeouts`).
+#[derive(Debug, Clone)]
+pub struct Deadlines {
+    /// From accept (TLS handshake included) to the first complete request head; on an
+    /// HTTP/1 keep-alive connection, from the first byte of a request to its full head.
+    pub header_read: Duration,
+    /// No request in progress for this long: the connection is closed.
+    pub idle: Duration,
+    /// A response write that makes no progress for this long (the client stopped reading).
+    pub write: Duration,
+    /// A request in progress on which no byte moves either way for this long.
+    pub stall: Duration,
+    /// At shutdown, how long requests in flight may take to finish.
+    pub drain: Duration,
+}
+
+impl Deadlines {
+    /// How often the watcher looks: a quarter of the shortest deadline, so each one holds
+    /// within 1.25 times its value.
+    fn tick(&self) -> Duration {
+        (self.header_read.min(self.idle).min(self.write) / 4).max(Duration::from_millis(5))
+    }
+}
+
+/// How keygate serves connections on a port: deadlines and size limits.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub deadlines: Deadlines,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    pub max_connections: usize,
+}
+
+impl ServerSettings {
+    /// hyper's HTTP/1 and HTTP/2 server as keygate runs it on either port. hyper's own
+    /// header-read timer is off: it would also cut idle keep-alive connections, and
+    /// `serve` enforces `header_read` from accept instead.
+    pub fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(self.max_header_bytes)
+            .max_headers(max_header_count(self.max_header_bytes))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(self.max_header_bytes as u32);
+        builder
+    }
+
+    /// The longest first request line read before hyper parses it (414 beyond): the
+    /// target limit plus room for the method and version.
+    pub fn max_first_line(&self) -> usize {
+        self.max_uri_bytes + 64
+    }
+}
+
+/// Header fields a head may carry: as many as the byte limit allows at 16 bytes a field
+/// (hyper's default of 100 refuses a legitimate head of many short fields with 431).
+pub fn max_header_count(max_header_bytes: usize) -> usize {
+    (max_header_bytes / 16).max(100)
+}
+
+/// What a connection did, as counters: written by its I/O and its requests, read by its
+/// watcher. No clock is read per request or per I/O.
+#[derive(Default)]
+struct Activity {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    /// The last write (or flush) could not go through: the peer's window is full.
+    write_blocked: AtomicBool,
+    /// Request heads received and responses finished (body written or dropped).
+    heads: AtomicU64,
+    done: AtomicU64,
+    /// `reads` when the last response finished: more reads after it are a new request.
+    reads_at_done: AtomicU64,
+    /// HTTP/2: frames between requests (PING, WINDOW_UPDATE) are not a request head.
+    multiplexed: AtomicBool,
+}
+
+impl Activity {
+    /// One writer per counter (the task driving the I/O): no read-modify-write needed.
+    fn bump(counter: &AtomicU64) {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// One connection's watch: hand its `io` to hyper, mark each request with `begin`, and
+/// `serve` with the deadlines.
+pub struct Watch {
+    activity: Arc<Activity>,
+    accepted: Instant,
+}
+
+impl Watch {
+    /// `accepted`: when the TCP connection was accepted (the TLS handshake counts against
+    /// `header_read`).
+    pub fn new(accepted: Instant) -> Watch {
+        Watch {
+            activity: Arc::new(Activity::default()),
+            accepted,
+        }
+    }
+
+    /// Wrap the client stream so its reads and writes are counted. `max_first_line`, when
+    /// set, answers 414 to an HTTP/1 first request line longer than that (hyper would
+    /// answer 431 to a head over its buffer, whatever made it long).
+    pub fn io<T>(&self, inner: T, max_first_line: Option<usize>) -> TokioIo<WatchedIo<T>> {
+        TokioIo::new(WatchedIo {
+            inner,
+            activity: self.activity.clone(),
+            first_line_left: max_first_line.unwrap_or(0),
+        })
+    }
+
+    /// What the service marks each request with.
+    pub fn handle(&self) -> WatchHandle {
+        WatchHandle(self.activity.clone())
+    }
+}
+
+/// Held by a connection's service.
+#[derive(Clone)]
+pub struct WatchHandle(Arc<Activity>);
+
+impl WatchHandle {
+    /// A request head arrived: the returned guard, carried by the response body, marks
+    /// the response finished when dropped.
+    pub fn begin<B>(&self, req: &Request<B>) -> Finished {
+        if req.version() == Version::HTTP_2 {
+            self.0.multiplexed.store(true, Ordering::Relaxed);
+        }
+        self.0.heads.fetch_add(1, Ordering::AcqRel);
+        Finished(self.0.clone())
+    }
+}
+
+/// Dropped when a response is finished (fully written, or abandoned).
+pub struct Finished(Arc<Activity>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.reads_at_done
+            .store(a.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+        a.done.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that marks its response finished when it is dropped (hyper drops it
+/// once the last frame is written).
+pub struct Tracked<B> {
+    body: B,
+    _finished: Finished,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(body: B, finished: Finished) -> Self {
+        Tracked {
+            body,
+            _finished: finished,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client stream, counting the reads and writes that moved bytes.
+pub struct WatchedIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    /// Bytes of the first request line still allowed before it is refused; 0: no check.
+    first_line_left: usize,
+}
+
+impl<T: AsyncWrite + Unpin> WatchedIo<T> {
+    /// The first request line is over the limit: answer 414 here (a best-effort write of
+    /// a few hundred bytes into an empty socket buffer), then fail the read so hyper stops.
+    fn refuse_long_line(&mut self, cx: &mut Context<'_>) -> io::Error {
+        static ANSWER: std::sync::LazyLock<Bytes> =
+            std::sync::LazyLock::new(|| Bytes::from(Deny::UriTooLong.raw_http1()));
+        let _ = Pin::new(&mut self.inner).poll_write(cx, &ANSWER);
+        let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        io::Error::new(io::ErrorKind::InvalidData, "request target too long")
+    }
+
+    /// Scan newly read bytes of the first request line.
+    fn check_first_line(&mut self, fresh: &[u8]) -> bool {
+        match fresh.iter().position(|&b| b == b'\n') {
+            Some(end) if end < self.first_line_left => {
+                self.first_line_left = 0;
+                true
+            }
+            None if fresh.len() < self.first_line_left => {
+                self.first_line_left -= fresh.len();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for WatchedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            if buf.filled().len() > before {
+                Activity::bump(&self.activity.reads);
+                if self.first_line_left > 0 && !self.check_first_line(&buf.filled()[before..]) {
+                    return Poll::Ready(Err(self.refuse_long_line(cx)));
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> WatchedIo<T> {
+    fn note_write<R>(&self, r: &Poll<io::Result<R>>) {
+        let a = &self.activity;
+        match r {
+            Poll::Pending => a.write_blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(_) => {
+                if a.write_blocked.load(Ordering::Relaxed) {
+                    a.write_blocked.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&r);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            Activity::bump(&self.activity.writes);
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&r);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            Activity::bump(&self.activity.writes);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note_write(&r);
+        r
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the watcher tells the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// Finish what is in flight, then close (HTTP/2: GOAWAY).
+    Graceful,
+    /// Drop the connection now.
+    Now,
+}
+
+/// Serve one connection with `service` until it ends, a deadline passes, or shutdown
+/// (graceful, then cut after `drain`).
+pub async fn serve<I, S, B>(
+    watch: Watch,
+    io: TokioIo<WatchedIo<I>>,
+    service: S,
+    builder: &auto::Builder<TokioExecutor>,
+    deadlines: &Deadlines,
+    shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    // The watcher is a task of its own: polled here, its timer would be polled again at
+    // every wake-up of the connection, several times per request.
+    let (tx, mut rx) = mpsc::channel(2);
+    tokio::spawn(watch_connection(
+        watch.activity,
+        watch.accepted,
+        deadlines.clone(),
+        shutdown,
+        tx,
+    ));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            res = connection.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            cmd = rx.recv() => match cmd {
+                Some(Close::Graceful) if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                Some(Close::Graceful) => {}
+                Some(Close::Now) | None => {
+                    tracing::debug!(peer = %peer, "connection closed at its deadline");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The watcher's view of the counters at its last look, and when each last changed.
+struct Seen {
+    reads: u64,
+    writes: u64,
+    heads: u64,
+    done: u64,
+    progress_at: Instant,
+    write_at: Instant,
+    /// Since when no request has been in progress (any start or end resets it).
+    quiet_since: Instant,
+    /// When bytes of a next HTTP/1 request head were first seen.
+    head_since: Option<Instant>,
+    /// When keygate asked the connection to close, and whether for shutdown.
+    closing: Option<(Instant, bool)>,
+}
+
+impl Seen {
+    fn new(a: &Activity, now: Instant) -> Seen {
+        Seen {
+            reads: a.reads.load(Ordering::Relaxed),
+            writes: a.writes.load(Ordering::Relaxed),
+            heads: 0,
+            done: 0,
+            progress_at: now,
+            write_at: now,
+            quiet_since: now,
+            head_since: None,
+            closing: None,
+        }
+    }
+
+    fn update(&mut self, a: &Activity, now: Instant) {
+        let (reads, writes) = (
+            a.reads.load(Ordering::Relaxed),
+            a.writes.load(Ordering::Relaxed),
+        );
+        let (heads, done) = (
+            a.heads.load(Ordering::Acquire),
+            a.done.load(Ordering::Acquire),
+        );
+        if reads != self.reads || writes != self.writes {
+            self.progress_at = now;
+        }
+        if writes != self.writes {
+            self.write_at = now;
+        }
+        if heads != self.heads || done != self.done {
+            self.quiet_since = now;
+            self.head_since = None;
+        }
+        (self.reads, self.writes, self.heads, self.done) = (reads, writes, heads, done);
+    }
+
+    /// The one decision: what to do with the connection now.
+    fn verdict(
+        &mut self,
+        a: &Activity,
+        d: &Deadlines,
+        accepted: Instant,
+        now: Instant,
+    ) -> Option<Close> {
+        let busy = self.heads != self.done;
+        if busy {
+            let blocked = a.write_blocked.load(Ordering::Relaxed);
+            if (blocked && now - self.write_at >= d.write) || now - self.progress_at >= d.stall {
+                return Some(Close::Now);
+            }
+        }
+        if let Some((since, shutdown)) = self.closing {
+            let grace_over = !busy && now - since >= CLOSE_GRACE;
+            let drain_over = shutdown && now - since >= d.drain;
+            return (grace_over || drain_over).then_some(Close::Now);
+        }
+        if busy {
+            return None;
+        }
+        if self.heads == 0 {
+            return (now - accepted >= d.header_read).then_some(Close::Now);
+        }
+        let next_head = !a.multiplexed.load(Ordering::Relaxed)
+            && self.reads != a.reads_at_done.load(Ordering::Relaxed);
+        if next_head {
+            let since = *self.head_since.get_or_insert(now);
+            if now - since >= d.header_read {
+                return Some(Close::Now);
+            }
+        }
+        if now - self.quiet_since >= d.idle {
+            self.closing = Some((now, false));
+            return Some(Close::Graceful);
+        }
+        None
+    }
+}
+
+/// Watch one connection's counters until it ends; tell it to close when a deadline
+/// passes or the server shuts down.
+async fn watch_connection(
+    activity: Arc<Activity>,
+    accepted: Instant,
+    d: Deadlines,
+    mut shutdown: watch::Receiver<bool>,
+    tx: mpsc::Sender<Close>,
+) {
+    let mut seen = Seen::new(&activity, Instant::now());
+    let mut tick = d.tick();
+    let mut shutting = *shutdown.borrow();
+    loop {
+        if shutting && seen.closing.is_none_or(|(_, s)| !s) {
+            seen.closing = Some((Instant::now(), true));
+            if tx.send(Close::Graceful).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tx.closed() => return,
+            // A closed channel means the server is going away too.
+            r = shutdown.changed(), if !shutting => {
+                shutting = r.is_err() || *shutdown.borrow();
+                continue;
+            }
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let now = Instant::now();
+        seen.update(&activity, now);
+        if let Some(close) = seen.verdict(&activity, &d, accepted, now) {
+            // The connection is gone (send failed) or told to go now: nothing to watch.
+            if tx.send(close).await.is_err() || close == Close::Now {
+                return;
+            }
+        }
+        if seen.closing.is_some() {
+            tick = tick.min(CLOSE_GRACE / 4);
+        }
+    }
+}
+
+/// Copy both ways between an upgraded client connection and the upstream until either
+/// side ends or no byte moves for `idle`.
+pub async fn tunnel<A, B>(client: A, upstream: B, idle: Duration)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(Activity::default());
+    let mut c = WatchedIo {
+        inner: client,
+        activity: activity.clone(),
+        first_line_left: 0,
+    };
+    let mut u = WatchedIo {
+        inner: upstream,
+        activity: activity.clone(),
+        first_line_left: 0,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+    tokio::pin!(copy);
+    let tick = (idle / 4).max(Duration::from_millis(5));
+    let mut seen = (0, Instant::now());
+    loop {
+        tokio::select! {
+            _ = copy.as_mut() => return,
+            _ = tokio::time::sleep(tick) => {
+                // Both ends bump the same counters, from this one task.
+                let moved = activity.reads.load(Ordering::Relaxed)
+                    .wrapping_add(activity.writes.load(Ordering::Relaxed));
+                let now = Instant::now();
+                if moved != seen.0 {
+                    seen = (moved, now);
+                } else if now - seen.1 >= idle {
+                    tracing::debug!("upgraded connection idle: closed");
+                    return;
+                }
+            }
+        }
+    }
+}
