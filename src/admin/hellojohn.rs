@@ -10,7 +10,7 @@ use super::{
     AdminState, ApiError, NewKeySpec,
 };
 use crate::key::{Environment, KeyType};
-use crate::store::{order_key, KeyRecord, KeyUpdate, PageRequest};
+use crate::store::{order_key, KeyRecord, KeyUpdate, PageRequest, StoreError};
 use crate::time::{now_ms, rfc3339};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -365,8 +365,13 @@ pub async fn rotate(
         return Err(super::escalation());
     }
     let now = now_ms();
+    // Fast paths only (no key generated for a refusal): the store decides both again
+    // atomically, which is what keeps concurrent rotations from forking the key.
     if old.is_revoked_at(now) || old.is_expired_at(now) {
-        return Err(crate::store::StoreError::NotRotatable.into());
+        return Err(StoreError::NotRotatable.into());
+    }
+    if old.successor_id.is_some() {
+        return Err(StoreError::AlreadyRotated.into());
     }
     let new_key = super::new_key_text(&s, old.key_type, old.environment)?;
     let new = KeyRecord {

@@ -225,6 +225,11 @@ impl From<StoreError> for ApiError {
                 "key_not_rotatable",
                 "the key is revoked or expired and cannot be rotated",
             ),
+            StoreError::AlreadyRotated => ApiError::new(
+                StatusCode::CONFLICT,
+                "key_already_rotated",
+                "the key already has a successor (rotation in progress); rotate the new key instead",
+            ),
             other => {
                 tracing::error!(error = %other, "key store error in admin API");
                 ApiError::new(

@@ -144,6 +144,9 @@ impl KeyStore for MemoryStore {
                 if r.is_revoked_at(now_ms) || r.is_expired_at(now_ms) {
                     return Err(StoreError::NotRotatable);
                 }
+                if r.successor_id.is_some() {
+                    return Err(StoreError::AlreadyRotated);
+                }
             }
             _ => return Ok(None),
         }

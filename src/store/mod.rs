@@ -84,6 +84,9 @@ pub enum StoreError {
     BadCursor,
     #[error("the key is revoked or expired and cannot be rotated")]
     NotRotatable,
+    /// The key already has a successor: a second rotation would fork it into two live keys.
+    #[error("the key already has a successor and cannot be rotated again")]
+    AlreadyRotated,
 }
 
 /// A change to a key's name and/or scopes.
@@ -114,7 +117,8 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<Option<KeyRecord>, StoreError>;
     /// Atomically insert `new` (same tenant) and schedule the old key's revocation at
     /// `old_revokes_at` (never later than an earlier scheduled one), linking it to `new`.
-    /// `NotRotatable` when the old key is revoked or expired at `now_ms`.
+    /// `NotRotatable` when the old key is revoked or expired at `now_ms`, else
+    /// `AlreadyRotated` when it has a successor: concurrent rotations make one new key.
     /// Returns the old record as it now is; `None` when it is not in the tenant.
     async fn rotate(
         &self,

@@ -85,8 +85,8 @@ return redis.call('HGETALL', rk)
     )
 });
 
-/// Returns `{status, old record}`: 1 rotated, 2 revoked or expired, 3 new key conflicts;
-/// `false` when the old key is not in the tenant.
+/// Returns `{status, old record}`: 1 rotated, 2 revoked or expired, 3 new key conflicts,
+/// 4 the old key already has a successor; `false` when the old key is not in the tenant.
 static ROTATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -99,6 +99,9 @@ local rev = redis.call('HGET', rk, 'revoked_at')
 local exp = redis.call('HGET', rk, 'expires_at')
 if (rev and tonumber(rev) <= now) or (exp and tonumber(exp) <= now) then
   return {2, {}}
+end
+if redis.call('HEXISTS', rk, 'successor_id') == 1 then
+  return {4, {}}
 end
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
   return {3, {}}
@@ -615,6 +618,7 @@ impl KeyStore for RedisStore {
             Some((1, old)) => parse_record(old),
             Some((2, _)) => Err(StoreError::NotRotatable),
             Some((3, _)) => Err(StoreError::Conflict),
+            Some((4, _)) => Err(StoreError::AlreadyRotated),
             Some((code, _)) => Err(StoreError::Corrupt {
                 key: "rotate".into(),
                 reason: format!("unexpected script status {code}"),

@@ -36,6 +36,8 @@ pub async fn run_all(store: &dyn KeyStore) {
     tenants_are_isolated(store).await;
     revoke_is_idempotent(store).await;
     list_pages_newest_first(store).await;
+    rotate_refuses_a_key_with_a_successor(store).await;
+    concurrent_rotations_make_one_successor(store).await;
 }
 
 async fn insert_and_read_back(store: &dyn KeyStore) {
@@ -248,6 +250,75 @@ async fn list_pages_newest_first(store: &dyn KeyStore) {
             .await,
         Err(StoreError::BadCursor)
     ));
+}
+
+async fn rotate_refuses_a_key_with_a_successor(store: &dyn KeyStore) {
+    let old = record("t-fork", 1_700_000_000_000);
+    store.insert(&old).await.unwrap();
+    let now = 1_700_000_000_100;
+    let first = record("t-fork", now);
+    let rotated = store
+        .rotate("t-fork", &old.id, &first, now + 60_000, now)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = record("t-fork", now + 1);
+    assert!(matches!(
+        store
+            .rotate("t-fork", &old.id, &second, now + 1, now + 1)
+            .await,
+        Err(StoreError::AlreadyRotated)
+    ));
+    // Nothing changed: no second key, the old one still links to the first successor
+    // and keeps its revocation time.
+    assert_eq!(store.by_digest(&second.digest).await.unwrap(), None);
+    assert_eq!(store.by_id("t-fork", &second.id).await.unwrap(), None);
+    assert_eq!(store.by_digest(&old.digest).await.unwrap(), Some(rotated));
+    assert_eq!(
+        tenant_ids(store, "t-fork").await,
+        vec![first.id.clone(), old.id.clone()]
+    );
+    // The successor itself may be rotated.
+    assert!(store
+        .rotate("t-fork", &first.id, &second, now + 1, now + 1)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn concurrent_rotations_make_one_successor(store: &dyn KeyStore) {
+    let old = record("t-race", 1_700_000_000_000);
+    store.insert(&old).await.unwrap();
+    let now = 1_700_000_000_100;
+    let news: Vec<KeyRecord> = (0..16).map(|i| record("t-race", now + i)).collect();
+    let results = futures_util::future::join_all(
+        news.iter()
+            .map(|n| store.rotate("t-race", &old.id, n, now + 60_000, now)),
+    )
+    .await;
+    let mut winners = Vec::new();
+    for (n, r) in news.iter().zip(results) {
+        match r {
+            Ok(Some(_)) => winners.push(n.id.clone()),
+            Err(StoreError::AlreadyRotated) => {}
+            other => panic!("a concurrent rotation answered {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let ids = tenant_ids(store, "t-race").await;
+    assert_eq!(ids, vec![winners[0].clone(), old.id.clone()]);
+    let now_old = store.by_id("t-race", &old.id).await.unwrap().unwrap();
+    assert_eq!(now_old.successor_id.as_ref(), Some(&winners[0]));
+}
+
+/// A tenant's key ids, newest first.
+async fn tenant_ids(store: &dyn KeyStore, tenant: &str) -> Vec<String> {
+    let page = PageRequest {
+        limit: 100,
+        cursor: None,
+    };
+    let items = store.list(tenant, &page).await.unwrap().items;
+    items.into_iter().map(|r| r.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
