@@ -278,22 +278,20 @@ pub async fn update(
             return Err(super::escalation());
         }
     }
-    if get_key(&s, &caller, &id).await?.is_revoked_at(now_ms()) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "key_revoked",
-            "a revoked key cannot be changed",
-        ));
-    }
+    // No separate read first: the store refuses a key revoked by `now` in the same atomic
+    // step as the write (a read-then-write let a revoke land in between and the PATCH
+    // answer 200 for a revoked key). A revoke stamped after `now` orders after this
+    // change. One `now` for the check and the answer, so a 200 never shows `revoked`.
+    let now = now_ms();
     let r = s
         .store
-        .update(&caller.tenant, &id, &change)
+        .update(&caller.tenant, &id, &change, now)
         .await?
         .ok_or_else(ApiError::key_not_found)?;
     // The proxy enforces the new scopes at once.
     s.cache.invalidate(&r.digest).await;
     tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
-    Ok(Json(ApiKey::new(&r, now_ms())))
+    Ok(Json(ApiKey::new(&r, now)))
 }
 
 pub async fn revoke(

@@ -2,7 +2,8 @@
 //! create, get, patch, delete, rotate), publishable keys at the proxy, rotation grace
 //! periods, scope changes enforced at once (also across replicas on Redis), the one key
 //! model shared with the jack surface (`/v1/keys`), strict input, and tenants; races:
-//! concurrent rotations make one successor (both on memory and Redis).
+//! concurrent rotations make one successor, a PATCH racing a revoke never answers 200
+//! for a revoked key (both on memory and Redis).
 //! All over real sockets against an in-process keygate (memory store unless said).
 
 use crate::support::{assert_error, eventually, spawn_app, Key, Redis, Store, TestApp, ROOT};
@@ -1446,7 +1447,7 @@ async fn revoking_an_old_key_during_its_grace_period_is_immediate() {
 }
 
 // ---------------------------------------------------------------------------------------
-// rotation cannot fork a key
+// rotation cannot fork a key; a PATCH cannot race a revoke
 
 /// A keygate on the memory store, and one on a fresh real Redis (kept with it): the
 /// races below are decided inside each store, so both are tried.
@@ -1557,6 +1558,100 @@ async fn concurrent_rotations_of_one_key_make_exactly_one_successor() {
             vec![winners[0].clone(), old.id.clone()],
             "{store}"
         );
+    }
+}
+
+/// Rounds of PATCH against DELETE on a fresh key each.
+const PATCH_RACE_ROUNDS: usize = 25;
+
+/// Start `RACERS - 1` PATCHes (each its own name) and one DELETE of `id` at once; the
+/// PATCH answers by name, and the DELETE's status.
+async fn race_patches_against_a_revoke(
+    app: &TestApp,
+    id: &str,
+) -> (Vec<(String, u16, Value)>, u16) {
+    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let path = format!("/v1/api-keys/{id}");
+    let mut patches = tokio::task::JoinSet::new();
+    for i in 1..RACERS {
+        let name = format!("p{i}");
+        let req = admin(app, Method::PATCH, &path, ROOT, Some(TENANT)).json(&json!({"name": name}));
+        let start = start.clone();
+        patches.spawn(async move {
+            start.wait().await;
+            let resp = send(req).await;
+            let status = resp.status().as_u16();
+            (
+                name,
+                status,
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        });
+    }
+    let del = admin(app, Method::DELETE, &path, ROOT, Some(TENANT));
+    start.wait().await;
+    let deleted = send(del).await.status().as_u16();
+    (patches.join_all().await, deleted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_racing_a_revoke_never_answers_200_for_a_revoked_key() {
+    for (store, app, _redis) in on_both_stores().await {
+        let (mut changed, mut refused) = (0, 0);
+        for round in 0..PATCH_RACE_ROUNDS {
+            let k = secret(&app, &["users:read"]).await;
+            let (answers, deleted) = race_patches_against_a_revoke(&app, &k.id).await;
+            assert_eq!(deleted, 204, "{store} round {round}");
+            // Once the revoke has answered, every PATCH is refused.
+            assert_error(
+                patch(&app, ROOT, Some(TENANT), &k.id, &json!({"name": "late"})).await,
+                409,
+                "key_revoked",
+            )
+            .await;
+            let mut written = vec!["svc".to_string()];
+            for (name, status, body) in answers {
+                let what = format!("{store} round {round} PATCH {name}: {status} {body}");
+                match status {
+                    200 => {
+                        assert_eq!(body["revoked"], false, "{what}");
+                        assert_eq!(body["name"], name.as_str(), "{what}");
+                        written.push(name);
+                        changed += 1;
+                    }
+                    409 => {
+                        assert_eq!(body["error"]["code"], "key_revoked", "{what}");
+                        refused += 1;
+                    }
+                    _ => panic!("{what}"),
+                }
+            }
+            // A refused PATCH wrote nothing: the name is the original or a 200's.
+            let last = get_ok(&app, &k.id).await;
+            assert_eq!(last["revoked"], true, "{store} round {round}");
+            let name = last["name"].as_str().expect("name").to_string();
+            assert!(
+                written.contains(&name),
+                "{store} round {round}: name {name:?}, written {written:?}"
+            );
+        }
+        eprintln!("{store}: {changed} PATCHes before the revoke, {refused} refused after it");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_patch_twice_gives_the_same_key() {
+    for (store, app, redis) in on_both_stores().await {
+        let k = secret(&app, &["users:read"]).await;
+        let change = json!({"name": "same", "scopes": ["users:read", "widgets:read"]});
+        let first = patch_ok(&app, &k.id, &change).await;
+        let seq = || redis.as_ref().map(|r| r.cmd::<i64>(&["GET", "kgtest:seq"]));
+        let before = seq();
+        let second = patch_ok(&app, &k.id, &change).await;
+        assert_eq!(first, second, "{store}");
+        assert_eq!(get_ok(&app, &k.id).await, second, "{store}");
+        // Nothing changed, so nothing is published for other replicas to drop.
+        assert_eq!(seq(), before, "{store}: change counter");
     }
 }
 

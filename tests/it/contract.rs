@@ -36,6 +36,8 @@ pub async fn run_all(store: &dyn KeyStore) {
     tenants_are_isolated(store).await;
     revoke_is_idempotent(store).await;
     list_pages_newest_first(store).await;
+    update_refuses_a_revoked_key(store).await;
+    update_is_idempotent(store).await;
     rotate_refuses_a_key_with_a_successor(store).await;
     concurrent_rotations_make_one_successor(store).await;
 }
@@ -57,7 +59,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
         scopes: Some(vec!["a:b".into()]),
     };
     let updated = store
-        .update("t-rot", &old.id, &change)
+        .update("t-rot", &old.id, &change, 1)
         .await
         .unwrap()
         .unwrap();
@@ -70,7 +72,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
         vec!["a:b".to_string()]
     );
     assert_eq!(
-        store.update("t-other", &old.id, &change).await.unwrap(),
+        store.update("t-other", &old.id, &change, 1).await.unwrap(),
         None
     );
     let only_name = KeyUpdate {
@@ -78,7 +80,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
         scopes: None,
     };
     let r = store
-        .update("t-rot", &old.id, &only_name)
+        .update("t-rot", &old.id, &only_name, 1)
         .await
         .unwrap()
         .unwrap();
@@ -250,6 +252,53 @@ async fn list_pages_newest_first(store: &dyn KeyStore) {
             .await,
         Err(StoreError::BadCursor)
     ));
+}
+
+async fn update_refuses_a_revoked_key(store: &dyn KeyStore) {
+    let r = record("t-upd", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    store.revoke("t-upd", &r.id, 500).await.unwrap().unwrap();
+    let before = store.by_digest(&r.digest).await.unwrap();
+    let change = KeyUpdate {
+        name: Some("after".into()),
+        scopes: Some(vec!["x:y".into()]),
+    };
+    for now in [500, 501] {
+        assert!(
+            matches!(
+                store.update("t-upd", &r.id, &change, now).await,
+                Err(StoreError::Revoked)
+            ),
+            "update at {now} of a key revoked at 500"
+        );
+        assert_eq!(store.by_digest(&r.digest).await.unwrap(), before);
+    }
+    // Before its revocation (as in a rotation's grace period) it still changes.
+    let early = store
+        .update("t-upd", &r.id, &change, 499)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(early.name, "after");
+    // Another tenant's key is not found, revoked or not.
+    assert_eq!(
+        store.update("t-nope", &r.id, &change, 501).await.unwrap(),
+        None
+    );
+}
+
+async fn update_is_idempotent(store: &dyn KeyStore) {
+    let r = record("t-idem", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    let change = KeyUpdate {
+        name: Some("same".into()),
+        scopes: Some(vec!["a:b".into(), "c".into()]),
+    };
+    let first = store.update("t-idem", &r.id, &change, 1).await.unwrap();
+    let second = store.update("t-idem", &r.id, &change, 2).await.unwrap();
+    assert!(first.is_some());
+    assert_eq!(first, second);
+    assert_eq!(store.by_digest(&r.digest).await.unwrap(), second);
 }
 
 async fn rotate_refuses_a_key_with_a_successor(store: &dyn KeyStore) {
