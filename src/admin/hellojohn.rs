@@ -10,7 +10,7 @@ use super::{
     AdminState, ApiError, NewKeySpec,
 };
 use crate::key::{Environment, KeyType};
-use crate::store::{order_key, KeyRecord, KeyUpdate, PageRequest};
+use crate::store::{order_key, KeyRecord, KeyUpdate, PageRequest, StoreError};
 use crate::time::{now_ms, rfc3339};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -278,22 +278,20 @@ pub async fn update(
             return Err(super::escalation());
         }
     }
-    if get_key(&s, &caller, &id).await?.is_revoked_at(now_ms()) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "key_revoked",
-            "a revoked key cannot be changed",
-        ));
-    }
+    // No separate read first: the store refuses a key revoked by `now` in the same atomic
+    // step as the write (a read-then-write let a revoke land in between and the PATCH
+    // answer 200 for a revoked key). A revoke stamped after `now` orders after this
+    // change. One `now` for the check and the answer, so a 200 never shows `revoked`.
+    let now = now_ms();
     let r = s
         .store
-        .update(&caller.tenant, &id, &change)
+        .update(&caller.tenant, &id, &change, now)
         .await?
         .ok_or_else(ApiError::key_not_found)?;
     // The proxy enforces the new scopes at once.
     s.cache.invalidate(&r.digest).await;
     tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
-    Ok(Json(ApiKey::new(&r, now_ms())))
+    Ok(Json(ApiKey::new(&r, now)))
 }
 
 pub async fn revoke(
@@ -365,8 +363,13 @@ pub async fn rotate(
         return Err(super::escalation());
     }
     let now = now_ms();
+    // Fast paths only (no key generated for a refusal): the store decides both again
+    // atomically, which is what keeps concurrent rotations from forking the key.
     if old.is_revoked_at(now) || old.is_expired_at(now) {
-        return Err(crate::store::StoreError::NotRotatable.into());
+        return Err(StoreError::NotRotatable.into());
+    }
+    if old.successor_id.is_some() {
+        return Err(StoreError::AlreadyRotated.into());
     }
     let new_key = super::new_key_text(&s, old.key_type, old.environment)?;
     let new = KeyRecord {

@@ -275,6 +275,16 @@ impl From<StoreError> for ApiError {
                 "key_not_rotatable",
                 "the key is revoked or expired and cannot be rotated",
             ),
+            StoreError::AlreadyRotated => ApiError::new(
+                StatusCode::CONFLICT,
+                "key_already_rotated",
+                "the key already has a successor (rotation in progress); rotate the new key instead",
+            ),
+            StoreError::Revoked => ApiError::new(
+                StatusCode::CONFLICT,
+                "key_revoked",
+                "a revoked key cannot be changed",
+            ),
             other => {
                 tracing::error!(error = %other, "key store error in admin API");
                 ApiError::new(

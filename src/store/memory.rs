@@ -108,6 +108,7 @@ impl KeyStore for MemoryStore {
         tenant: &str,
         id: &str,
         change: &KeyUpdate,
+        now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut g = self.inner.write().await;
         let Some(digest) = g.by_id.get(id).copied() else {
@@ -115,6 +116,9 @@ impl KeyStore for MemoryStore {
         };
         match g.by_digest.get_mut(&digest) {
             Some(r) if r.tenant == tenant => {
+                if r.is_revoked_at(now_ms) {
+                    return Err(StoreError::Revoked);
+                }
                 if let Some(n) = &change.name {
                     r.name = n.clone();
                 }
@@ -143,6 +147,9 @@ impl KeyStore for MemoryStore {
             Some(r) if r.tenant == tenant => {
                 if r.is_revoked_at(now_ms) || r.is_expired_at(now_ms) {
                     return Err(StoreError::NotRotatable);
+                }
+                if r.successor_id.is_some() {
+                    return Err(StoreError::AlreadyRotated);
                 }
             }
             _ => return Ok(None),

@@ -84,6 +84,11 @@ pub enum StoreError {
     BadCursor,
     #[error("the key is revoked or expired and cannot be rotated")]
     NotRotatable,
+    /// The key already has a successor: a second rotation would fork it into two live keys.
+    #[error("the key already has a successor and cannot be rotated again")]
+    AlreadyRotated,
+    #[error("the key is revoked and cannot be changed")]
+    Revoked,
 }
 
 /// A change to a key's name and/or scopes.
@@ -106,15 +111,20 @@ pub trait KeyStore: Send + Sync + 'static {
     /// A tenant's keys, newest first.
     async fn list(&self, tenant: &str, page: &PageRequest) -> Result<Page, StoreError>;
     /// Change name and/or scopes in the tenant; returns the record as it now is.
+    /// `Revoked` (and nothing changed) when the key is revoked at `now_ms`: checked in the
+    /// same atomic step as the write, so a concurrent revoke is either seen or later.
+    /// Applying the same change twice gives the same record.
     async fn update(
         &self,
         tenant: &str,
         id: &str,
         change: &KeyUpdate,
+        now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError>;
     /// Atomically insert `new` (same tenant) and schedule the old key's revocation at
     /// `old_revokes_at` (never later than an earlier scheduled one), linking it to `new`.
-    /// `NotRotatable` when the old key is revoked or expired at `now_ms`.
+    /// `NotRotatable` when the old key is revoked or expired at `now_ms`, else
+    /// `AlreadyRotated` when it has a successor: concurrent rotations make one new key.
     /// Returns the old record as it now is; `None` when it is not in the tenant.
     async fn rotate(
         &self,

@@ -69,6 +69,9 @@ return redis.call('HGETALL', rk)
     )
 });
 
+/// Returns `{status, record}`: 1 updated (or already so), 2 revoked at `now` (ARGV[4]),
+/// nothing written; `false` when the key is not in the tenant. A change to what is
+/// already stored is not published: replicas have nothing to drop.
 static UPDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -76,17 +79,28 @@ local d = redis.call('GET', KEYS[1])
 if not d then return false end
 local rk = ARGV[1] .. d
 if redis.call('HGET', rk, 'tenant') ~= ARGV[2] then return false end
-if ARGV[5] == '1' then redis.call('HSET', rk, 'name', ARGV[6]) end
-if ARGV[7] == '1' then redis.call('HSET', rk, 'scopes', ARGV[8]) end
-local seq = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', ARGV[3], seq .. ' update ' .. d .. ' ' .. ARGV[4])
-return redis.call('HGETALL', rk)
+local rev = redis.call('HGET', rk, 'revoked_at')
+if rev and tonumber(rev) <= tonumber(ARGV[4]) then return {2, {}} end
+local changed = false
+if ARGV[5] == '1' and redis.call('HGET', rk, 'name') ~= ARGV[6] then
+  redis.call('HSET', rk, 'name', ARGV[6])
+  changed = true
+end
+if ARGV[7] == '1' and redis.call('HGET', rk, 'scopes') ~= ARGV[8] then
+  redis.call('HSET', rk, 'scopes', ARGV[8])
+  changed = true
+end
+if changed then
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('PUBLISH', ARGV[3], seq .. ' update ' .. d .. ' ' .. ARGV[4])
+end
+return {1, redis.call('HGETALL', rk)}
 ",
     )
 });
 
-/// Returns `{status, old record}`: 1 rotated, 2 revoked or expired, 3 new key conflicts;
-/// `false` when the old key is not in the tenant.
+/// Returns `{status, old record}`: 1 rotated, 2 revoked or expired, 3 new key conflicts,
+/// 4 the old key already has a successor; `false` when the old key is not in the tenant.
 static ROTATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -99,6 +113,9 @@ local rev = redis.call('HGET', rk, 'revoked_at')
 local exp = redis.call('HGET', rk, 'expires_at')
 if (rev and tonumber(rev) <= now) or (exp and tonumber(exp) <= now) then
   return {2, {}}
+end
+if redis.call('HEXISTS', rk, 'successor_id') == 1 then
+  return {4, {}}
 end
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
   return {3, {}}
@@ -555,10 +572,11 @@ impl KeyStore for RedisStore {
         tenant: &str,
         id: &str,
         change: &KeyUpdate,
+        now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut conn = self.conn.clone();
         let flag = |b: bool| if b { "1" } else { "0" };
-        let flat: Option<Vec<String>> = self
+        let reply: Option<(i64, Vec<String>)> = self
             .bounded(
                 UPDATE
                     .key(self.id_key(id))
@@ -566,7 +584,7 @@ impl KeyStore for RedisStore {
                     .arg(self.rec_prefix())
                     .arg(tenant)
                     .arg(self.channel())
-                    .arg(crate::time::now_ms())
+                    .arg(now_ms)
                     .arg(flag(change.name.is_some()))
                     .arg(change.name.as_deref().unwrap_or(""))
                     .arg(flag(change.scopes.is_some()))
@@ -580,7 +598,15 @@ impl KeyStore for RedisStore {
                     .invoke_async(&mut conn),
             )
             .await?;
-        parse_record(flat.unwrap_or_default())
+        match reply {
+            None => Ok(None),
+            Some((1, record)) => parse_record(record),
+            Some((2, _)) => Err(StoreError::Revoked),
+            Some((code, _)) => Err(StoreError::Corrupt {
+                key: "update".into(),
+                reason: format!("unexpected script status {code}"),
+            }),
+        }
     }
 
     async fn rotate(
@@ -615,6 +641,7 @@ impl KeyStore for RedisStore {
             Some((1, old)) => parse_record(old),
             Some((2, _)) => Err(StoreError::NotRotatable),
             Some((3, _)) => Err(StoreError::Conflict),
+            Some((4, _)) => Err(StoreError::AlreadyRotated),
             Some((code, _)) => Err(StoreError::Corrupt {
                 key: "rotate".into(),
                 reason: format!("unexpected script status {code}"),

@@ -1,12 +1,15 @@
 //! The HelloJohn document's surface on the admin port (`/v1/api-keys`: list with filters,
 //! create, get, patch, delete, rotate), publishable keys at the proxy, rotation grace
 //! periods, scope changes enforced at once (also across replicas on Redis), the one key
-//! model shared with the jack surface (`/v1/keys`), strict input, and tenants.
+//! model shared with the jack surface (`/v1/keys`), strict input, and tenants; races:
+//! concurrent rotations make one successor, a PATCH racing a revoke never answers 200
+//! for a revoked key (both on memory and Redis).
 //! All over real sockets against an in-process keygate (memory store unless said).
 
 use crate::support::{assert_error, eventually, spawn_app, Key, Redis, Store, TestApp, ROOT};
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The tenant of the document's examples.
@@ -1441,6 +1444,215 @@ async fn revoking_an_old_key_during_its_grace_period_is_immediate() {
     assert_eq!(get_ok(&app, &old.id).await["revoked"], true);
     let (data, _) = list_ok(&app, &[]).await;
     assert_eq!(ids_of(&data), vec![r["id"].as_str().unwrap().to_string()]);
+}
+
+// ---------------------------------------------------------------------------------------
+// rotation cannot fork a key; a PATCH cannot race a revoke
+
+/// A keygate on the memory store, and one on a fresh real Redis (kept with it): the
+/// races below are decided inside each store, so both are tried.
+async fn on_both_stores() -> Vec<(&'static str, TestApp, Option<Redis>)> {
+    let redis = Redis::start();
+    let on_redis = spawn_app(Store::Redis(&redis)).await;
+    vec![
+        ("memory", spawn_app(Store::Memory).await, None),
+        ("redis", on_redis, Some(redis)),
+    ]
+}
+
+/// A secret key in `TENANT` with a name no other key of the test has.
+async fn named_key(app: &TestApp, name: &str) -> Key {
+    root_create(
+        app,
+        &json!({"name": name, "type": "secret", "scopes": ["users:read"]}),
+    )
+    .await
+}
+
+/// Ids of every key named `name` in `TENANT`, revoked ones too, newest first.
+async fn ids_named(app: &TestApp, name: &str) -> Vec<String> {
+    let (data, next) = list_ok(app, &[("revoked", "true")]).await;
+    assert!(next.is_null(), "one page holds the test's keys");
+    let named: Vec<Value> = data.into_iter().filter(|k| k["name"] == name).collect();
+    ids_of(&named)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_a_key_twice_is_409_key_already_rotated() {
+    for (store, app, _redis) in on_both_stores().await {
+        let name = format!("twice-{store}");
+        let old = named_key(&app, &name).await;
+        let r = rotate_ok(&app, &json!({"id": old.id, "grace_period": "24h"})).await;
+        let new_id = r["id"].as_str().expect("id").to_string();
+
+        let again = rotate(
+            &app,
+            ROOT,
+            Some(TENANT),
+            &json!({"id": old.id, "grace_period": "0s"}),
+        )
+        .await;
+        let (status, code, message) = error_of(again).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (409, "key_already_rotated"),
+            "{store}"
+        );
+        assert!(message.contains("successor"), "{store}: {message}");
+
+        // Exactly one successor, and the refused call changed nothing: the old key keeps
+        // its grace period (not the 0s asked the second time) and still passes.
+        assert_eq!(
+            ids_named(&app, &name).await,
+            vec![new_id.clone(), old.id.clone()]
+        );
+        let got = get_ok(&app, &old.id).await;
+        assert_eq!(got["revoked"], false, "{store}");
+        assert_eq!(got["revoked_at"], r["old_key_revokes_at"], "{store}");
+        assert_eq!(status_at(&app, "/users/1", &old.key).await, 200, "{store}");
+        // The successor is the key to rotate next.
+        rotate_ok(&app, &json!({"id": new_id, "grace_period": "24h"})).await;
+        assert_eq!(ids_named(&app, &name).await.len(), 3, "{store}");
+    }
+}
+
+/// Concurrent calls per race below.
+const RACERS: usize = 16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotations_of_one_key_make_exactly_one_successor() {
+    for (store, app, _redis) in on_both_stores().await {
+        let name = format!("race-{store}");
+        let old = named_key(&app, &name).await;
+        let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..RACERS {
+            let req = admin(
+                &app,
+                Method::POST,
+                "/v1/api-keys/rotate",
+                ROOT,
+                Some(TENANT),
+            )
+            .json(&json!({"id": old.id, "grace_period": "24h"}));
+            let start = start.clone();
+            set.spawn(async move {
+                start.wait().await;
+                let resp = send(req).await;
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+            });
+        }
+        let mut winners = Vec::new();
+        while let Some(answer) = set.join_next().await {
+            let (status, body) = answer.expect("rotation task");
+            match status {
+                200 => winners.push(body["id"].as_str().expect("id").to_string()),
+                409 => assert_eq!(body["error"]["code"], "key_already_rotated", "{store}"),
+                _ => panic!("{store}: a concurrent rotation answered {status}: {body}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{store}: successors {winners:?}");
+        assert_eq!(
+            ids_named(&app, &name).await,
+            vec![winners[0].clone(), old.id.clone()],
+            "{store}"
+        );
+    }
+}
+
+/// Rounds of PATCH against DELETE on a fresh key each.
+const PATCH_RACE_ROUNDS: usize = 25;
+
+/// Start `RACERS - 1` PATCHes (each its own name) and one DELETE of `id` at once; the
+/// PATCH answers by name, and the DELETE's status.
+async fn race_patches_against_a_revoke(
+    app: &TestApp,
+    id: &str,
+) -> (Vec<(String, u16, Value)>, u16) {
+    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let path = format!("/v1/api-keys/{id}");
+    let mut patches = tokio::task::JoinSet::new();
+    for i in 1..RACERS {
+        let name = format!("p{i}");
+        let req = admin(app, Method::PATCH, &path, ROOT, Some(TENANT)).json(&json!({"name": name}));
+        let start = start.clone();
+        patches.spawn(async move {
+            start.wait().await;
+            let resp = send(req).await;
+            let status = resp.status().as_u16();
+            (
+                name,
+                status,
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        });
+    }
+    let del = admin(app, Method::DELETE, &path, ROOT, Some(TENANT));
+    start.wait().await;
+    let deleted = send(del).await.status().as_u16();
+    (patches.join_all().await, deleted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_racing_a_revoke_never_answers_200_for_a_revoked_key() {
+    for (store, app, _redis) in on_both_stores().await {
+        let (mut changed, mut refused) = (0, 0);
+        for round in 0..PATCH_RACE_ROUNDS {
+            let k = secret(&app, &["users:read"]).await;
+            let (answers, deleted) = race_patches_against_a_revoke(&app, &k.id).await;
+            assert_eq!(deleted, 204, "{store} round {round}");
+            // Once the revoke has answered, every PATCH is refused.
+            assert_error(
+                patch(&app, ROOT, Some(TENANT), &k.id, &json!({"name": "late"})).await,
+                409,
+                "key_revoked",
+            )
+            .await;
+            let mut written = vec!["svc".to_string()];
+            for (name, status, body) in answers {
+                let what = format!("{store} round {round} PATCH {name}: {status} {body}");
+                match status {
+                    200 => {
+                        assert_eq!(body["revoked"], false, "{what}");
+                        assert_eq!(body["name"], name.as_str(), "{what}");
+                        written.push(name);
+                        changed += 1;
+                    }
+                    409 => {
+                        assert_eq!(body["error"]["code"], "key_revoked", "{what}");
+                        refused += 1;
+                    }
+                    _ => panic!("{what}"),
+                }
+            }
+            // A refused PATCH wrote nothing: the name is the original or a 200's.
+            let last = get_ok(&app, &k.id).await;
+            assert_eq!(last["revoked"], true, "{store} round {round}");
+            let name = last["name"].as_str().expect("name").to_string();
+            assert!(
+                written.contains(&name),
+                "{store} round {round}: name {name:?}, written {written:?}"
+            );
+        }
+        eprintln!("{store}: {changed} PATCHes before the revoke, {refused} refused after it");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_patch_twice_gives_the_same_key() {
+    for (store, app, redis) in on_both_stores().await {
+        let k = secret(&app, &["users:read"]).await;
+        let change = json!({"name": "same", "scopes": ["users:read", "widgets:read"]});
+        let first = patch_ok(&app, &k.id, &change).await;
+        let seq = || redis.as_ref().map(|r| r.cmd::<i64>(&["GET", "kgtest:seq"]));
+        let before = seq();
+        let second = patch_ok(&app, &k.id, &change).await;
+        assert_eq!(first, second, "{store}");
+        assert_eq!(get_ok(&app, &k.id).await, second, "{store}");
+        // Nothing changed, so nothing is published for other replicas to drop.
+        assert_eq!(seq(), before, "{store}: change counter");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

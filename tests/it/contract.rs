@@ -36,6 +36,10 @@ pub async fn run_all(store: &dyn KeyStore) {
     tenants_are_isolated(store).await;
     revoke_is_idempotent(store).await;
     list_pages_newest_first(store).await;
+    update_refuses_a_revoked_key(store).await;
+    update_is_idempotent(store).await;
+    rotate_refuses_a_key_with_a_successor(store).await;
+    concurrent_rotations_make_one_successor(store).await;
 }
 
 async fn insert_and_read_back(store: &dyn KeyStore) {
@@ -55,7 +59,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
         scopes: Some(vec!["a:b".into()]),
     };
     let updated = store
-        .update("t-rot", &old.id, &change)
+        .update("t-rot", &old.id, &change, 1)
         .await
         .unwrap()
         .unwrap();
@@ -68,7 +72,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
         vec!["a:b".to_string()]
     );
     assert_eq!(
-        store.update("t-other", &old.id, &change).await.unwrap(),
+        store.update("t-other", &old.id, &change, 1).await.unwrap(),
         None
     );
     let only_name = KeyUpdate {
@@ -76,7 +80,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
         scopes: None,
     };
     let r = store
-        .update("t-rot", &old.id, &only_name)
+        .update("t-rot", &old.id, &only_name, 1)
         .await
         .unwrap()
         .unwrap();
@@ -248,6 +252,122 @@ async fn list_pages_newest_first(store: &dyn KeyStore) {
             .await,
         Err(StoreError::BadCursor)
     ));
+}
+
+async fn update_refuses_a_revoked_key(store: &dyn KeyStore) {
+    let r = record("t-upd", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    store.revoke("t-upd", &r.id, 500).await.unwrap().unwrap();
+    let before = store.by_digest(&r.digest).await.unwrap();
+    let change = KeyUpdate {
+        name: Some("after".into()),
+        scopes: Some(vec!["x:y".into()]),
+    };
+    for now in [500, 501] {
+        assert!(
+            matches!(
+                store.update("t-upd", &r.id, &change, now).await,
+                Err(StoreError::Revoked)
+            ),
+            "update at {now} of a key revoked at 500"
+        );
+        assert_eq!(store.by_digest(&r.digest).await.unwrap(), before);
+    }
+    // Before its revocation (as in a rotation's grace period) it still changes.
+    let early = store
+        .update("t-upd", &r.id, &change, 499)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(early.name, "after");
+    // Another tenant's key is not found, revoked or not.
+    assert_eq!(
+        store.update("t-nope", &r.id, &change, 501).await.unwrap(),
+        None
+    );
+}
+
+async fn update_is_idempotent(store: &dyn KeyStore) {
+    let r = record("t-idem", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    let change = KeyUpdate {
+        name: Some("same".into()),
+        scopes: Some(vec!["a:b".into(), "c".into()]),
+    };
+    let first = store.update("t-idem", &r.id, &change, 1).await.unwrap();
+    let second = store.update("t-idem", &r.id, &change, 2).await.unwrap();
+    assert!(first.is_some());
+    assert_eq!(first, second);
+    assert_eq!(store.by_digest(&r.digest).await.unwrap(), second);
+}
+
+async fn rotate_refuses_a_key_with_a_successor(store: &dyn KeyStore) {
+    let old = record("t-fork", 1_700_000_000_000);
+    store.insert(&old).await.unwrap();
+    let now = 1_700_000_000_100;
+    let first = record("t-fork", now);
+    let rotated = store
+        .rotate("t-fork", &old.id, &first, now + 60_000, now)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = record("t-fork", now + 1);
+    assert!(matches!(
+        store
+            .rotate("t-fork", &old.id, &second, now + 1, now + 1)
+            .await,
+        Err(StoreError::AlreadyRotated)
+    ));
+    // Nothing changed: no second key, the old one still links to the first successor
+    // and keeps its revocation time.
+    assert_eq!(store.by_digest(&second.digest).await.unwrap(), None);
+    assert_eq!(store.by_id("t-fork", &second.id).await.unwrap(), None);
+    assert_eq!(store.by_digest(&old.digest).await.unwrap(), Some(rotated));
+    assert_eq!(
+        tenant_ids(store, "t-fork").await,
+        vec![first.id.clone(), old.id.clone()]
+    );
+    // The successor itself may be rotated.
+    assert!(store
+        .rotate("t-fork", &first.id, &second, now + 1, now + 1)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn concurrent_rotations_make_one_successor(store: &dyn KeyStore) {
+    let old = record("t-race", 1_700_000_000_000);
+    store.insert(&old).await.unwrap();
+    let now = 1_700_000_000_100;
+    let news: Vec<KeyRecord> = (0..16).map(|i| record("t-race", now + i)).collect();
+    let results = futures_util::future::join_all(
+        news.iter()
+            .map(|n| store.rotate("t-race", &old.id, n, now + 60_000, now)),
+    )
+    .await;
+    let mut winners = Vec::new();
+    for (n, r) in news.iter().zip(results) {
+        match r {
+            Ok(Some(_)) => winners.push(n.id.clone()),
+            Err(StoreError::AlreadyRotated) => {}
+            other => panic!("a concurrent rotation answered {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let ids = tenant_ids(store, "t-race").await;
+    assert_eq!(ids, vec![winners[0].clone(), old.id.clone()]);
+    let now_old = store.by_id("t-race", &old.id).await.unwrap().unwrap();
+    assert_eq!(now_old.successor_id.as_ref(), Some(&winners[0]));
+}
+
+/// A tenant's key ids, newest first.
+async fn tenant_ids(store: &dyn KeyStore, tenant: &str) -> Vec<String> {
+    let page = PageRequest {
+        limit: 100,
+        cursor: None,
+    };
+    let items = store.list(tenant, &page).await.unwrap().items;
+    items.into_iter().map(|r| r.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
