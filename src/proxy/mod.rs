@@ -156,11 +156,15 @@ impl Proxy {
         // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
         // parser keeps only the chunked framing and closes the connection afterwards,
         // and the forwarder re-frames the body, so the upstream sees one request.
-        let path = match route::normalize(req.uri().path()) {
-            Ok(p) => p,
-            Err(_) => return (None, Err(Deny::BadPath)),
+        let Ok(route::Normalized { path, has_params }) = route::normalize_request(req.uri().path())
+        else {
+            return (None, Err(Deny::BadPath));
         };
-        let Some((index, route)) = policy.find(req.method(), &path) else {
+        // Forwarded as it is, params kept: refused unless its route does not depend on them.
+        let Ok(found) = policy.find_unambiguous(req.method(), &path, has_params) else {
+            return (None, Err(Deny::BadPath));
+        };
+        let Some((index, route)) = found else {
             return (None, Err(Deny::NoRoute));
         };
         let identity = if route.public {
