@@ -12,6 +12,7 @@ mod feed;
 mod k8s;
 mod limits;
 mod metrics;
+mod paths;
 mod proxy_auth;
 mod proxy_forward;
 mod redis_store;
