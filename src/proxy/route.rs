@@ -70,14 +70,18 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
 /// `normalize`, also telling whether the path has `;` (found by the same first pass).
 pub fn normalize_request(path: &str) -> Result<Normalized<'_>, PathError> {
     let scan = scan(path.as_bytes())?;
-    let path = if scan.simple {
-        Cow::Borrowed(path)
-    } else {
-        Cow::Owned(rebuild(path)?)
-    };
+    if scan.simple {
+        return Ok(Normalized {
+            path: Cow::Borrowed(path),
+            has_params: scan.has_params,
+        });
+    }
+    let path = rebuild(path)?;
+    // `..` may have dropped the only segment with `;` (`/a;x/..`).
+    let has_params = scan.has_params && path.contains(';');
     Ok(Normalized {
-        path,
-        has_params: scan.has_params,
+        path: Cow::Owned(path),
+        has_params,
     })
 }
 
@@ -480,6 +484,11 @@ mod tests {
             Cow::Borrowed(_)
         ));
         assert!(!normalize_request("/users/1").unwrap().has_params);
+        // `..` can drop the only segment with params (found by the property test).
+        for gone in ["/a;x/..", "/%3b;/../"] {
+            let n = normalize_request(gone).unwrap();
+            assert_eq!((n.path.as_ref(), n.has_params), ("/", false), "{gone}");
+        }
         // An encoded `;` is not a parameter delimiter, for keygate or a servlet container.
         let n = normalize_request("/a/..%3Bx").unwrap();
         assert_eq!((n.path.as_ref(), n.has_params), ("/a/..%3Bx", false));
@@ -582,6 +591,173 @@ mod tests {
             "users", "/a/**/b", "/a*", "//a", "/a/../b", "/a%2Fb", "/a;b", "/a;/**",
         ] {
             assert!(PathPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+/// Property tests: `normalize` sees every request path before anything else does.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces that make hostile paths: dots, separators, params, escapes of every kind
+    /// (also double and half escapes), raw UTF-8 and control characters.
+    fn piece() -> impl Strategy<Value = String> {
+        let pick = |pieces: &[&'static str]| {
+            prop::sample::select(pieces.to_vec()).prop_map(str::to_string)
+        };
+        prop_oneof![
+            // What normalisation is about, mostly accepted.
+            6 => pick(&[
+                "/", "/", "/", ".", "..", ";", ";x=1", "%2e", "%2E", "%3b", "%3B", "%41", "%7e",
+                "%c3%a9", "%ff", "%25", "é", "日本", "😀", "\u{85}", "a", "b", "users", "admin",
+                "2e", "32", "65", "~", "-", "*",
+            ]),
+            // What must be refused.
+            1 => pick(&[
+                "%", "%2f", "%5C", "%252e", "%252F", "%00", "%0a", "%7f", "\\", "?", "#", " ",
+                "\t", "\u{0}", "\u{7f}", "%3", "%z",
+            ]),
+            1 => any::<char>().prop_map(String::from),
+        ]
+    }
+
+    fn hostile_path() -> impl Strategy<Value = String> {
+        (
+            prop::bool::weighted(0.95),
+            prop::collection::vec(piece(), 0..16),
+        )
+            .prop_map(|(rooted, pieces)| {
+                let body = pieces.concat();
+                if rooted {
+                    format!("/{body}")
+                } else {
+                    body
+                }
+            })
+    }
+
+    /// `seg` is not a directory step for any server: not `.`, `..`, nor one of those (or
+    /// nothing) before `;params`.
+    fn is_a_name(seg: &str) -> bool {
+        let before_params = seg.split(';').next().unwrap_or(seg);
+        !matches!(seg, "." | "..")
+            && !(seg.contains(';') && is_dot_or_empty(before_params.as_bytes()))
+    }
+
+    fn check_output(input: &str, out: &str) -> Result<(), TestCaseError> {
+        prop_assert!(out.starts_with('/'), "{:?} -> {:?}", input, out);
+        prop_assert!(!out.contains("//"), "{:?} -> {:?}", input, out);
+        let segs: Vec<&str> = out[1..].split('/').collect();
+        for (i, seg) in segs.iter().enumerate() {
+            // Empty only as the last segment (a trailing slash, or the root).
+            prop_assert!(
+                !seg.is_empty() || i == segs.len() - 1,
+                "{:?} -> {:?}",
+                input,
+                out
+            );
+            prop_assert!(
+                is_a_name(seg),
+                "{:?} -> {:?}: segment {:?}",
+                input,
+                out,
+                seg
+            );
+        }
+        for seg in strip_params(out)[1..].split('/') {
+            prop_assert!(!matches!(seg, "." | ".."), "{:?} -> {:?}", input, out);
+        }
+        prop_assert!(!out.bytes().any(is_control), "{:?} -> {:?}", input, out);
+        // Every escape left is upper-case, of a byte that must stay encoded, and never a
+        // separator, a control character or a second layer over one of those.
+        let b = out.as_bytes();
+        for (i, _) in out.match_indices('%') {
+            let h = b.get(i + 1).copied().and_then(hex_val);
+            let l = b.get(i + 2).copied().and_then(hex_val);
+            let (Some(h), Some(l)) = (h, l) else {
+                return Err(TestCaseError::fail(format!(
+                    "{input:?} -> {out:?}: bad escape"
+                )));
+            };
+            let v = h * 16 + l;
+            prop_assert!(
+                !b[i + 1..i + 3].iter().any(u8::is_ascii_lowercase),
+                "{:?} -> {:?}",
+                input,
+                out
+            );
+            prop_assert!(
+                !is_unreserved(v) && !is_control(v) && v != b'/' && v != b'\\',
+                "{:?} -> {:?}",
+                input,
+                out
+            );
+        }
+        for w in b.windows(5) {
+            if let [b'%', b'2', b'5', h, l] = w {
+                if let (Some(h), Some(l)) = (hex_val(*h), hex_val(*l)) {
+                    let v = h * 16 + l;
+                    prop_assert!(
+                        !matches!(v, b'.' | b'/' | b'\\' | b';') && !is_control(v),
+                        "{:?} -> {:?}",
+                        input,
+                        out
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn non_ascii(s: &str) -> Vec<char> {
+        s.chars().filter(|c| !c.is_ascii()).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        #[test]
+        fn normalize_output_is_normal_and_idempotent(input in prop_oneof![hostile_path(), any::<String>()]) {
+            let Ok(n) = normalize_request(&input) else { return Ok(()) };
+            let out = n.path.as_ref();
+            check_output(&input, out)?;
+            // Normal already: normalising again changes nothing, and says the same of `;`.
+            let again = normalize_request(out);
+            prop_assert_eq!(again.as_ref().map(|a| a.path.as_ref()), Ok(out), "{:?}", input);
+            prop_assert_eq!(again.map(|a| a.has_params), Ok(n.has_params));
+            prop_assert_eq!(n.has_params, out.contains(';'));
+            // Raw UTF-8 is copied, never re-encoded: what is left is a subsequence of what
+            // came in (`..` may drop some).
+            let (mut have, want) = (non_ascii(&input).into_iter(), non_ascii(out));
+            prop_assert!(want.iter().all(|c| have.any(|h| h == *c)), "{:?} -> {:?}", input, out);
+            // What keygate receives is a valid URI path; what it forwards must be one too.
+            if let Ok(pq) = http::uri::PathAndQuery::try_from(input.as_str()) {
+                if pq.path() == input {
+                    let fwd = http::uri::PathAndQuery::try_from(out);
+                    prop_assert!(fwd.is_ok(), "{:?} -> {:?}", input, out);
+                    let fwd_path = fwd.map(|p| p.path().to_string()).ok();
+                    prop_assert_eq!(fwd_path.as_deref(), Some(out));
+                }
+            }
+        }
+
+        #[test]
+        fn raw_utf8_names_come_out_unchanged(
+            names in prop::collection::vec("[a-zA-Z0-9é日本😀ßü~_-]{1,6}", 1..6),
+            slashes in prop::collection::vec(1..3usize, 6),
+        ) {
+            prop_assume!(names.iter().all(|n| is_a_name(n)));
+            let mut input = String::new();
+            for (name, k) in names.iter().zip(&slashes) {
+                input.push_str(&"/".repeat(*k));
+                input.push_str(name);
+            }
+            input.push_str("/./");
+            let want = format!("/{}/", names.join("/"));
+            let got = normalize(&input).ok();
+            prop_assert_eq!(got.as_deref(), Some(want.as_str()));
         }
     }
 }
