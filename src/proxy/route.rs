@@ -641,9 +641,10 @@ mod props {
     /// `seg` is not a directory step for any server: not `.`, `..`, nor one of those (or
     /// nothing) before `;params`.
     fn is_a_name(seg: &str) -> bool {
-        let before_params = seg.split(';').next().unwrap_or(seg);
-        !matches!(seg, "." | "..")
-            && !(seg.contains(';') && is_dot_or_empty(before_params.as_bytes()))
+        match seg.split_once(';') {
+            Some((before_params, _)) => !is_dot_or_empty(before_params.as_bytes()),
+            None => !matches!(seg, "." | ".."),
+        }
     }
 
     fn check_output(input: &str, out: &str) -> Result<(), TestCaseError> {
