@@ -439,3 +439,128 @@ mod tests {
         assert!(!grants_all(&["users:read"], &["users:read", "users:write"]));
     }
 }
+
+/// Property tests: `parse` sees whatever a client puts after `Bearer `.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn prefix_sets() -> [Prefixes; 2] {
+        [
+            Prefixes::default(),
+            Prefixes {
+                secret_live: "acme_sk_".into(),
+                publishable_live: "acme_pk_".into(),
+                secret_test: "acme_tsk_".into(),
+                publishable_test: "acme_tpk_".into(),
+            },
+        ]
+    }
+
+    const KINDS: [(KeyType, Environment); 4] = [
+        (KeyType::Secret, Environment::Live),
+        (KeyType::Publishable, Environment::Live),
+        (KeyType::Secret, Environment::Test),
+        (KeyType::Publishable, Environment::Test),
+    ];
+
+    /// A key as `generate` could make it: any base62 body, its checksum.
+    fn valid_key() -> impl Strategy<Value = (usize, usize, String)> {
+        (
+            0..2usize,
+            0..4usize,
+            proptest::collection::vec(0..62usize, BODY_LEN),
+        )
+            .prop_map(|(set, kind, body)| {
+                let (t, e) = KINDS[kind];
+                let mut text = prefix_sets()[set].get(t, e).to_string();
+                text.extend(body.iter().map(|&i| char::from(ALPHABET[i])));
+                let sum = checksum(text.as_bytes());
+                text.extend(sum.iter().map(|&b| char::from(b)));
+                (set, kind, text)
+            })
+    }
+
+    /// Near-keys: a real prefix (or not) followed by text of about the right length.
+    fn near_key() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![
+                Just(""),
+                Just("sk_live_"),
+                Just("pk_test_"),
+                Just("sk_live"),
+                Just("acme_sk_")
+            ],
+            proptest::string::string_regex("[0-9A-Za-z_!é -]{0,60}").expect("a valid regex"),
+        )
+            .prop_map(|(p, rest)| format!("{p}{rest}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        #[test]
+        fn parse_never_panics_and_accepts_only_well_formed_keys(
+            text in prop_oneof![any::<String>(), near_key()]
+        ) {
+            for p in &prefix_sets() {
+                if let Ok(k) = parse(p, &text) {
+                    // Only a known prefix, the exact length, base62 and a matching checksum.
+                    let prefix = p.get(k.key_type, k.environment);
+                    prop_assert!(text.starts_with(prefix));
+                    prop_assert_eq!(text.len(), prefix.len() + BODY_LEN + CHECKSUM_LEN);
+                    prop_assert!(text[prefix.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
+                    let (signed, sum) = text.as_bytes().split_at(text.len() - CHECKSUM_LEN);
+                    prop_assert_eq!(&checksum(signed)[..], sum);
+                }
+            }
+        }
+
+        #[test]
+        fn every_key_generation_can_make_parses(key in valid_key()) {
+            let (set, kind, text) = key;
+            let p = &prefix_sets()[set];
+            let parsed = parse(p, &text);
+            prop_assert!(parsed.is_ok(), "{:?}", parsed);
+            if let Ok(k) = parsed {
+                prop_assert_eq!((k.key_type, k.environment), KINDS[kind]);
+                prop_assert_eq!(k.prefix_len, p.get(k.key_type, k.environment).len());
+            }
+        }
+
+        #[test]
+        fn a_one_character_change_is_refused(
+            key in valid_key(),
+            at in any::<prop::sample::Index>(),
+            other in any::<char>(),
+            op in 0..3u8,
+        ) {
+            let (set, _, text) = key;
+            let chars: Vec<char> = text.chars().collect();
+            let i = at.index(chars.len());
+            let mut changed = chars.clone();
+            match op {
+                0 if other != chars[i] => changed[i] = other,
+                0 => return Ok(()),
+                1 => { changed.remove(i); }
+                _ => changed.insert(i, other),
+            }
+            let changed: String = changed.into_iter().collect();
+            prop_assert!(parse(&prefix_sets()[set], &changed).is_err(), "{} accepted", changed);
+        }
+    }
+
+    #[test]
+    fn generated_keys_always_parse() {
+        for p in &prefix_sets() {
+            for (t, e) in KINDS {
+                for _ in 0..250 {
+                    let k = generate(p, t, e).expect("OS randomness");
+                    let parsed = parse(p, &k.text).expect("a generated key parses");
+                    assert_eq!((parsed.key_type, parsed.environment), (t, e));
+                }
+            }
+        }
+    }
+}

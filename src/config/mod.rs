@@ -526,3 +526,154 @@ routes:
         }
     }
 }
+
+/// Property tests: a config file is operator input, but a mangled one (a bad merge, a
+/// template gone wrong) must be an error with a message, never a panic.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SHIPPED: &str = include_str!("../../config/keygate.yaml");
+    const ENV: [(&str, &str); 2] = [
+        ("KEYGATE_ROOT_TOKEN", "0123456789abcdef0123"),
+        ("KEYGATE_PEPPER", "pepper-pepper-pepper"),
+    ];
+
+    /// YAML syntax, values at and past the edges of what fields accept, and config words.
+    const TOKENS: &[&str] = &[
+        ": ",
+        "- ",
+        "{",
+        "}",
+        "[",
+        "]",
+        "\"",
+        "'",
+        "#",
+        "\n",
+        "  ",
+        ",",
+        "0",
+        "-1",
+        "65536",
+        "18446744073709551616",
+        "1ms",
+        "0s",
+        "5 parsecs",
+        "null",
+        "~",
+        "true",
+        "&a ",
+        "*a",
+        "<<: *a",
+        "!!binary ",
+        "/**",
+        "/a;b",
+        "/%2e",
+        "..",
+        "*",
+        "users:read",
+        "Users Read",
+        "redis://",
+        "memory: {}",
+        "redis: {}",
+        "auth: none",
+        "scopes: []",
+        "methods: []",
+        "unmatched: require_key",
+        "é",
+        "\t",
+        "\u{0}",
+        "0.0.0.0:0",
+        "[::1]:99999",
+        "x-keygate-key-id",
+        "authorization",
+        "host",
+        "workers: 0",
+        "max_body_bytes: ",
+    ];
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Delete(prop::sample::Index, usize),
+        Insert(prop::sample::Index, &'static str),
+        ReplaceLine(prop::sample::Index, &'static str),
+        DuplicateLine(prop::sample::Index),
+        SwapLines(prop::sample::Index, prop::sample::Index),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let token = prop::sample::select(TOKENS);
+        prop_oneof![
+            (any::<prop::sample::Index>(), 1..40usize).prop_map(|(i, n)| Edit::Delete(i, n)),
+            (any::<prop::sample::Index>(), token.clone()).prop_map(|(i, t)| Edit::Insert(i, t)),
+            (any::<prop::sample::Index>(), token).prop_map(|(i, t)| Edit::ReplaceLine(i, t)),
+            any::<prop::sample::Index>().prop_map(Edit::DuplicateLine),
+            (any::<prop::sample::Index>(), any::<prop::sample::Index>())
+                .prop_map(|(a, b)| Edit::SwapLines(a, b)),
+        ]
+    }
+
+    fn apply(text: &str, edit: &Edit) -> String {
+        let mut chars: Vec<char> = text.chars().collect();
+        let mut lines: Vec<&str> = text.lines().collect();
+        match edit {
+            Edit::Delete(at, n) => {
+                let i = at.index(chars.len() + 1);
+                chars.drain(i..(i + n).min(chars.len()));
+            }
+            Edit::Insert(at, t) => {
+                let i = at.index(chars.len() + 1);
+                chars.splice(i..i, t.chars());
+            }
+            Edit::ReplaceLine(at, t) if !lines.is_empty() => {
+                let i = at.index(lines.len());
+                lines[i] = t;
+                return lines.join("\n");
+            }
+            Edit::DuplicateLine(at) if !lines.is_empty() => {
+                let i = at.index(lines.len());
+                lines.insert(i, lines[i]);
+                return lines.join("\n");
+            }
+            Edit::SwapLines(a, b) if !lines.is_empty() => {
+                let (a, b) = (a.index(lines.len()), b.index(lines.len()));
+                lines.swap(a, b);
+                return lines.join("\n");
+            }
+            _ => {}
+        }
+        chars.into_iter().collect()
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        if let Err(e) = Config::from_yaml(text, "fuzz.yaml", &ENV) {
+            prop_assert!(!e.message.trim().is_empty(), "no message: {:?}", e);
+            prop_assert!(e.to_string().starts_with("fuzz.yaml"), "{}", e);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn a_mangled_shipped_config_loads_or_says_why(
+            edits in prop::collection::vec(edit(), 1..5)
+        ) {
+            let text = edits.iter().fold(SHIPPED.to_string(), |t, e| apply(&t, e));
+            check(&text)?;
+        }
+
+        #[test]
+        fn arbitrary_text_loads_or_says_why(
+            text in prop_oneof![
+                any::<String>(),
+                prop::collection::vec(prop::sample::select(TOKENS), 0..30).prop_map(|t| t.concat()),
+            ]
+        ) {
+            check(&text)?;
+        }
+    }
+}

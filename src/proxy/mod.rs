@@ -162,11 +162,15 @@ impl Proxy {
         // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
         // parser keeps only the chunked framing and closes the connection afterwards,
         // and the forwarder re-frames the body, so the upstream sees one request.
-        let path = match route::normalize(req.uri().path()) {
-            Ok(p) => p,
-            Err(_) => return (None, Err(Deny::BadPath)),
+        let Ok(route::Normalized { path, has_params }) = route::normalize_request(req.uri().path())
+        else {
+            return (None, Err(Deny::BadPath));
         };
-        let Some((index, route)) = policy.find(req.method(), &path) else {
+        // Forwarded as it is, params kept: refused unless its route does not depend on them.
+        let Ok(found) = policy.find_unambiguous(req.method(), &path, has_params) else {
+            return (None, Err(Deny::BadPath));
+        };
+        let Some((index, route)) = found else {
             return (None, Err(Deny::NoRoute));
         };
         let identity = if route.public {
@@ -312,6 +316,54 @@ impl CowExt for std::borrow::Cow<'_, str> {
         match self {
             std::borrow::Cow::Borrowed(_) => None,
             std::borrow::Cow::Owned(s) => Some(s),
+        }
+    }
+}
+
+/// Property tests: `bearer` sees the client's `Authorization` headers, whatever they hold.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Header value bytes around the schemes and separators that matter, plus any byte.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            4 => prop::sample::select(vec![
+                "Bearer", "bearer", "BEARER", "Basic", "Bearer ", " ", " ", "\t", "sk_live_",
+                "abc", "=", ",", "\"", "é", "\u{0}",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+            1 => any::<u8>().prop_map(|b| vec![b]),
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        #[test]
+        fn bearer_returns_a_trimmed_suffix_of_the_one_header(
+            values in prop::collection::vec(value(), 0..3)
+        ) {
+            let mut headers = http::HeaderMap::new();
+            for v in &values {
+                // What the HTTP parser could hand over: a value `HeaderValue` accepts.
+                if let Ok(v) = http::HeaderValue::from_bytes(v) {
+                    headers.append(AUTHORIZATION, v);
+                }
+            }
+            let Ok(token) = bearer(&headers) else { return Ok(()) };
+            let all: Vec<_> = headers.get_all(AUTHORIZATION).iter().collect();
+            prop_assert_eq!(all.len(), 1);
+            let value = all[0].to_str().map(str::trim);
+            prop_assert!(value.is_ok());
+            let value = value.unwrap_or_default();
+            // The token is the value's own text after `Bearer `: never empty, never padded.
+            prop_assert!(value.ends_with(token), "{:?} -> {:?}", value, token);
+            prop_assert!(!token.is_empty() && token.trim() == token, "{:?} -> {:?}", value, token);
+            let scheme = value[..value.len() - token.len()].trim_end();
+            prop_assert!(scheme.eq_ignore_ascii_case("bearer"), "{:?} -> {:?}", value, token);
         }
     }
 }

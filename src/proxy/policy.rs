@@ -1,7 +1,7 @@
 //! The per-request policy snapshot: compiled routes (first match wins) and the header
 //! policy. One `Arc<Policy>` is loaded per request, so a reload swaps it atomically.
 
-use super::route::{PathPattern, SplitPath};
+use super::route::{self, PathPattern, SplitPath};
 use crate::config::raw::{Auth, RawProxy, RawRoute, UnderscoreHeaders, Unmatched};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{HashMap, HashSet};
@@ -45,6 +45,10 @@ pub struct IdentityHeaders {
     pub scopes: HeaderName,
     pub key_type: HeaderName,
 }
+
+/// A `;params` path that picks different routes with and without its params.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ambiguous;
 
 #[derive(Debug)]
 pub struct Policy {
@@ -286,6 +290,26 @@ impl Policy {
         }
     }
 
+    /// `find` for a path that may carry `;params`: Tomcat and Spring match `admin;x` as
+    /// `admin`, Express, Go and Flask as `admin;x`. With `;` in the path both readings must
+    /// pick the same route (or both none), else `Err(Ambiguous)`. Without `;` this is
+    /// `find` and costs nothing more.
+    pub fn find_unambiguous(
+        &self,
+        method: &Method,
+        path: &str,
+        has_params: bool,
+    ) -> Result<Option<(Option<usize>, &Route)>, Ambiguous> {
+        let found = self.find(method, path);
+        if has_params {
+            let stripped = self.find(method, &route::strip_params(path));
+            if found.map(|(i, _)| i) != stripped.map(|(i, _)| i) {
+                return Err(Ambiguous);
+            }
+        }
+        Ok(found)
+    }
+
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
@@ -358,5 +382,40 @@ mod tests {
         assert_eq!(name(Method::POST, "/").as_deref(), Some("c"));
         let deep = format!("/users{}", "/x".repeat(40));
         assert_eq!(name(Method::GET, &deep).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_params_path_must_pick_the_same_route_with_and_without_its_params() {
+        let p = policy(
+            "  - { name: admin, path: \"/admin/**\", scopes: [\"admin:write\"] }\n  - { name: users, path: \"/users/*\" }\n  - { name: rest, path: \"/**\", auth: none }\n",
+        );
+        let find = |path: &str| {
+            let n = crate::proxy::route::normalize_request(path).unwrap();
+            p.find_unambiguous(&Method::GET, &n.path, n.has_params)
+                .map(|f| f.map(|(_, r)| r.name.to_string()))
+        };
+        // `admin;x` is `admin` to Tomcat and Spring, a name of its own to Express.
+        assert_eq!(find("/admin;x/secret"), Err(super::Ambiguous));
+        assert_eq!(find("/admin;/secret"), Err(super::Ambiguous));
+        assert_eq!(find("/users;x/1"), Err(super::Ambiguous));
+        // The same route either way: served.
+        assert_eq!(find("/users/1;jsessionid=abc"), Ok(Some("users".into())));
+        assert_eq!(find("/admin/x;v=1"), Ok(Some("admin".into())));
+        assert_eq!(find("/other;x/y"), Ok(Some("rest".into())));
+        assert_eq!(find("/users/1"), Ok(Some("users".into())));
+
+        // Route against no route is ambiguous too; no route either way is a 404.
+        let q = policy("  - { name: users, path: \"/users/*\" }\n");
+        let n = "/users;x/1";
+        assert_eq!(
+            q.find_unambiguous(&Method::GET, n, true)
+                .map(|f| f.is_some()),
+            Err(super::Ambiguous)
+        );
+        assert_eq!(
+            q.find_unambiguous(&Method::GET, "/x;y", true)
+                .map(|f| f.is_some()),
+            Ok(false)
+        );
     }
 }

@@ -14,6 +14,7 @@ mod hostile;
 mod k8s;
 mod limits;
 mod metrics;
+mod paths;
 mod proxy_auth;
 mod proxy_forward;
 mod raw;
