@@ -39,7 +39,8 @@ pub struct Deadlines {
     pub idle: Duration,
     /// A response write that makes no progress for this long (the client stopped reading).
     pub write: Duration,
-    /// A request in progress on which no byte moves either way for this long.
+    /// A request in progress whose body moves no frame either way for this long (a
+    /// response stuck on HTTP/2 flow control, an upload that stopped).
     pub stall: Duration,
     /// At shutdown, how long requests in flight may take to finish.
     pub drain: Duration,
@@ -90,9 +91,10 @@ impl ServerSettings {
 }
 
 /// Header fields a head may carry: as many as the byte limit allows at 16 bytes a field
-/// (hyper's default of 100 refuses a legitimate head of many short fields with 431).
+/// (hyper's default of 100 refuses a legitimate head of many short fields with 431), up
+/// to 10,000: http's `HeaderMap` holds at most 24,576 and panics beyond.
 pub fn max_header_count(max_header_bytes: usize) -> usize {
-    (max_header_bytes / 16).max(100)
+    (max_header_bytes / 16).clamp(100, 10_000)
 }
 
 /// What a connection did, as counters: written by its I/O and its requests, read by its
@@ -103,6 +105,9 @@ struct Activity {
     writes: AtomicU64,
     /// The last write (or flush) could not go through: the peer's window is full.
     write_blocked: AtomicBool,
+    /// Body frames of requests in progress moved, either way: a request's progress, which
+    /// HTTP/2 frames of no request (PING, SETTINGS, WINDOW_UPDATE) never count as.
+    frames: AtomicU64,
     /// Request heads received and responses finished (body written or dropped).
     heads: AtomicU64,
     done: AtomicU64,
@@ -147,6 +152,7 @@ impl Watch {
             inner,
             activity: self.activity.clone(),
             first_line_left: max_first_line.unwrap_or(0),
+            line_started: false,
         })
     }
 
@@ -169,6 +175,13 @@ impl WatchHandle {
         }
         self.0.heads.fetch_add(1, Ordering::AcqRel);
         Finished(self.0.clone())
+    }
+}
+
+impl WatchHandle {
+    /// A request body frame was read (uploads count as progress of their request).
+    pub fn progress(&self) {
+        self.0.frames.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -208,7 +221,11 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = r {
+            self._finished.0.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
@@ -224,6 +241,8 @@ pub struct WatchedIo<T> {
     activity: Arc<Activity>,
     /// Bytes of the first request line still allowed before it is refused; 0: no check.
     first_line_left: usize,
+    /// A byte of the first request line (not a leading CR or LF) has been seen.
+    line_started: bool,
 }
 
 impl<T: AsyncWrite + Unpin> WatchedIo<T> {
@@ -237,8 +256,23 @@ impl<T: AsyncWrite + Unpin> WatchedIo<T> {
         io::Error::new(io::ErrorKind::InvalidData, "request target too long")
     }
 
-    /// Scan newly read bytes of the first request line.
+    /// Scan newly read bytes of the first request line (empty lines before it, which
+    /// RFC 9112 §2.2 lets a server skip, do not end it).
     fn check_first_line(&mut self, fresh: &[u8]) -> bool {
+        let fresh = match self.line_started {
+            true => fresh,
+            false => {
+                let skip = fresh
+                    .iter()
+                    .take_while(|&&b| b == b'\r' || b == b'\n')
+                    .count();
+                self.line_started = skip < fresh.len();
+                &fresh[skip..]
+            }
+        };
+        if fresh.is_empty() {
+            return true;
+        }
         match fresh.iter().position(|&b| b == b'\n') {
             Some(end) if end < self.first_line_left => {
                 self.first_line_left = 0;
@@ -393,8 +427,10 @@ pub async fn serve<I, S, B>(
 struct Seen {
     reads: u64,
     writes: u64,
+    frames: u64,
     heads: u64,
     done: u64,
+    /// When a request last made progress (a body frame either way, or a request began).
     progress_at: Instant,
     write_at: Instant,
     /// Since when no request has been in progress (any start or end resets it).
@@ -410,6 +446,7 @@ impl Seen {
         Seen {
             reads: a.reads.load(Ordering::Relaxed),
             writes: a.writes.load(Ordering::Relaxed),
+            frames: 0,
             heads: 0,
             done: 0,
             progress_at: now,
@@ -421,17 +458,15 @@ impl Seen {
     }
 
     fn update(&mut self, a: &Activity, now: Instant) {
-        let (reads, writes) = (
+        let (reads, writes, frames) = (
             a.reads.load(Ordering::Relaxed),
             a.writes.load(Ordering::Relaxed),
+            a.frames.load(Ordering::Relaxed),
         );
         let (heads, done) = (
             a.heads.load(Ordering::Acquire),
             a.done.load(Ordering::Acquire),
         );
-        if reads != self.reads || writes != self.writes {
-            self.progress_at = now;
-        }
         if writes != self.writes {
             self.write_at = now;
         }
@@ -439,7 +474,11 @@ impl Seen {
             self.quiet_since = now;
             self.head_since = None;
         }
-        (self.reads, self.writes, self.heads, self.done) = (reads, writes, heads, done);
+        if frames != self.frames || heads != self.heads || done != self.done {
+            self.progress_at = now;
+        }
+        (self.reads, self.writes, self.frames) = (reads, writes, frames);
+        (self.heads, self.done) = (heads, done);
     }
 
     /// The one decision: what to do with the connection now.
@@ -457,10 +496,11 @@ impl Seen {
                 return Some(Close::Now);
             }
         }
-        if let Some((since, shutdown)) = self.closing {
+        if let Some((since, _)) = self.closing {
+            // Requests still in flight (or opened after the GOAWAY by a peer that never
+            // acknowledged it) get `drain`, as at shutdown.
             let grace_over = !busy && now - since >= CLOSE_GRACE;
-            let drain_over = shutdown && now - since >= d.drain;
-            return (grace_over || drain_over).then_some(Close::Now);
+            return (grace_over || now - since >= d.drain).then_some(Close::Now);
         }
         if busy {
             return None;
@@ -538,11 +578,13 @@ where
         inner: client,
         activity: activity.clone(),
         first_line_left: 0,
+        line_started: false,
     };
     let mut u = WatchedIo {
         inner: upstream,
         activity: activity.clone(),
         first_line_left: 0,
+        line_started: false,
     };
     let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
     tokio::pin!(copy);

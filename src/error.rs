@@ -43,6 +43,9 @@ pub enum Deny {
     BadHost,
     /// The client's request body broke its framing (bad chunked encoding) or was cut off.
     BadRequestBody,
+    /// A method with lower-case letters: WSGI and Rack upper-case it, so `delete` would
+    /// be checked as one method and run as another.
+    BadMethod,
     UriTooLong,
     BodyTooLarge,
     StoreUnavailable,
@@ -58,7 +61,9 @@ impl Deny {
                 StatusCode::UNAUTHORIZED
             }
             RevokedKey | PublishableNotAllowed | InsufficientScope(_) => StatusCode::FORBIDDEN,
-            MultipleAuthorization | BadPath | BadHost | BadRequestBody => StatusCode::BAD_REQUEST,
+            MultipleAuthorization | BadPath | BadHost | BadRequestBody | BadMethod => {
+                StatusCode::BAD_REQUEST
+            }
             NoRoute => StatusCode::NOT_FOUND,
             UriTooLong => StatusCode::URI_TOO_LONG,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -85,6 +90,7 @@ impl Deny {
             BadPath => "bad_path",
             BadHost => "bad_host",
             BadRequestBody => "bad_request_body",
+            BadMethod => "bad_method",
             UriTooLong => "uri_too_long",
             BodyTooLarge => "body_too_large",
             StoreUnavailable => "store_unavailable",
@@ -107,8 +113,9 @@ impl Deny {
             InsufficientScope(_) => "the API key lacks a scope this route requires",
             NoRoute => "no route matches this request",
             BadPath => "the request path is not acceptable",
-            BadHost => "send exactly one valid Host header",
+            BadHost => "the request needs exactly one valid host (Host header or http(s) target)",
             BadRequestBody => "the request body is malformed or incomplete",
+            BadMethod => "the request method must be upper case",
             UriTooLong => "the request target is too long",
             BodyTooLarge => "the request body is too large for this route",
             StoreUnavailable => "the key store is unavailable; retry shortly",
@@ -241,6 +248,7 @@ mod tests {
             (Deny::BadPath, 400, "bad_path", None),
             (Deny::BadHost, 400, "bad_host", None),
             (Deny::BadRequestBody, 400, "bad_request_body", None),
+            (Deny::BadMethod, 400, "bad_method", None),
             (Deny::StoreUnavailable, 503, "store_unavailable", None),
             (Deny::UpstreamUnavailable, 502, "upstream_unavailable", None),
             (Deny::UpstreamTimeout, 504, "upstream_timeout", None),

@@ -24,6 +24,7 @@ pub const RESULTS: &[&str] = &[
     "bad_path",
     "bad_host",
     "bad_request_body",
+    "bad_method",
     "uri_too_long",
     "body_too_large",
     "store_unavailable",

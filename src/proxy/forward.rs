@@ -9,6 +9,7 @@ use super::Conn;
 use crate::cache::Identity;
 use crate::config::raw::Upstream;
 use crate::error::{Body, BoxError, Deny};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
@@ -42,12 +43,21 @@ const OVERRIDES: [&str; 6] = [
     "x-original-method",
 ];
 
-/// Client address and scheme claims besides `X-Forwarded-For/Proto/Host` (which are
-/// rewritten): kept from trusted proxies only. `Forwarded` is extended for those.
-const CLIENT_CLAIMS: [&str; 12] = [
+/// Client address, host, scheme and original-URL claims besides
+/// `X-Forwarded-For/Proto/Host` (which are rewritten): kept from trusted proxies only.
+/// `Forwarded` is extended for those.
+const CLIENT_CLAIMS: [&str; 20] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
+    "client-ip",
+    "x-originating-ip",
+    "x-remote-addr",
+    "x-remote-ip",
+    "x-host",
+    "x-forwarded-uri",
+    "x-original-uri",
+    "x-envoy-original-path",
     "true-client-ip",
     "x-cluster-client-ip",
     "cf-connecting-ip",
@@ -250,8 +260,17 @@ impl Forwarder {
         );
 
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        // A request with a body: the upstream timeout counts from when it was all sent
+        // (an upload takes as long as it takes while its frames keep moving).
+        let (sent, body_sent) = match http_body::Body::is_end_stream(req.body()) {
+            true => (None, None),
+            false => {
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                (Some((tx, conn.watch.clone())), Some(rx))
+            }
+        };
         let req = req.map(|b| {
-            let b = b.map_err(|e| BoxError::from(ClientBodyError(e)));
+            let b = ClientBody { inner: b, sent };
             match body_limit {
                 Some(limit) => Limited::new(b, limit as usize).boxed(),
                 None => b.boxed(),
@@ -259,25 +278,33 @@ impl Forwarder {
         });
 
         let started = Instant::now();
-        let sent = if direct {
-            tokio::time::timeout(self.timeout, self.send_direct(&conn.upstream, req)).await
-        } else {
-            tokio::time::timeout(self.timeout, async {
+        let send = async {
+            if direct {
+                self.send_direct(&conn.upstream, req).await
+            } else {
                 self.client.request(req).await.map_err(|e| classify(&e))
-            })
-            .await
+            }
         };
-        let mut resp = match sent {
-            Err(_) => return Err(Deny::UpstreamTimeout),
-            Ok(Err(deny)) => return Err(deny),
-            Ok(Ok(r)) => r,
+        let outcome = match body_sent {
+            None => tokio::time::timeout(self.timeout, send).await.ok(),
+            Some(body_sent) => {
+                let head_due = async {
+                    let _ = body_sent.await;
+                    tokio::time::sleep(self.timeout).await
+                };
+                tokio::select! {
+                    r = send => Some(r),
+                    _ = head_due => None,
+                }
+            }
         };
+        let mut resp = outcome.ok_or(Deny::UpstreamTimeout)??;
         let elapsed = started.elapsed();
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return match (client_upgrade, upgrade) {
                 (Some(client), Some(offer)) if switched_to_offered(&resp, &offer) => {
-                    self.tunnel(client, &mut resp);
+                    self.tunnel(client, &mut resp, conn.slot.clone());
                     let (parts, _) = resp.into_parts();
                     Ok((Response::from_parts(parts, crate::error::full("")), elapsed))
                 }
@@ -367,10 +394,17 @@ impl Forwarder {
     }
 
     /// Copy both ways once both sides have switched protocols.
-    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>) {
+    /// `slot` keeps the client connection's `max_connections` slot for the tunnel's life.
+    fn tunnel(
+        &self,
+        client: hyper::upgrade::OnUpgrade,
+        resp: &mut Response<Incoming>,
+        slot: super::Slot,
+    ) {
         let upstream = hyper::upgrade::on(resp);
         let idle = self.tunnel_idle;
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::try_join!(client, upstream) {
                 Ok((c, u)) => {
                     crate::connection::tunnel(TokioIo::new(c), TokioIo::new(u), idle).await
@@ -378,6 +412,49 @@ impl Forwarder {
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
+    }
+}
+
+/// The client's request body on its way upstream: its frames are the request's progress
+/// (the connection's stall deadline), its errors are the client's (`ClientBodyError`),
+/// and `sent`'s sender is dropped once it has ended (the upstream timeout starts then).
+struct ClientBody {
+    inner: Incoming,
+    sent: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        crate::connection::WatchHandle,
+    )>,
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some((_, watch)) = &self.sent {
+                    watch.progress();
+                }
+                if self.inner.is_end_stream() {
+                    self.sent = None;
+                }
+            }
+            Poll::Ready(_) => self.sent = None,
+            Poll::Pending => {}
+        }
+        r.map(|f| f.map(|f| f.map_err(|e| BoxError::from(ClientBodyError(e)))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The host a request is for (RFC 9112 §3.2, RFC 9113 §8.3.1): exactly one valid `Host`
 //! on HTTP/1.1, and the target's own authority (absolute form, HTTP/2 `:authority`) wins
-//! over it. That host is what the upstream is told.
+//! over it; an absolute target must be `http` or `https`. That host is what the upstream
+//! is told.
 
 use crate::error::Deny;
 use http::header::HOST;
@@ -18,6 +19,13 @@ pub fn request_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, Deny> {
         return Err(Deny::BadHost);
     }
     if first.is_none() && req.version() == Version::HTTP_11 {
+        return Err(Deny::BadHost);
+    }
+    let scheme_ok = req
+        .uri()
+        .scheme()
+        .is_none_or(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
+    if !scheme_ok {
         return Err(Deny::BadHost);
     }
     match req.uri().authority() {
@@ -46,7 +54,9 @@ pub fn valid_host(h: &[u8]) -> bool {
     let port_ok = match port.split_first() {
         None => true,
         Some((b':', digits)) => {
-            (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u16>().is_ok())
         }
         Some(_) => false,
     };
@@ -90,6 +100,8 @@ mod tests {
             "kg.test:",
             "kg.test:80x",
             "kg.test:123456",
+            "kg.test:65536",
+            "kg.test:99999",
             "user@kg.test",
             "kg.test/x",
             "kg test",
@@ -138,6 +150,10 @@ mod tests {
         assert_eq!(
             host(req(Version::HTTP_2, "http://b.test/x", &["a.test"])),
             Ok(Some("b.test".into()))
+        );
+        assert_eq!(
+            host(req(Version::HTTP_11, "ftp://b.test/x", &["a.test"])),
+            Err(Deny::BadHost)
         );
     }
 }

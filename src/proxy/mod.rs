@@ -28,6 +28,10 @@ pub struct Snapshot {
     pub metrics: RouteMetrics,
 }
 
+/// What holds a client connection's `max_connections` slot: the slot is free once every
+/// clone is dropped (a WebSocket tunnel keeps one).
+pub type Slot = Arc<dyn std::any::Any + Send + Sync>;
+
 /// The client connection a request arrived on: facts about it, and its own upstream
 /// connection (HTTP/1).
 pub struct Conn {
@@ -36,10 +40,18 @@ pub struct Conn {
     /// The peer's IP as an `X-Forwarded-For` value, made once per connection.
     pub peer_header: http::HeaderValue,
     pub upstream: forward::UpstreamSlot,
+    /// Request bodies report their progress here (the connection's deadlines).
+    pub watch: crate::connection::WatchHandle,
+    pub slot: Slot,
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
+    pub fn new(
+        peer: SocketAddr,
+        tls: bool,
+        watch: crate::connection::WatchHandle,
+        slot: Slot,
+    ) -> Conn {
         // An IP address always makes a valid value; the fallback only avoids a panic path.
         let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
@@ -48,6 +60,8 @@ impl Conn {
             tls,
             peer_header,
             upstream: forward::UpstreamSlot::default(),
+            watch,
+            slot,
         }
     }
 }
@@ -154,6 +168,14 @@ impl Proxy {
         let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target_len > self.max_uri_bytes {
             return (None, Err(Deny::UriTooLong));
+        }
+        if req
+            .method()
+            .as_str()
+            .bytes()
+            .any(|b| b.is_ascii_lowercase())
+        {
+            return (None, Err(Deny::BadMethod));
         }
         let host = match host::request_host(&req) {
             Ok(h) => h,

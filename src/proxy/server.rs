@@ -3,7 +3,7 @@
 //! worker, so a request is served start to finish on one thread; accept bounded by `max_connections`, HTTP/1.1 and HTTP/2 via
 //! hyper-util's auto builder, header-read and idle timeouts, and graceful drain.
 
-use super::{Conn, Proxy};
+use super::{Conn, Proxy, Slot};
 use crate::connection::{self, ServerSettings, Tracked, Watch};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
@@ -174,11 +174,17 @@ async fn worker(
         };
         let (proxy, builder, settings) = (proxy.clone(), builder.clone(), settings.clone());
         let (shutdown, tls, open) = (shutdown.clone(), tls.clone(), open.clone());
+        // Freed when the connection and any tunnel it became are gone.
+        let slot: Slot = Arc::new(OpenSlot {
+            _permit: permit,
+            open,
+        });
         connections.spawn(async move {
             let watch = Watch::new(accepted);
+            let handle = watch.handle();
             match tls {
                 None => {
-                    let conn = Conn::new(peer, false);
+                    let conn = Conn::new(peer, false, handle, slot);
                     serve_connection(stream, watch, conn, proxy, &builder, &settings, shutdown)
                         .await;
                 }
@@ -186,7 +192,7 @@ async fn worker(
                     let until = accepted + settings.deadlines.header_read;
                     match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let conn = Conn::new(peer, true);
+                            let conn = Conn::new(peer, true, handle, slot);
                             serve_connection(
                                 stream, watch, conn, proxy, &builder, &settings, shutdown,
                             )
@@ -199,11 +205,22 @@ async fn worker(
                     }
                 }
             }
-            open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
         });
     }
     drain_connections(&mut connections, drain).await;
+}
+
+/// A connection's `max_connections` slot and its place in its worker's count, given back
+/// on drop (also when the connection's task panicked).
+struct OpenSlot {
+    _permit: OwnedSemaphorePermit,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Wait up to `drain` for this worker's connections, which saw the shutdown signal and finish their requests.

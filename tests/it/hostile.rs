@@ -289,7 +289,8 @@ const SMUGGLED: &str = "x_keygate_tenant: evil\r\nX_Keygate_Key_Id: forged\r\n\
     x_keygate_scopes: *\r\nx-keygate_key-type: secret\r\nx_forwarded_for: 6.6.6.6\r\n\
     Forwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\n\
     X-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /admin\r\nX-HTTP-Method-Override: DELETE\r\n\
-    X-Original-URL: /admin/x\r\nX-Rewrite-URL: /admin/x\r\nx_custom: 1\r\n";
+    X-Original-URL: /admin/x\r\nX-Rewrite-URL: /admin/x\r\nx_custom: 1\r\n\
+    Client-IP: 6.6.6.6\r\nX-Original-URI: /admin/x\r\nX-Forwarded-Uri: /admin/x\r\n";
 
 fn header_names(seen: &Value) -> Vec<String> {
     seen["headers"]
@@ -322,6 +323,9 @@ async fn underscore_spellings_and_client_claims_never_reach_the_upstream() {
             "x-http-method-override",
             "x-original-url",
             "x-rewrite-url",
+            "client-ip",
+            "x-original-uri",
+            "x-forwarded-uri",
         ] {
             assert!(
                 !names.iter().any(|n| n == bad),
@@ -500,6 +504,8 @@ async fn http11_needs_exactly_one_valid_host() {
         "GET /public/x HTTP/1.1\r\nHost: user@a.test\r\n\r\n".into(),
         "GET /public/x HTTP/1.1\r\nHost: a.test:80x\r\n\r\n".into(),
         "GET http://u@b.test/public/x HTTP/1.1\r\nHost: a.test\r\n\r\n".into(),
+        "GET /public/x HTTP/1.1\r\nHost: a.test:99999\r\n\r\n".into(),
+        "GET ftp://b.test/public/x HTTP/1.1\r\nHost: a.test\r\n\r\n".into(),
     ] {
         exchange(app.proxy, &request)
             .await
@@ -565,6 +571,9 @@ async fn a_target_over_the_uri_limit_is_414_even_over_the_header_limit() {
     let long = format!("/public/{}", "a".repeat(80_000));
     let resp = exchange(app.proxy, get(&long, "")).await;
     resp.assert_error(414, "uri_too_long");
+    // Empty lines before the request line (RFC 9112 §2.2) do not hide its length.
+    let resp = exchange(app.proxy, format!("\r\n\r\n{}", get(&long, ""))).await;
+    resp.assert_error(414, "uri_too_long");
     let padding = format!("X-Pad: {}\r\n", "p".repeat(70_000));
     let target = format!("/public/{}", "a".repeat(9_000));
     exchange(app.proxy, get(&target, &padding))
@@ -578,4 +587,125 @@ async fn many_small_headers_within_the_byte_limit_are_accepted() {
     let many: String = (0..1000).map(|i| format!("X-H-{i}: v\r\n")).collect();
     let seen = exchange(app.proxy, get("/public/x", &many)).await.echoed();
     assert_eq!(upstream_header(&seen, "x-h-999"), ["v"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_count_follows_the_byte_limit_but_never_overflows_the_header_map() {
+    let app = app(
+        "{ upstream: 2s, header_read: 5s, idle: 30s }",
+        "  limits: { max_header_bytes: 1048576 }\n",
+    )
+    .await;
+    let many: String = (0..25_000).map(|i| format!("a{i}:\r\n")).collect();
+    let resp = exchange(app.proxy, get("/public/x", &many)).await;
+    assert_eq!(
+        resp.status,
+        431,
+        "{:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    let ok = exchange(app.proxy, get("/public/x", "")).await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_case_method_is_refused_not_matched_as_another() {
+    let app = app("{ upstream: 2s, header_read: 2s, idle: 30s }", "").await;
+    let key = app.create_key(&["users:read"]).await;
+    let resp = exchange(
+        app.proxy,
+        format!(
+            "delete /users/1 HTTP/1.1\r\nHost: kg.test\r\n{}\r\n",
+            bearer(&key.key)
+        ),
+    )
+    .await;
+    resp.assert_error(400, "bad_method");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_slower_than_the_upstream_timeout_still_arrives() {
+    let app = app("{ upstream: 1s, header_read: 5s, idle: 30s }", "").await;
+    let mut c = RawConn::connect(app.proxy).await;
+    c.send("POST /public/x HTTP/1.1\r\nHost: kg.test\r\nContent-Length: 50\r\n\r\n")
+        .await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.send("0123456789").await;
+    }
+    let seen = c.expect_response().await.echoed();
+    assert_eq!(seen["body_bytes"], 50, "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_stuck_on_flow_control_cannot_hold_the_connection_with_pings() {
+    let app = app("{ upstream: 1s, header_read: 5s, idle: 1s }", "").await;
+    let s = TcpStream::connect(app.proxy).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    w.write_all(PREFACE).await.unwrap();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: no response body can ever be sent.
+    w.write_all(&frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]))
+        .await
+        .unwrap();
+    w.write_all(&h2_get("/users/1", "kg.test", &[]))
+        .await
+        .unwrap();
+    let pinger = tokio::spawn(async move {
+        // Frames of no request, every 300 ms: not progress of the stuck stream.
+        while w.write_all(&frame(6, 0, 0, &[0; 8])).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut buf = vec![0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => {}
+        }
+    };
+    pinger.abort();
+    assert!(
+        closed,
+        "a stream stuck on flow control kept its connection open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_tunnel_keeps_its_connection_slot() {
+    let (upstream, _) = spawn_switcher().await;
+    let text = config(
+        "{ upstream: 2s, header_read: 2s, idle: 30s }",
+        "  limits: { max_connections: 2 }\n",
+    );
+    let app = spawn_app_upstream(&text, Store::Memory, upstream).await;
+    let key = app.create_key(&["users:read"]).await;
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawConn::connect(app.proxy).await;
+        c.send(upgrade_request(&key.key, "websocket", "Upgrade"))
+            .await;
+        assert_eq!(c.expect_response().await.status, 101);
+        tunnels.push(c);
+    }
+    let third = app
+        .http
+        .get(app.proxy_url("/healthz"))
+        .timeout(Duration::from_millis(700))
+        .send()
+        .await;
+    assert!(
+        third.is_err(),
+        "two tunnels did not hold the two connection slots"
+    );
+    drop(tunnels.pop());
+    let later = app
+        .http
+        .get(app.proxy_url("/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("a slot freed by a closed tunnel was not given back");
+    assert_eq!(later.status(), 200);
 }
