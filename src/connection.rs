@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::io;
@@ -147,7 +146,7 @@ impl Watch {
     /// Wrap the client stream so its reads and writes are counted. `max_first_line`, when
     /// set, answers 414 to an HTTP/1 first request line longer than that (hyper would
     /// answer 431 to a head over its buffer, whatever made it long).
-    pub fn io<T>(&self, inner: T, max_first_line: Option<usize>) -> TokioIo<WatchedIo<T>> {
+    fn io<T>(&self, inner: T, max_first_line: Option<usize>) -> TokioIo<WatchedIo<T>> {
         TokioIo::new(WatchedIo {
             inner,
             activity: self.activity.clone(),
@@ -368,24 +367,36 @@ enum Close {
     Now,
 }
 
-/// Serve one connection with `service` until it ends, a deadline passes, or shutdown
-/// (graceful, then cut after `drain`).
-pub async fn serve<I, S, B>(
+/// Serve one connection until it ends, a deadline passes, or shutdown (graceful, then
+/// cut after `drain`): each request goes to `handler`, its response marked finished when
+/// its body is. `max_first_line`: see `Watch::io`.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<I, H, F, B>(
     watch: Watch,
-    io: TokioIo<WatchedIo<I>>,
-    service: S,
+    stream: I,
+    max_first_line: Option<usize>,
+    handler: H,
     builder: &auto::Builder<TokioExecutor>,
     deadlines: &Deadlines,
     shutdown: watch::Receiver<bool>,
     peer: SocketAddr,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body<Data = Bytes> + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + 'static,
+    F: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let io = watch.io(stream, max_first_line);
+    let marks = watch.handle();
+    let service = hyper::service::service_fn(move |req| {
+        let finished = marks.begin(&req);
+        let response = handler(req);
+        async move {
+            let resp = response.await;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, finished)))
+        }
+    });
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     // The watcher is a task of its own: polled here, its timer would be polled again at

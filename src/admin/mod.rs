@@ -13,7 +13,7 @@ pub mod jack;
 
 use crate::cache::{Entry, KeyCache};
 use crate::config::raw::Tenant;
-use crate::connection::{self, ServerSettings, Tracked, Watch};
+use crate::connection::{self, ServerSettings, Watch};
 use crate::key::{self, Digest, Environment, KeyHasher, KeyType, NewKey, Prefixes};
 use crate::metrics::Metrics;
 use crate::proxy;
@@ -138,24 +138,18 @@ async fn serve_one<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use tower_service::Service;
-    let io = watch.io(stream, None);
-    let marks = watch.handle();
-    let service = hyper::service::service_fn(move |req| {
-        let finished = marks.begin(&req);
+    let handler = move |req| {
         let mut router = router.clone();
         async move {
-            let resp = router.call(req).await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, finished)))
+            match router.call(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
         }
-    });
+    };
+    let deadlines = &settings.deadlines;
     connection::serve(
-        watch,
-        io,
-        service,
-        builder,
-        &settings.deadlines,
-        shutdown,
-        peer,
+        watch, stream, None, handler, builder, deadlines, shutdown, peer,
     )
     .await;
 }

@@ -4,11 +4,9 @@
 //! hyper-util's auto builder, header-read and idle timeouts, and graceful drain.
 
 use super::{Conn, Proxy, Slot};
-use crate::connection::{self, ServerSettings, Tracked, Watch};
-use hyper::service::service_fn;
+use crate::connection::{self, ServerSettings, Watch};
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -250,21 +248,17 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     shutdown: watch::Receiver<bool>,
 ) {
     let peer = conn.peer;
-    let io = watch.io(stream, Some(settings.max_first_line()));
-    let marks = watch.handle();
     let ctx = Arc::new(ConnCtx { proxy, conn });
-    let service = service_fn(move |req| {
+    let handler = move |req| {
         let ctx = ctx.clone();
-        let finished = marks.begin(&req);
-        async move {
-            let resp = ctx.proxy.handle(req, &ctx.conn).await;
-            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, finished)))
-        }
-    });
+        async move { ctx.proxy.handle(req, &ctx.conn).await }
+    };
+    let max_first_line = Some(settings.max_first_line());
     connection::serve(
         watch,
-        io,
-        service,
+        stream,
+        max_first_line,
+        handler,
         builder,
         &settings.deadlines,
         shutdown,
