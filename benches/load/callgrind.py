@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,6 +118,8 @@ def main():
     ap.add_argument("--mode", choices=["auth", "noauth"], default="auth")
     ap.add_argument("--short", type=int, default=1000)
     ap.add_argument("--long", type=int, default=4000)
+    ap.add_argument("--keep", metavar="DIR",
+                    help="copy the callgrind output files here (for callgrind_annotate)")
     a = ap.parse_args()
     procs = None
     with tempfile.TemporaryDirectory() as d:
@@ -128,6 +131,11 @@ def main():
                            WORKERS=1)
             short = one_run(a, workdir, up, a.short, "short")
             long = one_run(a, workdir, up, a.long, "long")
+            if a.keep:
+                Path(a.keep).mkdir(parents=True, exist_ok=True)
+                for tag in ("short", "long"):
+                    shutil.copy(workdir / f"callgrind-{tag}.out",
+                                Path(a.keep) / f"callgrind-{a.mode}-{tag}.out")
         finally:
             procs.stop_all()
     per = (long - short) / (a.long - a.short)
