@@ -38,8 +38,8 @@ pub struct Deadlines {
     pub idle: Duration,
     /// A response write that makes no progress for this long (the client stopped reading).
     pub write: Duration,
-    /// A request in progress whose body moves no frame either way for this long (a
-    /// response stuck on HTTP/2 flow control, an upload that stopped).
+    /// A response being sent that moves nothing for this long (an HTTP/2 stream stuck
+    /// on flow control, an upstream that went quiet mid-body).
     pub stall: Duration,
     /// At shutdown, how long requests in flight may take to finish.
     pub drain: Duration,
@@ -78,6 +78,7 @@ impl ServerSettings {
         builder
             .http2()
             .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(self.max_header_bytes as u32);
         builder
     }
@@ -102,11 +103,13 @@ pub fn max_header_count(max_header_bytes: usize) -> usize {
 struct Activity {
     reads: AtomicU64,
     writes: AtomicU64,
+    /// Bytes written: a response in flow-controlled pieces moves them between frames.
+    written: AtomicU64,
     /// The last write (or flush) could not go through: the peer's window is full.
     write_blocked: AtomicBool,
-    /// Body frames of requests in progress moved, either way: a request's progress, which
-    /// HTTP/2 frames of no request (PING, SETTINGS, WINDOW_UPDATE) never count as.
-    frames: AtomicU64,
+    /// Each response being sent, by slot: each must make progress of its own (on HTTP/2
+    /// one stuck stream is not kept alive by its siblings, nor by PING or SETTINGS).
+    responses: Responses,
     /// Request heads received and responses finished (body written or dropped).
     heads: AtomicU64,
     done: AtomicU64,
@@ -114,6 +117,67 @@ struct Activity {
     reads_at_done: AtomicU64,
     /// HTTP/2: frames between requests (PING, WINDOW_UPDATE) are not a request head.
     multiplexed: AtomicBool,
+}
+
+/// Response slots: more than HTTP/2's concurrent streams (`MAX_STREAMS`), so every
+/// response has one; a bit per slot in use, and per slot its occupant and frames sent.
+const SLOTS: usize = 128;
+const MAX_STREAMS: u32 = 100;
+
+struct Responses {
+    used: [AtomicU64; SLOTS / 64],
+    /// Bumped when a slot gets a new response: the watcher tells occupants apart.
+    epoch: [AtomicU64; SLOTS],
+    frames: [AtomicU64; SLOTS],
+}
+
+impl Default for Responses {
+    fn default() -> Self {
+        Responses {
+            used: std::array::from_fn(|_| AtomicU64::new(0)),
+            epoch: std::array::from_fn(|_| AtomicU64::new(0)),
+            frames: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Responses {
+    /// A free slot, or `None` if all are taken (that response is then not watched alone).
+    fn acquire(&self) -> Option<usize> {
+        for (word, used) in self.used.iter().enumerate() {
+            let mut bits = used.load(Ordering::Relaxed);
+            while bits != u64::MAX {
+                let bit = bits.trailing_ones() as usize;
+                match used.compare_exchange_weak(
+                    bits,
+                    bits | 1 << bit,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        let slot = word * 64 + bit;
+                        self.epoch[slot].fetch_add(1, Ordering::Release);
+                        return Some(slot);
+                    }
+                    Err(now) => bits = now,
+                }
+            }
+        }
+        None
+    }
+
+    fn release(&self, slot: usize) {
+        self.used[slot / 64].fetch_and(!(1 << (slot % 64)), Ordering::AcqRel);
+    }
+
+    fn in_use(&self) -> impl Iterator<Item = usize> + '_ {
+        self.used.iter().enumerate().flat_map(|(word, used)| {
+            let bits = used.load(Ordering::Acquire);
+            (0..64)
+                .filter(move |b| bits & 1 << b != 0)
+                .map(move |b| word * 64 + b)
+        })
+    }
 }
 
 impl Activity {
@@ -177,13 +241,6 @@ impl WatchHandle {
     }
 }
 
-impl WatchHandle {
-    /// A request body frame was read (uploads count as progress of their request).
-    pub fn progress(&self) {
-        self.0.frames.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// Dropped when a response is finished (fully written, or abandoned).
 pub struct Finished(Arc<Activity>);
 
@@ -197,40 +254,76 @@ impl Drop for Finished {
 }
 
 /// A response body that marks its response finished when it is dropped (hyper drops it
-/// once the last frame is written).
+/// once the last frame is written), and holds a response slot while it is being sent.
 pub struct Tracked<B> {
     body: B,
-    _finished: Finished,
+    slot: Option<usize>,
+    /// The rest of a data frame larger than `MAX_FRAME`.
+    rest: Option<Bytes>,
+    finished: Finished,
 }
 
 impl<B> Tracked<B> {
     pub fn new(body: B, finished: Finished) -> Self {
         Tracked {
             body,
-            _finished: finished,
+            slot: finished.0.responses.acquire(),
+            rest: None,
+            finished,
+        }
+    }
+
+    /// At most `MAX_FRAME` of `data`; the rest is kept for the next poll.
+    fn piece(&mut self, mut data: Bytes) -> Frame<Bytes> {
+        if data.len() > MAX_FRAME {
+            self.rest = Some(data.split_off(MAX_FRAME));
+        }
+        if let Some(slot) = self.slot {
+            self.finished.0.responses.frames[slot].fetch_add(1, Ordering::Relaxed);
+        }
+        Frame::data(data)
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            self.finished.0.responses.release(slot);
         }
     }
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let r = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = r {
-            self._finished.0.frames.fetch_add(1, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(rest) = self.rest.take() {
+            return Poll::Ready(Some(Ok(self.piece(rest))));
         }
-        r
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(self.piece(data)))),
+                Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+            },
+            other => other,
+        }
     }
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_none() && self.body.is_end_stream()
     }
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        let inner = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
@@ -307,16 +400,32 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for WatchedIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> WatchedIo<T> {
-    fn note_write<R>(&self, r: &Poll<io::Result<R>>) {
+    /// A write (or flush) that could not go through marks the connection blocked; one
+    /// that did clears it, and what it wrote is counted.
+    fn note_write(&self, r: Poll<usize>) {
         let a = &self.activity;
         match r {
             Poll::Pending => a.write_blocked.store(true, Ordering::Relaxed),
-            Poll::Ready(_) => {
+            Poll::Ready(n) => {
                 if a.write_blocked.load(Ordering::Relaxed) {
                     a.write_blocked.store(false, Ordering::Relaxed);
                 }
+                if n > 0 {
+                    Activity::bump(&a.writes);
+                    let w = a.written.load(Ordering::Relaxed);
+                    a.written.store(w.wrapping_add(n as u64), Ordering::Relaxed);
+                }
             }
         }
+    }
+}
+
+/// How much a write wrote (0 for an error), or that it could not go through.
+fn written(r: &Poll<io::Result<usize>>) -> Poll<usize> {
+    match r {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(n)) => Poll::Ready(*n),
+        Poll::Ready(Err(_)) => Poll::Ready(0),
     }
 }
 
@@ -327,10 +436,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.note_write(&r);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            Activity::bump(&self.activity.writes);
-        }
+        self.note_write(written(&r));
         r
     }
     fn poll_write_vectored(
@@ -339,10 +445,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.note_write(&r);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            Activity::bump(&self.activity.writes);
-        }
+        self.note_write(written(&r));
         r
     }
     fn is_write_vectored(&self) -> bool {
@@ -350,7 +453,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.note_write(&r);
+        self.note_write(if r.is_pending() {
+            Poll::Pending
+        } else {
+            Poll::Ready(0)
+        });
         r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -434,16 +541,42 @@ pub async fn serve<I, H, F, B>(
     }
 }
 
+/// Bytes an HTTP/1 response must move to count as progress without a frame of its own.
+const PIECE: u64 = 1024;
+
+/// Largest data frame a response body hands hyper: larger ones are split (no copy), so a
+/// slow HTTP/2 reader still shows progress every 16 KiB.
+const MAX_FRAME: usize = 16 * 1024;
+
+/// A response slot as the watcher last saw it.
+#[derive(Clone)]
+struct ResponseSeen {
+    epoch: u64,
+    frames: u64,
+    at: Instant,
+    written: u64,
+}
+
+impl ResponseSeen {
+    fn new(epoch: u64, frames: u64, at: Instant, written: u64) -> Self {
+        ResponseSeen {
+            epoch,
+            frames,
+            at,
+            written,
+        }
+    }
+}
+
 /// The watcher's view of the counters at its last look, and when each last changed.
 struct Seen {
     reads: u64,
     writes: u64,
-    frames: u64,
     heads: u64,
     done: u64,
-    /// When a request last made progress (a body frame either way, or a request began).
-    progress_at: Instant,
     write_at: Instant,
+    /// Each response slot as last seen (made when the first response is being sent).
+    responses: Vec<ResponseSeen>,
     /// Since when no request has been in progress (any start or end resets it).
     quiet_since: Instant,
     /// When bytes of a next HTTP/1 request head were first seen.
@@ -457,11 +590,10 @@ impl Seen {
         Seen {
             reads: a.reads.load(Ordering::Relaxed),
             writes: a.writes.load(Ordering::Relaxed),
-            frames: 0,
             heads: 0,
             done: 0,
-            progress_at: now,
             write_at: now,
+            responses: Vec::new(),
             quiet_since: now,
             head_since: None,
             closing: None,
@@ -469,10 +601,9 @@ impl Seen {
     }
 
     fn update(&mut self, a: &Activity, now: Instant) {
-        let (reads, writes, frames) = (
+        let (reads, writes) = (
             a.reads.load(Ordering::Relaxed),
             a.writes.load(Ordering::Relaxed),
-            a.frames.load(Ordering::Relaxed),
         );
         let (heads, done) = (
             a.heads.load(Ordering::Acquire),
@@ -485,11 +616,36 @@ impl Seen {
             self.quiet_since = now;
             self.head_since = None;
         }
-        if frames != self.frames || heads != self.heads || done != self.done {
-            self.progress_at = now;
+        (self.reads, self.writes, self.heads, self.done) = (reads, writes, heads, done);
+    }
+
+    /// Is a response stuck: no frame of its own for `stall`? On HTTP/1 (one response at
+    /// a time, nothing else written) what the connection writes counts too; on HTTP/2
+    /// each response must move its own frames (`Tracked` sends at most 16 KiB a frame).
+    fn stuck_response(&mut self, a: &Activity, stall: Duration, now: Instant) -> bool {
+        let r = &a.responses;
+        let sending = r.in_use().count();
+        if sending == 0 {
+            return false;
         }
-        (self.reads, self.writes, self.frames) = (reads, writes, frames);
-        (self.heads, self.done) = (heads, done);
+        let written = a.written.load(Ordering::Relaxed);
+        // On HTTP/2, bytes written may be acknowledgements of the client's own frames.
+        let lone = sending == 1 && !a.multiplexed.load(Ordering::Relaxed);
+        if self.responses.is_empty() {
+            self.responses = vec![ResponseSeen::new(0, 0, now, written); SLOTS];
+        }
+        for slot in r.in_use() {
+            let epoch = r.epoch[slot].load(Ordering::Acquire);
+            let frames = r.frames[slot].load(Ordering::Relaxed);
+            let s = &mut self.responses[slot];
+            let pieces = lone && written.wrapping_sub(s.written) >= PIECE;
+            if s.epoch != epoch || s.frames != frames || pieces {
+                *s = ResponseSeen::new(epoch, frames, now, written);
+            } else if now - s.at >= stall {
+                return true;
+            }
+        }
+        false
     }
 
     /// The one decision: what to do with the connection now.
@@ -503,7 +659,7 @@ impl Seen {
         let busy = self.heads != self.done;
         if busy {
             let blocked = a.write_blocked.load(Ordering::Relaxed);
-            if (blocked && now - self.write_at >= d.write) || now - self.progress_at >= d.stall {
+            if (blocked && now - self.write_at >= d.write) || self.stuck_response(a, d.stall, now) {
                 return Some(Close::Now);
             }
         }

@@ -43,6 +43,11 @@ pub enum Deny {
     BadHost,
     /// The client's request body broke its framing (bad chunked encoding) or was cut off.
     BadRequestBody,
+    /// More header fields than `max_header_bytes / 16` (HTTP/2; hyper refuses them on
+    /// HTTP/1 itself).
+    TooManyHeaders,
+    /// The request body stopped arriving (nothing for `timeouts.idle`).
+    RequestTimeout,
     /// A method with lower-case letters: WSGI and Rack upper-case it, so `delete` would
     /// be checked as one method and run as another.
     BadMethod,
@@ -66,6 +71,8 @@ impl Deny {
             }
             NoRoute => StatusCode::NOT_FOUND,
             UriTooLong => StatusCode::URI_TOO_LONG,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -91,6 +98,8 @@ impl Deny {
             BadHost => "bad_host",
             BadRequestBody => "bad_request_body",
             BadMethod => "bad_method",
+            RequestTimeout => "request_timeout",
+            TooManyHeaders => "too_many_headers",
             UriTooLong => "uri_too_long",
             BodyTooLarge => "body_too_large",
             StoreUnavailable => "store_unavailable",
@@ -116,6 +125,8 @@ impl Deny {
             BadHost => "the request needs exactly one valid host (Host header or http(s) target)",
             BadRequestBody => "the request body is malformed or incomplete",
             BadMethod => "the request method must be upper case",
+            RequestTimeout => "the request body stopped arriving",
+            TooManyHeaders => "the request carries too many header fields",
             UriTooLong => "the request target is too long",
             BodyTooLarge => "the request body is too large for this route",
             StoreUnavailable => "the key store is unavailable; retry shortly",
@@ -138,7 +149,10 @@ impl Deny {
 
     /// Close the connection after answering: the request's framing can't be trusted.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Deny::BodyTooLarge | Deny::BadRequestBody)
+        matches!(
+            self,
+            Deny::BodyTooLarge | Deny::BadRequestBody | Deny::RequestTimeout
+        )
     }
 
     fn body(&self) -> String {
@@ -249,6 +263,8 @@ mod tests {
             (Deny::BadHost, 400, "bad_host", None),
             (Deny::BadRequestBody, 400, "bad_request_body", None),
             (Deny::BadMethod, 400, "bad_method", None),
+            (Deny::RequestTimeout, 408, "request_timeout", None),
+            (Deny::TooManyHeaders, 431, "too_many_headers", None),
             (Deny::StoreUnavailable, 503, "store_unavailable", None),
             (Deny::UpstreamUnavailable, 502, "upstream_unavailable", None),
             (Deny::UpstreamTimeout, 504, "upstream_timeout", None),

@@ -25,6 +25,8 @@ pub const RESULTS: &[&str] = &[
     "bad_host",
     "bad_request_body",
     "bad_method",
+    "request_timeout",
+    "too_many_headers",
     "uri_too_long",
     "body_too_large",
     "store_unavailable",

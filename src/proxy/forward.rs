@@ -20,7 +20,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tower_service::Service;
 
@@ -266,7 +267,8 @@ impl Forwarder {
             true => (None, None),
             false => {
                 let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                (Some((tx, conn.watch.clone())), Some(rx))
+                let progress = Arc::new(BodyProgress::default());
+                (Some((tx, progress.clone())), Some((rx, progress)))
             }
         };
         let req = req.map(|b| {
@@ -278,25 +280,12 @@ impl Forwarder {
         });
 
         let started = Instant::now();
-        let send = async {
-            if direct {
-                self.send_direct(&conn.upstream, req).await
-            } else {
-                self.client.request(req).await.map_err(|e| classify(&e))
-            }
-        };
         let outcome = match body_sent {
-            None => tokio::time::timeout(self.timeout, send).await.ok(),
-            Some(body_sent) => {
-                let head_due = async {
-                    let _ = body_sent.await;
-                    tokio::time::sleep(self.timeout).await
-                };
-                tokio::select! {
-                    r = send => Some(r),
-                    _ = head_due => None,
-                }
-            }
+            None => tokio::time::timeout(self.timeout, self.send(req, conn, direct))
+                .await
+                .ok(),
+            // Boxed: the larger state of this path stays off every request's future.
+            Some(body_sent) => Box::pin(self.send_after_body(req, conn, direct, body_sent)).await,
         };
         let mut resp = outcome.ok_or(Deny::UpstreamTimeout)??;
         let elapsed = started.elapsed();
@@ -314,6 +303,42 @@ impl Forwarder {
         }
         strip_hop_by_hop(resp.headers_mut());
         Ok((resp.map(|b| b.map_err(BoxError::from).boxed()), elapsed))
+    }
+
+    /// To the client connection's own upstream connection, or through the pool.
+    async fn send(
+        &self,
+        req: Request<Body>,
+        conn: &Conn,
+        direct: bool,
+    ) -> Result<Response<Incoming>, Deny> {
+        if direct {
+            self.send_direct(&conn.upstream, req).await
+        } else {
+            self.client.request(req).await.map_err(|e| classify(&e))
+        }
+    }
+
+    /// `send`, with the upstream timeout counted from when the body was all sent
+    /// (`body_sent` resolves then; `None` when it passed), and the body bounded by
+    /// `tunnel_idle` between frames (408 if the client stopped sending, 504 if the
+    /// upstream stopped taking it).
+    async fn send_after_body(
+        &self,
+        req: Request<Body>,
+        conn: &Conn,
+        direct: bool,
+        (body_sent, progress): (tokio::sync::oneshot::Receiver<()>, Arc<BodyProgress>),
+    ) -> Option<Result<Response<Incoming>, Deny>> {
+        let head_due = async {
+            let _ = body_sent.await;
+            tokio::time::sleep(self.timeout).await
+        };
+        tokio::select! {
+            r = self.send(req, conn, direct) => Some(r),
+            _ = head_due => None,
+            stalled = progress.stalled(self.tunnel_idle) => Some(Err(stalled)),
+        }
     }
 
     /// The request target the upstream gets: origin form on a connection of our own,
@@ -415,15 +440,45 @@ impl Forwarder {
     }
 }
 
-/// The client's request body on its way upstream: its frames are the request's progress
-/// (the connection's stall deadline), its errors are the client's (`ClientBodyError`),
-/// and `sent`'s sender is dropped once it has ended (the upstream timeout starts then).
+/// How a request body moves: written by the body as the upstream connection polls it,
+/// read by the request waiting for the response head.
+#[derive(Default)]
+struct BodyProgress {
+    frames: AtomicU64,
+    ended: AtomicBool,
+    /// The last poll found no data from the client (else the upstream is not taking it).
+    waiting_on_client: AtomicBool,
+}
+
+impl BodyProgress {
+    /// Resolves once no frame moved for `idle` before the body ended: whose fault it is.
+    async fn stalled(&self, idle: Duration) -> Deny {
+        let tick = (idle / 4).max(Duration::from_millis(5));
+        let (mut seen, mut since) = (self.frames.load(Ordering::Relaxed), Instant::now());
+        loop {
+            tokio::time::sleep(tick).await;
+            if self.ended.load(Ordering::Relaxed) {
+                return std::future::pending().await;
+            }
+            let now = self.frames.load(Ordering::Relaxed);
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= idle {
+                return match self.waiting_on_client.load(Ordering::Relaxed) {
+                    true => Deny::RequestTimeout,
+                    false => Deny::UpstreamTimeout,
+                };
+            }
+        }
+    }
+}
+
+/// The client's request body on its way upstream: its errors are the client's
+/// (`ClientBodyError`); `sent`'s sender is dropped once it has ended (the upstream
+/// timeout starts then) and its progress tells a stalled client from a stalled upstream.
 struct ClientBody {
     inner: Incoming,
-    sent: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        crate::connection::WatchHandle,
-    )>,
+    sent: Option<(tokio::sync::oneshot::Sender<()>, Arc<BodyProgress>)>,
 }
 
 impl http_body::Body for ClientBody {
@@ -436,17 +491,20 @@ impl http_body::Body for ClientBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         use std::task::Poll;
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(_))) => {
-                if let Some((_, watch)) = &self.sent {
-                    watch.progress();
-                }
-                if self.inner.is_end_stream() {
-                    self.sent = None;
-                }
+        let end = match &r {
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            Poll::Ready(_) => true,
+            Poll::Pending => false,
+        };
+        if let Some((_, p)) = &self.sent {
+            p.waiting_on_client.store(r.is_pending(), Ordering::Relaxed);
+            if let Poll::Ready(Some(Ok(_))) = r {
+                p.frames.fetch_add(1, Ordering::Relaxed);
             }
-            Poll::Ready(_) => self.sent = None,
-            Poll::Pending => {}
+            if end {
+                p.ended.store(true, Ordering::Relaxed);
+                self.sent = None;
+            }
         }
         r.map(|f| f.map(|f| f.map_err(|e| BoxError::from(ClientBodyError(e)))))
     }

@@ -40,18 +40,11 @@ pub struct Conn {
     /// The peer's IP as an `X-Forwarded-For` value, made once per connection.
     pub peer_header: http::HeaderValue,
     pub upstream: forward::UpstreamSlot,
-    /// Request bodies report their progress here (the connection's deadlines).
-    pub watch: crate::connection::WatchHandle,
     pub slot: Slot,
 }
 
 impl Conn {
-    pub fn new(
-        peer: SocketAddr,
-        tls: bool,
-        watch: crate::connection::WatchHandle,
-        slot: Slot,
-    ) -> Conn {
+    pub fn new(peer: SocketAddr, tls: bool, slot: Slot) -> Conn {
         // An IP address always makes a valid value; the fallback only avoids a panic path.
         let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
@@ -60,7 +53,6 @@ impl Conn {
             tls,
             peer_header,
             upstream: forward::UpstreamSlot::default(),
-            watch,
             slot,
         }
     }
@@ -74,6 +66,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub forwarder: forward::Forwarder,
     pub max_uri_bytes: usize,
+    /// Header fields a request may carry (`connection::max_header_count`).
+    pub max_header_count: usize,
     pub usage: UsageRecorder,
     /// `cache.on_store_error: deny`: refuse cache hits while the store is failing.
     pub deny_on_store_error: bool,
@@ -106,6 +100,7 @@ impl Proxy {
                 upstream_tls,
             )?,
             max_uri_bytes: config.limits.max_uri_bytes,
+            max_header_count: crate::connection::max_header_count(config.limits.max_header_bytes),
             usage,
             deny_on_store_error: config.cache.on_store_error
                 == crate::config::raw::OnStoreError::Deny,

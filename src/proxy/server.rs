@@ -179,10 +179,9 @@ async fn worker(
         });
         connections.spawn(async move {
             let watch = Watch::new(accepted);
-            let handle = watch.handle();
             match tls {
                 None => {
-                    let conn = Conn::new(peer, false, handle, slot);
+                    let conn = Conn::new(peer, false, slot);
                     serve_connection(stream, watch, conn, proxy, &builder, &settings, shutdown)
                         .await;
                 }
@@ -190,7 +189,7 @@ async fn worker(
                     let until = accepted + settings.deadlines.header_read;
                     match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let conn = Conn::new(peer, true, handle, slot);
+                            let conn = Conn::new(peer, true, slot);
                             serve_connection(
                                 stream, watch, conn, proxy, &builder, &settings, shutdown,
                             )

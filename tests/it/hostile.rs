@@ -709,3 +709,109 @@ async fn a_websocket_tunnel_keeps_its_connection_slot() {
         .expect("a slot freed by a closed tunnel was not given back");
     assert_eq!(later.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stops_arriving_is_408() {
+    let app = app("{ upstream: 5s, header_read: 5s, idle: 1s }", "").await;
+    let mut c = RawConn::connect(app.proxy).await;
+    c.send("POST /public/x HTTP/1.1\r\nHost: kg.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await;
+    c.expect_response()
+        .await
+        .assert_error(408, "request_timeout");
+}
+
+/// A WINDOW_UPDATE frame granting `n` bytes on `stream` (0: the connection).
+fn window_update(stream: u32, n: u32) -> Vec<u8> {
+    frame(8, 0, stream, &n.to_be_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stuck_http2_stream_is_not_kept_alive_by_busy_siblings() {
+    let app = app("{ upstream: 1s, header_read: 5s, idle: 1s }", "").await;
+    let key = app.create_key(&["files:read"]).await;
+    let auth = format!("Bearer {}", key.key);
+    let s = TcpStream::connect(app.proxy).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    w.write_all(PREFACE).await.unwrap();
+    // Every stream starts with no window: only those the client grants can send.
+    w.write_all(&frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]))
+        .await
+        .unwrap();
+    let stuck = h2_get("/__bytes?n=100000", "kg.test", &[(23, &auth)]);
+    w.write_all(&stuck).await.unwrap();
+    let siblings = tokio::spawn(async move {
+        for i in 0..40u32 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let id = 3 + 2 * i;
+            let mut get = h2_get("/healthz", "kg.test", &[]);
+            get[5..9].copy_from_slice(&id.to_be_bytes());
+            if w.write_all(&get).await.is_err()
+                || w.write_all(&window_update(id, 1 << 20)).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut buf = vec![0u8; 65536];
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => {}
+        }
+    };
+    siblings.abort();
+    assert!(
+        closed,
+        "a stuck stream was kept alive by its siblings' requests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_http2_download_is_not_cut() {
+    // stall = 3 s; the download takes about 8 s at about 20 KB/s.
+    let app = app("{ upstream: 1s, header_read: 5s, idle: 3s }", "").await;
+    let key = app.create_key(&["files:read"]).await;
+    let auth = format!("Bearer {}", key.key);
+    let mut s = TcpStream::connect(app.proxy).await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    // 16 KiB windows; the client grants what it read 400 ms after each frame.
+    s.write_all(&frame(4, 0, 0, &[0, 4, 0, 0, 0x40, 0]))
+        .await
+        .unwrap();
+    let n = 150_000usize;
+    s.write_all(&h2_get(
+        &format!("/__bytes?n={n}"),
+        "kg.test",
+        &[(23, &auth)],
+    ))
+    .await
+    .unwrap();
+    let mut got = 0usize;
+    let started = Instant::now();
+    loop {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+            .await
+            .expect("no frame for 5 s")
+            .expect("the download was cut while it was moving");
+        let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if stream == 1 && head[3] == 0 {
+            got += len;
+            if head[4] & 0x1 != 0 {
+                break;
+            }
+            if len > 0 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                s.write_all(&window_update(1, len as u32)).await.unwrap();
+                s.write_all(&window_update(0, len as u32)).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(got, n, "after {:?}", started.elapsed());
+}
