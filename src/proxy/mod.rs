@@ -164,6 +164,10 @@ impl Proxy {
         if target_len > self.max_uri_bytes {
             return (None, Err(Deny::UriTooLong));
         }
+        // HTTP/2 has no count limit of its own (hyper's HTTP/1 parser refuses more).
+        if req.headers().len() > self.max_header_count {
+            return (None, Err(Deny::TooManyHeaders));
+        }
         if req
             .method()
             .as_str()

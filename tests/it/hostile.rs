@@ -815,3 +815,35 @@ async fn a_slow_but_steady_http2_download_is_not_cut() {
     }
     assert_eq!(got, n, "after {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_get_the_same_header_count_limit() {
+    let app = app(
+        "{ upstream: 2s, header_read: 5s, idle: 30s }",
+        "  limits: { max_header_bytes: 1048576 }\n",
+    )
+    .await;
+    let mut block = vec![0x82, 0x86];
+    block.extend(literal(4, "/public/x"));
+    block.extend(literal(1, "kg.test"));
+    for i in 0..10_001 {
+        let name = format!("h{i}");
+        block.extend([0x00, name.len() as u8]);
+        block.extend(name.as_bytes());
+        block.extend([1, b'v']);
+    }
+    let mut s = TcpStream::connect(app.proxy).await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&settings()).await.unwrap();
+    let pieces: Vec<&[u8]> = block.chunks(16_000).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let last = i == pieces.len() - 1;
+        let (kind, flags) = match i {
+            0 => (1, 0x1 | if last { 0x4 } else { 0 }),
+            _ => (9, if last { 0x4 } else { 0 }),
+        };
+        s.write_all(&frame(kind, flags, 1, piece)).await.unwrap();
+    }
+    let body: Value = serde_json::from_slice(&h2_body(&mut s).await).unwrap();
+    assert_eq!(body["error"]["code"], "too_many_headers", "{body}");
+}
