@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// `TEST_CONFIG` with other proxy timeouts, and `extra` lines in the proxy section.
@@ -24,7 +24,7 @@ async fn app(timeouts: &str, extra: &str) -> TestApp {
 }
 
 /// Read and discard until the peer closes; true if it did within `within`.
-async fn closes_within(s: &mut TcpStream, within: Duration) -> bool {
+async fn closes_within<R: AsyncRead + Unpin>(s: &mut R, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -656,15 +656,7 @@ async fn an_http2_stream_stuck_on_flow_control_cannot_hold_the_connection_with_p
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
-    let mut buf = vec![0u8; 4096];
-    let closed = loop {
-        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
-            Err(_) => break false,
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(_)) => {}
-        }
-    };
+    let closed = closes_within(&mut r, Duration::from_secs(8)).await;
     pinger.abort();
     assert!(
         closed,
@@ -753,15 +745,7 @@ async fn one_stuck_http2_stream_is_not_kept_alive_by_busy_siblings() {
             }
         }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
-    let mut buf = vec![0u8; 65536];
-    let closed = loop {
-        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
-            Err(_) => break false,
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(_)) => {}
-        }
-    };
+    let closed = closes_within(&mut r, Duration::from_secs(8)).await;
     siblings.abort();
     assert!(
         closed,
