@@ -775,3 +775,38 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    /// A large body reaches hyper in frames of at most `MAX_FRAME`, each counted as the
+    /// response's progress: a slow HTTP/2 reader shows progress every 16 KiB, not once per
+    /// upstream chunk.
+    #[tokio::test]
+    async fn large_frames_are_handed_over_in_counted_pieces() {
+        let watch = Watch::new(Instant::now());
+        let activity = watch.activity.clone();
+        let req = Request::new(());
+        let body = Full::new(Bytes::from(vec![7u8; 100_000]));
+        let mut tracked = Tracked::new(body, watch.handle().begin(&req));
+        let slot = tracked.slot.expect("a free slot");
+        let mut sizes = Vec::new();
+        while let Some(frame) = tracked.frame().await {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+        }
+        assert!(sizes.iter().all(|&n| n <= 16 * 1024), "{sizes:?}");
+        assert_eq!(sizes.len(), 7, "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 100_000);
+        let counted = activity.responses.frames[slot].load(Ordering::Relaxed);
+        assert_eq!(counted as usize, sizes.len());
+        drop(tracked);
+        assert_eq!(
+            activity.responses.in_use().count(),
+            0,
+            "the slot was not given back"
+        );
+        assert_eq!(activity.done.load(Ordering::Relaxed), 1);
+    }
+}

@@ -65,7 +65,9 @@ pub async fn spawn_echo_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr
             tokio::spawn(async move {
                 // As many header fields as keygate lets through (hyper's default is 100).
                 let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder.http1().max_headers(4096);
+                builder
+                    .http1()
+                    .max_headers(crate::connection::max_header_count(usize::MAX));
                 let _ = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(echo))
                     .await;

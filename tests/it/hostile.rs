@@ -755,7 +755,9 @@ async fn one_stuck_http2_stream_is_not_kept_alive_by_busy_siblings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_steady_http2_download_is_not_cut() {
-    // stall = 3 s; the download takes about 8 s at about 20 KB/s.
+    // stall = 3 s; 4 KiB windows granted 400 ms after each frame: about 10 KB/s, well
+    // over the stall time in all. A guard: the response must count as moving throughout
+    // (the 16 KiB frame split itself is checked by connection.rs's unit test).
     let app = app("{ upstream: 1s, header_read: 5s, idle: 3s }", "").await;
     let key = app.create_key(&["files:read"]).await;
     let auth = format!("Bearer {}", key.key);
