@@ -190,8 +190,7 @@ impl Activity {
     }
 }
 
-/// One connection's watch: hand its `io` to hyper, mark each request with `begin`, and
-/// `serve` with the deadlines.
+/// One connection's watch, made at accept and handed to `serve`.
 pub struct Watch {
     activity: Arc<Activity>,
     accepted: Instant,
@@ -218,27 +217,16 @@ impl Watch {
             line_started: false,
         })
     }
-
-    /// What the service marks each request with.
-    pub fn handle(&self) -> WatchHandle {
-        WatchHandle(self.activity.clone())
-    }
 }
 
-/// Held by a connection's service.
-#[derive(Clone)]
-pub struct WatchHandle(Arc<Activity>);
-
-impl WatchHandle {
-    /// A request head arrived: the returned guard, carried by the response body, marks
-    /// the response finished when dropped.
-    pub fn begin<B>(&self, req: &Request<B>) -> Finished {
-        if req.version() == Version::HTTP_2 {
-            self.0.multiplexed.store(true, Ordering::Relaxed);
-        }
-        self.0.heads.fetch_add(1, Ordering::AcqRel);
-        Finished(self.0.clone())
+/// A request head arrived: the returned guard, carried by the response body, marks the
+/// response finished when dropped.
+fn begin<B>(activity: &Arc<Activity>, req: &Request<B>) -> Finished {
+    if req.version() == Version::HTTP_2 {
+        activity.multiplexed.store(true, Ordering::Relaxed);
     }
+    activity.heads.fetch_add(1, Ordering::AcqRel);
+    Finished(activity.clone())
 }
 
 /// Dropped when a response is finished (fully written, or abandoned).
@@ -465,6 +453,48 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
     }
 }
 
+/// The next connection that has a free `max_connections` slot; `None` at shutdown.
+/// Accept errors (out of file descriptors and the like) back off instead of spinning.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(
+    tokio::net::TcpStream,
+    SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.ok()?,
+            _ = shutdown.changed() => return None,
+        };
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => return Some((stream, peer, permit)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
+/// At shutdown: wait up to `drain` for `connections`, which saw the signal and finish
+/// their requests; then cut the rest.
+pub async fn drain(connections: &mut tokio::task::JoinSet<()>, drain: Duration) {
+    let all_done = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain, all_done).await.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "drain timeout: closing connections with requests in flight"
+        );
+        connections.shutdown().await;
+    }
+}
+
 /// What the watcher tells the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Close {
@@ -495,9 +525,9 @@ pub async fn serve<I, H, F, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let io = watch.io(stream, max_first_line);
-    let marks = watch.handle();
+    let marks = watch.activity.clone();
     let service = hyper::service::service_fn(move |req| {
-        let finished = marks.begin(&req);
+        let finished = begin(&marks, &req);
         let response = handler(req);
         async move {
             let resp = response.await;
@@ -790,7 +820,7 @@ mod tests {
         let activity = watch.activity.clone();
         let req = Request::new(());
         let body = Full::new(Bytes::from(vec![7u8; 100_000]));
-        let mut tracked = Tracked::new(body, watch.handle().begin(&req));
+        let mut tracked = Tracked::new(body, begin(&watch.activity, &req));
         let slot = tracked.slot.expect("a free slot");
         let mut sizes = Vec::new();
         while let Some(frame) = tracked.frame().await {

@@ -81,23 +81,10 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     let builder = Arc::new(settings.builder());
     let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            Ok(p) = slots.clone().acquire_owned() => p,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            _ = shutdown.changed() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some((stream, peer, permit)) =
+        connection::accept(&listener, &slots, &mut shutdown).await
+    {
+        while connections.try_join_next().is_some() {}
         let (router, builder, settings) = (router.clone(), builder.clone(), settings.clone());
         let (tls, shutdown) = (tls.clone(), shutdown.clone());
         connections.spawn(async move {
@@ -118,11 +105,7 @@ pub async fn serve(
             drop(permit);
         });
     }
-    let drain = settings.deadlines.drain;
-    let all_done = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(drain, all_done).await.is_err() {
-        connections.shutdown().await;
-    }
+    connection::drain(&mut connections, settings.deadlines.drain).await;
 }
 
 /// One admin connection: the router behind keygate's connection deadlines.

@@ -91,24 +91,10 @@ pub async fn serve_workers(
 
     match TcpListener::from_std(listener) {
         Ok(listener) => loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break, // closed: never happens, the semaphore is ours
-                },
-                _ = shutdown.changed() => break,
-            };
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => break,
+            let Some((stream, peer, permit)) =
+                connection::accept(&listener, &slots, &mut shutdown).await
+            else {
+                break;
             };
             let _ = stream.set_nodelay(true);
             let Ok(stream) = stream.into_std() else {
@@ -204,7 +190,7 @@ async fn worker(
             }
         });
     }
-    drain_connections(&mut connections, drain).await;
+    connection::drain(&mut connections, drain).await;
 }
 
 /// A connection's `max_connections` slot and its place in its worker's count, given back
@@ -217,18 +203,6 @@ struct OpenSlot {
 impl Drop for OpenSlot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Wait up to `drain` for this worker's connections, which saw the shutdown signal and finish their requests.
-async fn drain_connections(connections: &mut JoinSet<()>, drain: Duration) {
-    let all_done = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(drain, all_done).await.is_err() {
-        tracing::warn!(
-            open = connections.len(),
-            "drain timeout: closing connections with requests in flight"
-        );
-        connections.shutdown().await;
     }
 }
 
