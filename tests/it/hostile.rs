@@ -23,6 +23,15 @@ async fn app(timeouts: &str, extra: &str) -> TestApp {
     spawn_app_with(&config(timeouts, extra), Store::Memory).await
 }
 
+/// GET `url` with the app's client, giving up after `within`.
+async fn get_within(
+    app: &TestApp,
+    url: String,
+    within: Duration,
+) -> reqwest::Result<reqwest::Response> {
+    app.http.get(url).timeout(within).send().await
+}
+
 /// Read and discard until the peer closes; true if it did within `within`.
 async fn closes_within<R: AsyncRead + Unpin>(s: &mut R, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
@@ -236,11 +245,7 @@ async fn a_handful_of_silent_sockets_cannot_lock_out_a_good_client() {
         held.push(s);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let good = app
-        .http
-        .get(app.proxy_url("/healthz"))
-        .timeout(Duration::from_secs(8))
-        .send()
+    let good = get_within(&app, app.proxy_url("/healthz"), Duration::from_secs(8))
         .await
         .expect("a good client was locked out by silent sockets");
     assert_eq!(good.status(), 200);
@@ -256,12 +261,7 @@ async fn the_admin_port_has_the_same_deadlines_and_its_own_connection_cap() {
     let mut a = TcpStream::connect(app.admin).await.unwrap();
     let b = TcpStream::connect(app.admin).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let early = app
-        .http
-        .get(app.admin_url("/healthz"))
-        .timeout(Duration::from_millis(500))
-        .send()
-        .await;
+    let early = get_within(&app, app.admin_url("/healthz"), Duration::from_millis(500)).await;
     assert!(
         early.is_err(),
         "a third admin connection was served over the cap of 2"
@@ -270,11 +270,7 @@ async fn the_admin_port_has_the_same_deadlines_and_its_own_connection_cap() {
         closes_within(&mut a, Duration::from_secs(5)).await,
         "a silent admin connection outlived header_read"
     );
-    let later = app
-        .http
-        .get(app.admin_url("/healthz"))
-        .timeout(Duration::from_secs(5))
-        .send()
+    let later = get_within(&app, app.admin_url("/healthz"), Duration::from_secs(5))
         .await
         .expect("the admin port did not recover once the silent connections were cut");
     assert_eq!(later.status(), 200);
@@ -681,22 +677,13 @@ async fn a_websocket_tunnel_keeps_its_connection_slot() {
         assert_eq!(c.expect_response().await.status, 101);
         tunnels.push(c);
     }
-    let third = app
-        .http
-        .get(app.proxy_url("/healthz"))
-        .timeout(Duration::from_millis(700))
-        .send()
-        .await;
+    let third = get_within(&app, app.proxy_url("/healthz"), Duration::from_millis(700)).await;
     assert!(
         third.is_err(),
         "two tunnels did not hold the two connection slots"
     );
     drop(tunnels.pop());
-    let later = app
-        .http
-        .get(app.proxy_url("/healthz"))
-        .timeout(Duration::from_secs(5))
-        .send()
+    let later = get_within(&app, app.proxy_url("/healthz"), Duration::from_secs(5))
         .await
         .expect("a slot freed by a closed tunnel was not given back");
     assert_eq!(later.status(), 200);
