@@ -341,7 +341,7 @@ pub async fn rotate(
     let grace_ms = match b.grace_period.as_deref() {
         None => 3_600_000,
         Some(g) => {
-            let d = humantime::parse_duration(g.trim()).map_err(|_| {
+            let d = crate::time::parse_duration(g).map_err(|_| {
                 ApiError::bad_request(
                     "invalid_field",
                     format!("field `grace_period`: invalid duration {g:?}; use e.g. 0s, 1h, 24h"),

@@ -87,7 +87,7 @@ pub fn parse_expires_in(field: &'static str, s: &str) -> Result<u64, ApiError> {
             format!("field `{field}`: invalid duration {s:?}; use e.g. 12h, 90d, 1y"),
         )
     };
-    let d = humantime::parse_duration(s.trim()).map_err(|_| bad())?;
+    let d = crate::time::parse_duration(s).map_err(|_| bad())?;
     let ms = d.as_millis();
     if ms == 0 || ms > 100 * 366 * 86_400_000 {
         return Err(bad());

@@ -448,7 +448,7 @@ pub struct HumanDuration(pub Duration);
 impl<'de> serde::Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
+        crate::time::parse_duration(&s)
             .map(HumanDuration)
             .map_err(|e| {
                 de::Error::custom(format!(
