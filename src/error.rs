@@ -1,5 +1,7 @@
 //! keygate's own answers on the proxy port: every refusal is a `Deny`, and `Deny::response`
 //! is the one place that turns it into a status, a stable JSON code and RFC 6750 headers.
+//! `Deny::iter()` lists every variant: the metric labels and the README's decision table
+//! follow from it, and every mapping is an exhaustive `match` (no fallback arm).
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -24,8 +26,31 @@ const INVALID_REQUEST: HeaderValue =
 const INSUFFICIENT: HeaderValue =
     HeaderValue::from_static("Bearer realm=\"keygate\", error=\"insufficient_scope\"");
 
-/// Every reason keygate answers a proxied request itself.
+/// A route's `WWW-Authenticate` value for a key lacking its scopes (with its `scope`),
+/// built once at load. The default names no scope (what `Deny::iter` yields).
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge(pub HeaderValue);
+
+impl Default for Challenge {
+    fn default() -> Self {
+        Challenge(INSUFFICIENT)
+    }
+}
+
+impl Challenge {
+    /// The challenge naming `scopes` (validated at load to a header-safe alphabet).
+    pub fn for_scopes<S: AsRef<str>>(scopes: &[S]) -> Challenge {
+        let scopes: Vec<&str> = scopes.iter().map(AsRef::as_ref).collect();
+        let v = format!(
+            "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"{}\"",
+            scopes.join(" ")
+        );
+        Challenge(HeaderValue::from_str(&v).unwrap_or(INSUFFICIENT))
+    }
+}
+
+/// Every reason keygate answers a proxied request itself.
+#[derive(Debug, Clone, PartialEq, Eq, strum::EnumIter, strum::EnumCount)]
 pub enum Deny {
     MissingKey,
     UnsupportedScheme,
@@ -36,7 +61,7 @@ pub enum Deny {
     RevokedKey,
     PublishableNotAllowed,
     /// Carries the route's prebuilt `WWW-Authenticate` value (with its `scope`).
-    InsufficientScope(HeaderValue),
+    InsufficientScope(Challenge),
     NoRoute,
     BadPath,
     /// HTTP/1.1 without `Host`, several `Host` headers, or an invalid host (RFC 9112 §3.2).
@@ -59,6 +84,39 @@ pub enum Deny {
 }
 
 impl Deny {
+    /// Every variant once, in declaration order (`InsufficientScope` naming no scope).
+    pub fn iter() -> impl Iterator<Item = Deny> {
+        <Deny as strum::IntoEnumIterator>::iter()
+    }
+
+    /// This variant's place in `Deny::iter()`: the metric handles are indexed by it.
+    pub fn index(&self) -> usize {
+        use Deny::*;
+        match self {
+            MissingKey => 0,
+            UnsupportedScheme => 1,
+            MultipleAuthorization => 2,
+            MalformedKey => 3,
+            UnknownKey => 4,
+            ExpiredKey => 5,
+            RevokedKey => 6,
+            PublishableNotAllowed => 7,
+            InsufficientScope(_) => 8,
+            NoRoute => 9,
+            BadPath => 10,
+            BadHost => 11,
+            BadRequestBody => 12,
+            TooManyHeaders => 13,
+            RequestTimeout => 14,
+            BadMethod => 15,
+            UriTooLong => 16,
+            BodyTooLarge => 17,
+            StoreUnavailable => 18,
+            UpstreamUnavailable => 19,
+            UpstreamTimeout => 20,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         use Deny::*;
         match self {
@@ -108,7 +166,7 @@ impl Deny {
         }
     }
 
-    fn message(&self) -> &'static str {
+    pub fn message(&self) -> &'static str {
         use Deny::*;
         match self {
             MissingKey => "an API key is required: send Authorization: Bearer <key>",
@@ -142,8 +200,10 @@ impl Deny {
             MalformedKey | UnknownKey | ExpiredKey | RevokedKey => Some(INVALID_TOKEN),
             MultipleAuthorization => Some(INVALID_REQUEST),
             PublishableNotAllowed => Some(INSUFFICIENT),
-            InsufficientScope(v) => Some(v.clone()),
-            _ => None,
+            InsufficientScope(c) => Some(c.0.clone()),
+            NoRoute | BadPath | BadHost | BadRequestBody | TooManyHeaders | RequestTimeout
+            | BadMethod | UriTooLong | BodyTooLarge | StoreUnavailable | UpstreamUnavailable
+            | UpstreamTimeout => None,
         }
     }
 
@@ -200,85 +260,114 @@ impl Deny {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strum::EnumCount;
 
-    /// The decision table of the README, pinned.
+    const TOKEN: &str = "Bearer realm=\"keygate\", error=\"invalid_token\"";
+    const SCOPE: &str = "Bearer realm=\"keygate\", error=\"insufficient_scope\"";
+
+    /// The decision table of the README, pinned: every variant's status, code and
+    /// `WWW-Authenticate`. A variant missing here fails the test.
+    const TABLE: &[(&str, u16, Option<&str>)] = &[
+        ("missing_key", 401, Some("Bearer realm=\"keygate\"")),
+        (
+            "unsupported_auth_scheme",
+            401,
+            Some("Bearer realm=\"keygate\""),
+        ),
+        (
+            "multiple_authorization",
+            400,
+            Some("Bearer realm=\"keygate\", error=\"invalid_request\""),
+        ),
+        ("malformed_key", 401, Some(TOKEN)),
+        ("unknown_key", 401, Some(TOKEN)),
+        ("expired_key", 401, Some(TOKEN)),
+        ("revoked_key", 403, Some(TOKEN)),
+        ("publishable_key_not_allowed", 403, Some(SCOPE)),
+        ("insufficient_scope", 403, Some(SCOPE)),
+        ("no_route", 404, None),
+        ("bad_path", 400, None),
+        ("bad_host", 400, None),
+        ("bad_request_body", 400, None),
+        ("too_many_headers", 431, None),
+        ("request_timeout", 408, None),
+        ("bad_method", 400, None),
+        ("uri_too_long", 414, None),
+        ("body_too_large", 413, None),
+        ("store_unavailable", 503, None),
+        ("upstream_unavailable", 502, None),
+        ("upstream_timeout", 504, None),
+    ];
+
     #[test]
-    fn mapping() {
-        let scope = HeaderValue::from_static(
-            "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"users:read\"",
-        );
-        let table: &[(Deny, u16, &str, Option<&str>)] = &[
-            (
-                Deny::MissingKey,
-                401,
-                "missing_key",
-                Some("Bearer realm=\"keygate\""),
-            ),
-            (
-                Deny::MalformedKey,
-                401,
-                "malformed_key",
-                Some("Bearer realm=\"keygate\", error=\"invalid_token\""),
-            ),
-            (
-                Deny::UnknownKey,
-                401,
-                "unknown_key",
-                Some("Bearer realm=\"keygate\", error=\"invalid_token\""),
-            ),
-            (
-                Deny::ExpiredKey,
-                401,
-                "expired_key",
-                Some("Bearer realm=\"keygate\", error=\"invalid_token\""),
-            ),
-            (
-                Deny::RevokedKey,
-                403,
-                "revoked_key",
-                Some("Bearer realm=\"keygate\", error=\"invalid_token\""),
-            ),
-            (
-                Deny::PublishableNotAllowed,
-                403,
-                "publishable_key_not_allowed",
-                Some("Bearer realm=\"keygate\", error=\"insufficient_scope\""),
-            ),
-            (
-                Deny::InsufficientScope(scope),
-                403,
-                "insufficient_scope",
-                Some(
-                    "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"users:read\"",
-                ),
-            ),
-            (
-                Deny::MultipleAuthorization,
-                400,
-                "multiple_authorization",
-                Some("Bearer realm=\"keygate\", error=\"invalid_request\""),
-            ),
-            (Deny::NoRoute, 404, "no_route", None),
-            (Deny::BadPath, 400, "bad_path", None),
-            (Deny::BadHost, 400, "bad_host", None),
-            (Deny::BadRequestBody, 400, "bad_request_body", None),
-            (Deny::BadMethod, 400, "bad_method", None),
-            (Deny::RequestTimeout, 408, "request_timeout", None),
-            (Deny::TooManyHeaders, 431, "too_many_headers", None),
-            (Deny::StoreUnavailable, 503, "store_unavailable", None),
-            (Deny::UpstreamUnavailable, 502, "upstream_unavailable", None),
-            (Deny::UpstreamTimeout, 504, "upstream_timeout", None),
-        ];
-        for (deny, status, code, challenge) in table {
+    fn every_variant_has_its_pinned_status_code_and_challenge() {
+        assert_eq!(TABLE.len(), Deny::COUNT, "one row per variant");
+        for deny in Deny::iter() {
+            let code = deny.code();
+            let row = TABLE.iter().find(|(c, _, _)| *c == code);
+            let (_, status, challenge) = row.unwrap_or_else(|| panic!("{code} is not pinned"));
             let r = deny.response();
             assert_eq!(r.status().as_u16(), *status, "{code}");
-            assert_eq!(deny.code(), *code);
-            assert_eq!(
-                r.headers()
-                    .get(WWW_AUTHENTICATE)
-                    .map(|v| v.to_str().unwrap()),
-                *challenge,
-                "{code}"
+            assert_eq!(r.status(), deny.status(), "{code}");
+            let got = r.headers().get(WWW_AUTHENTICATE);
+            assert_eq!(got.map(|v| v.to_str().unwrap()), *challenge, "{code}");
+            assert!(!deny.message().is_empty(), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_route_challenge_names_its_scopes() {
+        let deny = Deny::InsufficientScope(Challenge::for_scopes(&["users:read", "a:b"]));
+        let r = deny.response();
+        assert_eq!(
+            r.headers()[WWW_AUTHENTICATE],
+            "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"users:read a:b\""
+        );
+    }
+
+    /// `index` is the place in `iter`, and codes are unique: the metric labels and the
+    /// per-route counters are built from them.
+    #[test]
+    fn indexes_follow_the_variant_list_and_codes_are_unique() {
+        let all: Vec<Deny> = Deny::iter().collect();
+        assert_eq!(all.len(), Deny::COUNT);
+        for (i, d) in all.iter().enumerate() {
+            assert_eq!(d.index(), i, "{}", d.code());
+            assert!(
+                all[..i].iter().all(|e| e.code() != d.code()),
+                "{}",
+                d.code()
+            );
+        }
+    }
+
+    /// The README's decision table and its `keygate_requests_total` labels list every
+    /// code, with the status keygate answers.
+    #[test]
+    fn the_readme_lists_every_decision() {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("## Decisions on the proxy port")
+            .nth(1)
+            .and_then(|t| t.split("\n## ").next())
+            .expect("README has the decision table");
+        let metric_row = readme
+            .lines()
+            .find(|l| l.starts_with("| `keygate_requests_total`"))
+            .expect("README documents keygate_requests_total");
+        for deny in Deny::iter() {
+            let code = format!("`{}`", deny.code());
+            let rows: Vec<Vec<&str>> = table
+                .lines()
+                .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+                .filter(|cols| cols.len() > 4 && cols[3].starts_with(&code))
+                .collect();
+            assert_eq!(rows.len(), 1, "one README row for {code}");
+            let status = deny.status().as_u16().to_string();
+            assert!(rows[0][2].starts_with(&status), "{code}: {:?}", rows[0]);
+            assert!(
+                metric_row.contains(&code),
+                "{code} missing from the metric's labels"
             );
         }
     }

@@ -2,40 +2,17 @@
 //! fixed result codes); hot-path handles are resolved ahead so a request takes no lock.
 
 use crate::cache::Source;
-use crate::proxy::policy::Policy;
+use crate::error::Deny;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
 
-/// Every `result` label of `keygate_requests_total`.
-pub const RESULTS: &[&str] = &[
-    "allowed",
-    "missing_key",
-    "unsupported_auth_scheme",
-    "multiple_authorization",
-    "malformed_key",
-    "unknown_key",
-    "expired_key",
-    "revoked_key",
-    "publishable_key_not_allowed",
-    "insufficient_scope",
-    "no_route",
-    "bad_path",
-    "bad_host",
-    "bad_request_body",
-    "bad_method",
-    "request_timeout",
-    "too_many_headers",
-    "uri_too_long",
-    "body_too_large",
-    "store_unavailable",
-    "upstream_unavailable",
-    "upstream_timeout",
-];
-
-pub fn result_index(code: &str) -> usize {
-    RESULTS.iter().position(|r| *r == code).unwrap_or(0)
+/// Every `result` label of `keygate_requests_total`: `allowed`, then each `Deny` code in
+/// `Deny::iter()` order (a new refusal gets its label without an edit here).
+pub fn results() -> impl Iterator<Item = &'static str> {
+    std::iter::once("allowed").chain(Deny::iter().map(|d| d.code()))
 }
 
 /// Outcome of a key check, for the auth-duration histogram.
@@ -66,168 +43,153 @@ pub struct Metrics {
     scrape: std::sync::Mutex<()>,
 }
 
+/// Registers each metric as it is made (names are static, so failures are bugs).
+struct Builder(Registry);
+
+impl Builder {
+    fn add<C: Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0
+            .register(Box::new(c.clone()))
+            .expect("metric names are unique");
+        c
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("static metric definition"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("static metric definition"))
+    }
+
+    /// A counter family whose `known` label values start at 0, so dashboards and alerts
+    /// see them before they move.
+    fn counters(&self, name: &str, help: &str, label: &str, known: &[&str]) -> IntCounterVec {
+        let v = IntCounterVec::new(Opts::new(name, help), &[label]).expect("static definition");
+        for k in known {
+            v.with_label_values(&[k]);
+        }
+        self.add(v)
+    }
+
+    /// Exponential buckets from `start` seconds, doubling `count` times.
+    fn histograms(
+        &self,
+        name: &str,
+        help: &str,
+        start: f64,
+        count: usize,
+        labels: &[&str],
+    ) -> HistogramVec {
+        let buckets = prometheus::exponential_buckets(start, 2.0, count).expect("static buckets");
+        let opts = HistogramOpts::new(name, help).buckets(buckets);
+        self.add(HistogramVec::new(opts, labels).expect("static metric definition"))
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "keygate_requests_total",
-                "Proxied requests by route and result",
-            ),
-            &["route", "result"],
-        )
-        .expect("static metric definition");
+        let b = Builder(Registry::new());
+        let requests = b.add(
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_requests_total",
+                    "Proxied requests by route and result",
+                ),
+                &["route", "result"],
+            )
+            .expect("static metric definition"),
+        );
         // 1 µs to ~1 s: a cache hit is microseconds, a store read under a millisecond.
-        let buckets = prometheus::exponential_buckets(1e-6, 2.0, 21).expect("static buckets");
-        let auth_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "keygate_auth_duration_seconds",
-                "Time to authenticate a request's key, by result and source",
-            )
-            .buckets(buckets),
+        let auth_duration = b.histograms(
+            "keygate_auth_duration_seconds",
+            "Time to authenticate a request's key, by result and source",
+            1e-6,
+            21,
             &["result", "source"],
-        )
-        .expect("static metric definition");
-        let upstream_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "keygate_upstream_duration_seconds",
-                "Time from forwarding a request to the upstream's response head, by route",
-            )
-            .buckets(prometheus::exponential_buckets(1e-4, 2.0, 20).expect("static buckets")),
+        );
+        let upstream_duration = b.histograms(
+            "keygate_upstream_duration_seconds",
+            "Time from forwarding a request to the upstream's response head, by route",
+            1e-4,
+            20,
             &["route"],
-        )
-        .expect("static metric definition");
-        let cache_entries = IntGauge::new("keygate_cache_entries", "Entries in the key cache")
-            .expect("static metric definition");
-        let store_errors = IntCounterVec::new(
-            Opts::new(
-                "keygate_store_errors_total",
-                "Key store errors by operation",
-            ),
-            &["operation"],
-        )
-        .expect("static metric definition");
-        let build = IntGauge::with_opts(
-            Opts::new("keygate_build_info", "keygate build information")
-                .const_label("version", env!("CARGO_PKG_VERSION")),
-        )
-        .expect("static metric definition");
-        build.set(1);
-        let feed_received = IntCounterVec::new(
-            Opts::new(
-                "keygate_invalidations_received_total",
-                "Key change messages received from the store, by event",
-            ),
-            &["event"],
-        )
-        .expect("static metric definition");
-        let feed_malformed = IntCounter::new(
-            "keygate_invalidations_malformed_total",
-            "Change messages that could not be parsed (ignored)",
-        )
-        .expect("static metric definition");
-        let feed_reconnects = IntCounter::new(
-            "keygate_pubsub_reconnects_total",
-            "Times the change subscription was re-established",
-        )
-        .expect("static metric definition");
-        let feed_flushes = IntCounterVec::new(
-            Opts::new(
-                "keygate_cache_flushes_total",
-                "Whole-cache flushes, by reason (subscribe, gap, counter_ahead, counter_missing, counter_back)",
-            ),
-            &["reason"],
-        )
-        .expect("static metric definition");
-        let feed_up = IntGauge::new(
-            "keygate_pubsub_connected",
-            "1 while the change subscription is up",
-        )
-        .expect("static metric definition");
-        let feed_lag = Histogram::with_opts(
-            HistogramOpts::new(
-                "keygate_invalidation_lag_seconds",
-                "From a change's commit (time in the message) to its local eviction",
+        );
+        let build = b.add(
+            IntGauge::with_opts(
+                Opts::new("keygate_build_info", "keygate build information")
+                    .const_label("version", env!("CARGO_PKG_VERSION")),
             )
-            .buckets(prometheus::exponential_buckets(1e-4, 2.0, 16).expect("static buckets")),
-        )
-        .expect("static metric definition");
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
-                "keygate_config_reloads_total",
-                "Configuration reloads by result",
-            ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let cache_hits = IntCounter::new(
-            "keygate_cache_hits_total",
-            "Key checks answered from the cache",
-        )
-        .expect("static metric definition");
-        let cache_misses = IntCounter::new(
-            "keygate_cache_misses_total",
-            "Key checks that read the store (one read per coalesced miss)",
-        )
-        .expect("static metric definition");
-        for c in [
-            Box::new(cache_hits.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(cache_misses.clone()),
-            Box::new(config_reloads.clone()),
-            Box::new(requests.clone()),
-            Box::new(auth_duration.clone()),
-            Box::new(upstream_duration.clone()),
-            Box::new(cache_entries.clone()),
-            Box::new(store_errors.clone()),
-            Box::new(build),
-            Box::new(feed_received.clone()),
-            Box::new(feed_malformed.clone()),
-            Box::new(feed_reconnects.clone()),
-            Box::new(feed_flushes.clone()),
-            Box::new(feed_up.clone()),
-            Box::new(feed_lag.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
-        // Known label values start at 0 so dashboards and alerts see them before they move.
-        for r in ["success", "failure"] {
-            config_reloads.with_label_values(&[r]);
-        }
-        for r in [
-            "subscribe",
-            "gap",
-            "counter_ahead",
-            "counter_missing",
-            "counter_back",
-        ] {
-            feed_flushes.with_label_values(&[r]);
-        }
-        for op in ["read", "touch"] {
-            store_errors.with_label_values(&[op]);
-        }
+            .expect("static metric definition"),
+        );
+        build.set(1);
+        let feed_lag = b.add(
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "keygate_invalidation_lag_seconds",
+                    "From a change's commit (time in the message) to its local eviction",
+                )
+                .buckets(prometheus::exponential_buckets(1e-4, 2.0, 16).expect("static")),
+            )
+            .expect("static metric definition"),
+        );
         let h = |r: &str, s: &str| auth_duration.with_label_values(&[r, s]);
-        let auth_handles = [
-            [h("allowed", "cache"), h("allowed", "store")],
-            [h("denied", "cache"), h("denied", "store")],
-            [h("error", "cache"), h("error", "store")],
-        ];
         Metrics {
-            registry,
             requests,
             upstream_duration,
-            cache_entries,
-            store_errors,
-            auth_handles,
-            feed_received,
-            feed_malformed,
-            feed_reconnects,
-            feed_flushes,
-            feed_up,
+            cache_entries: b.gauge("keygate_cache_entries", "Entries in the key cache"),
+            store_errors: b.counters(
+                "keygate_store_errors_total",
+                "Key store errors by operation",
+                "operation",
+                &["read", "touch"],
+            ),
+            auth_handles: [
+                [h("allowed", "cache"), h("allowed", "store")],
+                [h("denied", "cache"), h("denied", "store")],
+                [h("error", "cache"), h("error", "store")],
+            ],
+            feed_received: b.counters(
+                "keygate_invalidations_received_total",
+                "Key change messages received from the store, by event",
+                "event",
+                &[],
+            ),
+            feed_malformed: b.counter(
+                "keygate_invalidations_malformed_total",
+                "Change messages that could not be parsed (ignored)",
+            ),
+            feed_reconnects: b.counter(
+                "keygate_pubsub_reconnects_total",
+                "Times the change subscription was re-established",
+            ),
+            feed_flushes: b.counters(
+                "keygate_cache_flushes_total",
+                "Whole-cache flushes, by reason (subscribe, gap, counter_ahead, counter_missing, counter_back)",
+                "reason",
+                &["subscribe", "gap", "counter_ahead", "counter_missing", "counter_back"],
+            ),
+            feed_up: b.gauge(
+                "keygate_pubsub_connected",
+                "1 while the change subscription is up",
+            ),
             feed_lag,
-            config_reloads,
-            cache_hits,
-            cache_misses,
+            config_reloads: b.counters(
+                "keygate_config_reloads_total",
+                "Configuration reloads by result",
+                "result",
+                &["success", "failure"],
+            ),
+            cache_hits: b.counter(
+                "keygate_cache_hits_total",
+                "Key checks answered from the cache",
+            ),
+            cache_misses: b.counter(
+                "keygate_cache_misses_total",
+                "Key checks that read the store (one read per coalesced miss)",
+            ),
             scrape: std::sync::Mutex::new(()),
+            registry: b.0,
         }
     }
 
@@ -244,15 +206,13 @@ impl Metrics {
         }
     }
 
-    /// Resolve the per-route handles for a policy (at load and at every reload).
-    pub fn for_policy(&self, policy: &Policy) -> RouteMetrics {
-        let mut names: Vec<&str> = policy.routes().iter().map(|r| &*r.name).collect();
-        names.push("unmatched");
+    /// Resolve the per-route handles for a route table's names, in its order (at load
+    /// and at every reload); `unmatched` is added last.
+    pub fn for_routes<'a>(&self, names: impl Iterator<Item = &'a str>) -> RouteMetrics {
         let routes = names
-            .iter()
+            .chain(std::iter::once("unmatched"))
             .map(|name| PerRoute {
-                results: RESULTS
-                    .iter()
+                results: results()
                     .map(|res| self.requests.with_label_values(&[name, res]))
                     .collect(),
                 upstream: self.upstream_duration.with_label_values(&[name]),
@@ -311,7 +271,36 @@ impl RouteMetrics {
 }
 
 impl PerRoute {
-    pub fn count(&self, result: usize) {
-        self.results[result].inc();
+    pub fn allowed(&self) {
+        self.results[0].inc();
+    }
+
+    /// Counted under the refusal's own label: `results()` puts `Deny::iter()` after
+    /// `allowed`, in `Deny::index` order.
+    pub fn denied(&self, deny: &Deny) {
+        self.results[1 + deny.index()].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every refusal is counted under its own code on every route, never under another.
+    #[test]
+    fn each_refusal_counts_under_its_code() {
+        let m = Metrics::new();
+        let routes = m.for_routes(["users"].into_iter());
+        for deny in Deny::iter() {
+            routes.route(Some(0)).denied(&deny);
+            routes.route(None).denied(&deny);
+            for route in ["users", "unmatched"] {
+                let c = m.requests.with_label_values(&[route, deny.code()]);
+                assert_eq!(c.get(), 1, "{route} {}", deny.code());
+            }
+        }
+        routes.route(Some(0)).allowed();
+        assert_eq!(m.requests.with_label_values(&["users", "allowed"]).get(), 1);
+        assert_eq!(results().count(), 1 + Deny::iter().count());
     }
 }

@@ -16,7 +16,6 @@ use crate::config::raw::Tenant;
 use crate::connection::{self, ServerSettings, Watch};
 use crate::key::{self, Digest, Environment, KeyHasher, KeyType, NewKey, Prefixes};
 use crate::metrics::Metrics;
-use crate::proxy;
 use crate::store::{KeyRecord, KeyStore, StoreError};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -339,7 +338,7 @@ pub async fn authorize(
 ) -> Result<Caller, ApiError> {
     use crate::error::Deny;
     let unauthorized = |code, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
-    let token = proxy::bearer(headers).map_err(|d| match d {
+    let token = crate::auth::bearer(headers).map_err(|d| match d {
         Deny::MultipleAuthorization => ApiError::bad_request(
             "multiple_authorization",
             "send exactly one Authorization header",

@@ -7,14 +7,15 @@ pub mod policy;
 pub mod route;
 pub mod server;
 
-use crate::cache::{Entry, Identity, KeyCache, Source};
+use crate::auth::{self, Need, Verifier};
+use crate::cache::{Identity, KeyCache, Source};
 use crate::config::Config;
 use crate::error::{Body, Deny};
-use crate::key::{self, KeyHasher, KeyType, Prefixes};
-use crate::metrics::{self, AuthOutcome, Metrics, RouteMetrics};
+use crate::key::KeyHasher;
+use crate::metrics::{AuthOutcome, Metrics, RouteMetrics};
 use crate::usage::UsageRecorder;
 use arc_swap::ArcSwap;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use policy::{Policy, Route};
@@ -60,9 +61,7 @@ impl Conn {
 
 pub struct Proxy {
     pub snapshot: ArcSwap<Snapshot>,
-    pub cache: Arc<KeyCache>,
-    pub hasher: KeyHasher,
-    pub prefixes: Prefixes,
+    pub verifier: Verifier,
     pub metrics: Arc<Metrics>,
     pub forwarder: forward::Forwarder,
     pub max_uri_bytes: usize,
@@ -84,14 +83,16 @@ impl Proxy {
         // The CA file was checked at load, but it may have changed since: report, not panic.
         let upstream_tls = crate::tls::upstream_client_config(config.upstream_ca.as_deref())?;
         let snapshot = Snapshot {
-            metrics: metrics.for_policy(&config.policy),
+            metrics: metrics.for_routes(config.policy.routes().iter().map(|r| &*r.name)),
             policy: config.policy.clone(),
         };
         Ok(Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
-            cache,
-            hasher,
-            prefixes: config.prefixes.clone(),
+            verifier: Verifier {
+                cache,
+                hasher,
+                prefixes: config.prefixes.clone(),
+            },
             metrics,
             forwarder: forward::Forwarder::new(
                 config.upstream.clone(),
@@ -109,7 +110,9 @@ impl Proxy {
 
     /// Swap in a new policy (hot reload): requests in flight keep the one they loaded.
     pub fn set_policy(&self, policy: Arc<Policy>) {
-        let metrics = self.metrics.for_policy(&policy);
+        let metrics = self
+            .metrics
+            .for_routes(policy.routes().iter().map(|r| &*r.name));
         self.snapshot.store(Arc::new(Snapshot { policy, metrics }));
     }
 
@@ -125,12 +128,12 @@ impl Proxy {
         let per_route = snap.metrics.route(route_index);
         let (resp, code) = match result {
             Ok((resp, upstream_elapsed)) => {
-                per_route.count(0);
+                per_route.allowed();
                 per_route.upstream.observe(upstream_elapsed.as_secs_f64());
                 (resp, "allowed")
             }
             Err(deny) => {
-                per_route.count(metrics::result_index(deny.code()));
+                per_route.denied(&deny);
                 (deny.response(), deny.code())
             }
         };
@@ -230,7 +233,7 @@ impl Proxy {
         route: &Route,
         who: &mut Option<Arc<Identity>>,
     ) -> Result<Arc<Identity>, Deny> {
-        let token = bearer(req.headers())?;
+        let token = auth::bearer(req.headers())?;
         self.check_token(token, route, who).await
     }
 
@@ -241,90 +244,39 @@ impl Proxy {
         route: &Route,
         who: &mut Option<Arc<Identity>>,
     ) -> Result<Arc<Identity>, Deny> {
-        key::parse(&self.prefixes, token).map_err(|_| Deny::MalformedKey)?;
-        let digest = self.hasher.digest(token);
+        let need = Need {
+            scopes: &route.scopes,
+            allow_publishable: route.allow_publishable,
+            challenge: &route.scope_challenge,
+        };
         let started = Instant::now();
-        let (entry, source) = match self.cache.lookup_at(&digest, started).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(error = %e, "key store read failed");
-                self.metrics.store_errors.with_label_values(&["read"]).inc();
-                self.metrics.observe_auth(
-                    AuthOutcome::Error,
-                    Source::Store,
-                    started.elapsed().as_secs_f64(),
-                );
-                return Err(Deny::StoreUnavailable);
-            }
-        };
-        if self.deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
-            return Err(Deny::StoreUnavailable);
+        let verdict = self
+            .verifier
+            .verify(token, &need, self.deny_on_store_error, started)
+            .await;
+        if let Some(e) = &verdict.store_error {
+            tracing::warn!(error = %e, "key store read failed");
+            self.metrics.store_errors.with_label_values(&["read"]).inc();
         }
-        let now = crate::time::now_ms();
-        let verdict = match entry {
-            Entry::Unknown => Err(Deny::UnknownKey),
-            Entry::Known(id) => {
-                *who = Some(id.clone());
-                check_record(id, &digest, route, now)
-            }
-        };
-        if let Ok(id) = &verdict {
-            self.usage.note(id, now);
+        if let Some(id) = verdict.allowed() {
+            self.usage.note(id, verdict.at_ms);
         }
-        let outcome = if verdict.is_ok() {
-            AuthOutcome::Allowed
-        } else {
-            AuthOutcome::Denied
+        let observed = match (&verdict.store_error, verdict.source) {
+            (Some(_), _) => Some((AuthOutcome::Error, Source::Store)),
+            (None, Some(source)) if verdict.result.is_ok() => Some((AuthOutcome::Allowed, source)),
+            (None, Some(source)) => Some((AuthOutcome::Denied, source)),
+            (None, None) => None,
         };
-        self.metrics
-            .observe_auth(outcome, source, started.elapsed().as_secs_f64());
-        verdict
+        if let Some((outcome, source)) = observed {
+            let seconds = started.elapsed().as_secs_f64();
+            self.metrics.observe_auth(outcome, source, seconds);
+        }
+        *who = verdict.identity;
+        match verdict.result {
+            Ok(()) => Ok(who.clone().expect("an allowed verdict names its key")),
+            Err(d) => Err(d),
+        }
     }
-}
-
-/// The record's own rules, in the order a caller would want to hear about them.
-pub fn check_record(
-    id: Arc<Identity>,
-    digest: &key::Digest,
-    route: &Route,
-    now_ms: u64,
-) -> Result<Arc<Identity>, Deny> {
-    if !key::ct_eq(&id.digest, digest) {
-        return Err(Deny::UnknownKey);
-    }
-    if id.is_revoked_at(now_ms) {
-        return Err(Deny::RevokedKey);
-    }
-    if id.is_expired_at(now_ms) {
-        return Err(Deny::ExpiredKey);
-    }
-    if id.key_type == KeyType::Publishable && !route.allow_publishable {
-        return Err(Deny::PublishableNotAllowed);
-    }
-    if !id.grants_all(&route.scopes) {
-        return Err(Deny::InsufficientScope(route.scope_challenge.clone()));
-    }
-    Ok(id)
-}
-
-/// The token of the one `Authorization: Bearer` header. Keys in query strings are
-/// never looked at.
-pub fn bearer(headers: &http::HeaderMap) -> Result<&str, Deny> {
-    let mut all = headers.get_all(AUTHORIZATION).iter();
-    let value = all.next().ok_or(Deny::MissingKey)?;
-    if all.next().is_some() {
-        return Err(Deny::MultipleAuthorization);
-    }
-    let value = value.to_str().map_err(|_| Deny::MalformedKey)?.trim();
-    let (scheme, token) = match value.split_once(' ') {
-        Some(parts) => parts,
-        None if value.eq_ignore_ascii_case("bearer") => return Err(Deny::MalformedKey),
-        None => return Err(Deny::UnsupportedScheme),
-    };
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(Deny::UnsupportedScheme);
-    }
-    Ok(token.trim_start())
 }
 
 trait CowExt {
@@ -337,54 +289,6 @@ impl CowExt for std::borrow::Cow<'_, str> {
         match self {
             std::borrow::Cow::Borrowed(_) => None,
             std::borrow::Cow::Owned(s) => Some(s),
-        }
-    }
-}
-
-/// Property tests: `bearer` sees the client's `Authorization` headers, whatever they hold.
-#[cfg(test)]
-mod props {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// Header value bytes around the schemes and separators that matter, plus any byte.
-    fn value() -> impl Strategy<Value = Vec<u8>> {
-        let piece = prop_oneof![
-            4 => prop::sample::select(vec![
-                "Bearer", "bearer", "BEARER", "Basic", "Bearer ", " ", " ", "\t", "sk_live_",
-                "abc", "=", ",", "\"", "é", "\u{0}",
-            ])
-            .prop_map(|s| s.as_bytes().to_vec()),
-            1 => any::<u8>().prop_map(|b| vec![b]),
-        ];
-        prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(5000))]
-
-        #[test]
-        fn bearer_returns_a_trimmed_suffix_of_the_one_header(
-            values in prop::collection::vec(value(), 0..3)
-        ) {
-            let mut headers = http::HeaderMap::new();
-            for v in &values {
-                // What the HTTP parser could hand over: a value `HeaderValue` accepts.
-                if let Ok(v) = http::HeaderValue::from_bytes(v) {
-                    headers.append(AUTHORIZATION, v);
-                }
-            }
-            let Ok(token) = bearer(&headers) else { return Ok(()) };
-            let all: Vec<_> = headers.get_all(AUTHORIZATION).iter().collect();
-            prop_assert_eq!(all.len(), 1);
-            let value = all[0].to_str().map(str::trim);
-            prop_assert!(value.is_ok());
-            let value = value.unwrap_or_default();
-            // The token is the value's own text after `Bearer `: never empty, never padded.
-            prop_assert!(value.ends_with(token), "{:?} -> {:?}", value, token);
-            prop_assert!(!token.is_empty() && token.trim() == token, "{:?} -> {:?}", value, token);
-            let scheme = value[..value.len() - token.len()].trim_end();
-            prop_assert!(scheme.eq_ignore_ascii_case("bearer"), "{:?} -> {:?}", value, token);
         }
     }
 }

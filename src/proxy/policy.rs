@@ -3,7 +3,8 @@
 
 use super::route::{self, PathPattern, SplitPath};
 use crate::config::raw::{Auth, RawProxy, RawRoute, UnderscoreHeaders, Unmatched};
-use http::{HeaderName, HeaderValue, Method};
+use crate::error::Challenge;
+use http::{HeaderName, Method};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use xxhash_rust::xxh3::Xxh3Builder;
@@ -19,7 +20,7 @@ pub struct Route {
     pub allow_publishable: bool,
     pub max_body_bytes: Option<u64>,
     /// `WWW-Authenticate` for a key lacking this route's scopes, built once.
-    pub scope_challenge: HeaderValue,
+    pub scope_challenge: Challenge,
 }
 
 impl Route {
@@ -68,14 +69,6 @@ pub struct Policy {
     pub keep_underscore_headers: bool,
     /// `Upgrade` protocols allowed through, lower-case.
     pub upgrades: Box<[Box<str>]>,
-}
-
-fn challenge(scopes: &[Box<str>]) -> HeaderValue {
-    let v = format!(
-        "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"{}\"",
-        scopes.join(" ")
-    );
-    HeaderValue::from_str(&v).expect("scopes are validated to a header-safe alphabet")
 }
 
 /// `proxy.upgrades`: protocol names (RFC 9110 tokens), lower-cased; never `h2c`.
@@ -206,7 +199,7 @@ impl Policy {
                     .map(|ms| ms.iter().map(|m| m.0.clone()).collect()),
                 pattern: r.path.clone(),
                 public,
-                scope_challenge: challenge(&scopes),
+                scope_challenge: Challenge::for_scopes(&scopes),
                 scopes,
                 allow_publishable: r.allow_publishable,
                 max_body_bytes: r.max_body_bytes,
@@ -222,7 +215,7 @@ impl Policy {
                 scopes: Box::new([]),
                 allow_publishable: false,
                 max_body_bytes: None,
-                scope_challenge: challenge(&[]),
+                scope_challenge: Challenge::for_scopes::<&str>(&[]),
             }),
         };
         let mut by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder> =

@@ -1,0 +1,189 @@
+//! The one decision on a bearer key, for the proxy port and the admin API alike: take
+//! the token from `Authorization`, check its format (no I/O), look its digest up in the
+//! cache, then apply the record's rules. Side effects (metrics, last-used) are the
+//! caller's: `verify` only decides.
+
+use crate::cache::{Entry, Identity, KeyCache, Source};
+use crate::error::{Challenge, Deny};
+use crate::key::{self, KeyHasher, KeyType, Prefixes};
+use crate::store::StoreError;
+use http::header::AUTHORIZATION;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a caller must hold: a route's scopes, or a management call's one scope.
+pub struct Need<'a, S: AsRef<str>> {
+    pub scopes: &'a [S],
+    pub allow_publishable: bool,
+    /// `WWW-Authenticate` for a key lacking `scopes` (the proxy's answer).
+    pub challenge: &'a Challenge,
+}
+
+/// The decision on one token, with what the caller needs for its side effects.
+pub struct Verdict {
+    pub result: Result<(), Deny>,
+    /// The key's record once found, also when refused (the access log names it).
+    pub identity: Option<Arc<Identity>>,
+    /// Where the record came from; `None` when the store could not be read or the
+    /// token was refused before a lookup.
+    pub source: Option<Source>,
+    /// Why the store could not be read (the caller logs and counts it).
+    pub store_error: Option<Arc<StoreError>>,
+    /// The wall-clock time the record was judged at (Unix ms; 0 before a lookup).
+    pub at_ms: u64,
+}
+
+impl Verdict {
+    fn refused(deny: Deny) -> Verdict {
+        Verdict {
+            result: Err(deny),
+            identity: None,
+            source: None,
+            store_error: None,
+            at_ms: 0,
+        }
+    }
+
+    /// The identity of an allowed key.
+    pub fn allowed(&self) -> Option<&Arc<Identity>> {
+        self.result.as_ref().ok().and(self.identity.as_ref())
+    }
+}
+
+/// Everything a key check needs besides the request: the cache (and the store behind
+/// it), the digest function and the accepted key formats.
+pub struct Verifier {
+    pub cache: Arc<KeyCache>,
+    pub hasher: KeyHasher,
+    pub prefixes: Prefixes,
+}
+
+impl Verifier {
+    /// Format, digest, cache, record. `deny_on_store_error` refuses cached keys while the
+    /// store is failing (`cache.on_store_error: deny`).
+    pub async fn verify<S: AsRef<str>>(
+        &self,
+        token: &str,
+        need: &Need<'_, S>,
+        deny_on_store_error: bool,
+        started: Instant,
+    ) -> Verdict {
+        if key::parse(&self.prefixes, token).is_err() {
+            return Verdict::refused(Deny::MalformedKey);
+        }
+        let digest = self.hasher.digest(token);
+        let (entry, source) = match self.cache.lookup_at(&digest, started).await {
+            Ok(found) => found,
+            Err(e) => {
+                let mut v = Verdict::refused(Deny::StoreUnavailable);
+                v.store_error = Some(e);
+                return v;
+            }
+        };
+        let mut verdict = Verdict::refused(Deny::UnknownKey);
+        verdict.source = Some(source);
+        if deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
+            verdict.result = Err(Deny::StoreUnavailable);
+            return verdict;
+        }
+        if let Entry::Known(id) = entry {
+            verdict.at_ms = crate::time::now_ms();
+            verdict.result = check_record(&id, &digest, need, verdict.at_ms);
+            verdict.identity = Some(id);
+        }
+        verdict
+    }
+}
+
+/// The record's own rules, in the order a caller would want to hear about them.
+pub fn check_record<S: AsRef<str>>(
+    id: &Identity,
+    digest: &key::Digest,
+    need: &Need<'_, S>,
+    now_ms: u64,
+) -> Result<(), Deny> {
+    if !key::ct_eq(&id.digest, digest) {
+        return Err(Deny::UnknownKey);
+    }
+    if id.is_revoked_at(now_ms) {
+        return Err(Deny::RevokedKey);
+    }
+    if id.is_expired_at(now_ms) {
+        return Err(Deny::ExpiredKey);
+    }
+    if id.key_type == KeyType::Publishable && !need.allow_publishable {
+        return Err(Deny::PublishableNotAllowed);
+    }
+    if !id.grants_all(need.scopes) {
+        return Err(Deny::InsufficientScope(need.challenge.clone()));
+    }
+    Ok(())
+}
+
+/// The token of the one `Authorization: Bearer` header. Keys in query strings are
+/// never looked at.
+pub fn bearer(headers: &http::HeaderMap) -> Result<&str, Deny> {
+    let mut all = headers.get_all(AUTHORIZATION).iter();
+    let value = all.next().ok_or(Deny::MissingKey)?;
+    if all.next().is_some() {
+        return Err(Deny::MultipleAuthorization);
+    }
+    let value = value.to_str().map_err(|_| Deny::MalformedKey)?.trim();
+    let (scheme, token) = match value.split_once(' ') {
+        Some(parts) => parts,
+        None if value.eq_ignore_ascii_case("bearer") => return Err(Deny::MalformedKey),
+        None => return Err(Deny::UnsupportedScheme),
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Deny::UnsupportedScheme);
+    }
+    Ok(token.trim_start())
+}
+
+/// Property tests: `bearer` sees the client's `Authorization` headers, whatever they hold.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Header value bytes around the schemes and separators that matter, plus any byte.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            4 => prop::sample::select(vec![
+                "Bearer", "bearer", "BEARER", "Basic", "Bearer ", " ", " ", "\t", "sk_live_",
+                "abc", "=", ",", "\"", "é", "\u{0}",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+            1 => any::<u8>().prop_map(|b| vec![b]),
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        #[test]
+        fn bearer_returns_a_trimmed_suffix_of_the_one_header(
+            values in prop::collection::vec(value(), 0..3)
+        ) {
+            let mut headers = http::HeaderMap::new();
+            for v in &values {
+                // What the HTTP parser could hand over: a value `HeaderValue` accepts.
+                if let Ok(v) = http::HeaderValue::from_bytes(v) {
+                    headers.append(AUTHORIZATION, v);
+                }
+            }
+            let Ok(token) = bearer(&headers) else { return Ok(()) };
+            let all: Vec<_> = headers.get_all(AUTHORIZATION).iter().collect();
+            prop_assert_eq!(all.len(), 1);
+            let value = all[0].to_str().map(str::trim);
+            prop_assert!(value.is_ok());
+            let value = value.unwrap_or_default();
+            // The token is the value's own text after `Bearer `: never empty, never padded.
+            prop_assert!(value.ends_with(token), "{:?} -> {:?}", value, token);
+            prop_assert!(!token.is_empty() && token.trim() == token, "{:?} -> {:?}", value, token);
+            let scheme = value[..value.len() - token.len()].trim_end();
+            prop_assert!(scheme.eq_ignore_ascii_case("bearer"), "{:?} -> {:?}", value, token);
+        }
+    }
+}
