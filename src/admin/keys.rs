@@ -392,3 +392,52 @@ pub async fn rotate(
     })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(r: Result<u64, ApiError>) -> String {
+        let e = r.expect_err("refused");
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "invalid_field")
+        );
+        e.message
+    }
+
+    /// Each document's wording of a bad duration, pinned.
+    #[test]
+    fn duration_fields_keep_their_ranges_and_messages() {
+        assert_eq!(EXPIRES_IN.parse(" 90d ").ok(), Some(90 * DAY_MS));
+        for bad in ["0s", "soon", "36601d"] {
+            let want =
+                format!("field `expires_in`: invalid duration {bad:?}; use e.g. 12h, 90d, 1y");
+            assert_eq!(message(EXPIRES_IN.parse(bad)), want);
+        }
+        let grace = GRACE_PERIOD;
+        assert_eq!(grace.parse("0s").ok(), Some(0));
+        assert_eq!(grace.parse("366d").ok(), Some(366 * DAY_MS));
+        let at_most = "field `grace_period`: at most 366d";
+        assert_eq!(message(grace.parse("367d")), at_most);
+        // Beyond u64 milliseconds is still just too long.
+        assert_eq!(message(grace.parse("1000000000y")), at_most);
+        let invalid =
+            "field `grace_period`: invalid duration \"1 fortnight\"; use e.g. 0s, 1h, 24h";
+        assert_eq!(message(grace.parse("1 fortnight")), invalid);
+    }
+
+    #[test]
+    fn page_requests_take_a_limit_of_1_to_1000() {
+        let p = page_request(None, Some("c".into()), 100).expect("the default");
+        assert_eq!((p.limit, p.cursor.as_deref()), (100, Some("c")));
+        assert_eq!(
+            page_request(Some("1000"), None, 100).map(|p| p.limit).ok(),
+            Some(1000)
+        );
+        for bad in ["0", "1001", "-1", "ten", ""] {
+            let e = page_request(Some(bad), None, 100).expect_err(bad);
+            assert_eq!(e.code, "invalid_query");
+            assert_eq!(e.message, "parameter `limit`: use 1 to 1000");
+        }
+    }
+}
