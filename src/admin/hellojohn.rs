@@ -4,16 +4,13 @@
 //! Additive: `environment` on create; `limit`/`cursor` on list with `next_cursor` in the
 //! body; `environment` and `revoked_at` on the key object.
 
-use super::jack::page_request;
-use super::{
-    authorize, check_name, check_scopes, create_key, get_key, parse_id, read_json, revoke_key,
-    AdminState, ApiError, NewKeySpec,
-};
+use super::keys::{self, check_name, check_scopes, KeyId, NewKeySpec};
+use super::{AdminState, ApiError, Auth, JsonBody, OnKey, QueryParams, Read, Write};
 use crate::key::{Environment, KeyType};
-use crate::store::{order_key, KeyRecord, KeyUpdate, PageRequest, StoreError};
+use crate::store::{KeyRecord, KeyUpdate};
 use crate::time::{now_ms, rfc3339};
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -21,9 +18,6 @@ use std::sync::Arc;
 
 /// Default page size of `GET /v1/api-keys`.
 pub const DEFAULT_LIMIT: usize = 100;
-/// Store pages scanned per list call when filters skip many keys (then `next_cursor`
-/// lets the client continue).
-const MAX_SCAN_PAGES: usize = 10;
 
 /// The document's API key object.
 #[derive(Serialize)]
@@ -70,7 +64,7 @@ pub struct ListBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub struct ListQuery {
     #[serde(default, rename = "type")]
     key_type: Option<String>,
     #[serde(default)]
@@ -83,12 +77,9 @@ struct ListQuery {
 
 pub async fn list(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    Auth { caller, .. }: Auth<Read>,
+    QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Json<ListBody>, ApiError> {
-    let caller = authorize(&s, &headers, "keys:read").await?;
-    let q: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_query", format!("invalid query: {e}")))?;
     let type_filter = match q.key_type.as_deref() {
         None => None,
         Some(t) => Some(KeyType::parse(t).ok_or_else(|| {
@@ -108,56 +99,17 @@ pub async fn list(
             ))
         }
     };
-    // Reuse the jack surface's parsing of limit and cursor.
-    let mut lc = Vec::new();
-    if let Some(l) = &q.limit {
-        lc.push(("limit", l.as_str()));
-    }
-    if let Some(c) = &q.cursor {
-        lc.push(("cursor", c.as_str()));
-    }
-    let lc = serde_urlencoded::to_string(lc).unwrap_or_default();
-    let PageRequest { limit, mut cursor } = page_request(Some(&lc), DEFAULT_LIMIT)?;
-
+    let page = keys::page_request(q.limit.as_deref(), q.cursor, DEFAULT_LIMIT)?;
+    // One `now` for the filter and the answer: they agree on which keys are revoked.
     let now = now_ms();
-    let mut data = Vec::new();
-    let mut next_cursor = None;
-    for _ in 0..MAX_SCAN_PAGES {
-        let page = s
-            .store
-            .list(
-                &caller.tenant,
-                &PageRequest {
-                    limit,
-                    cursor: cursor.clone(),
-                },
-            )
-            .await?;
-        let n = page.items.len();
-        for (i, r) in page.items.iter().enumerate() {
-            let keep = type_filter.is_none_or(|t| r.key_type == t)
-                && (include_revoked || !r.is_revoked_at(now));
-            if keep {
-                data.push(ApiKey::new(r, now));
-            }
-            if data.len() == limit {
-                let more = i + 1 < n || page.next_cursor.is_some();
-                next_cursor = more.then(|| order_key(r));
-                return Ok(Json(ListBody { data, next_cursor }));
-            }
-        }
-        match page.next_cursor {
-            Some(c) => {
-                next_cursor = Some(c.clone());
-                cursor = Some(c);
-            }
-            None => {
-                next_cursor = None;
-                break;
-            }
-        }
-    }
-    Ok(Json(ListBody { data, next_cursor }))
+    let keep = |r: &KeyRecord| {
+        type_filter.is_none_or(|t| r.key_type == t) && (include_revoked || !r.is_revoked_at(now))
+    };
+    let found = keys::scan(&s, &caller, page, keep).await?;
+    Ok(Json(ListBody {
+        data: found.items.iter().map(|r| ApiKey::new(r, now)).collect(),
+        next_cursor: found.next_cursor,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -191,15 +143,12 @@ pub struct Created {
 
 pub async fn create(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
+    Auth { caller, .. }: Auth<Write>,
+    JsonBody(b): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&s, &headers, "keys:write").await?;
-    let b: CreateBody = read_json(&headers, body).await?;
     let name = check_name("name", &b.name)?;
-    let (scopes, expires_at) =
-        super::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
-    let (r, new) = create_key(
+    let (scopes, expires_at) = keys::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
+    let (r, new) = keys::create(
         &s,
         &caller,
         NewKeySpec {
@@ -233,11 +182,9 @@ pub async fn create(
 
 pub async fn get(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    OnKey { caller, id, .. }: OnKey<Read>,
 ) -> Result<Json<ApiKey>, ApiError> {
-    let caller = authorize(&s, &headers, "keys:read").await?;
-    let r = get_key(&s, &caller, &id).await?;
+    let r = keys::get(&s, &caller, &id).await?;
     Ok(Json(ApiKey::new(&r, now_ms())))
 }
 
@@ -252,13 +199,9 @@ pub struct UpdateBody {
 
 pub async fn update(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Body,
+    OnKey { caller, id, .. }: OnKey<Write>,
+    JsonBody(b): JsonBody<UpdateBody>,
 ) -> Result<Json<ApiKey>, ApiError> {
-    let caller = authorize(&s, &headers, "keys:write").await?;
-    let id = parse_id(&id)?.to_string();
-    let b: UpdateBody = read_json(&headers, body).await?;
     let change = KeyUpdate {
         name: b
             .name
@@ -273,34 +216,17 @@ pub async fn update(
             "give `name` and/or `scopes` to change",
         ));
     }
-    if let Some(sc) = &change.scopes {
-        if !caller.may_grant(sc) {
-            return Err(super::escalation());
-        }
-    }
-    // No separate read first: the store refuses a key revoked by `now` in the same atomic
-    // step as the write (a read-then-write let a revoke land in between and the PATCH
-    // answer 200 for a revoked key). A revoke stamped after `now` orders after this
-    // change. One `now` for the check and the answer, so a 200 never shows `revoked`.
+    // The answer is built with the `now` the store checked revocation at (see `keys::update`).
     let now = now_ms();
-    let r = s
-        .store
-        .update(&caller.tenant, &id, &change, now)
-        .await?
-        .ok_or_else(ApiError::key_not_found)?;
-    // The proxy enforces the new scopes at once.
-    s.cache.invalidate(&r.digest).await;
-    tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
+    let r = keys::update(&s, &caller, &id, &change, now).await?;
     Ok(Json(ApiKey::new(&r, now)))
 }
 
 pub async fn revoke(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    OnKey { caller, id, .. }: OnKey<Write>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authorize(&s, &headers, "keys:write").await?;
-    revoke_key(&s, &caller, &id).await?;
+    keys::revoke(&s, &caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -328,83 +254,30 @@ pub struct Rotated {
     expires_at: Option<String>,
 }
 
-/// Longest grace period accepted.
-const MAX_GRACE_MS: u64 = 366 * 86_400_000;
+/// The document's default grace period: one hour.
+const DEFAULT_GRACE_MS: u64 = 3_600_000;
 
 pub async fn rotate(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
+    Auth { caller, .. }: Auth<Write>,
+    JsonBody(b): JsonBody<RotateBody>,
 ) -> Result<Json<Rotated>, ApiError> {
-    let caller = authorize(&s, &headers, "keys:write").await?;
-    let b: RotateBody = read_json(&headers, body).await?;
     let grace_ms = match b.grace_period.as_deref() {
-        None => 3_600_000,
-        Some(g) => {
-            let d = crate::time::parse_duration(g).map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_field",
-                    format!("field `grace_period`: invalid duration {g:?}; use e.g. 0s, 1h, 24h"),
-                )
-            })?;
-            let ms = d.as_millis() as u64;
-            if ms > MAX_GRACE_MS {
-                return Err(ApiError::bad_request(
-                    "invalid_field",
-                    "field `grace_period`: at most 366d",
-                ));
-            }
-            ms
-        }
+        None => DEFAULT_GRACE_MS,
+        Some(g) => keys::GRACE_PERIOD.parse(g)?,
     };
-    let old = get_key(&s, &caller, &b.id).await?;
-    // The caller receives the new key's text: it must hold every scope it carries.
-    if !caller.may_grant(&old.scopes) {
-        return Err(super::escalation());
-    }
-    let now = now_ms();
-    // Fast paths only (no key generated for a refusal): the store decides both again
-    // atomically, which is what keeps concurrent rotations from forking the key.
-    if old.is_revoked_at(now) || old.is_expired_at(now) {
-        return Err(StoreError::NotRotatable.into());
-    }
-    if old.successor_id.is_some() {
-        return Err(StoreError::AlreadyRotated.into());
-    }
-    let new_key = super::new_key_text(&s, old.key_type, old.environment)?;
-    let new = KeyRecord {
-        id: uuid::Uuid::now_v7().to_string(),
-        tenant: old.tenant.clone(),
-        name: old.name.clone(),
-        key_type: old.key_type,
-        environment: old.environment,
-        prefix: new_key.display_prefix(),
-        last_four: new_key.last_four(),
-        scopes: old.scopes.clone(),
-        created_at: now,
-        last_used_at: None,
-        // Same lifetime as the old key had, counted from now.
-        expires_at: old
-            .expires_at
-            .map(|e| now + e.saturating_sub(old.created_at)),
-        revoked_at: None,
-        successor_id: None,
-        digest: s.hasher.digest(&new_key.text),
-    };
-    let revokes_at = now + grace_ms;
-    let updated_old = s
-        .store
-        .rotate(&caller.tenant, &old.id, &new, revokes_at, now)
-        .await?
-        .ok_or_else(ApiError::key_not_found)?;
-    s.cache.invalidate(&updated_old.digest).await;
-    s.cache.invalidate(&new.digest).await;
-    tracing::info!(old = %old.id, new = %new.id, tenant = %new.tenant, prefix = %new.prefix, "key rotated");
+    let id = KeyId::parse(&b.id)?;
+    let keys::Rotation {
+        new,
+        key,
+        old_id,
+        old_revokes_at,
+    } = keys::rotate(&s, &caller, &id, grace_ms).await?;
     Ok(Json(Rotated {
-        id: new.id.clone(),
-        key: new_key.text,
-        old_key_id: old.id,
-        old_key_revokes_at: rfc3339(updated_old.revoked_at.unwrap_or(revokes_at)),
+        id: new.id,
+        key: key.text,
+        old_key_id: old_id,
+        old_key_revokes_at: rfc3339(old_revokes_at),
         name: new.name,
         key_type: new.key_type.as_str(),
         prefix: new.prefix,

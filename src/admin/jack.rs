@@ -3,21 +3,20 @@
 //! Additive: `scopes` and `expires_in` on create; `limit` and `cursor` on list, with the
 //! next cursor in the `X-Next-Cursor` response header.
 
-use super::{
-    authorize, check_name, create_key, read_json, revoke_key, AdminState, ApiError, NewKeySpec,
-};
+use super::keys::{self, check_name, NewKeySpec};
+use super::{AdminState, ApiError, Auth, JsonBody, OnKey, QueryParams, Read, Write};
 use crate::key::{Environment, KeyType};
-use crate::store::{KeyRecord, PageRequest};
+use crate::store::KeyRecord;
 use crate::time::rfc3339;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Default and largest page of `GET /v1/keys` (the document lists "all keys").
-pub const LIST_LIMIT: usize = 1000;
+/// Default page of `GET /v1/keys`: the largest (the document lists "all keys").
+pub const LIST_LIMIT: usize = keys::MAX_LIMIT;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,33 +78,14 @@ impl From<&KeyRecord> for JackKey {
     }
 }
 
-/// `90d`, `12h`, `1y`: a positive duration, at most 100 years.
-pub fn parse_expires_in(field: &'static str, s: &str) -> Result<u64, ApiError> {
-    let bad = || {
-        ApiError::bad_request(
-            "invalid_field",
-            format!("field `{field}`: invalid duration {s:?}; use e.g. 12h, 90d, 1y"),
-        )
-    };
-    let d = crate::time::parse_duration(s).map_err(|_| bad())?;
-    let ms = d.as_millis();
-    if ms == 0 || ms > 100 * 366 * 86_400_000 {
-        return Err(bad());
-    }
-    Ok(ms as u64)
-}
-
 pub async fn create(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    body: axum::body::Body,
+    Auth { caller, .. }: Auth<Write>,
+    JsonBody(b): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&s, &headers, "keys:write").await?;
-    let b: CreateBody = read_json(&headers, body).await?;
     let name = check_name("label", &b.label)?;
-    let (scopes, expires_at) =
-        super::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
-    let (r, new) = create_key(
+    let (scopes, expires_at) = keys::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
+    let (r, new) = keys::create(
         &s,
         &caller,
         NewKeySpec {
@@ -137,45 +117,20 @@ pub async fn create(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub struct ListQuery {
     #[serde(default)]
     limit: Option<String>,
     #[serde(default)]
     cursor: Option<String>,
 }
 
-/// Parse `limit` and `cursor` from a query string (unknown parameters refused).
-pub fn page_request(query: Option<&str>, default_limit: usize) -> Result<PageRequest, ApiError> {
-    let q: ListQuery = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_query", format!("invalid query: {e}")))?;
-    let limit = match q.limit {
-        None => default_limit,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=LIST_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("parameter `limit`: use 1 to {LIST_LIMIT}"),
-                ))
-            }
-        },
-    };
-    Ok(PageRequest {
-        limit,
-        cursor: q.cursor,
-    })
-}
-
 pub async fn list(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    Auth { caller, .. }: Auth<Read>,
+    QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let caller = authorize(&s, &headers, "keys:read").await?;
-    let page = s
-        .store
-        .list(&caller.tenant, &page_request(query.as_deref(), LIST_LIMIT)?)
-        .await?;
+    let page = keys::page_request(q.limit.as_deref(), q.cursor, LIST_LIMIT)?;
+    let page = keys::list(&s, &caller, &page).await?;
     let items: Vec<JackKey> = page.items.iter().map(JackKey::from).collect();
     let mut resp = Json(items).into_response();
     if let Some(c) = page
@@ -189,10 +144,8 @@ pub async fn list(
 
 pub async fn revoke(
     State(s): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    OnKey { caller, id, .. }: OnKey<Write>,
 ) -> Result<Json<JackKey>, ApiError> {
-    let caller = authorize(&s, &headers, "keys:write").await?;
-    let r = revoke_key(&s, &caller, &id).await?;
+    let r = keys::revoke(&s, &caller, &id).await?;
     Ok(Json(JackKey::from(&r)))
 }

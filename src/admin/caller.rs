@@ -1,0 +1,208 @@
+//! Who is calling a management endpoint: `authorize` (root token or a secret key with
+//! the needed scope, tenant resolved) and the extractors handlers take instead of
+//! calling it: `Auth<Read>` / `Auth<Write>`, and `OnKey<_>` for `/{id}` paths.
+
+use super::keys::KeyId;
+use super::{AdminState, ApiError};
+use crate::cache::Entry;
+use crate::config::raw::Tenant;
+use crate::key::{self, KeyType};
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// Who is calling the admin API, and in which tenant they act.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: String,
+    /// `None` for the root token (which holds every scope).
+    pub key_scopes: Option<Vec<String>>,
+}
+
+impl Caller {
+    /// May this caller hand out `scopes`? Root may; a key only scopes it holds itself.
+    pub fn may_grant(&self, scopes: &[String]) -> bool {
+        match &self.key_scopes {
+            None => true,
+            Some(held) => key::grants_all(held, scopes),
+        }
+    }
+    pub fn scopes_or_all(&self) -> Vec<String> {
+        self.key_scopes.clone().unwrap_or_else(|| vec!["*".into()])
+    }
+}
+
+/// The scope a management call needs, as a type: `Auth<Read>`, `Auth<Write>`.
+pub trait Scope: Send + Sync + 'static {
+    const SCOPE: &'static str;
+}
+
+/// `keys:read`: list and get.
+pub struct Read;
+/// `keys:write`: create, patch, revoke, rotate.
+pub struct Write;
+
+impl Scope for Read {
+    const SCOPE: &'static str = "keys:read";
+}
+impl Scope for Write {
+    const SCOPE: &'static str = "keys:write";
+}
+
+/// A caller authenticated for scope `S` (`Auth { caller, .. }: Auth<Write>`). Taken
+/// before the body, so credentials are judged before anything else the client sent.
+pub struct Auth<S> {
+    pub caller: Caller,
+    scope: PhantomData<S>,
+}
+
+impl<S: Scope> FromRequestParts<Arc<AdminState>> for Auth<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AdminState>,
+    ) -> Result<Self, ApiError> {
+        let caller = authorize(state, &parts.headers, S::SCOPE).await?;
+        Ok(Auth {
+            caller,
+            scope: PhantomData,
+        })
+    }
+}
+
+/// A call on one key (`/{id}` paths), checked in the order clients have always seen:
+/// a path parameter that is not UTF-8 is axum's own 400 before anything else, then the
+/// caller (scope `S`), then the id (anything not one of our ids is 404 `key_not_found`),
+/// and only then a body.
+pub struct OnKey<S> {
+    pub caller: Caller,
+    pub id: KeyId,
+    scope: PhantomData<S>,
+}
+
+impl<S: Scope> FromRequestParts<Arc<AdminState>> for OnKey<S> {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AdminState>,
+    ) -> Result<Self, Response> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Auth { caller, .. } = Auth::<S>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let id = KeyId::parse(&raw).map_err(IntoResponse::into_response)?;
+        Ok(OnKey {
+            caller,
+            id,
+            scope: PhantomData,
+        })
+    }
+}
+
+/// Authenticate a management call needing `scope` (`keys:read` or `keys:write`).
+pub async fn authorize(
+    s: &AdminState,
+    headers: &HeaderMap,
+    scope: &'static str,
+) -> Result<Caller, ApiError> {
+    use crate::error::Deny;
+    let unauthorized = |code, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
+    let token = crate::auth::bearer(headers).map_err(|d| match d {
+        Deny::MultipleAuthorization => ApiError::bad_request(
+            "multiple_authorization",
+            "send exactly one Authorization header",
+        ),
+        Deny::UnsupportedScheme => unauthorized(
+            "unsupported_auth_scheme",
+            "only the Bearer authorization scheme is accepted",
+        ),
+        Deny::MissingKey => unauthorized("missing_key", "send Authorization: Bearer <key>"),
+        _ => unauthorized("malformed_key", "the API key is malformed"),
+    })?;
+    let asked_tenant = match headers.get("x-tenant-id") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(t) if Tenant::valid(t) => Some(t.to_string()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_tenant",
+                    "header `X-Tenant-ID`: use 1-64 characters of A-Z a-z 0-9 _ . -",
+                ))
+            }
+        },
+    };
+
+    if let Some(root) = &s.root_digest {
+        if key::ct_eq(&key::sha256(token.as_bytes()), root) {
+            return Ok(Caller {
+                tenant: asked_tenant.unwrap_or_else(|| s.default_tenant.clone()),
+                key_scopes: None,
+            });
+        }
+    }
+
+    let parsed = key::parse(&s.prefixes, token)
+        .map_err(|_| unauthorized("malformed_key", "the API key is malformed"))?;
+    let digest = s.hasher.digest(token);
+    let entry = match s.cache.lookup(&digest).await {
+        Ok((e, _)) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "key store read failed (admin auth)");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the key store is unavailable; retry shortly",
+            ));
+        }
+    };
+    let Entry::Known(id) = entry else {
+        return Err(unauthorized("unknown_key", "the API key is not valid"));
+    };
+    let now = crate::time::now_ms();
+    if !key::ct_eq(&id.digest, &digest) {
+        return Err(unauthorized("unknown_key", "the API key is not valid"));
+    }
+    if id.is_revoked_at(now) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "revoked_key",
+            "the API key has been revoked",
+        ));
+    }
+    if id.is_expired_at(now) {
+        return Err(unauthorized("expired_key", "the API key has expired"));
+    }
+    if parsed.key_type != KeyType::Secret || id.key_type != KeyType::Secret {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "publishable_key_forbidden",
+            "publishable keys cannot manage keys",
+        ));
+    }
+    if !id.grants_all(&[scope]) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!("this call needs the `{scope}` scope"),
+        ));
+    }
+    if asked_tenant.as_deref().is_some_and(|t| t != id.tenant()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "tenant_mismatch",
+            "header `X-Tenant-ID` names another tenant than the calling key's",
+        ));
+    }
+    Ok(Caller {
+        tenant: id.tenant().to_string(),
+        key_scopes: Some(id.scopes().map(String::from).collect()),
+    })
+}

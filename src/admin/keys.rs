@@ -1,0 +1,443 @@
+//! The one key service behind both admin documents: create, get, list, update, revoke
+//! and rotate a key in the caller's tenant (store write, cache invalidation, log line),
+//! plus the field checks both documents share. `jack.rs` and `hellojohn.rs` only
+//! translate their document's shapes into these calls.
+
+use super::{AdminState, ApiError, Caller};
+use crate::key::{self, Environment, KeyType, NewKey};
+use crate::store::{order_key, KeyRecord, KeyUpdate, Page, PageRequest, StoreError};
+use crate::time::now_ms;
+use axum::http::StatusCode;
+use std::ops::RangeInclusive;
+
+/// Largest page either document lets a client ask for.
+pub const MAX_LIMIT: usize = 1000;
+/// Store pages read per filtered list call when filters skip many keys (then the next
+/// cursor lets the client continue).
+const MAX_SCAN_PAGES: usize = 10;
+const DAY_MS: u64 = 86_400_000;
+
+/// A key id from a path or body: one of our ids (a UUID), else simply not found.
+#[derive(Debug, Clone)]
+pub struct KeyId(String);
+
+impl KeyId {
+    pub fn parse(id: &str) -> Result<Self, ApiError> {
+        uuid::Uuid::try_parse(id)
+            .map(|_| KeyId(id.to_string()))
+            .map_err(|_| ApiError::key_not_found())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Check a human label: 1-200 characters, no control characters.
+pub fn check_name(field: &'static str, name: &str) -> Result<String, ApiError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() || trimmed.chars().count() > 200 {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("field `{field}`: must be 1 to 200 characters"),
+        ));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("field `{field}`: control characters are not allowed"),
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// Check a scope list: well-formed, at most 64, duplicates dropped, order kept.
+pub fn check_scopes(field: &'static str, scopes: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if scopes.is_empty() || scopes.len() > 64 {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("field `{field}`: give 1 to 64 scopes"),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(scopes.len());
+    for (i, s) in scopes.into_iter().enumerate() {
+        if !key::valid_scope(&s) {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                format!(
+                    "field `{field}[{i}]`: invalid scope {s:?}: use `*` or lowercase words joined by `:`"
+                ),
+            ));
+        }
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// A duration field of a request body: `time::parse_duration` text within a range.
+pub struct DurationField {
+    pub field: &'static str,
+    /// Allowed values in milliseconds.
+    pub range_ms: RangeInclusive<u64>,
+    /// Shown after "use e.g." when the text is not an allowed duration.
+    pub examples: &'static str,
+    /// Said when the value is above the range; `None`: refused as an invalid duration
+    /// like any other (the documents word this differently, and clients see it).
+    pub above: Option<&'static str>,
+}
+
+/// `expires_in` on create (both documents): `90d`, `12h`, `1y`, positive, at most 100 years.
+pub const EXPIRES_IN: DurationField = DurationField {
+    field: "expires_in",
+    range_ms: 1..=100 * 366 * DAY_MS,
+    examples: "12h, 90d, 1y",
+    above: None,
+};
+
+/// `grace_period` of a rotation (HelloJohn): `0s` (at once) to 366 days.
+pub const GRACE_PERIOD: DurationField = DurationField {
+    field: "grace_period",
+    range_ms: 0..=366 * DAY_MS,
+    examples: "0s, 1h, 24h",
+    above: Some("at most 366d"),
+};
+
+impl DurationField {
+    /// The value in milliseconds, or `invalid_field` naming the field.
+    pub fn parse(&self, text: &str) -> Result<u64, ApiError> {
+        let field = self.field;
+        let invalid = || {
+            ApiError::bad_request(
+                "invalid_field",
+                format!(
+                    "field `{field}`: invalid duration {text:?}; use e.g. {}",
+                    self.examples
+                ),
+            )
+        };
+        let ms = crate::time::parse_duration(text)
+            .map_err(|_| invalid())?
+            .as_millis();
+        match (self.above, u64::try_from(ms)) {
+            (_, Ok(ms)) if self.range_ms.contains(&ms) => Ok(ms),
+            (Some(above), _) if ms > u128::from(*self.range_ms.end()) => Err(
+                ApiError::bad_request("invalid_field", format!("field `{field}`: {above}")),
+            ),
+            _ => Err(invalid()),
+        }
+    }
+}
+
+/// The optional `scopes` and `expires_in` of a create request, checked: scopes default
+/// to the caller's own; `expires_in` becomes an absolute expiry.
+pub fn scopes_and_expiry(
+    caller: &Caller,
+    scopes: Option<Vec<String>>,
+    expires_in: Option<&str>,
+) -> Result<(Vec<String>, Option<u64>), ApiError> {
+    let scopes = match scopes {
+        Some(sc) => check_scopes("scopes", sc)?,
+        None => caller.scopes_or_all(),
+    };
+    let expires_at = expires_in
+        .map(|e| EXPIRES_IN.parse(e))
+        .transpose()?
+        .map(|ms| now_ms() + ms);
+    Ok((scopes, expires_at))
+}
+
+/// The page a list call asks for: `limit` (text as sent, 1 to [`MAX_LIMIT`], else
+/// `default_limit`) and the opaque `cursor` (the store checks it).
+pub fn page_request(
+    limit: Option<&str>,
+    cursor: Option<String>,
+    default_limit: usize,
+) -> Result<PageRequest, ApiError> {
+    let limit = match limit {
+        None => default_limit,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("parameter `limit`: use 1 to {MAX_LIMIT}"),
+                ))
+            }
+        },
+    };
+    Ok(PageRequest { limit, cursor })
+}
+
+/// What to create; shared by both API surfaces and by rotation.
+pub struct NewKeySpec {
+    pub name: String,
+    pub key_type: KeyType,
+    pub environment: Environment,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<u64>,
+}
+
+pub fn escalation() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "scope_escalation",
+        "field `scopes`: a key cannot hand out scopes it does not hold",
+    )
+}
+
+/// Fresh key text from the OS CSPRNG and the record for it in `tenant` (not stored yet).
+fn mint(
+    s: &AdminState,
+    tenant: &str,
+    spec: NewKeySpec,
+    created_at: u64,
+) -> Result<(KeyRecord, NewKey), ApiError> {
+    let new = key::generate(&s.prefixes, spec.key_type, spec.environment).map_err(|e| {
+        tracing::error!(error = %e, "OS random number generator failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "key generation failed",
+        )
+    })?;
+    let record = KeyRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant: tenant.to_string(),
+        name: spec.name,
+        key_type: spec.key_type,
+        environment: spec.environment,
+        prefix: new.display_prefix(),
+        last_four: new.last_four(),
+        scopes: spec.scopes,
+        created_at,
+        last_used_at: None,
+        expires_at: spec.expires_at,
+        revoked_at: None,
+        successor_id: None,
+        digest: s.hasher.digest(&new.text),
+    };
+    Ok((record, new))
+}
+
+/// Create a key in the caller's tenant. The full key text leaves only in the result.
+pub async fn create(
+    s: &AdminState,
+    caller: &Caller,
+    spec: NewKeySpec,
+) -> Result<(KeyRecord, NewKey), ApiError> {
+    if !caller.may_grant(&spec.scopes) {
+        return Err(escalation());
+    }
+    let (record, new) = mint(s, &caller.tenant, spec, now_ms())?;
+    s.store.insert(&record).await?;
+    // A create must clear a cached "unknown" for this digest.
+    s.cache.invalidate(&record.digest).await;
+    tracing::info!(id = %record.id, tenant = %record.tenant, prefix = %record.prefix, "key created");
+    Ok((record, new))
+}
+
+/// Get one key of the caller's tenant.
+pub async fn get(s: &AdminState, caller: &Caller, id: &KeyId) -> Result<KeyRecord, ApiError> {
+    s.store
+        .by_id(&caller.tenant, id.as_str())
+        .await?
+        .ok_or_else(ApiError::key_not_found)
+}
+
+/// One store page of the caller's tenant, newest first.
+pub async fn list(s: &AdminState, caller: &Caller, page: &PageRequest) -> Result<Page, ApiError> {
+    Ok(s.store.list(&caller.tenant, page).await?)
+}
+
+/// Up to `page.limit` keys of the caller's tenant that `keep` accepts, newest first,
+/// reading at most `MAX_SCAN_PAGES` store pages; `next_cursor` continues after the last
+/// key returned (or after the last one read, when the scan stopped early).
+pub async fn scan(
+    s: &AdminState,
+    caller: &Caller,
+    page: PageRequest,
+    keep: impl Fn(&KeyRecord) -> bool,
+) -> Result<Page, ApiError> {
+    let PageRequest { limit, mut cursor } = page;
+    let mut items = Vec::new();
+    let mut next_cursor = None;
+    for _ in 0..MAX_SCAN_PAGES {
+        let req = PageRequest {
+            limit,
+            cursor: cursor.clone(),
+        };
+        let page = s.store.list(&caller.tenant, &req).await?;
+        let n = page.items.len();
+        for (i, r) in page.items.into_iter().enumerate() {
+            if keep(&r) {
+                items.push(r);
+            }
+            if items.len() == limit {
+                let more = i + 1 < n || page.next_cursor.is_some();
+                let next_cursor = more.then(|| items.last().map(order_key)).flatten();
+                return Ok(Page { items, next_cursor });
+            }
+        }
+        match page.next_cursor {
+            Some(c) => {
+                next_cursor = Some(c.clone());
+                cursor = Some(c);
+            }
+            None => {
+                next_cursor = None;
+                break;
+            }
+        }
+    }
+    Ok(Page { items, next_cursor })
+}
+
+/// Change name and/or scopes. No separate read first: the store refuses a key revoked
+/// by `now` in the same atomic step as the write (a read-then-write let a revoke land
+/// in between and the change succeed for a revoked key). A revoke stamped after `now`
+/// orders after this change, so an answer built with the same `now` never shows
+/// `revoked`.
+pub async fn update(
+    s: &AdminState,
+    caller: &Caller,
+    id: &KeyId,
+    change: &KeyUpdate,
+    now: u64,
+) -> Result<KeyRecord, ApiError> {
+    if let Some(sc) = &change.scopes {
+        if !caller.may_grant(sc) {
+            return Err(escalation());
+        }
+    }
+    let r = s
+        .store
+        .update(&caller.tenant, id.as_str(), change, now)
+        .await?
+        .ok_or_else(ApiError::key_not_found)?;
+    // The proxy enforces the new scopes at once.
+    s.cache.invalidate(&r.digest).await;
+    tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
+    Ok(r)
+}
+
+/// Revoke in the caller's tenant (idempotent) and evict it from this process's cache.
+pub async fn revoke(s: &AdminState, caller: &Caller, id: &KeyId) -> Result<KeyRecord, ApiError> {
+    let record = s
+        .store
+        .revoke(&caller.tenant, id.as_str(), now_ms())
+        .await?
+        .ok_or_else(ApiError::key_not_found)?;
+    s.cache.invalidate(&record.digest).await;
+    tracing::info!(id = %record.id, tenant = %record.tenant, prefix = %record.prefix, "key revoked");
+    Ok(record)
+}
+
+/// The outcome of a rotation: the successor (its text shown once) and when the old key
+/// stops working.
+pub struct Rotation {
+    pub new: KeyRecord,
+    pub key: NewKey,
+    pub old_id: String,
+    pub old_revokes_at: u64,
+}
+
+/// A successor for key `id` now (same name, type, environment, scopes and lifetime);
+/// the old key is refused `grace_ms` from now.
+pub async fn rotate(
+    s: &AdminState,
+    caller: &Caller,
+    id: &KeyId,
+    grace_ms: u64,
+) -> Result<Rotation, ApiError> {
+    let old = get(s, caller, id).await?;
+    // The caller receives the new key's text: it must hold every scope it carries.
+    if !caller.may_grant(&old.scopes) {
+        return Err(escalation());
+    }
+    let now = now_ms();
+    // Fast paths only (no key generated for a refusal): the store decides both again
+    // atomically, which is what keeps concurrent rotations from forking the key.
+    if old.is_revoked_at(now) || old.is_expired_at(now) {
+        return Err(StoreError::NotRotatable.into());
+    }
+    if old.successor_id.is_some() {
+        return Err(StoreError::AlreadyRotated.into());
+    }
+    let spec = NewKeySpec {
+        name: old.name.clone(),
+        key_type: old.key_type,
+        environment: old.environment,
+        scopes: old.scopes.clone(),
+        // Same lifetime as the old key had, counted from now.
+        expires_at: old
+            .expires_at
+            .map(|e| now + e.saturating_sub(old.created_at)),
+    };
+    let (new, key) = mint(s, &old.tenant, spec, now)?;
+    let revokes_at = now + grace_ms;
+    let updated_old = s
+        .store
+        .rotate(&caller.tenant, &old.id, &new, revokes_at, now)
+        .await?
+        .ok_or_else(ApiError::key_not_found)?;
+    s.cache.invalidate(&updated_old.digest).await;
+    s.cache.invalidate(&new.digest).await;
+    tracing::info!(old = %old.id, new = %new.id, tenant = %new.tenant, prefix = %new.prefix, "key rotated");
+    Ok(Rotation {
+        new,
+        key,
+        old_id: old.id,
+        old_revokes_at: updated_old.revoked_at.unwrap_or(revokes_at),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(r: Result<u64, ApiError>) -> String {
+        let e = r.expect_err("refused");
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "invalid_field")
+        );
+        e.message
+    }
+
+    /// Each document's wording of a bad duration, pinned.
+    #[test]
+    fn duration_fields_keep_their_ranges_and_messages() {
+        assert_eq!(EXPIRES_IN.parse(" 90d ").ok(), Some(90 * DAY_MS));
+        for bad in ["0s", "soon", "36601d"] {
+            let want =
+                format!("field `expires_in`: invalid duration {bad:?}; use e.g. 12h, 90d, 1y");
+            assert_eq!(message(EXPIRES_IN.parse(bad)), want);
+        }
+        let grace = GRACE_PERIOD;
+        assert_eq!(grace.parse("0s").ok(), Some(0));
+        assert_eq!(grace.parse("366d").ok(), Some(366 * DAY_MS));
+        let at_most = "field `grace_period`: at most 366d";
+        assert_eq!(message(grace.parse("367d")), at_most);
+        // Beyond u64 milliseconds is still just too long.
+        assert_eq!(message(grace.parse("1000000000y")), at_most);
+        let invalid =
+            "field `grace_period`: invalid duration \"1 fortnight\"; use e.g. 0s, 1h, 24h";
+        assert_eq!(message(grace.parse("1 fortnight")), invalid);
+    }
+
+    #[test]
+    fn page_requests_take_a_limit_of_1_to_1000() {
+        let p = page_request(None, Some("c".into()), 100).expect("the default");
+        assert_eq!((p.limit, p.cursor.as_deref()), (100, Some("c")));
+        assert_eq!(
+            page_request(Some("1000"), None, 100).map(|p| p.limit).ok(),
+            Some(1000)
+        );
+        for bad in ["0", "1001", "-1", "ten", ""] {
+            let e = page_request(Some(bad), None, 100).expect_err(bad);
+            assert_eq!(e.code, "invalid_query");
+            assert_eq!(e.message, "parameter `limit`: use 1 to 1000");
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The admin router without sockets (`tower::ServiceExt::oneshot`) over a `MemoryStore`;
+//! the real-socket tests are in `tests/it/admin_*.rs`.
+
+use super::{router, routes, OPENAPI};
+use crate::admin::{AdminState, MAX_BODY_BYTES};
+use crate::cache::KeyCache;
+use crate::key::{self, KeyHasher, Prefixes};
+use crate::metrics::Metrics;
+use crate::store::{memory::MemoryStore, KeyStore};
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+const ROOT: &str = "router-test-root-token";
+const UNKNOWN_ID: &str = "0190a5c4-0000-7000-8000-000000000000";
+
+fn state() -> Arc<AdminState> {
+    let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+    let ttl = Duration::from_secs(60);
+    let cache = Arc::new(KeyCache::new(store.clone(), ttl, ttl, 1000));
+    Arc::new(AdminState {
+        store,
+        cache,
+        hasher: KeyHasher::new(None),
+        prefixes: Prefixes::default(),
+        root_digest: Some(key::sha256(ROOT.as_bytes())),
+        default_tenant: "default".into(),
+        ready: Arc::new(AtomicBool::new(true)),
+        metrics: Arc::new(Metrics::new()),
+    })
+}
+
+/// What came back: status, headers and the body as text.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    text: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text))
+    }
+    /// Assert keygate's error shape with this status and code.
+    fn error(&self, status: u16, code: &str) -> &Self {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        assert_eq!(self.json()["error"]["code"], code, "{}", self.text);
+        assert!(self.json()["error"]["message"].is_string());
+        self
+    }
+    fn header(&self, name: header::HeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A request with optional bearer token and content type, JSON body if `body` is given.
+async fn send(
+    s: &Arc<AdminState>,
+    method: &str,
+    uri: &str,
+    bearer: Option<&str>,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> Answer {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(b) = bearer {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {b}"));
+    }
+    if let Some(c) = content_type {
+        req = req.header(header::CONTENT_TYPE, c);
+    }
+    let req = req.body(body.into()).expect("a valid request");
+    let resp = router(s.clone()).oneshot(req).await.expect("infallible");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("a full body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+async fn root_json(s: &Arc<AdminState>, method: &str, uri: &str, body: Value) -> Answer {
+    let ct = Some("application/json");
+    send(s, method, uri, Some(ROOT), ct, body.to_string()).await
+}
+
+fn documented() -> Vec<(String, String)> {
+    let doc: Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+    assert_eq!(doc["openapi"].as_str().map(|v| &v[..3]), Some("3.1"));
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_some() {
+                out.push((method.to_string(), path.clone()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every route the router is built from is in the OpenAPI document, and nothing else is.
+#[test]
+fn openapi_lists_exactly_the_served_routes() {
+    let mut served: Vec<(String, String)> = routes()
+        .served
+        .iter()
+        .map(|(m, p)| (m.as_str().to_ascii_lowercase(), p.to_string()))
+        .collect();
+    served.sort();
+    assert_eq!(documented(), served);
+}
+
+/// And the router answers each documented route itself, not with a fallback.
+#[tokio::test]
+async fn every_documented_route_reaches_a_handler() {
+    let s = state();
+    for (method, path) in documented() {
+        let uri = path.replace("{id}", UNKNOWN_ID);
+        let a = send(&s, &method.to_ascii_uppercase(), &uri, None, None, "").await;
+        // Not every answer is JSON (`/metrics`); a fallback's always is.
+        let body: Value = serde_json::from_str(&a.text).unwrap_or(Value::Null);
+        let code = &body["error"]["code"];
+        assert!(
+            code != "not_found" && code != "method_not_allowed",
+            "{method} {path}: {} {}",
+            a.status,
+            a.text
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_and_wrong_methods_405_in_keygate_json() {
+    let s = state();
+    for path in [
+        "/",
+        "/v1/nope",
+        "/v1/keys/x/y",
+        "/v1/keys/",
+        "/v1/api-keys/",
+    ] {
+        let a = send(&s, "GET", path, Some(ROOT), None, "").await;
+        a.error(404, "not_found");
+        assert_eq!(a.header(header::CONTENT_TYPE), Some("application/json"));
+    }
+    let a = send(&s, "PUT", "/v1/keys", Some(ROOT), None, "").await;
+    a.error(405, "method_not_allowed");
+    assert_eq!(a.header(header::ALLOW), Some("GET,HEAD,POST"));
+    let a = send(&s, "GET", &format!("/v1/keys/{UNKNOWN_ID}"), None, None, "").await;
+    a.error(405, "method_not_allowed");
+    assert_eq!(a.header(header::ALLOW), Some("DELETE"));
+}
+
+#[tokio::test]
+async fn missing_or_invalid_bearer_is_401_with_a_challenge() {
+    let s = state();
+    let a = send(&s, "GET", "/v1/keys", None, None, "").await;
+    a.error(401, "missing_key");
+    let realm = "Bearer realm=\"keygate-admin\"";
+    assert_eq!(a.header(header::WWW_AUTHENTICATE), Some(realm));
+    let a = send(&s, "GET", "/v1/api-keys", Some("not-a-key"), None, "").await;
+    a.error(401, "malformed_key");
+    let invalid = "Bearer realm=\"keygate-admin\", error=\"invalid_token\"";
+    assert_eq!(a.header(header::WWW_AUTHENTICATE), Some(invalid));
+    let unknown = "sk_live_0000000000000000000000000000000000000000";
+    let a = send(&s, "GET", "/v1/api-keys", Some(unknown), None, "").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.text);
+    assert_eq!(a.header(header::WWW_AUTHENTICATE), Some(invalid));
+}
+
+/// Credentials are judged before the body, and the content type before the size.
+#[tokio::test]
+async fn bodies_are_checked_after_credentials() {
+    let s = state();
+    let big = "x".repeat(MAX_BODY_BYTES + 1);
+    for (bearer, ct, body, status, code) in [
+        (
+            None,
+            Some("text/plain"),
+            "{}".to_string(),
+            401,
+            "missing_key",
+        ),
+        (
+            Some(ROOT),
+            None,
+            "{}".into(),
+            400,
+            "unsupported_content_type",
+        ),
+        (
+            Some(ROOT),
+            Some("text/plain"),
+            big.clone(),
+            400,
+            "unsupported_content_type",
+        ),
+        (
+            Some(ROOT),
+            Some("application/json"),
+            "{".into(),
+            400,
+            "invalid_body",
+        ),
+        (
+            Some(ROOT),
+            Some("application/json"),
+            r#"{"label":"a","x":1}"#.into(),
+            400,
+            "invalid_body",
+        ),
+    ] {
+        send(&s, "POST", "/v1/keys", bearer, ct, body)
+            .await
+            .error(status, code);
+    }
+    let a = send(
+        &s,
+        "POST",
+        "/v1/keys",
+        Some(ROOT),
+        Some("application/json"),
+        big,
+    )
+    .await;
+    a.error(413, "body_too_large");
+    assert_eq!(a.header(header::CONNECTION), Some("close"));
+}
+
+/// What a key path gives for odd ids, in the order clients have always seen.
+#[tokio::test]
+async fn odd_ids_keep_their_answers() {
+    let s = state();
+    // Not UTF-8 once decoded: axum's plain 400, before the credentials are looked at.
+    for bearer in [None, Some(ROOT)] {
+        let a = send(&s, "DELETE", "/v1/keys/%FF", bearer, None, "").await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text);
+        assert_eq!(a.text, "Invalid URL: Invalid UTF-8 in `id`");
+    }
+    // Anything else that is not one of our ids: 404 after the credentials, before a body.
+    for id in ["not-an-id", "%20", "%2F", "%00", UNKNOWN_ID] {
+        let uri = format!("/v1/api-keys/{id}");
+        send(&s, "GET", &uri, None, None, "")
+            .await
+            .error(401, "missing_key");
+        send(&s, "GET", &uri, Some(ROOT), None, "")
+            .await
+            .error(404, "key_not_found");
+        send(&s, "DELETE", &uri, Some(ROOT), None, "")
+            .await
+            .error(404, "key_not_found");
+        let jack = format!("/v1/keys/{id}");
+        send(&s, "DELETE", &jack, Some(ROOT), None, "")
+            .await
+            .error(404, "key_not_found");
+    }
+    let patch = |id: &str| format!("/v1/api-keys/{id}");
+    send(
+        &s,
+        "PATCH",
+        &patch("not-an-id"),
+        None,
+        Some("text/plain"),
+        "x",
+    )
+    .await
+    .error(401, "missing_key");
+    send(
+        &s,
+        "PATCH",
+        &patch("not-an-id"),
+        Some(ROOT),
+        Some("text/plain"),
+        "x",
+    )
+    .await
+    .error(404, "key_not_found");
+    send(
+        &s,
+        "PATCH",
+        &patch(UNKNOWN_ID),
+        Some(ROOT),
+        Some("text/plain"),
+        "x",
+    )
+    .await
+    .error(400, "unsupported_content_type");
+}
+
+#[tokio::test]
+async fn create_get_list_revoke_with_the_root_token() {
+    let s = state();
+    let a = root_json(&s, "POST", "/v1/keys", json!({"label": "svc"})).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    assert_eq!(a.header(header::CACHE_CONTROL), Some("no-store"));
+    let created = a.json();
+    let id = created["id"].as_str().expect("an id").to_string();
+    assert!(created["key"]
+        .as_str()
+        .is_some_and(|k| k.starts_with("sk_live_")));
+    assert_eq!(created["org_id"], "default");
+
+    let got = send(
+        &s,
+        "GET",
+        &format!("/v1/api-keys/{id}"),
+        Some(ROOT),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert_eq!(
+        (got.json()["name"].clone(), got.json()["revoked"].clone()),
+        (json!("svc"), json!(false))
+    );
+    assert!(
+        got.json().get("key").is_none(),
+        "the key text is shown only once"
+    );
+
+    let listed = send(&s, "GET", "/v1/keys", Some(ROOT), None, "")
+        .await
+        .json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    assert_eq!(listed[0]["id"], id.as_str());
+
+    let revoked = send(
+        &s,
+        "DELETE",
+        &format!("/v1/keys/{id}"),
+        Some(ROOT),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.text);
+    assert!(revoked.json()["revoked_at"].is_string());
+    let hidden = send(&s, "GET", "/v1/api-keys", Some(ROOT), None, "")
+        .await
+        .json();
+    assert_eq!(hidden, json!({"data": [], "next_cursor": null}));
+    let shown = send(&s, "GET", "/v1/api-keys?revoked=true", Some(ROOT), None, "")
+        .await
+        .json();
+    assert_eq!(shown["data"][0]["revoked"], true);
+}
+
+#[tokio::test]
+async fn health_and_the_openapi_document_are_served() {
+    let s = state();
+    let a = send(&s, "GET", "/healthz", None, None, "").await;
+    assert_eq!(
+        (a.status, a.json()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let a = send(&s, "GET", "/readyz", None, None, "").await;
+    assert_eq!(a.json(), json!({"status": "ready", "store": "memory"}));
+    let a = send(&s, "GET", "/openapi.json", None, None, "").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header(header::CONTENT_TYPE), Some("application/json"));
+    assert_eq!(a.text, OPENAPI);
+}
