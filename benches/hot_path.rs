@@ -143,11 +143,11 @@ fn route_matching(c: &mut Criterion) {
         b.iter(|| policy.find(&get, black_box("/nothing/here")).is_none())
     });
     c.bench_function("routes/normalize/clean", |b| {
-        b.iter(|| keygate::proxy::route::normalize(black_box("/svc999/items/42/detail")).is_ok())
+        b.iter(|| keygate::policy::path::normalize(black_box("/svc999/items/42/detail")).is_ok())
     });
     c.bench_function("routes/normalize/dirty", |b| {
         b.iter(|| {
-            keygate::proxy::route::normalize(black_box("/svc999//items/./x/../42/%7edetail"))
+            keygate::policy::path::normalize(black_box("/svc999//items/./x/../42/%7edetail"))
                 .is_ok()
         })
     });

@@ -13,6 +13,7 @@ pub mod error;
 pub mod feed;
 pub mod key;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod store;
 pub mod time;

@@ -2,7 +2,7 @@
 //! fixed result codes); hot-path handles are resolved ahead so a request takes no lock.
 
 use crate::cache::Source;
-use crate::proxy::policy::Policy;
+use crate::policy::Policy;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,

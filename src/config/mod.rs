@@ -5,7 +5,7 @@ pub mod raw;
 pub mod reload;
 
 use crate::key::Prefixes;
-use crate::proxy::policy::Policy;
+use crate::policy::Policy;
 use crate::store::redis::RedisSettings;
 use raw::RawConfig;
 use std::fmt;

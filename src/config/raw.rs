@@ -410,7 +410,7 @@ pub struct RawRoute {
     #[serde(default)]
     pub methods: Option<Vec<Method>>,
     /// Path pattern: literal segments, `*` (one segment), `**` (the rest, last only).
-    pub path: crate::proxy::route::PathPattern,
+    pub path: crate::policy::path::PathPattern,
     /// `key` (default) or `none` (public).
     #[serde(default)]
     pub auth: Auth,

@@ -4,11 +4,11 @@
 //! upstream connection, driven on the same worker thread (no pool lock, no cross-thread
 //! wake-up per request); HTTP/2 clients and upgrades go through hyper-util's pooled client.
 
-use super::policy::Policy;
 use super::Conn;
 use crate::cache::Identity;
 use crate::config::raw::Upstream;
 use crate::error::{Body, BoxError, Deny};
+use crate::policy::Policy;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};

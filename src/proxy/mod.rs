@@ -3,8 +3,6 @@
 
 pub mod forward;
 pub mod host;
-pub mod policy;
-pub mod route;
 pub mod server;
 
 use crate::cache::{Entry, Identity, KeyCache, Source};
@@ -12,12 +10,13 @@ use crate::config::Config;
 use crate::error::{Body, Deny};
 use crate::key::{self, KeyHasher, KeyType, Prefixes};
 use crate::metrics::{self, AuthOutcome, Metrics, RouteMetrics};
+use crate::policy::path::{normalize_request, Normalized};
+use crate::policy::{Policy, Route};
 use crate::usage::UsageRecorder;
 use arc_swap::ArcSwap;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use policy::{Policy, Route};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,8 +182,7 @@ impl Proxy {
         // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
         // parser keeps only the chunked framing and closes the connection afterwards,
         // and the forwarder re-frames the body, so the upstream sees one request.
-        let Ok(route::Normalized { path, has_params }) = route::normalize_request(req.uri().path())
-        else {
+        let Ok(Normalized { path, has_params }) = normalize_request(req.uri().path()) else {
             return (None, Err(Deny::BadPath));
         };
         // Forwarded as it is, params kept: refused unless its route does not depend on them.

@@ -1,9 +1,11 @@
 //! The per-request policy snapshot: compiled routes (first match wins) and the header
 //! policy. One `Arc<Policy>` is loaded per request, so a reload swaps it atomically.
 
-use super::route::{self, PathPattern, SplitPath};
+pub mod path;
+
 use crate::config::raw::{Auth, RawProxy, RawRoute, UnderscoreHeaders, Unmatched};
 use http::{HeaderName, HeaderValue, Method};
+use path::{PathPattern, SplitPath};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use xxhash_rust::xxh3::Xxh3Builder;
@@ -302,7 +304,7 @@ impl Policy {
     ) -> Result<Option<(Option<usize>, &Route)>, Ambiguous> {
         let found = self.find(method, path);
         if has_params {
-            let stripped = self.find(method, &route::strip_params(path));
+            let stripped = self.find(method, &path::strip_params(path));
             if found.map(|(i, _)| i) != stripped.map(|(i, _)| i) {
                 return Err(Ambiguous);
             }
@@ -390,7 +392,7 @@ mod tests {
             "  - { name: admin, path: \"/admin/**\", scopes: [\"admin:write\"] }\n  - { name: users, path: \"/users/*\" }\n  - { name: rest, path: \"/**\", auth: none }\n",
         );
         let find = |path: &str| {
-            let n = crate::proxy::route::normalize_request(path).unwrap();
+            let n = super::path::normalize_request(path).unwrap();
             p.find_unambiguous(&Method::GET, &n.path, n.has_params)
                 .map(|f| f.map(|(_, r)| r.name.to_string()))
         };
