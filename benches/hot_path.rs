@@ -80,7 +80,7 @@ fn verification(c: &mut Criterion) {
             usage,
         )
         .unwrap();
-        let policy = config.policy.clone();
+        let policy = config.live.policy.clone();
         let (_, route) = policy.find(&http::Method::GET, "/users/1").unwrap();
         // Warm the cache.
         rt.block_on(proxy.check_token(&new.text, route, &mut None))
@@ -116,7 +116,7 @@ fn verification(c: &mut Criterion) {
 fn route_matching(c: &mut Criterion) {
     let text = routes_config(1000);
     let config = Config::from_yaml(&text, "bench", &[("X", "Y")]).unwrap();
-    let policy = config.policy.clone();
+    let policy = config.live.policy.clone();
     let get = http::Method::GET;
     c.bench_function("routes/1000/first", |b| {
         b.iter(|| {

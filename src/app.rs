@@ -14,6 +14,7 @@ use crate::proxy::Proxy;
 use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
 use crate::tls::CertResolver;
 use crate::usage::{UsageQueue, UsageRecorder};
+use secrecy::ExposeSecret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +55,7 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // rustls' process-wide provider, used by the Redis TLS client (idempotent).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (store, redis_feed): (Arc<dyn KeyStore>, _) = match &config.store {
+        let (store, redis_feed): (Arc<dyn KeyStore>, _) = match &config.fixed.store {
             StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
             StoreConfig::Redis(settings) => {
                 let store = RedisStore::connect(settings)?;
@@ -68,11 +69,17 @@ impl App {
         };
         let cache = Arc::new(KeyCache::new(
             store.clone(),
-            config.cache.ttl,
-            config.cache.negative_ttl,
-            config.cache.max_entries,
+            config.live.cache.ttl,
+            config.live.cache.negative_ttl,
+            config.fixed.cache_max_entries,
         ));
-        let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.0.as_bytes()));
+        let hasher = KeyHasher::new(
+            config
+                .fixed
+                .pepper
+                .as_ref()
+                .map(|p| p.expose_secret().as_bytes()),
+        );
         let metrics = Arc::new(Metrics::new());
         let (usage, usage_queue) = UsageRecorder::new();
         let proxy = Arc::new(
@@ -89,28 +96,37 @@ impl App {
             store,
             cache,
             hasher,
-            prefixes: config.prefixes.clone(),
+            prefixes: config.fixed.prefixes.clone(),
             root_digest: config
+                .fixed
                 .root_token
                 .as_ref()
-                .map(|t| key::sha256(t.0.as_bytes())),
-            default_tenant: config.default_tenant.clone(),
+                .map(|t| key::sha256(t.expose_secret().as_bytes())),
+            default_tenant: config.fixed.default_tenant.clone(),
             ready: Arc::new(AtomicBool::new(true)),
             metrics,
         });
-        let proxy_listener = server::bind(config.proxy_listen).map_err(|e| {
-            anyhow::anyhow!("cannot listen on {} (proxy): {e}", config.proxy_listen)
+        let proxy_listener = server::bind(config.fixed.proxy_listen).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (proxy): {e}",
+                config.fixed.proxy_listen
+            )
         })?;
-        let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
-        })?;
-        let tls = match &config.tls {
+        let admin_listener = TcpListener::bind(config.fixed.admin_listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {} (admin): {e}",
+                    config.fixed.admin_listen
+                )
+            })?;
+        let tls = match &config.fixed.tls {
             None => None,
             Some((cert, key)) => Some(Arc::new(
                 CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
             )),
         };
-        let admin_tls = match &config.admin_tls {
+        let admin_tls = match &config.fixed.admin_tls {
             None => None,
             Some((cert, key)) => Some(Arc::new(
                 CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
@@ -126,21 +142,25 @@ impl App {
             admin_listener,
             settings: ServerSettings {
                 deadlines: Deadlines {
-                    header_read: config.timeouts.header_read,
-                    idle: config.timeouts.idle,
-                    write: config.timeouts.write,
+                    header_read: config.fixed.timeouts.header_read,
+                    idle: config.fixed.timeouts.idle,
+                    write: config.fixed.timeouts.write,
                     // A slow upstream is bounded by its own timeout, not the idle one.
-                    stall: config.timeouts.idle.max(config.timeouts.upstream),
-                    drain: config.timeouts.drain,
+                    stall: config
+                        .fixed
+                        .timeouts
+                        .idle
+                        .max(config.fixed.timeouts.upstream),
+                    drain: config.fixed.timeouts.drain,
                 },
-                max_header_bytes: config.limits.max_header_bytes,
-                max_uri_bytes: config.limits.max_uri_bytes,
-                max_connections: config.limits.max_connections,
+                max_header_bytes: config.fixed.limits.max_header_bytes,
+                max_uri_bytes: config.fixed.limits.max_uri_bytes,
+                max_connections: config.fixed.limits.max_connections,
             },
             shutdown: Arc::new(tx),
             redis_feed,
             usage_queue,
-            last_used_interval: config.last_used_interval,
+            last_used_interval: config.fixed.last_used_interval,
             config,
             reload_from: None,
             tls,
@@ -161,7 +181,7 @@ impl App {
     /// Serve both ports until shut down; then readiness turns false, listeners close,
     /// and in-flight requests get up to `proxy.timeouts.drain` to finish.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let drain = self.config.timeouts.drain;
+        let drain = self.config.fixed.timeouts.drain;
         let rx = self.shutdown.subscribe();
         if let Some(feed) = self.redis_feed.clone() {
             tokio::spawn(crate::feed::follow(
@@ -202,7 +222,7 @@ impl App {
             tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver))
         });
         let admin_settings = ServerSettings {
-            max_connections: self.config.limits.admin_max_connections,
+            max_connections: self.config.fixed.limits.admin_max_connections,
             ..self.settings.clone()
         };
         let admin = tokio::spawn(admin::serve(
@@ -219,7 +239,7 @@ impl App {
         });
         server::serve_workers(
             self.proxy_listener,
-            self.config.proxy_workers,
+            self.config.fixed.proxy_workers,
             self.proxy,
             self.settings,
             acceptor,

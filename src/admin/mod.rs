@@ -12,8 +12,8 @@ pub mod hellojohn;
 pub mod jack;
 
 use crate::cache::{Entry, KeyCache};
-use crate::config::raw::Tenant;
 use crate::connection::{self, ServerSettings, Watch};
+use crate::key::valid_tenant;
 use crate::key::{self, Digest, Environment, KeyHasher, KeyType, NewKey, Prefixes};
 use crate::metrics::Metrics;
 use crate::proxy;
@@ -354,7 +354,7 @@ pub async fn authorize(
     let asked_tenant = match headers.get("x-tenant-id") {
         None => None,
         Some(v) => match v.to_str() {
-            Ok(t) if Tenant::valid(t) => Some(t.to_string()),
+            Ok(t) if valid_tenant(t) => Some(t.to_string()),
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_tenant",

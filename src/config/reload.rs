@@ -3,7 +3,7 @@
 //! and validated first; only a good one is swapped in (routes, scopes, header policy,
 //! cache TTLs). A bad one is refused with the same error `check-config` prints.
 
-use super::{Config, StoreConfig};
+use super::Config;
 use crate::cache::KeyCache;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -25,67 +25,25 @@ pub struct Reloadable {
 
 /// Swap in a validated `new` config; warn about changes that need a restart.
 pub fn apply(current: &mut Config, new: Config, target: &Reloadable) {
-    for (what, changed) in [
-        ("proxy.listen", current.proxy_listen != new.proxy_listen),
-        ("admin.listen", current.admin_listen != new.admin_listen),
-        (
-            "proxy.upstream",
-            current.upstream.authority != new.upstream.authority,
-        ),
-        ("store", !same_store(&current.store, &new.store)),
-        (
-            "proxy.timeouts",
-            current.timeouts.header_read != new.timeouts.header_read
-                || current.timeouts.idle != new.timeouts.idle
-                || current.timeouts.upstream != new.timeouts.upstream
-                || current.timeouts.write != new.timeouts.write
-                || current.timeouts.drain != new.timeouts.drain,
-        ),
-        (
-            "proxy.limits",
-            current.limits.max_header_bytes != new.limits.max_header_bytes
-                || current.limits.max_uri_bytes != new.limits.max_uri_bytes
-                || current.limits.max_connections != new.limits.max_connections,
-        ),
-        (
-            "admin.max_connections",
-            current.limits.admin_max_connections != new.limits.admin_max_connections,
-        ),
-        ("keys", current.prefixes != new.prefixes),
-        (
-            "cache.max_entries",
-            current.cache.max_entries != new.cache.max_entries,
-        ),
-    ] {
-        if changed {
-            tracing::warn!(
-                field = what,
-                "this setting changed but needs a restart to take effect"
-            );
-        }
+    for what in current.fixed.changed(&new.fixed) {
+        tracing::warn!(
+            field = what,
+            "this setting changed but needs a restart to take effect"
+        );
     }
-    target.proxy.set_policy(new.policy.clone());
-    target.cache.set_ttls(new.cache.ttl, new.cache.negative_ttl);
-    let routes = new.policy.routes().len();
-    current.policy = new.policy;
-    current.cache.ttl = new.cache.ttl;
-    current.cache.negative_ttl = new.cache.negative_ttl;
+    let live = new.live;
+    target.proxy.set_policy(live.policy.clone());
+    target
+        .cache
+        .set_ttls(live.cache.ttl, live.cache.negative_ttl);
+    let routes = live.policy.routes().len();
+    current.live = live;
     target
         .metrics
         .config_reloads
         .with_label_values(&["success"])
         .inc();
     tracing::info!(routes, "configuration reloaded");
-}
-
-fn same_store(a: &StoreConfig, b: &StoreConfig) -> bool {
-    match (a, b) {
-        (StoreConfig::Memory, StoreConfig::Memory) => true,
-        (StoreConfig::Redis(x), StoreConfig::Redis(y)) => {
-            x.url == y.url && x.namespace == y.namespace && x.timeout == y.timeout
-        }
-        _ => false,
-    }
 }
 
 fn reload_once(path: &Path, current: &mut Config, target: &Reloadable) {

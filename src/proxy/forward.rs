@@ -6,7 +6,7 @@
 
 use super::Conn;
 use crate::cache::Identity;
-use crate::config::raw::Upstream;
+use crate::config::Upstream;
 use crate::error::{Body, BoxError, Deny};
 use crate::policy::Policy;
 use bytes::Bytes;

@@ -6,7 +6,7 @@ pub mod host;
 pub mod server;
 
 use crate::cache::{Entry, Identity, KeyCache, Source};
-use crate::config::Config;
+use crate::config::{Config, OnStoreError};
 use crate::error::{Body, Deny};
 use crate::key::{self, KeyHasher, KeyType, Prefixes};
 use crate::metrics::{self, AuthOutcome, Metrics, RouteMetrics};
@@ -81,28 +81,29 @@ impl Proxy {
         usage: UsageRecorder,
     ) -> Result<Self, String> {
         // The CA file was checked at load, but it may have changed since: report, not panic.
-        let upstream_tls = crate::tls::upstream_client_config(config.upstream_ca.as_deref())?;
+        let upstream_tls = crate::tls::upstream_client_config(config.fixed.upstream_ca.as_deref())?;
         let snapshot = Snapshot {
-            metrics: metrics.for_policy(&config.policy),
-            policy: config.policy.clone(),
+            metrics: metrics.for_policy(&config.live.policy),
+            policy: config.live.policy.clone(),
         };
         Ok(Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             cache,
             hasher,
-            prefixes: config.prefixes.clone(),
+            prefixes: config.fixed.prefixes.clone(),
             metrics,
             forwarder: forward::Forwarder::new(
-                config.upstream.clone(),
-                config.timeouts.upstream,
-                config.timeouts.idle,
+                config.fixed.upstream.clone(),
+                config.fixed.timeouts.upstream,
+                config.fixed.timeouts.idle,
                 upstream_tls,
             )?,
-            max_uri_bytes: config.limits.max_uri_bytes,
-            max_header_count: crate::connection::max_header_count(config.limits.max_header_bytes),
+            max_uri_bytes: config.fixed.limits.max_uri_bytes,
+            max_header_count: crate::connection::max_header_count(
+                config.fixed.limits.max_header_bytes,
+            ),
             usage,
-            deny_on_store_error: config.cache.on_store_error
-                == crate::config::raw::OnStoreError::Deny,
+            deny_on_store_error: config.live.cache.on_store_error == OnStoreError::Deny,
         })
     }
 
