@@ -432,6 +432,22 @@ routes:
     }
 
     #[test]
+    fn a_reload_names_the_fields_that_need_a_restart() {
+        let text = format!("{BASE}keys: {{ pepper_env: KEYGATE_PEPPER }}\n");
+        let a = Config::from_yaml(&text, "t", &[("KEYGATE_PEPPER", "pepper-one")]).unwrap();
+        assert_eq!(a.fixed.changed(&a.fixed), Vec::<&str>::new());
+        let text = text
+            .replace("127.0.0.1:8080", "127.0.0.1:8081")
+            .replace("users:read", "users:write");
+        let b = Config::from_yaml(&text, "t", &[("KEYGATE_PEPPER", "pepper-two")]).unwrap();
+        // Routes are live: only the listener and the pepper are reported.
+        assert_eq!(
+            a.fixed.changed(&b.fixed),
+            ["proxy.listen", "keys.pepper_env"]
+        );
+    }
+
+    #[test]
     fn shipped_configs_are_valid() {
         for f in ["config/keygate.yaml", "config/dev.yaml"] {
             let text =

@@ -395,32 +395,33 @@ fn identity_headers(ih: &RawIdentityHeaders) -> Result<IdentityHeaders> {
     Ok(identity)
 }
 
-/// `routes[i]`: a unique name (it is a metrics label) and settings that agree.
-fn route(i: usize, r: &RawRoute, seen: &mut HashSet<String>) -> Result<RouteSpec> {
-    let field = |f: &str| format!("routes[{i}].{f}");
-    let name_ok = !r.name.is_empty()
-        && r.name.len() <= 64
-        && r.name
+/// `routes[i].name`: unique (it is a metrics label), metric-label safe, not reserved.
+fn route_name(i: usize, name: &str, seen: &mut HashSet<String>) -> Result<()> {
+    let field = format!("routes[{i}].name");
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if !name_ok {
         return Err(invalid(
-            field("name"),
-            format!(
-                "invalid route name {:?}: use 1-64 of A-Z a-z 0-9 _ . -",
-                r.name
-            ),
+            field,
+            format!("invalid route name {name:?}: use 1-64 of A-Z a-z 0-9 _ . -"),
         ));
     }
-    if !seen.insert(r.name.clone()) {
-        return Err(invalid(
-            field("name"),
-            format!("duplicate route name {:?}", r.name),
-        ));
+    if !seen.insert(name.to_string()) {
+        return Err(invalid(field, format!("duplicate route name {name:?}")));
     }
-    if r.name == "unmatched" {
-        return Err(invalid(field("name"), "\"unmatched\" is reserved"));
+    if name == "unmatched" {
+        return Err(invalid(field, "\"unmatched\" is reserved"));
     }
+    Ok(())
+}
+
+/// `routes[i]`: a valid name and settings that agree with each other.
+fn route(i: usize, r: &RawRoute, seen: &mut HashSet<String>) -> Result<RouteSpec> {
+    route_name(i, &r.name, seen)?;
+    let field = |f: &str| format!("routes[{i}].{f}");
     let public = r.auth == Auth::None;
     if public && !r.scopes.is_empty() {
         return Err(invalid(

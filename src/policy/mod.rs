@@ -136,6 +136,21 @@ pub struct Policy {
     pub upgrades: Box<[Box<str>]>,
 }
 
+/// Route indexes by literal first segment, and those a request's first segment cannot
+/// rule out; both ascending, so merging them keeps config order.
+fn index(routes: &[Route]) -> (HashMap<Box<str>, Vec<usize>, Xxh3Builder>, Vec<usize>) {
+    let mut by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder> =
+        HashMap::with_hasher(Xxh3Builder::new());
+    let mut wild_first = Vec::new();
+    for (i, r) in routes.iter().enumerate() {
+        match r.pattern.first_literal() {
+            Some(l) => by_first.entry(l.into()).or_default().push(i),
+            None => wild_first.push(i),
+        }
+    }
+    (by_first, wild_first)
+}
+
 fn challenge(scopes: &[Box<str>]) -> HeaderValue {
     let v = format!(
         "Bearer realm=\"keygate\", error=\"insufficient_scope\", scope=\"{}\"",
@@ -166,15 +181,7 @@ impl Policy {
                 max_body_bytes: None,
             })),
         };
-        let mut by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder> =
-            HashMap::with_hasher(Xxh3Builder::new());
-        let mut wild_first = Vec::new();
-        for (i, r) in routes.iter().enumerate() {
-            match r.pattern.first_literal() {
-                Some(l) => by_first.entry(l.into()).or_default().push(i),
-                None => wild_first.push(i),
-            }
-        }
+        let (by_first, wild_first) = index(&routes);
         let HeaderPolicy {
             identity,
             forward_authorization,
