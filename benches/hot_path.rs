@@ -1,13 +1,20 @@
 //! Criterion benches of the proxy's hot path: cache-hit verification (parse, checksum,
 //! digest, cache get, record and scope checks) and route matching over 1,000 routes.
 //! Run: `cargo bench --bench hot_path`. Results are summarised in benches/RESULTS.md.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "test and bench code: the request-path rules are for src/"
+)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use keygate::cache::KeyCache;
+use keygate::auth::Verifier;
+use keygate::cache::{KeyCache, Reader};
 use keygate::config::Config;
 use keygate::key::{self, Environment, KeyHasher, KeyType, Prefixes};
 use keygate::metrics::Metrics;
 use keygate::proxy::Proxy;
+use keygate::snapshot::{Live, Snapshot};
 use keygate::store::{memory::MemoryStore, KeyRecord, KeyStore};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,32 +72,36 @@ fn verification(c: &mut Criterion) {
             digest: hasher.digest(&new.text),
         };
         rt.block_on(store.insert(&record)).unwrap();
-        let cache = Arc::new(KeyCache::new(
-            store,
-            Duration::from_secs(300),
-            Duration::from_secs(2),
-            1_000_000,
-        ));
+        let metrics = Arc::new(Metrics::new());
+        let live = Live::new(Snapshot::new(&config, &metrics));
+        let verifier = Verifier {
+            cache: Arc::new(KeyCache::new(1_000_000)),
+            hasher: hasher.clone(),
+            prefixes: prefixes.clone(),
+        };
+        let reader: Reader = store;
         let (usage, _queue) = keygate::usage::UsageRecorder::new();
         let proxy = Proxy::new(
             &config,
-            cache,
-            hasher.clone(),
-            Arc::new(Metrics::new()),
+            live.clone(),
+            verifier,
+            reader.clone(),
+            metrics,
             usage,
         )
         .unwrap();
-        let policy = config.policy.clone();
+        let rules = live.load().auth;
+        let policy = config.live.policy.clone();
         let (_, route) = policy.find(&http::Method::GET, "/users/1").unwrap();
         // Warm the cache.
-        rt.block_on(proxy.check_token(&new.text, route, &mut None))
+        rt.block_on(proxy.check_token(&new.text, route, rules, &reader, &mut None))
             .unwrap();
 
         c.bench_function(&format!("verify/cache_hit/{label}"), |b| {
             b.to_async(&rt).iter(|| async {
                 black_box(
                     proxy
-                        .check_token(black_box(&new.text), route, &mut None)
+                        .check_token(black_box(&new.text), route, rules, &reader, &mut None)
                         .await,
                 )
                 .unwrap();
@@ -116,7 +127,7 @@ fn verification(c: &mut Criterion) {
 fn route_matching(c: &mut Criterion) {
     let text = routes_config(1000);
     let config = Config::from_yaml(&text, "bench", &[("X", "Y")]).unwrap();
-    let policy = config.policy.clone();
+    let policy = config.live.policy.clone();
     let get = http::Method::GET;
     c.bench_function("routes/1000/first", |b| {
         b.iter(|| {
@@ -143,11 +154,11 @@ fn route_matching(c: &mut Criterion) {
         b.iter(|| policy.find(&get, black_box("/nothing/here")).is_none())
     });
     c.bench_function("routes/normalize/clean", |b| {
-        b.iter(|| keygate::proxy::route::normalize(black_box("/svc999/items/42/detail")).is_ok())
+        b.iter(|| keygate::policy::path::normalize(black_box("/svc999/items/42/detail")).is_ok())
     });
     c.bench_function("routes/normalize/dirty", |b| {
         b.iter(|| {
-            keygate::proxy::route::normalize(black_box("/svc999//items/./x/../42/%7edetail"))
+            keygate::policy::path::normalize(black_box("/svc999//items/./x/../42/%7edetail"))
                 .is_ok()
         })
     });

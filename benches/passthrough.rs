@@ -7,6 +7,11 @@
 //!   and one upstream connection per client connection driven on the same thread;
 //! - `--pooled`: the textbook hyper proxy: a multi-threaded runtime and hyper-util's
 //!   pooled client.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "test and bench code: the request-path rules are for src/"
+)]
 
 use http::uri::{Authority, PathAndQuery, Uri};
 use http_body_util::combinators::BoxBody;

@@ -2,6 +2,11 @@
 //! revoked on A's admin port; we measure until B (whose cache holds the key) refuses it.
 //! Run: `cargo bench --bench propagation` (needs `redis-server`; N via KEYGATE_BENCH_N).
 //! Prints p50/p99/max; the numbers go into benches/RESULTS.md by hand.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "test and bench code: the request-path rules are for src/"
+)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -3,7 +3,7 @@
 //! cache, then apply the record's rules. Side effects (metrics, last-used) are the
 //! caller's: `verify` only decides.
 
-use crate::cache::{Entry, Identity, KeyCache, Source};
+use crate::cache::{Entry, Identity, KeyCache, Reader, Source, Ttls};
 use crate::error::{Challenge, Deny};
 use crate::key::{self, KeyHasher, KeyType, Prefixes};
 use crate::store::StoreError;
@@ -50,8 +50,17 @@ impl Verdict {
     }
 }
 
+/// The reloadable rules a check follows, from the request's snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    pub ttls: Ttls,
+    /// `cache.on_store_error: deny`: refuse cached keys while the store is failing.
+    pub deny_on_store_error: bool,
+}
+
 /// Everything a key check needs besides the request: the cache (and the store behind
 /// it), the digest function and the accepted key formats.
+#[derive(Clone)]
 pub struct Verifier {
     pub cache: Arc<KeyCache>,
     pub hasher: KeyHasher,
@@ -59,20 +68,25 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Format, digest, cache, record. `deny_on_store_error` refuses cached keys while the
-    /// store is failing (`cache.on_store_error: deny`).
+    /// Format, digest, cache (reading `reader` on a miss), record. `started` is the time
+    /// the caller already read.
     pub async fn verify<S: AsRef<str>>(
         &self,
         token: &str,
         need: &Need<'_, S>,
-        deny_on_store_error: bool,
+        rules: Rules,
+        reader: &Reader,
         started: Instant,
     ) -> Verdict {
         if key::parse(&self.prefixes, token).is_err() {
             return Verdict::refused(Deny::MalformedKey);
         }
         let digest = self.hasher.digest(token);
-        let (entry, source) = match self.cache.lookup_at(&digest, started).await {
+        let (entry, source) = match self
+            .cache
+            .lookup_at(&digest, started, rules.ttls, reader)
+            .await
+        {
             Ok(found) => found,
             Err(e) => {
                 let mut v = Verdict::refused(Deny::StoreUnavailable);
@@ -82,7 +96,7 @@ impl Verifier {
         };
         let mut verdict = Verdict::refused(Deny::UnknownKey);
         verdict.source = Some(source);
-        if deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
+        if rules.deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
             verdict.result = Err(Deny::StoreUnavailable);
             return verdict;
         }

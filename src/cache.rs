@@ -190,23 +190,42 @@ impl Source {
     }
 }
 
-/// TTLs in milliseconds, shared with the cache's expiry policy so a reload can change
-/// them (entries already cached keep the TTL they were given).
-#[derive(Clone)]
-struct Ttls {
-    positive_ms: Arc<AtomicU64>,
-    negative_ms: Arc<AtomicU64>,
+/// How long entries are trusted, in milliseconds: read from the request's snapshot on
+/// every lookup, so a reload's TTLs apply to the per-thread fronts at once and to the
+/// shared cache for what is filled after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ttls {
+    pub positive_ms: u64,
+    pub negative_ms: u64,
 }
 
-impl Expiry<Digest, Entry> for Ttls {
-    fn expire_after_create(&self, _: &Digest, value: &Entry, _: Instant) -> Option<Duration> {
-        let ms = match value {
-            Entry::Known(_) => &self.positive_ms,
-            Entry::Unknown => &self.negative_ms,
-        };
-        Some(Duration::from_millis(ms.load(Ordering::Relaxed)))
+impl Ttls {
+    pub fn new(positive: Duration, negative: Duration) -> Ttls {
+        Ttls {
+            positive_ms: positive.as_millis() as u64,
+            negative_ms: negative.as_millis() as u64,
+        }
     }
 }
+
+/// A shared-cache value: the entry and the TTL it was filled with.
+#[derive(Clone)]
+struct Cached {
+    entry: Entry,
+    ttl: Duration,
+}
+
+struct FillTtl;
+
+impl Expiry<Digest, Cached> for FillTtl {
+    fn expire_after_create(&self, _: &Digest, value: &Cached, _: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// The store a lookup reads on a miss: the shared one, or a proxy worker's own
+/// (`KeyStore::worker_reader`), handed in by the caller.
+pub type Reader = Arc<dyn KeyStore>;
 
 // With the `Arc` counts, one 128-byte allocation per cached key.
 const _: () = assert!(std::mem::size_of::<Identity>() <= 112);
@@ -215,13 +234,12 @@ const _: () = assert!(std::mem::size_of::<Identity>() <= 112);
 const LOCAL_MAX: usize = 16_384;
 
 /// One identity a thread served, trusted while its cache's generation is unchanged (every
-/// invalidation changes it) and its positive TTL, counted from the store read, lasts.
+/// invalidation changes it) and the positive TTL, counted from the store read, lasts.
 struct LocalSlot {
     /// The cache it came from (tests and benches run several caches per thread).
     instance: u64,
     id: Arc<Identity>,
     generation: u64,
-    until_ms: u64,
 }
 
 /// Hashes a digest by its first eight bytes. The local front holds only keys that were
@@ -252,14 +270,13 @@ thread_local! {
 static INSTANCES: AtomicU64 = AtomicU64::new(0);
 
 pub struct KeyCache {
-    cache: Cache<Digest, Entry, Xxh3Builder>,
+    cache: Cache<Digest, Cached, Xxh3Builder>,
     /// Tells this cache's entries apart in the per-thread fronts.
     instance: u64,
-    store: Arc<dyn KeyStore>,
     generation: AtomicU64,
-    /// Test hook: a pause between a fill's store read and its check (0 = none).
+    /// A pause between a fill's store read and its check, to race invalidations.
+    #[cfg(test)]
     fill_delay_ms: AtomicU64,
-    ttls: Ttls,
     /// Last known store health: the last read (or counter check) worked...
     reads_ok: AtomicBool,
     /// ...and the change feed is following (always true without a feed).
@@ -267,53 +284,57 @@ pub struct KeyCache {
 }
 
 impl KeyCache {
-    pub fn new(store: Arc<dyn KeyStore>, ttl: Duration, negative_ttl: Duration, max: u64) -> Self {
-        let ttls = Ttls {
-            positive_ms: Arc::new(AtomicU64::new(ttl.as_millis() as u64)),
-            negative_ms: Arc::new(AtomicU64::new(negative_ttl.as_millis() as u64)),
-        };
+    pub fn new(max_entries: u64) -> Self {
         let cache = Cache::builder()
-            .max_capacity(max)
-            .expire_after(ttls.clone())
+            .max_capacity(max_entries)
+            .expire_after(FillTtl)
             .build_with_hasher(Xxh3Builder::new());
         KeyCache {
             cache,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
-            store,
             generation: AtomicU64::new(0),
+            #[cfg(test)]
             fill_delay_ms: AtomicU64::new(0),
             reads_ok: AtomicBool::new(true),
             feed_ok: AtomicBool::new(true),
-            ttls,
         }
     }
 
-    /// The hot path: a hit is an in-memory lookup; a miss is one coalesced store read.
-    pub async fn lookup(&self, digest: &Digest) -> Result<(Entry, Source), Arc<StoreError>> {
-        self.lookup_at(digest, Instant::now()).await
+    /// `lookup_at`, reading the clock.
+    pub async fn lookup(
+        &self,
+        digest: &Digest,
+        ttls: Ttls,
+        reader: &Reader,
+    ) -> Result<(Entry, Source), Arc<StoreError>> {
+        self.lookup_at(digest, Instant::now(), ttls, reader).await
     }
 
-    /// `lookup` with the time already read by the caller.
+    /// The hot path: a hit is an in-memory lookup; a miss is one coalesced read from
+    /// `reader`. `now` is the time the caller already read.
     pub async fn lookup_at(
         &self,
         digest: &Digest,
         now: Instant,
+        ttls: Ttls,
+        reader: &Reader,
     ) -> Result<(Entry, Source), Arc<StoreError>> {
         let now_ms = crate::time::mono_ms_at(now);
         let before = self.generation.load(Ordering::Acquire);
-        if let Some(id) = self.local_get(digest, before, now_ms) {
+        if let Some(id) = self.local_get(digest, before, now_ms, ttls) {
             return Ok((Entry::Known(id), Source::Cache));
         }
-        if let Some(e) = self.cache.get(digest).await {
-            if let Entry::Known(id) = &e {
-                self.local_put(digest, id, before, now_ms);
+        if let Some(c) = self.cache.get(digest).await {
+            if let Entry::Known(id) = &c.entry {
+                self.local_put(digest, id, before, now_ms, ttls);
             }
-            return Ok((e, Source::Cache));
+            return Ok((c.entry, Source::Cache));
         }
-        let entry = match self.cache.try_get_with(*digest, self.fill(*digest)).await {
-            Ok(e) => {
+        let fill = self.fill(*digest, ttls, reader.clone());
+        let entry = match self.cache.try_get_with(*digest, fill).await {
+            Ok(c) => {
                 self.mark_reads(true);
-                e
+                c.entry
             }
             Err(e) => {
                 self.mark_reads(false);
@@ -324,29 +345,39 @@ impl KeyCache {
             // An invalidation ran while we filled: the inserted value may predate it.
             self.cache.invalidate(digest).await;
         } else if let Entry::Known(id) = &entry {
-            self.local_put(digest, id, before, now_ms);
+            self.local_put(digest, id, before, now_ms, ttls);
         }
         Ok((entry, Source::Store))
     }
 
-    fn local_get(&self, digest: &Digest, generation: u64, now_ms: u64) -> Option<Arc<Identity>> {
+    fn local_get(
+        &self,
+        digest: &Digest,
+        generation: u64,
+        now_ms: u64,
+        ttls: Ttls,
+    ) -> Option<Arc<Identity>> {
         LOCAL.with(|local| {
             let local = local.borrow();
             let slot = local.get(digest)?;
             (slot.instance == self.instance
                 && slot.generation == generation
-                && now_ms < slot.until_ms)
-                .then(|| slot.id.clone())
+                && now_ms < slot.id.cached_at_ms.saturating_add(ttls.positive_ms))
+            .then(|| slot.id.clone())
         })
     }
 
     /// Remember `id` on this thread. `generation` must have been read before the entry
     /// was obtained, so an invalidation in between leaves the slot stale at once.
-    fn local_put(&self, digest: &Digest, id: &Arc<Identity>, generation: u64, now_ms: u64) {
-        let until_ms = id
-            .cached_at_ms
-            .saturating_add(self.ttls.positive_ms.load(Ordering::Relaxed));
-        if until_ms <= now_ms {
+    fn local_put(
+        &self,
+        digest: &Digest,
+        id: &Arc<Identity>,
+        generation: u64,
+        now_ms: u64,
+        ttls: Ttls,
+    ) {
+        if id.cached_at_ms.saturating_add(ttls.positive_ms) <= now_ms {
             return;
         }
         LOCAL.with(|local| {
@@ -354,27 +385,22 @@ impl KeyCache {
             if local.len() >= LOCAL_MAX {
                 local.clear();
             }
-            local.insert(
-                *digest,
-                LocalSlot {
-                    instance: self.instance,
-                    id: id.clone(),
-                    generation,
-                    until_ms,
-                },
-            );
+            let slot = LocalSlot {
+                instance: self.instance,
+                id: id.clone(),
+                generation,
+            };
+            local.insert(*digest, slot);
         });
     }
 
-    async fn fill(&self, digest: Digest) -> Result<Entry, StoreError> {
+    async fn fill(&self, digest: Digest, ttls: Ttls, reader: Reader) -> Result<Cached, StoreError> {
         let mut attempts = 0;
         let read = loop {
             let started = self.generation.load(Ordering::Acquire);
-            let read = self.store.by_digest(&digest).await?;
-            let delay = self.fill_delay_ms.load(Ordering::Relaxed);
-            if delay > 0 {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-            }
+            let read = reader.by_digest(&digest).await?;
+            #[cfg(test)]
+            self.test_pause().await;
             attempts += 1;
             // Re-read when an invalidation ran meanwhile: the store may have changed after
             // our read began. Bounded; `lookup` drops the entry if the race persists.
@@ -383,9 +409,23 @@ impl KeyCache {
             }
         };
         Ok(match read {
-            Some(r) => Entry::Known(Arc::new(Identity::new(r)?)),
-            None => Entry::Unknown,
+            Some(r) => Cached {
+                entry: Entry::Known(Arc::new(Identity::new(r)?)),
+                ttl: Duration::from_millis(ttls.positive_ms),
+            },
+            None => Cached {
+                entry: Entry::Unknown,
+                ttl: Duration::from_millis(ttls.negative_ms),
+            },
         })
+    }
+
+    #[cfg(test)]
+    async fn test_pause(&self) {
+        let delay = self.fill_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
     }
 
     /// Drop one key's entry (after a change to it, or a create that must clear "unknown").
@@ -401,18 +441,6 @@ impl KeyCache {
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate_all();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// New TTLs for entries cached from now on (hot reload).
-    pub fn set_ttls(&self, ttl: Duration, negative_ttl: Duration) {
-        self.ttls
-            .positive_ms
-            .store(ttl.as_millis() as u64, Ordering::Relaxed);
-        self.ttls
-            .negative_ms
-            .store(negative_ttl.as_millis() as u64, Ordering::Relaxed);
-        // A shorter TTL applies to what the threads hold locally too.
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -433,9 +461,9 @@ impl KeyCache {
         self.reads_ok.load(Ordering::Relaxed) && self.feed_ok.load(Ordering::Relaxed)
     }
 
-    /// Test hook: make every fill pause after its store read, to race invalidations.
-    #[doc(hidden)]
-    pub fn set_fill_delay(&self, delay: Duration) {
+    /// Make every fill pause after its store read, to race invalidations.
+    #[cfg(test)]
+    fn set_fill_delay(&self, delay: Duration) {
         self.fill_delay_ms
             .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
@@ -450,6 +478,35 @@ mod tests {
     use super::*;
     use crate::key::{Environment, KeyType};
     use crate::store::memory::MemoryStore;
+
+    /// A cache with the TTLs and store a snapshot and a worker would hand it.
+    struct Fixture {
+        cache: KeyCache,
+        ttls: Ttls,
+        reader: Reader,
+    }
+
+    impl Fixture {
+        fn new(reader: Reader, positive: Duration, negative: Duration) -> Fixture {
+            let ttls = Ttls::new(positive, negative);
+            Fixture {
+                cache: KeyCache::new(100),
+                ttls,
+                reader,
+            }
+        }
+
+        async fn lookup(&self, digest: &Digest) -> Result<(Entry, Source), Arc<StoreError>> {
+            self.cache.lookup(digest, self.ttls, &self.reader).await
+        }
+    }
+
+    impl std::ops::Deref for Fixture {
+        type Target = KeyCache;
+        fn deref(&self) -> &KeyCache {
+            &self.cache
+        }
+    }
 
     fn record(tenant: &str, created_at: u64) -> KeyRecord {
         KeyRecord {
@@ -477,11 +534,10 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let r = record("t", 1_700_000_000_000);
         store.insert(&r).await.unwrap();
-        let cache = Arc::new(KeyCache::new(
+        let cache = Arc::new(Fixture::new(
             store.clone(),
             Duration::from_secs(300),
             Duration::from_secs(2),
-            100,
         ));
         cache.set_fill_delay(Duration::from_millis(300));
         let filler = {
@@ -576,11 +632,10 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let r = record("t", 1);
         store.insert(&r).await.unwrap();
-        let cache = KeyCache::new(
+        let cache = Fixture::new(
             store.clone(),
             Duration::from_millis(300),
             Duration::from_millis(100),
-            100,
         );
         assert_eq!(cache.lookup(&r.digest).await.unwrap().1, Source::Store);
         let (e, source) = cache.lookup(&r.digest).await.unwrap();
@@ -604,18 +659,12 @@ mod tests {
         let r = record("t", 1);
         store.insert(&r).await.unwrap();
         let other_store = Arc::new(MemoryStore::new());
-        let cache = KeyCache::new(
+        let cache = Fixture::new(
             store.clone(),
             Duration::from_secs(60),
             Duration::from_secs(1),
-            100,
         );
-        let other = KeyCache::new(
-            other_store,
-            Duration::from_secs(60),
-            Duration::from_secs(1),
-            100,
-        );
+        let other = Fixture::new(other_store, Duration::from_secs(60), Duration::from_secs(1));
         cache.lookup(&r.digest).await.unwrap();
         assert_eq!(cache.lookup(&r.digest).await.unwrap().1, Source::Cache);
         assert!(matches!(

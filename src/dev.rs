@@ -5,7 +5,7 @@
 //! (its size and xxh3 always; its text when small); `/__bytes?n=N` streams N bytes;
 //! `/__sleep?ms=N` answers after N milliseconds.
 
-use crate::config::{Config, ConfigError, Secret};
+use crate::config::{Config, ConfigError, Upstream};
 use crate::error::{full, Body, BoxError};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -28,14 +28,14 @@ pub fn config(upstream: &str, root_token: &str) -> Result<Config, ConfigError> {
         "config/dev.yaml (built in)",
         &crate::config::ProcessEnv,
     )?;
-    c.upstream = crate::config::raw::Upstream::parse(upstream).map_err(|m| ConfigError {
+    c.fixed.upstream = Upstream::parse(upstream).map_err(|m| ConfigError {
         source: "--upstream".into(),
         field: String::new(),
         line: None,
         message: m,
     })?;
-    c.root_token = Some(Secret(root_token.to_string()));
-    c.store = crate::config::StoreConfig::Memory;
+    c.fixed.root_token = Some(root_token.into());
+    c.fixed.store = crate::config::StoreConfig::Memory;
     Ok(c)
 }
 

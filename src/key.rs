@@ -313,6 +313,14 @@ pub fn unhex(s: &str) -> Option<Digest> {
     Some(d)
 }
 
+/// Is `s` a tenant id: 1-64 of `[A-Za-z0-9_.-]`? (It appears in store keys and headers.)
+pub fn valid_tenant(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 /// Is `s` a well-formed scope: `*` or `[a-z0-9_.-]+(:[a-z0-9_.*-]+)*`?
 pub fn valid_scope(s: &str) -> bool {
     if s == "*" {

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {
                 println!("{}: OK", file.display());
-                print!("{}", c.policy.describe());
+                print!("{}", c.live.policy.describe());
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -40,6 +40,10 @@ pub struct Metrics {
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     /// Serialises scrapes while they bring hits and misses up to date (not a request path).
+    #[allow(
+        clippy::disallowed_types,
+        reason = "taken by scrapes only, never by a request"
+    )]
     scrape: std::sync::Mutex<()>,
 }
 
@@ -188,6 +192,7 @@ impl Metrics {
                 "keygate_cache_misses_total",
                 "Key checks that read the store (one read per coalesced miss)",
             ),
+            #[allow(clippy::disallowed_types, reason = "see the field")]
             scrape: std::sync::Mutex::new(()),
             registry: b.0,
         }

@@ -2,7 +2,7 @@
 //! (idempotent, no `//`, no dot or empty-before-`;` segment) and still a valid URI path.
 #![no_main]
 
-use keygate::proxy::route::{normalize, normalize_request, strip_params};
+use keygate::policy::path::{normalize, normalize_request, strip_params};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &str| {

@@ -4,9 +4,9 @@
 
 use super::keys::KeyId;
 use super::{AdminState, ApiError};
-use crate::cache::Entry;
-use crate::config::raw::Tenant;
-use crate::key::{self, KeyType};
+use crate::auth::{self, Need};
+use crate::error::{Challenge, Deny};
+use crate::key;
 
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Who is calling the admin API, and in which tenant they act.
 #[derive(Debug, Clone)]
@@ -107,39 +108,15 @@ impl<S: Scope> FromRequestParts<Arc<AdminState>> for OnKey<S> {
     }
 }
 
-/// Authenticate a management call needing `scope` (`keys:read` or `keys:write`).
+/// Authenticate a management call needing `scope` (`keys:read` or `keys:write`): the
+/// root token, or a key judged by the proxy's own decision (`auth::Verifier::verify`).
 pub async fn authorize(
     s: &AdminState,
     headers: &HeaderMap,
     scope: &'static str,
 ) -> Result<Caller, ApiError> {
-    use crate::error::Deny;
-    let unauthorized = |code, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
-    let token = crate::auth::bearer(headers).map_err(|d| match d {
-        Deny::MultipleAuthorization => ApiError::bad_request(
-            "multiple_authorization",
-            "send exactly one Authorization header",
-        ),
-        Deny::UnsupportedScheme => unauthorized(
-            "unsupported_auth_scheme",
-            "only the Bearer authorization scheme is accepted",
-        ),
-        Deny::MissingKey => unauthorized("missing_key", "send Authorization: Bearer <key>"),
-        _ => unauthorized("malformed_key", "the API key is malformed"),
-    })?;
-    let asked_tenant = match headers.get("x-tenant-id") {
-        None => None,
-        Some(v) => match v.to_str() {
-            Ok(t) if Tenant::valid(t) => Some(t.to_string()),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_tenant",
-                    "header `X-Tenant-ID`: use 1-64 characters of A-Z a-z 0-9 _ . -",
-                ))
-            }
-        },
-    };
-
+    let token = auth::bearer(headers).map_err(|d| refusal(d, scope))?;
+    let asked_tenant = asked_tenant(headers)?;
     if let Some(root) = &s.root_digest {
         if key::ct_eq(&key::sha256(token.as_bytes()), root) {
             return Ok(Caller {
@@ -148,52 +125,23 @@ pub async fn authorize(
             });
         }
     }
-
-    let parsed = key::parse(&s.prefixes, token)
-        .map_err(|_| unauthorized("malformed_key", "the API key is malformed"))?;
-    let digest = s.hasher.digest(token);
-    let entry = match s.cache.lookup(&digest).await {
-        Ok((e, _)) => e,
-        Err(e) => {
-            tracing::warn!(error = %e, "key store read failed (admin auth)");
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the key store is unavailable; retry shortly",
-            ));
-        }
+    let need = Need {
+        scopes: &[scope],
+        allow_publishable: false,
+        challenge: &Challenge::default(),
     };
-    let Entry::Known(id) = entry else {
-        return Err(unauthorized("unknown_key", "the API key is not valid"));
+    let rules = s.live.load().auth;
+    let verdict = s
+        .verifier
+        .verify(token, &need, rules, &s.store, Instant::now())
+        .await;
+    if let Some(e) = &verdict.store_error {
+        tracing::warn!(error = %e, "key store read failed (admin auth)");
+    }
+    verdict.result.map_err(|d| refusal(d, scope))?;
+    let Some(id) = verdict.identity else {
+        return Err(refusal(Deny::UnknownKey, scope));
     };
-    let now = crate::time::now_ms();
-    if !key::ct_eq(&id.digest, &digest) {
-        return Err(unauthorized("unknown_key", "the API key is not valid"));
-    }
-    if id.is_revoked_at(now) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "revoked_key",
-            "the API key has been revoked",
-        ));
-    }
-    if id.is_expired_at(now) {
-        return Err(unauthorized("expired_key", "the API key has expired"));
-    }
-    if parsed.key_type != KeyType::Secret || id.key_type != KeyType::Secret {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "publishable_key_forbidden",
-            "publishable keys cannot manage keys",
-        ));
-    }
-    if !id.grants_all(&[scope]) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "insufficient_scope",
-            format!("this call needs the `{scope}` scope"),
-        ));
-    }
     if asked_tenant.as_deref().is_some_and(|t| t != id.tenant()) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -205,4 +153,66 @@ pub async fn authorize(
         tenant: id.tenant().to_string(),
         key_scopes: Some(id.scopes().map(String::from).collect()),
     })
+}
+
+/// `X-Tenant-ID`, when sent: a valid tenant name or a 400.
+fn asked_tenant(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("x-tenant-id") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(t) if key::valid_tenant(t) => Ok(Some(t.to_string())),
+        _ => Err(ApiError::bad_request(
+            "invalid_tenant",
+            "header `X-Tenant-ID`: use 1-64 characters of A-Z a-z 0-9 _ . -",
+        )),
+    }
+}
+
+/// The admin API's answer to a refused key (its own realm and wording; publishable keys
+/// never manage keys). Every `Deny` is listed: one a key check cannot give is a bug.
+pub fn refusal(deny: Deny, scope: &str) -> ApiError {
+    use Deny::*;
+    let unauthorized = |code, msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
+    let forbidden = |code, msg: String| ApiError::new(StatusCode::FORBIDDEN, code, msg);
+    match deny {
+        MultipleAuthorization => ApiError::bad_request(
+            "multiple_authorization",
+            "send exactly one Authorization header",
+        ),
+        UnsupportedScheme => unauthorized(
+            "unsupported_auth_scheme",
+            "only the Bearer authorization scheme is accepted",
+        ),
+        MissingKey => unauthorized("missing_key", "send Authorization: Bearer <key>"),
+        MalformedKey => unauthorized("malformed_key", "the API key is malformed"),
+        UnknownKey => unauthorized("unknown_key", "the API key is not valid"),
+        ExpiredKey => unauthorized("expired_key", "the API key has expired"),
+        RevokedKey => forbidden("revoked_key", "the API key has been revoked".into()),
+        PublishableNotAllowed => forbidden(
+            "publishable_key_forbidden",
+            "publishable keys cannot manage keys".into(),
+        ),
+        InsufficientScope(_) => forbidden(
+            "insufficient_scope",
+            format!("this call needs the `{scope}` scope"),
+        ),
+        StoreUnavailable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the key store is unavailable; retry shortly",
+        ),
+        NoRoute | BadPath | BadHost | BadRequestBody | TooManyHeaders | RequestTimeout
+        | BadMethod | UriTooLong | BodyTooLarge | UpstreamUnavailable | UpstreamTimeout => {
+            tracing::error!(
+                code = deny.code(),
+                "a key check gave a request-level refusal"
+            );
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the key check failed",
+            )
+        }
+    }
 }

@@ -193,14 +193,15 @@ fn mint(
     spec: NewKeySpec,
     created_at: u64,
 ) -> Result<(KeyRecord, NewKey), ApiError> {
-    let new = key::generate(&s.prefixes, spec.key_type, spec.environment).map_err(|e| {
-        tracing::error!(error = %e, "OS random number generator failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "key generation failed",
-        )
-    })?;
+    let new =
+        key::generate(&s.verifier.prefixes, spec.key_type, spec.environment).map_err(|e| {
+            tracing::error!(error = %e, "OS random number generator failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "key generation failed",
+            )
+        })?;
     let record = KeyRecord {
         id: uuid::Uuid::now_v7().to_string(),
         tenant: tenant.to_string(),
@@ -215,7 +216,7 @@ fn mint(
         expires_at: spec.expires_at,
         revoked_at: None,
         successor_id: None,
-        digest: s.hasher.digest(&new.text),
+        digest: s.verifier.hasher.digest(&new.text),
     };
     Ok((record, new))
 }
@@ -232,7 +233,7 @@ pub async fn create(
     let (record, new) = mint(s, &caller.tenant, spec, now_ms())?;
     s.store.insert(&record).await?;
     // A create must clear a cached "unknown" for this digest.
-    s.cache.invalidate(&record.digest).await;
+    s.verifier.cache.invalidate(&record.digest).await;
     tracing::info!(id = %record.id, tenant = %record.tenant, prefix = %record.prefix, "key created");
     Ok((record, new))
 }
@@ -316,7 +317,7 @@ pub async fn update(
         .await?
         .ok_or_else(ApiError::key_not_found)?;
     // The proxy enforces the new scopes at once.
-    s.cache.invalidate(&r.digest).await;
+    s.verifier.cache.invalidate(&r.digest).await;
     tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
     Ok(r)
 }
@@ -328,7 +329,7 @@ pub async fn revoke(s: &AdminState, caller: &Caller, id: &KeyId) -> Result<KeyRe
         .revoke(&caller.tenant, id.as_str(), now_ms())
         .await?
         .ok_or_else(ApiError::key_not_found)?;
-    s.cache.invalidate(&record.digest).await;
+    s.verifier.cache.invalidate(&record.digest).await;
     tracing::info!(id = %record.id, tenant = %record.tenant, prefix = %record.prefix, "key revoked");
     Ok(record)
 }
@@ -381,8 +382,8 @@ pub async fn rotate(
         .rotate(&caller.tenant, &old.id, &new, revokes_at, now)
         .await?
         .ok_or_else(ApiError::key_not_found)?;
-    s.cache.invalidate(&updated_old.digest).await;
-    s.cache.invalidate(&new.digest).await;
+    s.verifier.cache.invalidate(&updated_old.digest).await;
+    s.verifier.cache.invalidate(&new.digest).await;
     tracing::info!(old = %old.id, new = %new.id, tenant = %new.tenant, prefix = %new.prefix, "key rotated");
     Ok(Rotation {
         new,

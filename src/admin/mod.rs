@@ -26,10 +26,11 @@ pub use caller::{authorize, Auth, Caller, OnKey, Read, Scope, Write};
 pub use error::ApiError;
 pub use router::{router, OPENAPI};
 
-use crate::cache::KeyCache;
+use crate::auth::Verifier;
 use crate::connection::{self, ServerSettings, Watch};
-use crate::key::{Digest, KeyHasher, Prefixes};
+use crate::key::Digest;
 use crate::metrics::Metrics;
+use crate::snapshot::Live;
 use crate::store::KeyStore;
 use axum::Router;
 use std::sync::atomic::AtomicBool;
@@ -37,9 +38,10 @@ use std::sync::Arc;
 
 pub struct AdminState {
     pub store: Arc<dyn KeyStore>,
-    pub cache: Arc<KeyCache>,
-    pub hasher: KeyHasher,
-    pub prefixes: Prefixes,
+    /// The proxy's key check (cache, digest, formats), for management keys.
+    pub verifier: Verifier,
+    /// The running snapshot: the cache rules a management key's check follows.
+    pub live: Live,
     /// SHA-256 of the root token: compared in constant time, length-independent.
     pub root_digest: Option<Digest>,
     pub default_tenant: String,

@@ -87,7 +87,9 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
-    s.metrics.cache_entries.set(s.cache.entry_count() as i64);
+    s.metrics
+        .cache_entries
+        .set(s.verifier.cache.entry_count() as i64);
     (
         [(
             header::CONTENT_TYPE,

@@ -1,16 +1,24 @@
 //! Loading and validating configuration: YAML (strict) -> `RawConfig` -> typed `Config`.
 //! Errors name the file, the field path and, where the YAML parser knows it, the line.
+//! The typed config splits by type into what a reload may swap (`Live`) and what needs a
+//! restart (`Fixed`); `sections` validates one YAML section per function.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "config files are read at start and at reload, never per request"
+)]
 
 pub mod raw;
-pub mod reload;
+
+mod sections;
 
 use crate::key::Prefixes;
-use crate::proxy::policy::Policy;
+use crate::policy::Policy;
 use crate::store::redis::RedisSettings;
 use raw::RawConfig;
+use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +52,7 @@ pub enum StoreConfig {
     Memory,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     pub upstream: Duration,
     pub header_read: Duration,
@@ -53,7 +61,7 @@ pub struct Timeouts {
     pub drain: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
@@ -61,21 +69,49 @@ pub struct Limits {
     pub admin_max_connections: usize,
 }
 
-#[derive(Debug, Clone)]
-pub struct CacheConfig {
-    pub ttl: Duration,
-    pub negative_ttl: Duration,
-    pub max_entries: u64,
-    pub on_store_error: raw::OnStoreError,
+/// `cache.on_store_error`: what a cached key gets while the store is failing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Cached keys keep passing within their TTL.
+    #[default]
+    ServeCached,
+    /// Every key check answers 503.
+    Deny,
 }
 
-/// The root token, kept out of `Debug`.
-#[derive(Clone)]
-pub struct Secret(pub String);
+/// An `http://host:port` or `https://host:port` upstream (no path, query or userinfo).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+}
 
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(..)")
+impl Upstream {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or("upstream URL needs http:// or https://")?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(format!(
+                "upstream scheme {scheme} is not supported; use http:// or https://"
+            ));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or("upstream URL needs a host")?;
+        if authority.as_str().contains('@') {
+            return Err("upstream URL must not carry credentials".into());
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err("upstream URL must not have a path or query".into());
+        }
+        Ok(Upstream { scheme, authority })
     }
 }
 
@@ -83,28 +119,148 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: String,
+    pub fixed: Fixed,
+    pub live: Live,
+}
+
+/// Hot-reloadable: a reload swaps all of this at once.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Routes and header policy.
+    pub policy: Arc<Policy>,
+    pub cache: CacheRules,
+}
+
+/// How long cache entries are trusted, and what happens while the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheRules {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub on_store_error: OnStoreError,
+}
+
+/// Needs a restart: these are read once, when listeners, clients and the store are built.
+#[derive(Debug, Clone)]
+pub struct Fixed {
     pub proxy_listen: SocketAddr,
     /// Proxy worker threads (`proxy.workers` resolved).
     pub proxy_workers: usize,
     pub admin_listen: SocketAddr,
-    pub upstream: raw::Upstream,
+    pub upstream: Upstream,
     /// Trusted CA file for an `https://` upstream (system roots when absent).
-    pub upstream_ca: Option<std::path::PathBuf>,
+    pub upstream_ca: Option<PathBuf>,
     /// Certificate and key files of the proxy listener's TLS.
-    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Certificate and key files of the admin listener's TLS.
-    pub admin_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    pub admin_tls: Option<(PathBuf, PathBuf)>,
     pub timeouts: Timeouts,
     pub limits: Limits,
-    pub root_token: Option<Secret>,
+    pub root_token: Option<SecretString>,
     pub default_tenant: String,
     pub store: StoreConfig,
     pub last_used_interval: Duration,
-    pub cache: CacheConfig,
+    pub cache_max_entries: u64,
     pub prefixes: Prefixes,
-    pub pepper: Option<Secret>,
-    /// Routes and header policy: the part that hot reload swaps.
-    pub policy: Arc<Policy>,
+    pub pepper: Option<SecretString>,
+}
+
+impl Fixed {
+    /// The fields that differ, named as in the YAML. `self` is destructured without `..`,
+    /// so a field added to `Fixed` does not compile until it is compared here.
+    pub fn changed(&self, other: &Fixed) -> Vec<&'static str> {
+        let Fixed {
+            proxy_listen,
+            proxy_workers,
+            admin_listen,
+            upstream,
+            upstream_ca,
+            tls,
+            admin_tls,
+            timeouts,
+            limits,
+            root_token,
+            default_tenant,
+            store,
+            last_used_interval,
+            cache_max_entries,
+            prefixes,
+            pepper,
+        } = self;
+        let o = other;
+        let (proxy_limits, admin_max) = limits.differ(&o.limits);
+        [
+            ("proxy.listen", *proxy_listen != o.proxy_listen),
+            ("proxy.workers", *proxy_workers != o.proxy_workers),
+            ("admin.listen", *admin_listen != o.admin_listen),
+            ("proxy.upstream", *upstream != o.upstream),
+            ("proxy.upstream_ca", *upstream_ca != o.upstream_ca),
+            ("proxy.tls", *tls != o.tls),
+            ("admin.tls", *admin_tls != o.admin_tls),
+            ("proxy.timeouts", *timeouts != o.timeouts),
+            ("proxy.limits", proxy_limits),
+            ("admin.max_connections", admin_max),
+            ("admin.root_token", !same_secret(root_token, &o.root_token)),
+            ("admin.default_tenant", *default_tenant != o.default_tenant),
+            ("store", !same_store(store, &o.store)),
+            (
+                "store.last_used_interval",
+                *last_used_interval != o.last_used_interval,
+            ),
+            (
+                "cache.max_entries",
+                *cache_max_entries != o.cache_max_entries,
+            ),
+            ("keys.prefixes", *prefixes != o.prefixes),
+            ("keys.pepper_env", !same_secret(pepper, &o.pepper)),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+}
+
+impl Limits {
+    /// (any of `proxy.limits` differs, `admin.max_connections` differs)
+    fn differ(&self, other: &Limits) -> (bool, bool) {
+        let Limits {
+            max_header_bytes,
+            max_uri_bytes,
+            max_connections,
+            admin_max_connections,
+        } = self;
+        let proxy = *max_header_bytes != other.max_header_bytes
+            || *max_uri_bytes != other.max_uri_bytes
+            || *max_connections != other.max_connections;
+        (proxy, *admin_max_connections != other.admin_max_connections)
+    }
+}
+
+/// Compared by value, never printed.
+fn same_secret(a: &Option<SecretString>, b: &Option<SecretString>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+        _ => false,
+    }
+}
+
+fn same_store(a: &StoreConfig, b: &StoreConfig) -> bool {
+    match (a, b) {
+        (StoreConfig::Memory, StoreConfig::Memory) => true,
+        (StoreConfig::Redis(x), StoreConfig::Redis(y)) => {
+            let RedisSettings {
+                url,
+                namespace,
+                timeout,
+                ca_file,
+            } = x;
+            *url == y.url
+                && *namespace == y.namespace
+                && *timeout == y.timeout
+                && *ca_file == y.ca_file
+        }
+        _ => false,
+    }
 }
 
 /// Where environment overrides come from (the process environment, or a map in tests).
@@ -160,258 +316,18 @@ impl Config {
                 message,
             }
         })?;
-        validate(raw, source, env)
-    }
-}
-
-fn validate(raw: RawConfig, source: &str, env: &dyn Env) -> Result<Config, ConfigError> {
-    let err = |field: &str, message: String| ConfigError {
-        source: source.to_string(),
-        field: field.to_string(),
-        line: None,
-        message,
-    };
-
-    let proxy_listen = env
-        .var("KEYGATE_PROXY_LISTEN")
-        .map(|v| {
-            v.parse()
-                .map_err(|e| err("KEYGATE_PROXY_LISTEN", format!("{e}")))
+        let (fixed, live) = sections::validate(raw, env).map_err(|e| ConfigError {
+            source: source.to_string(),
+            field: e.field,
+            line: None,
+            message: e.message,
+        })?;
+        Ok(Config {
+            source: source.to_string(),
+            fixed,
+            live,
         })
-        .transpose()?
-        .unwrap_or(raw.proxy.listen);
-    let admin_listen = env
-        .var("KEYGATE_ADMIN_LISTEN")
-        .map(|v| {
-            v.parse()
-                .map_err(|e| err("KEYGATE_ADMIN_LISTEN", format!("{e}")))
-        })
-        .transpose()?
-        .unwrap_or(raw.admin.listen);
-    if proxy_listen.port() != 0
-        && proxy_listen.port() == admin_listen.port()
-        && (proxy_listen.ip() == admin_listen.ip()
-            || proxy_listen.ip().is_unspecified()
-            || admin_listen.ip().is_unspecified())
-    {
-        return Err(err(
-            "admin.listen",
-            "the admin API must not share the proxy's address".into(),
-        ));
     }
-    let upstream = match env.var("KEYGATE_UPSTREAM") {
-        Some(v) => raw::Upstream::parse(&v).map_err(|m| err("KEYGATE_UPSTREAM", m))?,
-        None => raw.proxy.upstream.clone(),
-    };
-
-    let last_used_interval = raw.store.last_used_interval.0;
-    let store = match (raw.store.redis, raw.store.memory) {
-        (Some(r), None) => {
-            let url = env.var("KEYGATE_REDIS_URL").unwrap_or(r.url);
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(err("store.redis.url", "must start with redis://".into()));
-            }
-            if redis::Client::open(url.as_str()).is_err() {
-                return Err(err("store.redis.url", "is not a valid Redis URL".into()));
-            }
-            let ns_ok = !r.namespace.is_empty()
-                && r.namespace.len() <= 64
-                && r.namespace
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'));
-            if !ns_ok {
-                return Err(err(
-                    "store.redis.namespace",
-                    "use 1-64 characters of A-Z a-z 0-9 _ . - :".into(),
-                ));
-            }
-            if r.timeout.0.is_zero() {
-                return Err(err("store.redis.timeout", "must be above zero".into()));
-            }
-            let ca_file = r.ca_file.as_ref().map(std::path::PathBuf::from);
-            if let Some(ca) = &ca_file {
-                std::fs::read(ca).map_err(|e| {
-                    err(
-                        "store.redis.ca_file",
-                        format!("cannot read {}: {e}", ca.display()),
-                    )
-                })?;
-            }
-            StoreConfig::Redis(RedisSettings {
-                url,
-                namespace: r.namespace,
-                timeout: r.timeout.0,
-                ca_file,
-            })
-        }
-        (None, Some(_)) => StoreConfig::Memory,
-        _ => {
-            return Err(err(
-                "store",
-                "set exactly one of `redis` or `memory`".into(),
-            ))
-        }
-    };
-
-    if raw.store.last_used_interval.0 < Duration::from_millis(10) {
-        return Err(err(
-            "store.last_used_interval",
-            "must be at least 10ms".into(),
-        ));
-    }
-    if raw.cache.ttl.0.is_zero() {
-        return Err(err("cache.ttl", "must be above zero".into()));
-    }
-    if raw.cache.negative_ttl.0 > raw.cache.ttl.0 {
-        return Err(err(
-            "cache.negative_ttl",
-            "must not exceed cache.ttl".into(),
-        ));
-    }
-    if raw.cache.max_entries == 0 {
-        return Err(err("cache.max_entries", "must be above zero".into()));
-    }
-
-    let l = &raw.proxy.limits;
-    if !(8192..=1 << 20).contains(&l.max_header_bytes) {
-        return Err(err(
-            "proxy.limits.max_header_bytes",
-            "must be between 8192 and 1048576".into(),
-        ));
-    }
-    if !(64..=1 << 20).contains(&l.max_uri_bytes) {
-        return Err(err(
-            "proxy.limits.max_uri_bytes",
-            "must be between 64 and 1048576".into(),
-        ));
-    }
-    if l.max_connections == 0 {
-        return Err(err(
-            "proxy.limits.max_connections",
-            "must be above zero".into(),
-        ));
-    }
-    if raw.admin.max_connections == 0 {
-        return Err(err("admin.max_connections", "must be above zero".into()));
-    }
-    let t = &raw.proxy.timeouts;
-    for (name, d) in [
-        ("proxy.timeouts.upstream", t.upstream),
-        ("proxy.timeouts.header_read", t.header_read),
-        ("proxy.timeouts.idle", t.idle),
-        ("proxy.timeouts.write", t.write),
-    ] {
-        if d.0.is_zero() {
-            return Err(err(name, "must be above zero".into()));
-        }
-    }
-
-    let p = &raw.keys.prefixes;
-    let prefixes = Prefixes {
-        secret_live: p.secret_live.0.clone(),
-        publishable_live: p.publishable_live.0.clone(),
-        secret_test: p.secret_test.0.clone(),
-        publishable_test: p.publishable_test.0.clone(),
-    };
-    let all = [
-        &prefixes.secret_live,
-        &prefixes.publishable_live,
-        &prefixes.secret_test,
-        &prefixes.publishable_test,
-    ];
-    for (i, a) in all.iter().enumerate() {
-        for (j, b) in all.iter().enumerate() {
-            if i != j && b.starts_with(a.as_str()) {
-                return Err(err(
-                    "keys.prefixes",
-                    format!("prefix {a:?} is a prefix of {b:?}: keys would be ambiguous"),
-                ));
-            }
-        }
-    }
-
-    let root_token = match env.var(&raw.admin.root_token_env) {
-        Some(t) => Some(t),
-        None => match &raw.admin.root_token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| err("admin.root_token_file", format!("cannot read {path}: {e}")))?
-                    .trim()
-                    .to_string(),
-            ),
-            None => None,
-        },
-    };
-    if let Some(t) = &root_token {
-        if t.len() < 16 {
-            return Err(err(
-                "admin.root_token",
-                "the root token must be at least 16 characters".into(),
-            ));
-        }
-    }
-    let pepper = env.var(&raw.keys.pepper_env).map(Secret);
-
-    let upstream_ca = match &raw.proxy.upstream_ca {
-        None => None,
-        Some(p) => {
-            let path = std::path::PathBuf::from(p);
-            crate::tls::load_roots(&path).map_err(|m| err("proxy.upstream_ca", m))?;
-            Some(path)
-        }
-    };
-    let tls_pair = |field: &str, t: &Option<raw::RawTls>| match t {
-        None => Ok(None),
-        Some(t) => {
-            let pair = (
-                std::path::PathBuf::from(&t.cert),
-                std::path::PathBuf::from(&t.key),
-            );
-            crate::tls::load_pair(&pair.0, &pair.1).map_err(|m| err(field, m))?;
-            Ok(Some(pair))
-        }
-    };
-    let tls = tls_pair("proxy.tls", &raw.proxy.tls)?;
-    let admin_tls = tls_pair("admin.tls", &raw.admin.tls)?;
-    let policy = Policy::build(&raw.proxy, &raw.routes, raw.unmatched)
-        .map_err(|(field, message)| err(&field, message))?;
-
-    Ok(Config {
-        source: source.to_string(),
-        proxy_listen,
-        proxy_workers: raw.proxy.workers.resolve(),
-        admin_listen,
-        upstream,
-        upstream_ca,
-        tls,
-        admin_tls,
-        timeouts: Timeouts {
-            upstream: t.upstream.0,
-            header_read: t.header_read.0,
-            idle: t.idle.0,
-            write: t.write.0,
-            drain: t.drain.0,
-        },
-        limits: Limits {
-            max_header_bytes: l.max_header_bytes,
-            max_uri_bytes: l.max_uri_bytes,
-            max_connections: l.max_connections,
-            admin_max_connections: raw.admin.max_connections,
-        },
-        root_token: root_token.map(Secret),
-        default_tenant: raw.admin.default_tenant.0,
-        store,
-        last_used_interval,
-        cache: CacheConfig {
-            ttl: raw.cache.ttl.0,
-            negative_ttl: raw.cache.negative_ttl.0,
-            max_entries: raw.cache.max_entries,
-            on_store_error: raw.cache.on_store_error,
-        },
-        prefixes,
-        pepper,
-        policy: Arc::new(policy),
-    })
 }
 
 #[cfg(test)]
@@ -436,9 +352,9 @@ routes:
     #[test]
     fn the_base_config_loads() {
         let c = load(BASE).unwrap();
-        assert_eq!(c.policy.routes().len(), 2);
-        assert_eq!(c.cache.ttl, Duration::from_secs(300));
-        assert!(matches!(c.store, StoreConfig::Memory));
+        assert_eq!(c.live.policy.routes().len(), 2);
+        assert_eq!(c.live.cache.ttl, Duration::from_secs(300));
+        assert!(matches!(c.fixed.store, StoreConfig::Memory));
     }
 
     #[test]
@@ -485,9 +401,9 @@ routes:
             ))
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(load(BASE).unwrap().proxy_workers, cpus);
-        assert_eq!(with("auto").unwrap().proxy_workers, cpus);
-        assert_eq!(with("3").unwrap().proxy_workers, 3);
+        assert_eq!(load(BASE).unwrap().fixed.proxy_workers, cpus);
+        assert_eq!(with("auto").unwrap().fixed.proxy_workers, cpus);
+        assert_eq!(with("3").unwrap().fixed.proxy_workers, 3);
         for bad in ["0", "-1", "5000", "lots", "1.5"] {
             let e = with(bad).unwrap_err();
             assert_eq!(e.field, "proxy.workers", "{bad}: {e}");
@@ -507,13 +423,32 @@ routes:
             ],
         )
         .unwrap();
-        match c.store {
+        match c.fixed.store {
             StoreConfig::Redis(r) => assert_eq!(r.url, "redis://10.0.0.1:6380/2"),
             StoreConfig::Memory => panic!("expected redis"),
         }
-        assert_eq!(c.root_token.unwrap().0, "0123456789abcdef0123");
+        assert_eq!(
+            c.fixed.root_token.unwrap().expose_secret(),
+            "0123456789abcdef0123"
+        );
         let e = Config::from_yaml(BASE, "t", &[("KEYGATE_ROOT_TOKEN", "short")]).unwrap_err();
         assert_eq!(e.field, "admin.root_token");
+    }
+
+    #[test]
+    fn a_reload_names_the_fields_that_need_a_restart() {
+        let text = format!("{BASE}keys: {{ pepper_env: KEYGATE_PEPPER }}\n");
+        let a = Config::from_yaml(&text, "t", &[("KEYGATE_PEPPER", "pepper-one")]).unwrap();
+        assert_eq!(a.fixed.changed(&a.fixed), Vec::<&str>::new());
+        let text = text
+            .replace("127.0.0.1:8080", "127.0.0.1:8081")
+            .replace("users:read", "users:write");
+        let b = Config::from_yaml(&text, "t", &[("KEYGATE_PEPPER", "pepper-two")]).unwrap();
+        // Routes are live: only the listener and the pepper are reported.
+        assert_eq!(
+            a.fixed.changed(&b.fixed),
+            ["proxy.listen", "keys.pepper_env"]
+        );
     }
 
     #[test]

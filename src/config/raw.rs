@@ -1,6 +1,8 @@
 //! The YAML file as written: serde structs, strict (unknown fields refused), one doc
 //! comment per field. `super` validates them into the typed `Config`.
 
+use super::{OnStoreError, Upstream};
+use crate::policy::path::PathPattern;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -346,14 +348,6 @@ pub struct RawCache {
     pub on_store_error: OnStoreError,
 }
 
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum OnStoreError {
-    #[default]
-    ServeCached,
-    Deny,
-}
-
 impl Default for RawCache {
     fn default() -> Self {
         RawCache {
@@ -410,7 +404,7 @@ pub struct RawRoute {
     #[serde(default)]
     pub methods: Option<Vec<Method>>,
     /// Path pattern: literal segments, `*` (one segment), `**` (the rest, last only).
-    pub path: crate::proxy::route::PathPattern,
+    pub path: PathPattern,
     /// `key` (default) or `none` (public).
     #[serde(default)]
     pub auth: Auth,
@@ -455,41 +449,6 @@ impl<'de> serde::Deserialize<'de> for HumanDuration {
                     "invalid duration {s:?} ({e}); use e.g. 250ms, 30s, 5m"
                 ))
             })
-    }
-}
-
-/// An `http://host:port` upstream (no path, query or userinfo).
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub scheme: http::uri::Scheme,
-    pub authority: http::uri::Authority,
-}
-
-impl Upstream {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let uri: http::Uri = s
-            .parse()
-            .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .ok_or("upstream URL needs http:// or https://")?;
-        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
-            return Err(format!(
-                "upstream scheme {scheme} is not supported; use http:// or https://"
-            ));
-        }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or("upstream URL needs a host")?;
-        if authority.as_str().contains('@') {
-            return Err("upstream URL must not carry credentials".into());
-        }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err("upstream URL must not have a path or query".into());
-        }
-        Ok(Upstream { scheme, authority })
     }
 }
 
@@ -548,19 +507,10 @@ impl<'de> serde::Deserialize<'de> for IpNet {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant(pub String);
 
-impl Tenant {
-    pub fn valid(s: &str) -> bool {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    }
-}
-
 impl<'de> serde::Deserialize<'de> for Tenant {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if Tenant::valid(&s) {
+        if crate::key::valid_tenant(&s) {
             Ok(Tenant(s))
         } else {
             Err(de::Error::custom(format!(

@@ -4,11 +4,11 @@
 //! upstream connection, driven on the same worker thread (no pool lock, no cross-thread
 //! wake-up per request); HTTP/2 clients and upgrades go through hyper-util's pooled client.
 
-use super::policy::Policy;
 use super::Conn;
 use crate::cache::Identity;
-use crate::config::raw::Upstream;
+use crate::config::Upstream;
 use crate::error::{Body, BoxError, Deny};
+use crate::policy::Policy;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tower_service::Service;
 
@@ -104,7 +104,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// connection come one after another, so the lock is never contended; it is only there
 /// because hyper's service futures must be `Send`.
 #[derive(Default)]
-pub struct UpstreamSlot(Mutex<Option<SendRequest<Body>>>);
+#[allow(
+    clippy::disallowed_types,
+    reason = "per connection, never contended (see above)"
+)]
+pub struct UpstreamSlot(std::sync::Mutex<Option<SendRequest<Body>>>);
 
 impl UpstreamSlot {
     fn take(&self) -> Option<SendRequest<Body>> {

@@ -3,31 +3,23 @@
 
 pub mod forward;
 pub mod host;
-pub mod policy;
-pub mod route;
 pub mod server;
 
-use crate::auth::{self, Need, Verifier};
-use crate::cache::{Identity, KeyCache, Source};
+use crate::auth::{self, Need, Rules, Verifier};
+use crate::cache::{Identity, Reader, Source};
 use crate::config::Config;
 use crate::error::{Body, Deny};
-use crate::key::KeyHasher;
-use crate::metrics::{AuthOutcome, Metrics, RouteMetrics};
+use crate::metrics::{AuthOutcome, Metrics};
+use crate::policy::path::{normalize_request, Normalized};
+use crate::policy::Route;
+use crate::snapshot::{Live, Snapshot};
 use crate::usage::UsageRecorder;
-use arc_swap::ArcSwap;
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use policy::{Policy, Route};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// What a reload swaps: the policy and the metric handles resolved for its routes.
-pub struct Snapshot {
-    pub policy: Arc<Policy>,
-    pub metrics: RouteMetrics,
-}
 
 /// What holds a client connection's `max_connections` slot: the slot is free once every
 /// clone is dropped (a WebSocket tunnel keeps one).
@@ -42,10 +34,13 @@ pub struct Conn {
     pub peer_header: http::HeaderValue,
     pub upstream: forward::UpstreamSlot,
     pub slot: Slot,
+    /// Where this connection's key lookups read on a miss: its worker's own store
+    /// connection (`KeyStore::worker_reader`), or the shared store.
+    pub reader: Reader,
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, tls: bool, slot: Slot) -> Conn {
+    pub fn new(peer: SocketAddr, tls: bool, slot: Slot, reader: Reader) -> Conn {
         // An IP address always makes a valid value; the fallback only avoids a panic path.
         let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
@@ -55,76 +50,62 @@ impl Conn {
             peer_header,
             upstream: forward::UpstreamSlot::default(),
             slot,
+            reader,
         }
     }
 }
 
 pub struct Proxy {
-    pub snapshot: ArcSwap<Snapshot>,
+    /// Everything a reload may change; loaded once per request.
+    pub live: Live,
     pub verifier: Verifier,
+    /// The shared store, for key reads off the proxy workers (their own: `Conn::reader`).
+    pub store: Reader,
     pub metrics: Arc<Metrics>,
     pub forwarder: forward::Forwarder,
     pub max_uri_bytes: usize,
     /// Header fields a request may carry (`connection::max_header_count`).
     pub max_header_count: usize,
     pub usage: UsageRecorder,
-    /// `cache.on_store_error: deny`: refuse cache hits while the store is failing.
-    pub deny_on_store_error: bool,
 }
 
 impl Proxy {
     pub fn new(
         config: &Config,
-        cache: Arc<KeyCache>,
-        hasher: KeyHasher,
+        live: Live,
+        verifier: Verifier,
+        store: Reader,
         metrics: Arc<Metrics>,
         usage: UsageRecorder,
     ) -> Result<Self, String> {
+        let fixed = &config.fixed;
         // The CA file was checked at load, but it may have changed since: report, not panic.
-        let upstream_tls = crate::tls::upstream_client_config(config.upstream_ca.as_deref())?;
-        let snapshot = Snapshot {
-            metrics: metrics.for_routes(config.policy.routes().iter().map(|r| &*r.name)),
-            policy: config.policy.clone(),
-        };
+        let upstream_tls = crate::tls::upstream_client_config(fixed.upstream_ca.as_deref())?;
+        let t = &fixed.timeouts;
         Ok(Proxy {
-            snapshot: ArcSwap::from_pointee(snapshot),
-            verifier: Verifier {
-                cache,
-                hasher,
-                prefixes: config.prefixes.clone(),
-            },
+            live,
+            verifier,
+            store,
             metrics,
             forwarder: forward::Forwarder::new(
-                config.upstream.clone(),
-                config.timeouts.upstream,
-                config.timeouts.idle,
+                fixed.upstream.clone(),
+                t.upstream,
+                t.idle,
                 upstream_tls,
             )?,
-            max_uri_bytes: config.limits.max_uri_bytes,
-            max_header_count: crate::connection::max_header_count(config.limits.max_header_bytes),
+            max_uri_bytes: fixed.limits.max_uri_bytes,
+            max_header_count: crate::connection::max_header_count(fixed.limits.max_header_bytes),
             usage,
-            deny_on_store_error: config.cache.on_store_error
-                == crate::config::raw::OnStoreError::Deny,
         })
     }
 
-    /// Swap in a new policy (hot reload): requests in flight keep the one they loaded.
-    pub fn set_policy(&self, policy: Arc<Policy>) {
-        let metrics = self
-            .metrics
-            .for_routes(policy.routes().iter().map(|r| &*r.name));
-        self.snapshot.store(Arc::new(Snapshot { policy, metrics }));
-    }
-
     pub async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
-        let snap = self.snapshot.load();
+        let snap = self.live.load();
         // Only the access log needs it: one clock read fewer per request without.
         let started = snap.policy.access_log.then(Instant::now);
         let method = req.method().clone();
         let mut who = None;
-        let (route_index, result) = self
-            .decide_and_forward(&snap.policy, req, conn, &mut who)
-            .await;
+        let (route_index, result) = self.decide_and_forward(&snap, req, conn, &mut who).await;
         let per_route = snap.metrics.route(route_index);
         let (resp, code) = match result {
             Ok((resp, upstream_elapsed)) => {
@@ -158,37 +139,15 @@ impl Proxy {
 
     async fn decide_and_forward(
         &self,
-        policy: &Policy,
+        snap: &Snapshot,
         req: Request<Incoming>,
         conn: &Conn,
         who: &mut Option<Arc<Identity>>,
     ) -> (Option<usize>, Result<(Response<Body>, Duration), Deny>) {
-        let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
-        if target_len > self.max_uri_bytes {
-            return (None, Err(Deny::UriTooLong));
-        }
-        // HTTP/2 has no count limit of its own (hyper's HTTP/1 parser refuses more).
-        if req.headers().len() > self.max_header_count {
-            return (None, Err(Deny::TooManyHeaders));
-        }
-        if req
-            .method()
-            .as_str()
-            .bytes()
-            .any(|b| b.is_ascii_lowercase())
-        {
-            return (None, Err(Deny::BadMethod));
-        }
-        let host = match host::request_host(&req) {
-            Ok(h) => h,
+        let policy = &*snap.policy;
+        let (host, Normalized { path, has_params }) = match self.screen(&req) {
+            Ok(screened) => screened,
             Err(d) => return (None, Err(d)),
-        };
-        // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
-        // parser keeps only the chunked framing and closes the connection afterwards,
-        // and the forwarder re-frames the body, so the upstream sees one request.
-        let Ok(route::Normalized { path, has_params }) = route::normalize_request(req.uri().path())
-        else {
-            return (None, Err(Deny::BadPath));
         };
         // Forwarded as it is, params kept: refused unless its route does not depend on them.
         let Ok(found) = policy.find_unambiguous(req.method(), &path, has_params) else {
@@ -200,21 +159,21 @@ impl Proxy {
         let identity = if route.public {
             None
         } else {
-            match self.authenticate(&req, route, who).await {
+            let token = match auth::bearer(req.headers()) {
+                Ok(t) => t,
+                Err(d) => return (index, Err(d)),
+            };
+            match self
+                .check_token(token, route, snap.auth, &conn.reader, who)
+                .await
+            {
                 Ok(id) => Some(id),
                 Err(d) => return (index, Err(d)),
             }
         };
         let limit = route.max_body_bytes.or(policy.default_max_body_bytes);
-        if let Some(limit) = limit {
-            let declared = req
-                .headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > limit) {
-                return (index, Err(Deny::BodyTooLarge));
-            }
+        if declared_body_over(&req, limit) {
+            return (index, Err(Deny::BodyTooLarge));
         }
         let path = path.into_owned_if_changed();
         let result = self
@@ -225,16 +184,30 @@ impl Proxy {
         (index, result)
     }
 
-    /// Bearer extraction, format check (no I/O), digest, cache, then the record's rules.
-    /// `who` learns the key's identity as soon as it is known (for the access log).
-    pub async fn authenticate(
+    /// What is refused before any route is looked at: the target's length, the number
+    /// of header fields, the method's case, the host; then the path, normalised.
+    fn screen<'r>(
         &self,
-        req: &Request<Incoming>,
-        route: &Route,
-        who: &mut Option<Arc<Identity>>,
-    ) -> Result<Arc<Identity>, Deny> {
-        let token = auth::bearer(req.headers())?;
-        self.check_token(token, route, who).await
+        req: &'r Request<Incoming>,
+    ) -> Result<(Option<http::HeaderValue>, Normalized<'r>), Deny> {
+        let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if target_len > self.max_uri_bytes {
+            return Err(Deny::UriTooLong);
+        }
+        // HTTP/2 has no count limit of its own (hyper's HTTP/1 parser refuses more).
+        if req.headers().len() > self.max_header_count {
+            return Err(Deny::TooManyHeaders);
+        }
+        let method = req.method().as_str();
+        if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(Deny::BadMethod);
+        }
+        let host = host::request_host(req)?;
+        // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
+        // parser keeps only the chunked framing and closes the connection afterwards,
+        // and the forwarder re-frames the body, so the upstream sees one request.
+        let path = normalize_request(req.uri().path()).map_err(|_| Deny::BadPath)?;
+        Ok((host, path))
     }
 
     /// Everything after extraction: what the criterion bench measures on a cache hit.
@@ -242,6 +215,8 @@ impl Proxy {
         &self,
         token: &str,
         route: &Route,
+        rules: Rules,
+        reader: &Reader,
         who: &mut Option<Arc<Identity>>,
     ) -> Result<Arc<Identity>, Deny> {
         let need = Need {
@@ -252,7 +227,7 @@ impl Proxy {
         let started = Instant::now();
         let verdict = self
             .verifier
-            .verify(token, &need, self.deny_on_store_error, started)
+            .verify(token, &need, rules, reader, started)
             .await;
         if let Some(e) = &verdict.store_error {
             tracing::warn!(error = %e, "key store read failed");
@@ -277,6 +252,17 @@ impl Proxy {
             Err(d) => Err(d),
         }
     }
+}
+
+/// Does the request declare a body over `limit`? (A body without `Content-Length` is
+/// counted as it streams, in `forward`.)
+fn declared_body_over(req: &Request<Incoming>, limit: Option<u64>) -> bool {
+    let Some(limit) = limit else { return false };
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > limit)
 }
 
 trait CowExt {

@@ -137,6 +137,11 @@ async fn worker(
 ) {
     let builder = Arc::new(settings.builder());
     let mut connections = JoinSet::new();
+    // This worker's own read path to the store, used by its connections only.
+    let reader = proxy
+        .store
+        .worker_reader()
+        .unwrap_or_else(|| proxy.store.clone());
 
     loop {
         let (stream, peer, permit, accepted) = tokio::select! {
@@ -157,6 +162,7 @@ async fn worker(
             }
         };
         let (proxy, builder, settings) = (proxy.clone(), builder.clone(), settings.clone());
+        let reader = reader.clone();
         let (shutdown, tls, open) = (shutdown.clone(), tls.clone(), open.clone());
         // Freed when the connection and any tunnel it became are gone.
         let slot: Slot = Arc::new(OpenSlot {
@@ -167,7 +173,7 @@ async fn worker(
             let watch = Watch::new(accepted);
             match tls {
                 None => {
-                    let conn = Conn::new(peer, false, slot);
+                    let conn = Conn::new(peer, false, slot, reader);
                     serve_connection(stream, watch, conn, proxy, &builder, &settings, shutdown)
                         .await;
                 }
@@ -175,7 +181,7 @@ async fn worker(
                     let until = accepted + settings.deadlines.header_read;
                     match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let conn = Conn::new(peer, true, slot);
+                            let conn = Conn::new(peer, true, slot, reader);
                             serve_connection(
                                 stream, watch, conn, proxy, &builder, &settings, shutdown,
                             )

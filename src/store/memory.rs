@@ -6,7 +6,6 @@ use super::{
 use crate::key::Digest;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap};
-use tokio::sync::RwLock;
 
 #[derive(Default)]
 struct Inner {
@@ -18,7 +17,11 @@ struct Inner {
 
 #[derive(Default)]
 pub struct MemoryStore {
-    inner: RwLock<Inner>,
+    #[allow(
+        clippy::disallowed_types,
+        reason = "the dev and test store: a lock per read is fine there"
+    )]
+    inner: tokio::sync::RwLock<Inner>,
 }
 
 impl MemoryStore {

@@ -106,6 +106,11 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
     /// The hot-path read: one round trip.
     async fn by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError>;
+    /// A handle for one proxy worker's key reads (`by_digest`), when this store does
+    /// better with one per worker thread; `None`: read through the shared store.
+    fn worker_reader(&self) -> Option<std::sync::Arc<dyn KeyStore>> {
+        None
+    }
     /// A tenant's key by id; another tenant's id is `None`.
     async fn by_id(&self, tenant: &str, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// A tenant's keys, newest first.

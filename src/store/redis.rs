@@ -16,11 +16,9 @@ use crate::key::{self, Digest, Environment, KeyType};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 static INSERT: LazyLock<Script> = LazyLock::new(|| {
@@ -187,6 +185,7 @@ impl RedisSettings {
         match &self.ca_file {
             None => redis::Client::open(self.url.as_str()).map_err(|e| e.to_string()),
             Some(ca) => {
+                #[allow(clippy::disallowed_methods, reason = "once, when the client is built")]
                 let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
                 redis::Client::build_with_tls(
                     self.url.as_str(),
@@ -201,20 +200,15 @@ impl RedisSettings {
     }
 }
 
-static STORES: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// Each proxy worker's own connection for key reads, by store (see `read_conn`).
-    static READ_CONNS: RefCell<Vec<(u64, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
-}
-
+#[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// A proxy worker's own connection for key reads (`worker_reader`); `None` in the
+    /// shared store, which reads over `conn`.
+    reader: Option<ConnectionManager>,
     /// What a proxy worker needs to open its own read connection.
     client: redis::Client,
     config: ConnectionManagerConfig,
-    /// Tells this store's connections apart in `READ_CONNS` (tests run several stores).
-    instance: u64,
     /// A second connection for bulk background writes (`touch`), so key reads never
     /// queue behind them on one pipeline.
     bulk: ConnectionManager,
@@ -244,39 +238,24 @@ impl RedisStore {
             conn,
             client,
             config,
-            instance: STORES.fetch_add(1, Ordering::Relaxed),
+            reader: None,
             bulk,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
         })
     }
 
-    /// The connection for a key read (the cold path). A proxy worker (a single-threaded
-    /// runtime) gets its own, driven on its own thread: the shared connection's task runs
-    /// on the control runtime, and a read through it costs two cross-thread wake-ups
-    /// (there and back), which on a busy machine is most of a miss's latency.
-    fn read_conn(&self) -> ConnectionManager {
-        let on_worker = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
-        if !on_worker {
-            return self.conn.clone();
-        }
-        READ_CONNS.with(|conns| {
-            let mut conns = conns.borrow_mut();
-            if let Some((_, c)) = conns.iter().find(|(i, _)| *i == self.instance) {
-                return c.clone();
-            }
-            // Lazy: connects (and spawns its task on this thread's runtime) on first use.
-            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-                Ok(c) => {
-                    conns.push((self.instance, c.clone()));
-                    c
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "no per-worker Redis connection; using the shared one");
-                    self.conn.clone()
-                }
-            }
+    /// A copy of this store that reads keys over a connection of its own, for one proxy
+    /// worker (a single-threaded runtime): the shared connection's task runs on the
+    /// control runtime, and a read through it costs two cross-thread wake-ups (there and
+    /// back), which on a busy machine is most of a miss's latency. Lazy: it connects, and
+    /// spawns its task on the runtime that first uses it, on the worker's first miss.
+    fn with_own_reader(&self) -> Result<RedisStore, redis::RedisError> {
+        let reader =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
+        Ok(RedisStore {
+            reader: Some(reader),
+            ..self.clone()
         })
     }
 
@@ -437,7 +416,10 @@ impl KeyStore for RedisStore {
         };
         let flat: Vec<String> = self
             .bounded(async {
-                match read(self.read_conn()).await {
+                let Some(own) = self.reader.clone() else {
+                    return read(self.conn.clone()).await;
+                };
+                match read(own).await {
                     // A worker's own connection is used only on its misses, so a Redis
                     // restart or an idle cut since then shows here first. Its manager is
                     // reconnecting now; this read goes over the shared connection, which
@@ -655,6 +637,16 @@ impl KeyStore for RedisStore {
             .bounded(redis::cmd("PING").query_async(&mut conn))
             .await?;
         Ok(())
+    }
+
+    fn worker_reader(&self) -> Option<Arc<dyn KeyStore>> {
+        match self.with_own_reader() {
+            Ok(store) => Some(Arc::new(store)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no per-worker Redis connection; using the shared one");
+                None
+            }
+        }
     }
 
     fn kind(&self) -> &'static str {

@@ -241,8 +241,8 @@ fn configmap_is_a_valid_config_that_the_pod_agrees_with() {
     let kg = keygate_config(&objects);
     let config = &kg.config;
     let pod = app_pod(&objects);
-    let proxy_port = u64::from(config.proxy_listen.port());
-    let admin_port = u64::from(config.admin_listen.port());
+    let proxy_port = u64::from(config.fixed.proxy_listen.port());
+    let admin_port = u64::from(config.fixed.admin_listen.port());
 
     // Everything in the demo namespace.
     let ns = find(&objects, "Namespace", NAMESPACE);
@@ -274,8 +274,8 @@ fn configmap_is_a_valid_config_that_the_pod_agrees_with() {
         "admin port: {ports:?}"
     );
     assert_eq!(ports.len(), 2, "{ports:?}");
-    assert!(config.proxy_listen.ip().is_unspecified());
-    assert!(config.admin_listen.ip().is_unspecified());
+    assert!(config.fixed.proxy_listen.ip().is_unspecified());
+    assert!(config.fixed.admin_listen.ip().is_unspecified());
     assert_ne!(proxy_port, admin_port);
 
     // Probes: readiness GET /readyz, liveness GET /healthz, both on the admin port.
@@ -358,7 +358,7 @@ fn configmap_is_a_valid_config_that_the_pod_agrees_with() {
         host == "127.0.0.1" || host == "localhost",
         "the app must listen on 127.0.0.1 only, not {host}"
     );
-    let upstream = &config.upstream.authority;
+    let upstream = &config.fixed.upstream.authority;
     assert_eq!(
         upstream.host(),
         "127.0.0.1",
@@ -419,7 +419,7 @@ fn configmap_is_a_valid_config_that_the_pod_agrees_with() {
     assert_eq!(opened, BTreeSet::from([proxy_port, admin_port]));
 
     // Redis: the config's store URL names a Service in front of a persistent StatefulSet.
-    let StoreConfig::Redis(redis) = &config.store else {
+    let StoreConfig::Redis(redis) = &config.fixed.store else {
         panic!("the k8s config uses the Redis store");
     };
     let authority = redis
@@ -475,7 +475,7 @@ fn configmap_is_a_valid_config_that_the_pod_agrees_with() {
 fn prometheus_scrapes_metrics_on_the_admin_port() {
     let objects = objects();
     let kg = keygate_config(&objects);
-    let admin_port = kg.config.admin_listen.port();
+    let admin_port = kg.config.fixed.admin_listen.port();
     let pod = app_pod(&objects);
 
     // Annotation-based discovery.

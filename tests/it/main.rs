@@ -1,5 +1,10 @@
 //! Integration tests: real sockets, a real `redis-server` started per test, a real
 //! upstream (the echo server), and keygate itself in-process or as a child process.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "test and bench code: the request-path rules are for src/"
+)]
 
 mod support;
 

@@ -3,9 +3,12 @@
 
 use super::{router, routes, OPENAPI};
 use crate::admin::{AdminState, MAX_BODY_BYTES};
+use crate::auth::Verifier;
 use crate::cache::KeyCache;
+use crate::config::Config;
 use crate::key::{self, KeyHasher, Prefixes};
 use crate::metrics::Metrics;
+use crate::snapshot::{Live, Snapshot};
 use crate::store::{memory::MemoryStore, KeyStore};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, StatusCode};
@@ -13,7 +16,6 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 use tower::ServiceExt;
 
 const ROOT: &str = "router-test-root-token";
@@ -21,17 +23,21 @@ const UNKNOWN_ID: &str = "0190a5c4-0000-7000-8000-000000000000";
 
 fn state() -> Arc<AdminState> {
     let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
-    let ttl = Duration::from_secs(60);
-    let cache = Arc::new(KeyCache::new(store.clone(), ttl, ttl, 1000));
+    let yaml = "proxy: { listen: \"127.0.0.1:0\", upstream: \"http://127.0.0.1:9\" }\nstore: { memory: {} }\nroutes: []\n";
+    let config = Config::from_yaml(yaml, "router-test", &[("X", "Y")]).expect("a valid config");
+    let metrics = Arc::new(Metrics::new());
     Arc::new(AdminState {
         store,
-        cache,
-        hasher: KeyHasher::new(None),
-        prefixes: Prefixes::default(),
+        verifier: Verifier {
+            cache: Arc::new(KeyCache::new(1000)),
+            hasher: KeyHasher::new(None),
+            prefixes: Prefixes::default(),
+        },
+        live: Live::new(Snapshot::new(&config, &metrics)),
         root_digest: Some(key::sha256(ROOT.as_bytes())),
         default_tenant: "default".into(),
         ready: Arc::new(AtomicBool::new(true)),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
     })
 }
 

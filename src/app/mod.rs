@@ -1,9 +1,11 @@
 //! `App::build(config)` binds both listeners and wires store, cache, proxy and admin;
 //! `run_until_stopped` serves until shutdown. The same entry point serves `main` and tests.
 
+pub mod reload;
+
 use crate::admin::{self, AdminState};
+use crate::auth::Verifier;
 use crate::cache::KeyCache;
-use crate::config::reload::Reloadable;
 use crate::config::{Config, StoreConfig};
 use crate::connection::{Deadlines, ServerSettings};
 use crate::feed::FeedSettings;
@@ -11,9 +13,11 @@ use crate::key::{self, KeyHasher};
 use crate::metrics::Metrics;
 use crate::proxy::server;
 use crate::proxy::Proxy;
+use crate::snapshot::{Live, Snapshot};
 use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
 use crate::tls::CertResolver;
 use crate::usage::{UsageQueue, UsageRecorder};
+use secrecy::ExposeSecret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +58,7 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // rustls' process-wide provider, used by the Redis TLS client (idempotent).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (store, redis_feed): (Arc<dyn KeyStore>, _) = match &config.store {
+        let (store, redis_feed): (Arc<dyn KeyStore>, _) = match &config.fixed.store {
             StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
             StoreConfig::Redis(settings) => {
                 let store = RedisStore::connect(settings)?;
@@ -66,51 +70,63 @@ impl App {
                 (Arc::new(store), Some(feed))
             }
         };
-        let cache = Arc::new(KeyCache::new(
-            store.clone(),
-            config.cache.ttl,
-            config.cache.negative_ttl,
-            config.cache.max_entries,
-        ));
-        let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.0.as_bytes()));
         let metrics = Arc::new(Metrics::new());
+        let live = Live::new(Snapshot::new(&config, &metrics));
+        let verifier = Verifier {
+            cache: Arc::new(KeyCache::new(config.fixed.cache_max_entries)),
+            hasher: KeyHasher::new(
+                config
+                    .fixed
+                    .pepper
+                    .as_ref()
+                    .map(|p| p.expose_secret().as_bytes()),
+            ),
+            prefixes: config.fixed.prefixes.clone(),
+        };
         let (usage, usage_queue) = UsageRecorder::new();
-        let proxy = Arc::new(
-            Proxy::new(
-                &config,
-                cache.clone(),
-                hasher.clone(),
-                metrics.clone(),
-                usage,
-            )
-            .map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?,
+        let proxy = Proxy::new(
+            &config,
+            live.clone(),
+            verifier.clone(),
+            store.clone(),
+            metrics.clone(),
+            usage,
         );
+        let proxy = Arc::new(proxy.map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?);
         let admin = Arc::new(AdminState {
             store,
-            cache,
-            hasher,
-            prefixes: config.prefixes.clone(),
+            verifier,
+            live,
             root_digest: config
+                .fixed
                 .root_token
                 .as_ref()
-                .map(|t| key::sha256(t.0.as_bytes())),
-            default_tenant: config.default_tenant.clone(),
+                .map(|t| key::sha256(t.expose_secret().as_bytes())),
+            default_tenant: config.fixed.default_tenant.clone(),
             ready: Arc::new(AtomicBool::new(true)),
             metrics,
         });
-        let proxy_listener = server::bind(config.proxy_listen).map_err(|e| {
-            anyhow::anyhow!("cannot listen on {} (proxy): {e}", config.proxy_listen)
+        let proxy_listener = server::bind(config.fixed.proxy_listen).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (proxy): {e}",
+                config.fixed.proxy_listen
+            )
         })?;
-        let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
-        })?;
-        let tls = match &config.tls {
+        let admin_listener = TcpListener::bind(config.fixed.admin_listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {} (admin): {e}",
+                    config.fixed.admin_listen
+                )
+            })?;
+        let tls = match &config.fixed.tls {
             None => None,
             Some((cert, key)) => Some(Arc::new(
                 CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
             )),
         };
-        let admin_tls = match &config.admin_tls {
+        let admin_tls = match &config.fixed.admin_tls {
             None => None,
             Some((cert, key)) => Some(Arc::new(
                 CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
@@ -126,21 +142,25 @@ impl App {
             admin_listener,
             settings: ServerSettings {
                 deadlines: Deadlines {
-                    header_read: config.timeouts.header_read,
-                    idle: config.timeouts.idle,
-                    write: config.timeouts.write,
+                    header_read: config.fixed.timeouts.header_read,
+                    idle: config.fixed.timeouts.idle,
+                    write: config.fixed.timeouts.write,
                     // A slow upstream is bounded by its own timeout, not the idle one.
-                    stall: config.timeouts.idle.max(config.timeouts.upstream),
-                    drain: config.timeouts.drain,
+                    stall: config
+                        .fixed
+                        .timeouts
+                        .idle
+                        .max(config.fixed.timeouts.upstream),
+                    drain: config.fixed.timeouts.drain,
                 },
-                max_header_bytes: config.limits.max_header_bytes,
-                max_uri_bytes: config.limits.max_uri_bytes,
-                max_connections: config.limits.max_connections,
+                max_header_bytes: config.fixed.limits.max_header_bytes,
+                max_uri_bytes: config.fixed.limits.max_uri_bytes,
+                max_connections: config.fixed.limits.max_connections,
             },
             shutdown: Arc::new(tx),
             redis_feed,
             usage_queue,
-            last_used_interval: config.last_used_interval,
+            last_used_interval: config.fixed.last_used_interval,
             config,
             reload_from: None,
             tls,
@@ -161,25 +181,27 @@ impl App {
     /// Serve both ports until shut down; then readiness turns false, listeners close,
     /// and in-flight requests get up to `proxy.timeouts.drain` to finish.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let drain = self.config.timeouts.drain;
+        let drain = self.config.fixed.timeouts.drain;
         let rx = self.shutdown.subscribe();
         if let Some(feed) = self.redis_feed.clone() {
             tokio::spawn(crate::feed::follow(
                 feed,
-                self.admin.cache.clone(),
+                self.admin.verifier.cache.clone(),
                 self.admin.metrics.clone(),
                 rx.clone(),
             ));
         }
         if let Some(path) = self.reload_from.clone() {
-            tokio::spawn(crate::config::reload::run(
+            let target = reload::Target {
+                live: self.proxy.live.clone(),
+                metrics: self.admin.metrics.clone(),
+            };
+            let hup = reload::hangups();
+            tokio::spawn(reload::run(
                 path,
                 self.config.clone(),
-                Reloadable {
-                    proxy: self.proxy.clone(),
-                    cache: self.admin.cache.clone(),
-                    metrics: self.admin.metrics.clone(),
-                },
+                target,
+                hup,
                 rx.clone(),
             ));
         }
@@ -202,7 +224,7 @@ impl App {
             tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver))
         });
         let admin_settings = ServerSettings {
-            max_connections: self.config.limits.admin_max_connections,
+            max_connections: self.config.fixed.limits.admin_max_connections,
             ..self.settings.clone()
         };
         let admin = tokio::spawn(admin::serve(
@@ -219,7 +241,7 @@ impl App {
         });
         server::serve_workers(
             self.proxy_listener,
-            self.config.proxy_workers,
+            self.config.fixed.proxy_workers,
             self.proxy,
             self.settings,
             acceptor,

@@ -1,5 +1,5 @@
-//! Path normalisation (dot segments, repeated slashes, percent-escapes) and the ordered
-//! route table: the upstream receives exactly the normalised path that was matched.
+//! Path normalisation (dot segments, repeated slashes, percent-escapes) and route path
+//! patterns: the upstream receives exactly the normalised path that was matched.
 //!
 //! Paths that different servers would read differently are refused rather than guessed
 //! at: encoded separators, dot segments hidden behind `;params` (servlet containers strip

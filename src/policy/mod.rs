@@ -1,13 +1,61 @@
-//! The per-request policy snapshot: compiled routes (first match wins) and the header
-//! policy. One `Arc<Policy>` is loaded per request, so a reload swaps it atomically.
+//! Request policy as data: the compiled route table (first match wins) and the header
+//! policy, built by `Policy::new` from typed specs that `config` has already validated.
+//! One `Arc<Policy>` is loaded per request, so a reload swaps it atomically.
 
-use super::route::{self, PathPattern, SplitPath};
-use crate::config::raw::{Auth, RawProxy, RawRoute, UnderscoreHeaders, Unmatched};
+pub mod path;
+
 use crate::error::Challenge;
 use http::{HeaderName, Method};
-use std::collections::{HashMap, HashSet};
+use path::{PathPattern, SplitPath};
+use std::collections::HashMap;
 use std::sync::Arc;
 use xxhash_rust::xxh3::Xxh3Builder;
+
+/// One route as the config file describes it, already validated.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// Unique among the routes, and not `unmatched`: the metrics label.
+    pub name: String,
+    /// `None` matches every method.
+    pub methods: Option<Vec<Method>>,
+    pub pattern: PathPattern,
+    /// `auth: none`: served without a key (then `scopes` is empty).
+    pub public: bool,
+    /// Each a `key::valid_scope`, so they join into a `WWW-Authenticate` value.
+    pub scopes: Vec<String>,
+    pub allow_publishable: bool,
+    pub max_body_bytes: Option<u64>,
+}
+
+/// A request no route matches: a 404, or served to any valid key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    Deny,
+    RequireKey,
+}
+
+/// What the proxy does with headers and bodies whatever the route.
+#[derive(Debug, Clone)]
+pub struct HeaderPolicy {
+    pub identity: IdentityHeaders,
+    pub forward_authorization: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `None`: no limit unless a route sets one.
+    pub default_max_body_bytes: Option<u64>,
+    pub access_log: bool,
+    pub keep_underscore_headers: bool,
+    /// `Upgrade` protocols allowed through, lower-case (never `h2c`).
+    pub upgrades: Vec<String>,
+}
+
+/// Everything `Policy::new` compiles.
+#[derive(Debug, Clone)]
+pub struct PolicySpec {
+    /// In config order: the first match wins.
+    pub routes: Vec<RouteSpec>,
+    pub unmatched: Unmatched,
+    pub headers: HeaderPolicy,
+}
 
 /// One compiled route.
 #[derive(Debug)]
@@ -24,6 +72,24 @@ pub struct Route {
 }
 
 impl Route {
+    fn new(spec: RouteSpec) -> Route {
+        let scopes: Box<[Box<str>]> = spec
+            .scopes
+            .into_iter()
+            .map(String::into_boxed_str)
+            .collect();
+        Route {
+            name: spec.name.into(),
+            methods: spec.methods.map(Vec::into_boxed_slice),
+            pattern: spec.pattern,
+            public: spec.public,
+            scope_challenge: Challenge::for_scopes(&scopes),
+            scopes,
+            allow_publishable: spec.allow_publishable,
+            max_body_bytes: spec.max_body_bytes,
+        }
+    }
+
     fn matches_method(&self, method: &Method) -> bool {
         self.methods
             .as_ref()
@@ -71,178 +137,66 @@ pub struct Policy {
     pub upgrades: Box<[Box<str>]>,
 }
 
-/// `proxy.upgrades`: protocol names (RFC 9110 tokens), lower-cased; never `h2c`.
-fn upgrades(list: &[String]) -> Result<Box<[Box<str>]>, (String, String)> {
-    let field = || "proxy.upgrades".to_string();
-    let mut out = Vec::with_capacity(list.len());
-    for p in list {
-        let token = !p.is_empty()
-            && p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token {
-            return Err((field(), format!("{p:?} is not a protocol name")));
+/// Route indexes by literal first segment, and those a request's first segment cannot
+/// rule out; both ascending, so merging them keeps config order.
+fn index(routes: &[Route]) -> (HashMap<Box<str>, Vec<usize>, Xxh3Builder>, Vec<usize>) {
+    let mut by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder> =
+        HashMap::with_hasher(Xxh3Builder::new());
+    let mut wild_first = Vec::new();
+    for (i, r) in routes.iter().enumerate() {
+        match r.pattern.first_literal() {
+            Some(l) => by_first.entry(l.into()).or_default().push(i),
+            None => wild_first.push(i),
         }
-        let p = p.to_ascii_lowercase();
-        if p == "h2c" {
-            return Err((
-                field(),
-                "h2c cannot be tunnelled: RFC 9113 deprecates it, and the tunnel would bypass \
-                 every route check"
-                    .into(),
-            ));
-        }
-        out.push(p.into_boxed_str());
     }
-    Ok(out.into())
+    (by_first, wild_first)
 }
 
-const RESERVED: &[&str] = &[
-    "authorization",
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-];
-
 impl Policy {
-    pub fn build(
-        proxy: &RawProxy,
-        raw_routes: &[RawRoute],
-        unmatched: Unmatched,
-    ) -> Result<Policy, (String, String)> {
-        let ih = &proxy.identity_headers;
-        let identity = IdentityHeaders {
-            key_id: ih.key_id.0.clone(),
-            tenant: ih.tenant.0.clone(),
-            scopes: ih.scopes.0.clone(),
-            key_type: ih.key_type.0.clone(),
-        };
-        let mut names = HashSet::new();
-        for (field, name) in [
-            ("key_id", &identity.key_id),
-            ("tenant", &identity.tenant),
-            ("scopes", &identity.scopes),
-            ("key_type", &identity.key_type),
-        ] {
-            let path = format!("proxy.identity_headers.{field}");
-            if RESERVED.contains(&name.as_str()) {
-                return Err((
-                    path,
-                    format!("{name} is reserved and cannot carry identity"),
-                ));
-            }
-            if !names.insert(name.clone()) {
-                return Err((path, format!("{name} is used twice")));
-            }
-        }
-
-        let mut seen = HashSet::new();
-        let mut routes = Vec::with_capacity(raw_routes.len());
-        for (i, r) in raw_routes.iter().enumerate() {
-            let field = |f: &str| format!("routes[{i}].{f}");
-            let name_ok = !r.name.is_empty()
-                && r.name.len() <= 64
-                && r.name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-            if !name_ok {
-                return Err((
-                    field("name"),
-                    format!(
-                        "invalid route name {:?}: use 1-64 of A-Z a-z 0-9 _ . -",
-                        r.name
-                    ),
-                ));
-            }
-            if !seen.insert(r.name.clone()) {
-                return Err((field("name"), format!("duplicate route name {:?}", r.name)));
-            }
-            if r.name == "unmatched" {
-                return Err((field("name"), "\"unmatched\" is reserved".into()));
-            }
-            let public = r.auth == Auth::None;
-            if public && !r.scopes.is_empty() {
-                return Err((
-                    field("scopes"),
-                    "a route with `auth: none` cannot require scopes".into(),
-                ));
-            }
-            if public && r.allow_publishable {
-                return Err((
-                    field("allow_publishable"),
-                    "a route with `auth: none` lets everyone through already".into(),
-                ));
-            }
-            if let Some(ms) = &r.methods {
-                if ms.is_empty() {
-                    return Err((
-                        field("methods"),
-                        "empty list: omit it to match all methods".into(),
-                    ));
-                }
-            }
-            let scopes: Box<[Box<str>]> = r.scopes.iter().map(|s| s.0.as_str().into()).collect();
-            routes.push(Route {
-                name: r.name.as_str().into(),
-                methods: r
-                    .methods
-                    .as_ref()
-                    .map(|ms| ms.iter().map(|m| m.0.clone()).collect()),
-                pattern: r.path.clone(),
-                public,
-                scope_challenge: Challenge::for_scopes(&scopes),
-                scopes,
-                allow_publishable: r.allow_publishable,
-                max_body_bytes: r.max_body_bytes,
-            });
-        }
+    /// Compile the table. The spec is taken as validated (config does that, naming the
+    /// YAML field of each refusal): this only indexes routes by their first segment.
+    pub fn new(spec: PolicySpec) -> Policy {
+        let PolicySpec {
+            routes,
+            unmatched,
+            headers,
+        } = spec;
+        let routes: Vec<Route> = routes.into_iter().map(Route::new).collect();
         let unmatched = match unmatched {
             Unmatched::Deny => None,
-            Unmatched::RequireKey => Some(Route {
+            Unmatched::RequireKey => Some(Route::new(RouteSpec {
                 name: "unmatched".into(),
                 methods: None,
                 pattern: PathPattern::parse("/**").expect("a valid literal pattern"),
                 public: false,
-                scopes: Box::new([]),
+                scopes: Vec::new(),
                 allow_publishable: false,
                 max_body_bytes: None,
-                scope_challenge: Challenge::for_scopes::<&str>(&[]),
-            }),
+            })),
         };
-        let mut by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder> =
-            HashMap::with_hasher(Xxh3Builder::new());
-        let mut wild_first = Vec::new();
-        for (i, r) in routes.iter().enumerate() {
-            match r.pattern.first_literal() {
-                Some(l) => by_first.entry(l.into()).or_default().push(i),
-                None => wild_first.push(i),
-            }
-        }
-        Ok(Policy {
+        let (by_first, wild_first) = index(&routes);
+        let HeaderPolicy {
+            identity,
+            forward_authorization,
+            trusted_proxies,
+            default_max_body_bytes,
+            access_log,
+            keep_underscore_headers,
+            upgrades,
+        } = headers;
+        Policy {
             routes,
             by_first,
             wild_first,
             unmatched,
             identity,
-            forward_authorization: proxy.forward_authorization,
-            trusted_proxies: proxy.trusted_proxies.iter().map(|n| n.0).collect(),
-            default_max_body_bytes: match proxy.limits.max_body_bytes {
-                0 => None,
-                n => Some(n),
-            },
-            access_log: proxy.access_log,
-            keep_underscore_headers: proxy.underscore_headers == UnderscoreHeaders::Keep,
-            upgrades: upgrades(&proxy.upgrades)?,
-        })
+            forward_authorization,
+            trusted_proxies,
+            default_max_body_bytes,
+            access_log,
+            keep_underscore_headers,
+            upgrades: upgrades.into_iter().map(String::into_boxed_str).collect(),
+        }
     }
 
     /// First route matching method and normalised path; `unmatched: require_key` gives
@@ -295,7 +249,7 @@ impl Policy {
     ) -> Result<Option<(Option<usize>, &Route)>, Ambiguous> {
         let found = self.find(method, path);
         if has_params {
-            let stripped = self.find(method, &route::strip_params(path));
+            let stripped = self.find(method, &path::strip_params(path));
             if found.map(|(i, _)| i) != stripped.map(|(i, _)| i) {
                 return Err(Ambiguous);
             }
@@ -351,21 +305,54 @@ impl Policy {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
-    use http::Method;
+    use super::*;
 
-    fn policy(routes: &str) -> std::sync::Arc<super::Policy> {
-        let text = format!(
-            "proxy: {{ listen: \"127.0.0.1:0\", upstream: \"http://127.0.0.1:1\" }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nstore: {{ memory: {{}} }}\nroutes:\n{routes}"
-        );
-        Config::from_yaml(&text, "t", &[("X", "Y")]).unwrap().policy
+    fn route(name: &str, path: &str) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            methods: None,
+            pattern: PathPattern::parse(path).unwrap(),
+            public: false,
+            scopes: Vec::new(),
+            allow_publishable: false,
+            max_body_bytes: None,
+        }
+    }
+
+    fn policy(routes: Vec<RouteSpec>) -> Policy {
+        let h = HeaderName::from_static;
+        Policy::new(PolicySpec {
+            routes,
+            unmatched: Unmatched::Deny,
+            headers: HeaderPolicy {
+                identity: IdentityHeaders {
+                    key_id: h("x-keygate-key-id"),
+                    tenant: h("x-keygate-tenant"),
+                    scopes: h("x-keygate-scopes"),
+                    key_type: h("x-keygate-key-type"),
+                },
+                forward_authorization: false,
+                trusted_proxies: Vec::new(),
+                default_max_body_bytes: None,
+                access_log: true,
+                keep_underscore_headers: false,
+                upgrades: vec!["websocket".into()],
+            },
+        })
     }
 
     #[test]
     fn first_match_wins_across_literal_and_wildcard_routes() {
-        let p = policy(
-            "  - { name: a, path: \"/*/x\" }\n  - { name: b, path: \"/users/**\" }\n  - { name: c, path: \"/**\", methods: [POST] }\n  - { name: d, path: \"/users/x\" }\n  - { name: root, path: / }\n",
-        );
+        let p = policy(vec![
+            route("a", "/*/x"),
+            route("b", "/users/**"),
+            RouteSpec {
+                methods: Some(vec![Method::POST]),
+                ..route("c", "/**")
+            },
+            route("d", "/users/x"),
+            route("root", "/"),
+        ]);
         let name = |m: Method, path: &str| p.find(&m, path).map(|(_, r)| r.name.to_string());
         assert_eq!(name(Method::GET, "/users/x").as_deref(), Some("a"));
         assert_eq!(name(Method::GET, "/users/y").as_deref(), Some("b"));
@@ -379,11 +366,19 @@ mod tests {
 
     #[test]
     fn a_params_path_must_pick_the_same_route_with_and_without_its_params() {
-        let p = policy(
-            "  - { name: admin, path: \"/admin/**\", scopes: [\"admin:write\"] }\n  - { name: users, path: \"/users/*\" }\n  - { name: rest, path: \"/**\", auth: none }\n",
-        );
+        let p = policy(vec![
+            RouteSpec {
+                scopes: vec!["admin:write".into()],
+                ..route("admin", "/admin/**")
+            },
+            route("users", "/users/*"),
+            RouteSpec {
+                public: true,
+                ..route("rest", "/**")
+            },
+        ]);
         let find = |path: &str| {
-            let n = crate::proxy::route::normalize_request(path).unwrap();
+            let n = super::path::normalize_request(path).unwrap();
             p.find_unambiguous(&Method::GET, &n.path, n.has_params)
                 .map(|f| f.map(|(_, r)| r.name.to_string()))
         };
@@ -398,7 +393,7 @@ mod tests {
         assert_eq!(find("/users/1"), Ok(Some("users".into())));
 
         // Route against no route is ambiguous too; no route either way is a 404.
-        let q = policy("  - { name: users, path: \"/users/*\" }\n");
+        let q = policy(vec![route("users", "/users/*")]);
         let n = "/users;x/1";
         assert_eq!(
             q.find_unambiguous(&Method::GET, n, true)

@@ -1,0 +1,484 @@
+//! Validation of the raw config, one function per YAML section, each refusing with the
+//! field path as written in the file. Checks run in file order, so that of two mistakes
+//! the same one is always reported.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "checked files are read at start and at reload, never per request"
+)]
+
+use super::raw::{
+    Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawLimits, RawPrefixes, RawProxy,
+    RawRedis, RawRoute, RawStore, RawTimeouts, RawTls, UnderscoreHeaders, Unmatched,
+};
+use super::{CacheRules, Env, Fixed, Limits, Live, StoreConfig, Timeouts, Upstream};
+use crate::key::Prefixes;
+use crate::policy::{self, HeaderPolicy, IdentityHeaders, Policy, PolicySpec, RouteSpec};
+use crate::store::redis::RedisSettings;
+use secrecy::SecretString;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A refusal: the field path and why. `super` adds the file name.
+pub(super) struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+type Result<T> = std::result::Result<T, Invalid>;
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole file, section by section.
+pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
+    let RawConfig {
+        proxy,
+        admin,
+        store,
+        cache,
+        keys,
+        routes,
+        unmatched,
+    } = raw;
+    let (proxy_listen, admin_listen) = listen(&proxy, &admin, env)?;
+    let upstream = upstream(&proxy, env)?;
+    let (store, last_used_interval) = self::store(store, env)?;
+    let (cache, cache_max_entries) = self::cache(&cache)?;
+    let limits = self::limits(&proxy.limits, &admin)?;
+    let timeouts = self::timeouts(&proxy.timeouts)?;
+    let prefixes = self::prefixes(&keys.prefixes)?;
+    let root_token = self::root_token(&admin, env)?;
+    let pepper = env.var(&keys.pepper_env).map(SecretString::from);
+    let upstream_ca = self::upstream_ca(&proxy)?;
+    let tls = tls_pair("proxy.tls", &proxy.tls)?;
+    let admin_tls = tls_pair("admin.tls", &admin.tls)?;
+    let policy = self::policy(&proxy, &routes, unmatched)?;
+    let fixed = Fixed {
+        proxy_listen,
+        proxy_workers: proxy.workers.resolve(),
+        admin_listen,
+        upstream,
+        upstream_ca,
+        tls,
+        admin_tls,
+        timeouts,
+        limits,
+        root_token,
+        default_tenant: admin.default_tenant.0,
+        store,
+        last_used_interval,
+        cache_max_entries,
+        prefixes,
+        pepper,
+    };
+    let live = Live {
+        policy: Arc::new(policy),
+        cache,
+    };
+    Ok((fixed, live))
+}
+
+/// `proxy.listen` and `admin.listen` (each overridable from the environment): two
+/// different ports, or the admin API would answer on the proxy's.
+fn listen(proxy: &RawProxy, admin: &RawAdmin, env: &dyn Env) -> Result<(SocketAddr, SocketAddr)> {
+    let addr = |name: &str, default: SocketAddr| {
+        env.var(name)
+            .map(|v| v.parse().map_err(|e| invalid(name, format!("{e}"))))
+            .transpose()
+            .map(|a| a.unwrap_or(default))
+    };
+    let proxy_listen = addr("KEYGATE_PROXY_LISTEN", proxy.listen)?;
+    let admin_listen = addr("KEYGATE_ADMIN_LISTEN", admin.listen)?;
+    if proxy_listen.port() != 0
+        && proxy_listen.port() == admin_listen.port()
+        && (proxy_listen.ip() == admin_listen.ip()
+            || proxy_listen.ip().is_unspecified()
+            || admin_listen.ip().is_unspecified())
+    {
+        return Err(invalid(
+            "admin.listen",
+            "the admin API must not share the proxy's address",
+        ));
+    }
+    Ok((proxy_listen, admin_listen))
+}
+
+/// `proxy.upstream`, or `KEYGATE_UPSTREAM`.
+fn upstream(proxy: &RawProxy, env: &dyn Env) -> Result<Upstream> {
+    match env.var("KEYGATE_UPSTREAM") {
+        Some(v) => Upstream::parse(&v).map_err(|m| invalid("KEYGATE_UPSTREAM", m)),
+        None => Ok(proxy.upstream.clone()),
+    }
+}
+
+/// `store`: exactly one backend, and `last_used_interval`.
+fn store(raw: RawStore, env: &dyn Env) -> Result<(StoreConfig, Duration)> {
+    let store = match (raw.redis, raw.memory) {
+        (Some(r), None) => StoreConfig::Redis(redis(r, env)?),
+        (None, Some(_)) => StoreConfig::Memory,
+        _ => return Err(invalid("store", "set exactly one of `redis` or `memory`")),
+    };
+    if raw.last_used_interval.0 < Duration::from_millis(10) {
+        return Err(invalid("store.last_used_interval", "must be at least 10ms"));
+    }
+    Ok((store, raw.last_used_interval.0))
+}
+
+/// `store.redis` (its URL overridable by `KEYGATE_REDIS_URL`).
+fn redis(r: RawRedis, env: &dyn Env) -> Result<RedisSettings> {
+    let url = env.var("KEYGATE_REDIS_URL").unwrap_or(r.url);
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(invalid("store.redis.url", "must start with redis://"));
+    }
+    if redis::Client::open(url.as_str()).is_err() {
+        return Err(invalid("store.redis.url", "is not a valid Redis URL"));
+    }
+    // The namespace prefixes every key and channel name.
+    let ns_ok = !r.namespace.is_empty()
+        && r.namespace.len() <= 64
+        && r.namespace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'));
+    if !ns_ok {
+        return Err(invalid(
+            "store.redis.namespace",
+            "use 1-64 characters of A-Z a-z 0-9 _ . - :",
+        ));
+    }
+    if r.timeout.0.is_zero() {
+        return Err(invalid("store.redis.timeout", "must be above zero"));
+    }
+    let ca_file = r.ca_file.as_ref().map(PathBuf::from);
+    if let Some(ca) = &ca_file {
+        std::fs::read(ca).map_err(|e| {
+            invalid(
+                "store.redis.ca_file",
+                format!("cannot read {}: {e}", ca.display()),
+            )
+        })?;
+    }
+    Ok(RedisSettings {
+        url,
+        namespace: r.namespace,
+        timeout: r.timeout.0,
+        ca_file,
+    })
+}
+
+/// `cache`: the reloadable rules, and `max_entries` (fixed: it sizes the cache).
+fn cache(raw: &RawCache) -> Result<(CacheRules, u64)> {
+    if raw.ttl.0.is_zero() {
+        return Err(invalid("cache.ttl", "must be above zero"));
+    }
+    if raw.negative_ttl.0 > raw.ttl.0 {
+        return Err(invalid("cache.negative_ttl", "must not exceed cache.ttl"));
+    }
+    if raw.max_entries == 0 {
+        return Err(invalid("cache.max_entries", "must be above zero"));
+    }
+    let rules = CacheRules {
+        ttl: raw.ttl.0,
+        negative_ttl: raw.negative_ttl.0,
+        on_store_error: raw.on_store_error,
+    };
+    Ok((rules, raw.max_entries))
+}
+
+/// `proxy.limits` (`max_body_bytes` belongs to the policy) and `admin.max_connections`.
+fn limits(l: &RawLimits, admin: &RawAdmin) -> Result<Limits> {
+    if !(8192..=1 << 20).contains(&l.max_header_bytes) {
+        return Err(invalid(
+            "proxy.limits.max_header_bytes",
+            "must be between 8192 and 1048576",
+        ));
+    }
+    if !(64..=1 << 20).contains(&l.max_uri_bytes) {
+        return Err(invalid(
+            "proxy.limits.max_uri_bytes",
+            "must be between 64 and 1048576",
+        ));
+    }
+    if l.max_connections == 0 {
+        return Err(invalid(
+            "proxy.limits.max_connections",
+            "must be above zero",
+        ));
+    }
+    if admin.max_connections == 0 {
+        return Err(invalid("admin.max_connections", "must be above zero"));
+    }
+    Ok(Limits {
+        max_header_bytes: l.max_header_bytes,
+        max_uri_bytes: l.max_uri_bytes,
+        max_connections: l.max_connections,
+        admin_max_connections: admin.max_connections,
+    })
+}
+
+/// `proxy.timeouts`: all but `drain` must be above zero (zero would refuse everything).
+fn timeouts(t: &RawTimeouts) -> Result<Timeouts> {
+    for (name, d) in [
+        ("proxy.timeouts.upstream", t.upstream),
+        ("proxy.timeouts.header_read", t.header_read),
+        ("proxy.timeouts.idle", t.idle),
+        ("proxy.timeouts.write", t.write),
+    ] {
+        if d.0.is_zero() {
+            return Err(invalid(name, "must be above zero"));
+        }
+    }
+    Ok(Timeouts {
+        upstream: t.upstream.0,
+        header_read: t.header_read.0,
+        idle: t.idle.0,
+        write: t.write.0,
+        drain: t.drain.0,
+    })
+}
+
+/// `keys.prefixes`: no prefix may start another, or a key's type would be ambiguous.
+fn prefixes(p: &RawPrefixes) -> Result<Prefixes> {
+    let prefixes = Prefixes {
+        secret_live: p.secret_live.0.clone(),
+        publishable_live: p.publishable_live.0.clone(),
+        secret_test: p.secret_test.0.clone(),
+        publishable_test: p.publishable_test.0.clone(),
+    };
+    let all = [
+        &prefixes.secret_live,
+        &prefixes.publishable_live,
+        &prefixes.secret_test,
+        &prefixes.publishable_test,
+    ];
+    for (i, a) in all.iter().enumerate() {
+        for (j, b) in all.iter().enumerate() {
+            if i != j && b.starts_with(a.as_str()) {
+                return Err(invalid(
+                    "keys.prefixes",
+                    format!("prefix {a:?} is a prefix of {b:?}: keys would be ambiguous"),
+                ));
+            }
+        }
+    }
+    Ok(prefixes)
+}
+
+/// The root token: from `admin.root_token_env`, else `admin.root_token_file`.
+fn root_token(admin: &RawAdmin, env: &dyn Env) -> Result<Option<SecretString>> {
+    let token = match env.var(&admin.root_token_env) {
+        Some(t) => Some(t),
+        None => match &admin.root_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        invalid("admin.root_token_file", format!("cannot read {path}: {e}"))
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        },
+    };
+    if token.as_ref().is_some_and(|t| t.len() < 16) {
+        return Err(invalid(
+            "admin.root_token",
+            "the root token must be at least 16 characters",
+        ));
+    }
+    Ok(token.map(SecretString::from))
+}
+
+/// `proxy.upstream_ca`: read now, so a bad file is a config error and not a 502 later.
+fn upstream_ca(proxy: &RawProxy) -> Result<Option<PathBuf>> {
+    match &proxy.upstream_ca {
+        None => Ok(None),
+        Some(p) => {
+            let path = PathBuf::from(p);
+            crate::tls::load_roots(&path).map_err(|m| invalid("proxy.upstream_ca", m))?;
+            Ok(Some(path))
+        }
+    }
+}
+
+/// `proxy.tls` or `admin.tls`: the pair must load now.
+fn tls_pair(field: &str, t: &Option<RawTls>) -> Result<Option<(PathBuf, PathBuf)>> {
+    match t {
+        None => Ok(None),
+        Some(t) => {
+            let pair = (PathBuf::from(&t.cert), PathBuf::from(&t.key));
+            crate::tls::load_pair(&pair.0, &pair.1).map_err(|m| invalid(field, m))?;
+            Ok(Some(pair))
+        }
+    }
+}
+
+/// `routes`, `unmatched` and the header half of `proxy`, compiled into the route table.
+fn policy(proxy: &RawProxy, raw_routes: &[RawRoute], unmatched: Unmatched) -> Result<Policy> {
+    let identity = identity_headers(&proxy.identity_headers)?;
+    let mut seen = HashSet::new();
+    let routes = raw_routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| route(i, r, &mut seen))
+        .collect::<Result<Vec<_>>>()?;
+    let headers = HeaderPolicy {
+        identity,
+        forward_authorization: proxy.forward_authorization,
+        trusted_proxies: proxy.trusted_proxies.iter().map(|n| n.0).collect(),
+        default_max_body_bytes: match proxy.limits.max_body_bytes {
+            0 => None,
+            n => Some(n),
+        },
+        access_log: proxy.access_log,
+        keep_underscore_headers: proxy.underscore_headers == UnderscoreHeaders::Keep,
+        upgrades: upgrades(&proxy.upgrades)?,
+    };
+    let unmatched = match unmatched {
+        Unmatched::Deny => policy::Unmatched::Deny,
+        Unmatched::RequireKey => policy::Unmatched::RequireKey,
+    };
+    Ok(Policy::new(PolicySpec {
+        routes,
+        unmatched,
+        headers,
+    }))
+}
+
+/// Headers an identity header must not be: the upstream reads them as framing, routing
+/// or client facts, and keygate sets or strips them itself.
+const RESERVED: &[&str] = &[
+    "authorization",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+/// `proxy.identity_headers`: four distinct names, none reserved.
+fn identity_headers(ih: &RawIdentityHeaders) -> Result<IdentityHeaders> {
+    let identity = IdentityHeaders {
+        key_id: ih.key_id.0.clone(),
+        tenant: ih.tenant.0.clone(),
+        scopes: ih.scopes.0.clone(),
+        key_type: ih.key_type.0.clone(),
+    };
+    let mut names = HashSet::new();
+    for (field, name) in [
+        ("key_id", &identity.key_id),
+        ("tenant", &identity.tenant),
+        ("scopes", &identity.scopes),
+        ("key_type", &identity.key_type),
+    ] {
+        let path = format!("proxy.identity_headers.{field}");
+        if RESERVED.contains(&name.as_str()) {
+            return Err(invalid(
+                path,
+                format!("{name} is reserved and cannot carry identity"),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(invalid(path, format!("{name} is used twice")));
+        }
+    }
+    Ok(identity)
+}
+
+/// `routes[i].name`: unique (it is a metrics label), metric-label safe, not reserved.
+fn route_name(i: usize, name: &str, seen: &mut HashSet<String>) -> Result<()> {
+    let field = format!("routes[{i}].name");
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !name_ok {
+        return Err(invalid(
+            field,
+            format!("invalid route name {name:?}: use 1-64 of A-Z a-z 0-9 _ . -"),
+        ));
+    }
+    if !seen.insert(name.to_string()) {
+        return Err(invalid(field, format!("duplicate route name {name:?}")));
+    }
+    if name == "unmatched" {
+        return Err(invalid(field, "\"unmatched\" is reserved"));
+    }
+    Ok(())
+}
+
+/// `routes[i]`: a valid name and settings that agree with each other.
+fn route(i: usize, r: &RawRoute, seen: &mut HashSet<String>) -> Result<RouteSpec> {
+    route_name(i, &r.name, seen)?;
+    let field = |f: &str| format!("routes[{i}].{f}");
+    let public = r.auth == Auth::None;
+    if public && !r.scopes.is_empty() {
+        return Err(invalid(
+            field("scopes"),
+            "a route with `auth: none` cannot require scopes",
+        ));
+    }
+    if public && r.allow_publishable {
+        return Err(invalid(
+            field("allow_publishable"),
+            "a route with `auth: none` lets everyone through already",
+        ));
+    }
+    if r.methods.as_ref().is_some_and(|ms| ms.is_empty()) {
+        return Err(invalid(
+            field("methods"),
+            "empty list: omit it to match all methods",
+        ));
+    }
+    Ok(RouteSpec {
+        name: r.name.clone(),
+        methods: r
+            .methods
+            .as_ref()
+            .map(|ms| ms.iter().map(|m| m.0.clone()).collect()),
+        pattern: r.path.clone(),
+        public,
+        scopes: r.scopes.iter().map(|s| s.0.clone()).collect(),
+        allow_publishable: r.allow_publishable,
+        max_body_bytes: r.max_body_bytes,
+    })
+}
+
+/// `proxy.upgrades`: protocol names (RFC 9110 tokens), lower-cased; never `h2c`.
+fn upgrades(list: &[String]) -> Result<Vec<String>> {
+    let field = "proxy.upgrades";
+    let mut out = Vec::with_capacity(list.len());
+    for p in list {
+        let token = !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err(invalid(field, format!("{p:?} is not a protocol name")));
+        }
+        let p = p.to_ascii_lowercase();
+        if p == "h2c" {
+            return Err(invalid(
+                field,
+                "h2c cannot be tunnelled: RFC 9113 deprecates it, and the tunnel would bypass \
+                 every route check",
+            ));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
