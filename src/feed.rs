@@ -9,6 +9,7 @@ use crate::key::Digest;
 use crate::metrics::Metrics;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -161,79 +162,26 @@ pub async fn follow(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let feed = Follower {
+        settings: &settings,
+        cache: &cache,
+        metrics: &metrics,
+    };
     let mut backoff = Duration::from_millis(50);
     let mut first = true;
     loop {
         match subscribe(&settings).await {
-            Ok((pubsub, mut conn, baseline)) => {
-                cache.invalidate_all();
-                cache.mark_feed(true);
-                cache.mark_reads(true);
-                if !first {
-                    metrics.feed_reconnects.inc();
+            Ok((pubsub, conn, baseline)) => {
+                feed.subscribed(baseline, first);
+                (first, backoff) = (false, Duration::from_millis(50));
+                if feed
+                    .run(pubsub, conn, baseline, &mut shutdown)
+                    .await
+                    .is_break()
+                {
+                    return;
                 }
-                first = false;
-                metrics.feed_flushes.with_label_values(&["subscribe"]).inc();
-                metrics.feed_up.set(1);
-                tracing::info!(channel = %settings.channel, seq = baseline, "following key changes; cache flushed");
-                backoff = Duration::from_millis(50);
-                let mut tracker = Tracker::new(baseline);
-                let mut messages = pubsub.into_on_message();
-                let mut tick = tokio::time::interval(CHECK_INTERVAL);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    let flush = tokio::select! {
-                        msg = messages.next() => match msg {
-                            None => break,
-                            Some(m) => match parse_change(m.get_payload_bytes()) {
-                                None => {
-                                    metrics.feed_malformed.inc();
-                                    tracing::warn!("ignored a malformed change message");
-                                    None
-                                }
-                                Some(change) => {
-                                    cache.invalidate(&change.digest).await;
-                                    metrics.observe_feed(change.event, change.at_ms);
-                                    tracker.message(change.seq)
-                                }
-                            },
-                        },
-                        _ = tick.tick() => {
-                            let read = tokio::time::timeout(
-                                Duration::from_secs(1),
-                                conn.get::<_, Option<u64>>(&settings.seq_key),
-                            )
-                            .await;
-                            match read {
-                                Ok(Ok(counter)) => {
-                                    cache.mark_reads(true);
-                                    tracker.check(counter)
-                                }
-                                // Redis trouble: reads fail; the subscription will tell if
-                                // it is gone.
-                                _ => {
-                                    cache.mark_reads(false);
-                                    None
-                                }
-                            }
-                        }
-                        _ = shutdown.changed() => return,
-                    };
-                    if let Some(reason) = flush {
-                        cache.invalidate_all();
-                        metrics
-                            .feed_flushes
-                            .with_label_values(&[reason.as_str()])
-                            .inc();
-                        tracing::warn!(
-                            reason = reason.as_str(),
-                            "change feed out of step; cache flushed"
-                        );
-                    }
-                }
-                metrics.feed_up.set(0);
-                cache.mark_feed(false);
-                tracing::warn!("key change subscription lost; reconnecting");
+                feed.lost();
             }
             Err(e) => tracing::warn!(error = %e, "cannot subscribe to key changes"),
         }
@@ -243,6 +191,99 @@ pub async fn follow(
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One process's view of the feed: what it invalidates and what it reports to.
+struct Follower<'a> {
+    settings: &'a FeedSettings,
+    cache: &'a KeyCache,
+    metrics: &'a Metrics,
+}
+
+impl Follower<'_> {
+    /// A (re)subscription: what was cached may have missed changes, so it all goes.
+    fn subscribed(&self, baseline: u64, first: bool) {
+        self.cache.invalidate_all();
+        self.cache.mark_feed(true);
+        self.cache.mark_reads(true);
+        if !first {
+            self.metrics.feed.reconnects.inc();
+        }
+        self.metrics
+            .feed
+            .flushes
+            .with_label_values(&["subscribe"])
+            .inc();
+        self.metrics.feed.up.set(1);
+        tracing::info!(channel = %self.settings.channel, seq = baseline, "following key changes; cache flushed");
+    }
+
+    fn lost(&self) {
+        self.metrics.feed.up.set(0);
+        self.cache.mark_feed(false);
+        tracing::warn!("key change subscription lost; reconnecting");
+    }
+
+    /// Apply messages and check the counter until the subscription ends (`Continue`) or
+    /// `shutdown` (`Break`).
+    async fn run(
+        &self,
+        pubsub: redis::aio::PubSub,
+        mut conn: redis::aio::MultiplexedConnection,
+        baseline: u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> ControlFlow<()> {
+        let mut tracker = Tracker::new(baseline);
+        let mut messages = pubsub.into_on_message();
+        let mut tick = tokio::time::interval(CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let flush = tokio::select! {
+                msg = messages.next() => match msg {
+                    None => return ControlFlow::Continue(()),
+                    Some(m) => self.message(m.get_payload_bytes(), &mut tracker).await,
+                },
+                _ = tick.tick() => self.check_counter(&mut conn, &mut tracker).await,
+                _ = shutdown.changed() => return ControlFlow::Break(()),
+            };
+            if let Some(reason) = flush {
+                self.cache.invalidate_all();
+                let label = reason.as_str();
+                self.metrics.feed.flushes.with_label_values(&[label]).inc();
+                tracing::warn!(reason = label, "change feed out of step; cache flushed");
+            }
+        }
+    }
+
+    async fn message(&self, payload: &[u8], tracker: &mut Tracker) -> Option<Flush> {
+        let Some(change) = parse_change(payload) else {
+            self.metrics.feed.malformed.inc();
+            tracing::warn!("ignored a malformed change message");
+            return None;
+        };
+        self.cache.invalidate(&change.digest).await;
+        self.metrics.feed.observe(change.event, change.at_ms);
+        tracker.message(change.seq)
+    }
+
+    async fn check_counter(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        tracker: &mut Tracker,
+    ) -> Option<Flush> {
+        let read = conn.get::<_, Option<u64>>(&self.settings.seq_key);
+        match tokio::time::timeout(Duration::from_secs(1), read).await {
+            Ok(Ok(counter)) => {
+                self.cache.mark_reads(true);
+                tracker.check(counter)
+            }
+            // Redis trouble: reads fail; the subscription will tell if it is gone.
+            _ => {
+                self.cache.mark_reads(false);
+                None
+            }
+        }
     }
 }
 

@@ -30,12 +30,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub store_errors: IntCounterVec,
     auth_handles: [[Histogram; 2]; 3],
-    pub feed_received: IntCounterVec,
-    pub feed_malformed: IntCounter,
-    pub feed_reconnects: IntCounter,
-    pub feed_flushes: IntCounterVec,
-    pub feed_up: IntGauge,
-    feed_lag: Histogram,
+    /// The change feed's health (`feed.rs`).
+    pub feed: FeedMetrics,
     pub config_reloads: IntCounterVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
@@ -76,6 +72,14 @@ impl Builder {
         self.add(v)
     }
 
+    /// `keygate_build_info`, always 1, with the version as a label.
+    fn build_info(&self) {
+        let opts = Opts::new("keygate_build_info", "keygate build information")
+            .const_label("version", env!("CARGO_PKG_VERSION"));
+        self.add(IntGauge::with_opts(opts).expect("static metric definition"))
+            .set(1);
+    }
+
     /// Exponential buckets from `start` seconds, doubling `count` times.
     fn histograms(
         &self,
@@ -88,6 +92,59 @@ impl Builder {
         let buckets = prometheus::exponential_buckets(start, 2.0, count).expect("static buckets");
         let opts = HistogramOpts::new(name, help).buckets(buckets);
         self.add(HistogramVec::new(opts, labels).expect("static metric definition"))
+    }
+}
+
+/// The change feed: messages, reconnects, flushes, lag.
+pub struct FeedMetrics {
+    pub received: IntCounterVec,
+    pub malformed: IntCounter,
+    pub reconnects: IntCounter,
+    pub flushes: IntCounterVec,
+    pub up: IntGauge,
+    lag: Histogram,
+}
+
+impl FeedMetrics {
+    fn new(b: &Builder) -> FeedMetrics {
+        let lag = HistogramOpts::new(
+            "keygate_invalidation_lag_seconds",
+            "From a change's commit (time in the message) to its local eviction",
+        )
+        .buckets(prometheus::exponential_buckets(1e-4, 2.0, 16).expect("static buckets"));
+        FeedMetrics {
+            received: b.counters(
+                "keygate_invalidations_received_total",
+                "Key change messages received from the store, by event",
+                "event",
+                &[],
+            ),
+            malformed: b.counter(
+                "keygate_invalidations_malformed_total",
+                "Change messages that could not be parsed (ignored)",
+            ),
+            reconnects: b.counter(
+                "keygate_pubsub_reconnects_total",
+                "Times the change subscription was re-established",
+            ),
+            flushes: b.counters(
+                "keygate_cache_flushes_total",
+                "Whole-cache flushes, by reason (subscribe, gap, counter_ahead, counter_missing, counter_back)",
+                "reason",
+                &["subscribe", "gap", "counter_ahead", "counter_missing", "counter_back"],
+            ),
+            up: b.gauge("keygate_pubsub_connected", "1 while the change subscription is up"),
+            lag: b.add(Histogram::with_opts(lag).expect("static metric definition")),
+        }
+    }
+
+    /// A change message was applied: count it and record its propagation lag.
+    pub fn observe(&self, event: &str, committed_ms: u64) {
+        self.received.with_label_values(&[event]).inc();
+        let now = crate::time::now_ms();
+        if now >= committed_ms {
+            self.lag.observe((now - committed_ms) as f64 / 1000.0);
+        }
     }
 }
 
@@ -119,24 +176,7 @@ impl Metrics {
             20,
             &["route"],
         );
-        let build = b.add(
-            IntGauge::with_opts(
-                Opts::new("keygate_build_info", "keygate build information")
-                    .const_label("version", env!("CARGO_PKG_VERSION")),
-            )
-            .expect("static metric definition"),
-        );
-        build.set(1);
-        let feed_lag = b.add(
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "keygate_invalidation_lag_seconds",
-                    "From a change's commit (time in the message) to its local eviction",
-                )
-                .buckets(prometheus::exponential_buckets(1e-4, 2.0, 16).expect("static")),
-            )
-            .expect("static metric definition"),
-        );
+        b.build_info();
         let h = |r: &str, s: &str| auth_duration.with_label_values(&[r, s]);
         Metrics {
             requests,
@@ -153,31 +193,7 @@ impl Metrics {
                 [h("denied", "cache"), h("denied", "store")],
                 [h("error", "cache"), h("error", "store")],
             ],
-            feed_received: b.counters(
-                "keygate_invalidations_received_total",
-                "Key change messages received from the store, by event",
-                "event",
-                &[],
-            ),
-            feed_malformed: b.counter(
-                "keygate_invalidations_malformed_total",
-                "Change messages that could not be parsed (ignored)",
-            ),
-            feed_reconnects: b.counter(
-                "keygate_pubsub_reconnects_total",
-                "Times the change subscription was re-established",
-            ),
-            feed_flushes: b.counters(
-                "keygate_cache_flushes_total",
-                "Whole-cache flushes, by reason (subscribe, gap, counter_ahead, counter_missing, counter_back)",
-                "reason",
-                &["subscribe", "gap", "counter_ahead", "counter_missing", "counter_back"],
-            ),
-            feed_up: b.gauge(
-                "keygate_pubsub_connected",
-                "1 while the change subscription is up",
-            ),
-            feed_lag,
+            feed: FeedMetrics::new(&b),
             config_reloads: b.counters(
                 "keygate_config_reloads_total",
                 "Configuration reloads by result",
@@ -200,15 +216,6 @@ impl Metrics {
 
     pub fn observe_auth(&self, outcome: AuthOutcome, source: Source, seconds: f64) {
         self.auth_handles[outcome as usize][source as usize].observe(seconds);
-    }
-
-    /// A change message was applied: count it and record its propagation lag.
-    pub fn observe_feed(&self, event: &str, committed_ms: u64) {
-        self.feed_received.with_label_values(&[event]).inc();
-        let now = crate::time::now_ms();
-        if now >= committed_ms {
-            self.feed_lag.observe((now - committed_ms) as f64 / 1000.0);
-        }
     }
 
     /// Resolve the per-route handles for a route table's names, in its order (at load
