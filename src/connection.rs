@@ -1,5 +1,6 @@
-//! One client connection, on the proxy port or the admin port: hyper's HTTP/1.1 and HTTP/2
-//! server with every deadline enforced by keygate. hyper's own header-read timer also cuts
+//! One client connection, on the proxy port or the admin port: accepted within
+//! `max_connections`, the TLS handshake, then hyper's HTTP/1.1 and HTTP/2 server with
+//! every deadline enforced by keygate. hyper's own header-read timer also cuts
 //! idle keep-alive connections and never runs before the protocol is known, and nothing in
 //! hyper closes a connection whose peer stops reading or never acknowledges a GOAWAY.
 //!
@@ -23,6 +24,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 /// After keygate asks a connection to close (GOAWAY on HTTP/2), how long a peer with no
 /// request in flight may take to go; then the socket is closed regardless.
@@ -191,7 +193,7 @@ impl Activity {
 }
 
 /// One connection's watch, made at accept and handed to `serve`.
-pub struct Watch {
+struct Watch {
     activity: Arc<Activity>,
     accepted: Instant,
 }
@@ -199,7 +201,7 @@ pub struct Watch {
 impl Watch {
     /// `accepted`: when the TCP connection was accepted (the TLS handshake counts against
     /// `header_read`).
-    pub fn new(accepted: Instant) -> Watch {
+    fn new(accepted: Instant) -> Watch {
         Watch {
             activity: Arc::new(Activity::default()),
             accepted,
@@ -504,67 +506,127 @@ enum Close {
     Now,
 }
 
-/// Serve one connection until it ends, a deadline passes, or shutdown (graceful, then
-/// cut after `drain`): each request goes to `handler`, its response marked finished when
-/// its body is. `max_first_line`: see `Watch::io`.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve<I, H, F, B>(
-    watch: Watch,
-    stream: I,
+/// How one port serves its connections, made once for the port (on the proxy port, once
+/// per worker) and shared by its connections: hyper's builder, the deadlines, TLS and
+/// the shutdown signal.
+pub struct Port {
+    /// `proxy` or `admin`, for the logs.
+    name: &'static str,
+    builder: auto::Builder<TokioExecutor>,
+    deadlines: Deadlines,
+    /// See `Watch::io`.
     max_first_line: Option<usize>,
-    handler: H,
-    builder: &auto::Builder<TokioExecutor>,
-    deadlines: &Deadlines,
+    tls: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
-    peer: SocketAddr,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Send + 'static,
-    F: std::future::Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let io = watch.io(stream, max_first_line);
-    let marks = watch.activity.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let finished = begin(&marks, &req);
-        let response = handler(req);
-        async move {
-            let resp = response.await;
-            Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, finished)))
+}
+
+impl Port {
+    /// Serve with `settings` (TLS when `tls` is given) until `shutdown` turns true.
+    pub fn new(
+        name: &'static str,
+        settings: &ServerSettings,
+        tls: Option<TlsAcceptor>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Port {
+        Port {
+            name,
+            builder: settings.builder(),
+            deadlines: settings.deadlines.clone(),
+            max_first_line: None,
+            tls,
+            shutdown,
         }
-    });
-    let connection = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(connection);
-    // The watcher is a task of its own: polled here, its timer would be polled again at
-    // every wake-up of the connection, several times per request.
-    let (tx, mut rx) = mpsc::channel(2);
-    tokio::spawn(watch_connection(
-        watch.activity,
-        watch.accepted,
-        deadlines.clone(),
-        shutdown,
-        tx,
-    ));
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            biased;
-            res = connection.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-                }
-                return;
+    }
+
+    /// Answer 414 to an HTTP/1 first request line longer than `max` (see `Watch::io`).
+    pub fn with_max_first_line(mut self, max: usize) -> Port {
+        self.max_first_line = Some(max);
+        self
+    }
+
+    /// One accepted connection, on either port: the TLS handshake when the port has TLS
+    /// (it counts against `header_read` from `accepted`), then `serve`. `handler` is made
+    /// once the handshake is done, told whether the connection is over TLS.
+    pub async fn serve_tcp<M, H, F, B>(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        accepted: Instant,
+        handler: M,
+    ) where
+        M: FnOnce(bool) -> H,
+        H: Fn(Request<Incoming>) -> F + Send + 'static,
+        F: std::future::Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let watch = Watch::new(accepted);
+        let Some(acceptor) = &self.tls else {
+            return self.serve(watch, stream, peer, handler(false)).await;
+        };
+        let until = accepted + self.deadlines.header_read;
+        match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => self.serve(watch, stream, peer, handler(true)).await,
+            Ok(Err(e)) => {
+                tracing::debug!(port = self.name, peer = %peer, error = %e, "TLS handshake failed")
             }
-            cmd = rx.recv() => match cmd {
-                Some(Close::Graceful) if !closing => {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-                Some(Close::Graceful) => {}
-                Some(Close::Now) | None => {
-                    tracing::debug!(peer = %peer, "connection closed at its deadline");
+            Err(_) => tracing::debug!(port = self.name, peer = %peer, "TLS handshake timed out"),
+        }
+    }
+
+    /// Serve one connection until it ends, a deadline passes, or shutdown (graceful, then
+    /// cut after `drain`): each request goes to `handler`, its response marked finished
+    /// when its body is.
+    async fn serve<I, H, F, B>(&self, watch: Watch, stream: I, peer: SocketAddr, handler: H)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: Fn(Request<Incoming>) -> F + Send + 'static,
+        F: std::future::Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let io = watch.io(stream, self.max_first_line);
+        let marks = watch.activity.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let finished = begin(&marks, &req);
+            let response = handler(req);
+            async move {
+                let resp = response.await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, finished)))
+            }
+        });
+        let connection = self.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(connection);
+        // The watcher is a task of its own: polled here, its timer would be polled again at
+        // every wake-up of the connection, several times per request.
+        let (tx, mut rx) = mpsc::channel(2);
+        tokio::spawn(watch_connection(
+            watch.activity,
+            watch.accepted,
+            self.deadlines.clone(),
+            self.shutdown.clone(),
+            tx,
+        ));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                biased;
+                res = connection.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
                     return;
+                }
+                cmd = rx.recv() => match cmd {
+                    Some(Close::Graceful) if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    Some(Close::Graceful) => {}
+                    Some(Close::Now) | None => {
+                        tracing::debug!(peer = %peer, "connection closed at its deadline");
+                        return;
+                    }
                 }
             }
         }

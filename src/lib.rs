@@ -21,5 +21,6 @@ pub mod store;
 pub mod time;
 pub mod tls;
 pub mod usage;
+pub mod watch;
 
 pub use app::App;

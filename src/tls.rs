@@ -3,7 +3,6 @@
 //! is refused and the running one kept).
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -12,7 +11,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
 /// Load a PEM chain and key into a rustls signing key, with errors naming the file.
@@ -126,30 +124,13 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
 
 /// Reload the certificate when files in its directory change, until `shutdown`.
 pub async fn watch_cert(resolver: Arc<CertResolver>, mut shutdown: watch::Receiver<bool>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let mut dirs: Vec<PathBuf> = [&resolver.cert, &resolver.key]
         .iter()
-        .map(|p| {
-            p.parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or_else(|| Path::new("."))
-                .to_path_buf()
-        })
+        .map(|p| crate::watch::dir_of(p))
         .collect();
     dirs.dedup();
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = tx.try_send(());
-        }
-    })
-    .and_then(|mut w| {
-        for d in &dirs {
-            w.watch(d, RecursiveMode::NonRecursive)?;
-        }
-        Ok(w)
-    });
-    let _watcher = match watcher {
-        Ok(w) => w,
+    let mut changes = match crate::watch::watch_files(&dirs, None) {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the TLS certificate; it will not be reloaded");
             return;
@@ -157,9 +138,7 @@ pub async fn watch_cert(resolver: Arc<CertResolver>, mut shutdown: watch::Receiv
     };
     loop {
         tokio::select! {
-            Some(()) = rx.recv() => {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                while rx.try_recv().is_ok() {}
+            Some(()) = changes.next() => {
                 match resolver.reload() {
                     Ok(()) => tracing::info!(cert = %resolver.cert.display(), "TLS certificate reloaded"),
                     Err(e) => tracing::warn!(error = %e, "TLS certificate reload refused; keeping the current one"),

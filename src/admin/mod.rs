@@ -27,7 +27,7 @@ pub use error::ApiError;
 pub use router::{router, OPENAPI};
 
 use crate::auth::Verifier;
-use crate::connection::{self, ServerSettings, Watch};
+use crate::connection::{self, Port, ServerSettings};
 use crate::key::Digest;
 use crate::metrics::Metrics;
 use crate::snapshot::Live;
@@ -60,60 +60,41 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
-    let builder = Arc::new(settings.builder());
+    let port = Arc::new(Port::new("admin", &settings, tls, shutdown.clone()));
     let mut connections = tokio::task::JoinSet::new();
     while let Some((stream, peer, permit)) =
         connection::accept(&listener, &slots, &mut shutdown).await
     {
+        let accepted = tokio::time::Instant::now();
         while connections.try_join_next().is_some() {}
-        let (router, builder, settings) = (router.clone(), builder.clone(), settings.clone());
-        let (tls, shutdown) = (tls.clone(), shutdown.clone());
+        let (router, port) = (router.clone(), port.clone());
         connections.spawn(async move {
-            let accepted = tokio::time::Instant::now();
-            let watch = Watch::new(accepted);
-            match tls {
-                None => serve_one(stream, watch, router, &builder, &settings, shutdown, peer).await,
-                Some(acceptor) => {
-                    let until = accepted + settings.deadlines.header_read;
-                    match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            serve_one(tls, watch, router, &builder, &settings, shutdown, peer).await
-                        }
-                        _ => tracing::debug!(peer = %peer, "admin TLS handshake failed"),
-                    }
-                }
-            }
-            drop(permit);
+            let _permit = permit;
+            serve_one(&port, stream, peer, accepted, router).await;
         });
     }
     connection::drain(&mut connections, settings.deadlines.drain).await;
 }
 
 /// One admin connection: the router behind keygate's connection deadlines.
-async fn serve_one<S>(
-    stream: S,
-    watch: Watch,
-    router: Router,
-    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    settings: &ServerSettings,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+async fn serve_one(
+    port: &Port,
+    stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+    accepted: tokio::time::Instant,
+    router: Router,
+) {
     use tower_service::Service;
-    let handler = move |req| {
-        let mut router = router.clone();
-        async move {
-            match router.call(req).await {
-                Ok(resp) => resp,
-                Err(never) => match never {},
+    let handler = move |_tls| {
+        move |req| {
+            let mut router = router.clone();
+            async move {
+                match router.call(req).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
             }
         }
     };
-    let deadlines = &settings.deadlines;
-    connection::serve(
-        watch, stream, None, handler, builder, deadlines, shutdown, peer,
-    )
-    .await;
+    port.serve_tcp(stream, peer, accepted, handler).await;
 }

@@ -239,16 +239,13 @@ impl App {
             let _ = ready_rx.wait_for(|stop| *stop).await;
             ready.store(false, Ordering::Release);
         });
-        server::serve_workers(
-            self.proxy_listener,
-            self.config.fixed.proxy_workers,
-            self.proxy,
-            self.settings,
-            acceptor,
-            rx,
-            drain,
-        )
-        .await;
+        let setup = server::WorkerSetup {
+            proxy: self.proxy,
+            settings: self.settings,
+            tls: acceptor,
+            shutdown: rx,
+        };
+        server::serve_workers(self.proxy_listener, self.config.fixed.proxy_workers, setup).await;
         // After the drain: the last requests' uses are in the queue; write them.
         let _ = stop_usage.send(());
         let _ = tokio::time::timeout(drain, flusher).await;

@@ -7,15 +7,10 @@
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::snapshot::{Live, Snapshot};
-use notify::{RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::signal::unix::Signal;
-use tokio::sync::{mpsc, watch};
-
-/// Wait this long after a file event for more to settle (editors write in steps).
-const SETTLE: Duration = Duration::from_millis(150);
+use tokio::sync::watch;
 
 /// Where a reload lands: the running snapshot, and the metrics its route handles use.
 pub struct Target {
@@ -76,30 +71,12 @@ pub async fn run(
     mut hup: Option<Signal>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (tx, mut rx) = mpsc::channel::<()>(16);
-    let file_name = path.file_name().map(|n| n.to_owned());
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| Path::new("."))
-        .to_path_buf();
-    let watcher = {
-        let tx = tx.clone();
-        notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let Ok(event) = res else { return };
-            // The file itself, or a ConfigMap's `..data` symlink swap.
-            let relevant = event.paths.iter().any(|p| {
-                let name = p.file_name();
-                name == file_name.as_deref() || name.is_some_and(|n| n == "..data")
-            });
-            if relevant && !event.kind.is_access() {
-                let _ = tx.try_send(());
-            }
-        })
-        .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w))
-    };
-    let _watcher = match watcher {
-        Ok(w) => Some(w),
+    // The file itself, or a ConfigMap's `..data` symlink swap.
+    let mut names = vec![std::ffi::OsString::from("..data")];
+    names.extend(path.file_name().map(|n| n.to_owned()));
+    let dir = crate::watch::dir_of(&path);
+    let mut changes = match crate::watch::watch_files(std::slice::from_ref(&dir), Some(names)) {
+        Ok(c) => Some(c),
         Err(e) => {
             tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config file; SIGHUP still reloads");
             None
@@ -107,11 +84,7 @@ pub async fn run(
     };
     loop {
         tokio::select! {
-            Some(()) = rx.recv() => {
-                // Let a burst of events settle, then reload once.
-                tokio::time::sleep(SETTLE).await;
-                while rx.try_recv().is_ok() {}
-            }
+            Some(()) = async { match changes.as_mut() { Some(c) => c.next().await, None => None } } => {}
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => {
                 tracing::info!("SIGHUP: reloading configuration");
             }

@@ -1,16 +1,17 @@
-//! Forwarding to the upstream: hop-by-hop headers out, client-sent identity headers out,
-//! keygate's identity and `X-Forwarded-*` in, bodies streamed both ways, `Upgrade`
+//! Forwarding to the upstream: the request's target rewritten and its headers made
+//! (`headers`), bodies streamed both ways under the upstream timeout, `Upgrade`
 //! tunnelled only after the upstream answers 101. An HTTP/1 client connection gets its own
 //! upstream connection, driven on the same worker thread (no pool lock, no cross-thread
 //! wake-up per request); HTTP/2 clients and upgrades go through hyper-util's pooled client.
 
+use super::headers;
 use super::Conn;
 use crate::cache::Identity;
 use crate::config::Upstream;
 use crate::error::{Body, BoxError, Deny};
 use crate::policy::Policy;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
@@ -24,81 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tower_service::Service;
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
-
-/// Headers by which an upstream framework would act on another method or path than the
-/// one keygate matched (Rails, Express, Symfony, IIS URL rewrite): never forwarded.
-const OVERRIDES: [&str; 6] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-method",
-];
-
-/// Client address, host, scheme and original-URL claims besides
-/// `X-Forwarded-For/Proto/Host` (which are rewritten): kept from trusted proxies only.
-/// `Forwarded` is extended for those.
-const CLIENT_CLAIMS: [&str; 20] = [
-    "forwarded",
-    "x-real-ip",
-    "x-client-ip",
-    "client-ip",
-    "x-originating-ip",
-    "x-remote-addr",
-    "x-remote-ip",
-    "x-host",
-    "x-forwarded-uri",
-    "x-original-uri",
-    "x-envoy-original-path",
-    "true-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-forwarded-scheme",
-    "x-forwarded-ssl",
-];
-
-/// Bit n set when a name in `OVERRIDES` or `CLIENT_CLAIMS` is n bytes long: most header
-/// names are ruled out by their length alone.
-const CLAIM_LENGTHS: u64 = {
-    let mut mask = 0u64;
-    let mut i = 0;
-    while i < OVERRIDES.len() {
-        mask |= 1 << OVERRIDES[i].len();
-        i += 1;
-    }
-    let mut i = 0;
-    while i < CLIENT_CLAIMS.len() {
-        mask |= 1 << CLIENT_CLAIMS[i].len();
-        i += 1;
-    }
-    mask
-};
-
-/// Headers that only concern one hop (RFC 9110 7.6.1, plus legacy ones and the h2c
-/// upgrade's `HTTP2-Settings`).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HTTP2_SETTINGS,
-];
 
 /// The upstream connection of one HTTP/1 client connection. HTTP/1 requests on a
 /// connection come one after another, so the lock is never contended; it is only there
@@ -119,12 +45,26 @@ impl UpstreamSlot {
     }
 }
 
+/// What the request path decided about one request: how it goes upstream.
+pub struct Outbound<'a> {
+    /// The normalised path, when it differs from the one received.
+    pub path: Option<String>,
+    /// The host the upstream is told (see `request_host`).
+    pub host: Option<HeaderValue>,
+    /// The caller; `None` on a public route.
+    pub identity: Option<&'a Identity>,
+    /// The route's request body limit.
+    pub body_limit: Option<u64>,
+}
+
 pub struct Forwarder {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     connector: HttpsConnector<HttpConnector>,
     upstream: Upstream,
     /// `scheme://authority/` of the upstream: what the connector dials.
     upstream_uri: Uri,
+    /// The upstream's authority as a `Host` value, for a client that named no host.
+    upstream_host: Option<HeaderValue>,
     timeout: Duration,
     /// An upgraded connection (WebSocket) on which no byte moves for this long is closed.
     tunnel_idle: Duration,
@@ -157,11 +97,13 @@ impl Forwarder {
             .path_and_query("/")
             .build()
             .map_err(|e| format!("proxy.upstream: {e}"))?;
+        let upstream_host = HeaderValue::from_str(upstream.authority.as_str()).ok();
         Ok(Forwarder {
             client,
             connector,
             upstream,
             upstream_uri,
+            upstream_host,
             timeout,
             tunnel_idle,
         })
@@ -234,54 +176,39 @@ impl Forwarder {
         Ok(resp)
     }
 
-    /// Send the request upstream; `new_path` is the normalised path when it differs
-    /// from the one received, `host` the host the upstream is told (see `request_host`).
-    /// Returns the response and the time to its head.
-    #[allow(clippy::too_many_arguments)]
+    /// Send the request upstream as `out` says. Returns the response and the time to its
+    /// head.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
-        new_path: Option<String>,
-        host: Option<HeaderValue>,
-        identity: Option<&Identity>,
+        out: Outbound<'_>,
         policy: &Policy,
         conn: &Conn,
-        body_limit: Option<u64>,
     ) -> Result<(Response<Body>, Duration), Deny> {
-        let upgrade = upgrade_offer(&req, &policy.upgrades);
+        let upgrade = headers::upgrade_offer(&req, &policy.upgrades);
         // HTTP/1 clients send one request at a time: they get their own upstream
         // connection. HTTP/2 (many streams at once) and upgrades use the pool.
         let direct = upgrade.is_none() && req.version() <= Version::HTTP_11;
-        *req.uri_mut() = self.upstream_target(req.uri(), new_path, direct)?;
+        *req.uri_mut() = self.upstream_target(req.uri(), out.path, direct)?;
         *req.version_mut() = Version::HTTP_11;
-        self.set_headers(
+        // HTTP/1.1 needs a Host (the pool adds one from the URI; do the same).
+        let default_host = match out.host {
+            None if direct => self.upstream_host.as_ref(),
+            _ => None,
+        };
+        headers::set_request_headers(
             req.headers_mut(),
             policy,
             conn,
-            identity,
-            host,
-            &upgrade,
-            direct,
+            out.identity,
+            out.host,
+            upgrade.as_ref(),
         );
-
+        if let Some(h) = default_host {
+            req.headers_mut().insert(header::HOST, h.clone());
+        }
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        // A request with a body: the upstream timeout counts from when it was all sent
-        // (an upload takes as long as it takes while its frames keep moving).
-        let (sent, body_sent) = match http_body::Body::is_end_stream(req.body()) {
-            true => (None, None),
-            false => {
-                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                let progress = Arc::new(BodyProgress::default());
-                (Some((tx, progress.clone())), Some((rx, progress)))
-            }
-        };
-        let req = req.map(|b| {
-            let b = ClientBody { inner: b, sent };
-            match body_limit {
-                Some(limit) => Limited::new(b, limit as usize).boxed(),
-                None => b.boxed(),
-            }
-        });
+        let (req, body_sent) = outgoing_body(req, out.body_limit);
 
         let started = Instant::now();
         let outcome = match body_sent {
@@ -295,18 +222,30 @@ impl Forwarder {
         let elapsed = started.elapsed();
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return match (client_upgrade, upgrade) {
-                (Some(client), Some(offer)) if switched_to_offered(&resp, &offer) => {
-                    self.tunnel(client, &mut resp, conn.slot.clone());
-                    let (parts, _) = resp.into_parts();
-                    Ok((Response::from_parts(parts, crate::error::full("")), elapsed))
-                }
-                // 101 to a request that did not offer that protocol: refuse, not tunnel.
-                _ => Err(Deny::UpstreamUnavailable),
-            };
+            let switched = self.switch(client_upgrade.zip(upgrade), resp, conn)?;
+            return Ok((switched, elapsed));
         }
-        strip_hop_by_hop(resp.headers_mut());
+        headers::strip_hop_by_hop(resp.headers_mut());
         Ok((resp.map(|b| b.map_err(BoxError::from).boxed()), elapsed))
+    }
+
+    /// A 101: tunnel if the upstream switched to a protocol this request offered (the
+    /// client gets the 101 head), refuse otherwise.
+    fn switch(
+        &self,
+        upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
+        mut resp: Response<Incoming>,
+        conn: &Conn,
+    ) -> Result<Response<Body>, Deny> {
+        match upgrade {
+            Some((client, offer)) if headers::switched_to_offered(&resp, &offer) => {
+                self.tunnel(client, &mut resp, conn.slot.clone());
+                let (parts, _) = resp.into_parts();
+                Ok(Response::from_parts(parts, crate::error::full("")))
+            }
+            // 101 to a request that did not offer that protocol: refuse, not tunnel.
+            _ => Err(Deny::UpstreamUnavailable),
+        }
     }
 
     /// To the client connection's own upstream connection, or through the pool.
@@ -332,7 +271,7 @@ impl Forwarder {
         req: Request<Body>,
         conn: &Conn,
         direct: bool,
-        (body_sent, progress): (tokio::sync::oneshot::Receiver<()>, Arc<BodyProgress>),
+        (body_sent, progress): BodySent,
     ) -> Option<Result<Response<Incoming>, Deny>> {
         let head_due = async {
             let _ = body_sent.await;
@@ -376,52 +315,6 @@ impl Forwarder {
         Uri::from_parts(parts).map_err(|_| Deny::BadPath)
     }
 
-    /// Every header the upstream sees is one keygate vouches for: the client's are
-    /// cleaned (`strip_client_headers`), then identity, `X-Forwarded-*`, `Host` and the
-    /// allowed `Upgrade` are set.
-    #[allow(clippy::too_many_arguments)]
-    fn set_headers(
-        &self,
-        headers: &mut HeaderMap,
-        policy: &Policy,
-        conn: &Conn,
-        identity: Option<&Identity>,
-        host: Option<HeaderValue>,
-        upgrade: &Option<HeaderValue>,
-        direct: bool,
-    ) {
-        // Room for what is added below at once, instead of the map growing insert by
-        // insert (`try_`: a map already at http's size limit just grows as it can).
-        let _ = headers.try_reserve(10);
-        let trusted = policy
-            .trusted_proxies
-            .iter()
-            .any(|n| n.contains(&conn.peer.ip()));
-        strip_client_headers(headers, policy, trusted);
-        if let Some(u) = upgrade {
-            headers.insert(header::UPGRADE, u.clone());
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        headers.remove(header::PROXY_AUTHORIZATION);
-        if !policy.forward_authorization {
-            headers.remove(header::AUTHORIZATION);
-        }
-        set_identity(headers, policy, identity);
-        set_forwarded(headers, conn, trusted, host.as_ref());
-        match host {
-            Some(h) => {
-                headers.insert(header::HOST, h);
-            }
-            // HTTP/1.1 needs a Host (the pool adds one from the URI; do the same).
-            None if direct => {
-                if let Ok(h) = HeaderValue::from_str(self.upstream.authority.as_str()) {
-                    headers.insert(header::HOST, h);
-                }
-            }
-            None => {}
-        }
-    }
-
     /// Copy both ways once both sides have switched protocols.
     /// `slot` keeps the client connection's `max_connections` slot for the tunnel's life.
     fn tunnel(
@@ -442,6 +335,32 @@ impl Forwarder {
             }
         });
     }
+}
+
+/// A request body's end (the sender is dropped then) and how it moves, for the request
+/// waiting on the upstream's answer.
+type BodySent = (tokio::sync::oneshot::Receiver<()>, Arc<BodyProgress>);
+
+/// The request body as it goes upstream: bounded by `limit`, and for a request with a
+/// body, what tells the upstream timeout when the body was all sent (an upload takes as
+/// long as it takes while its frames keep moving).
+fn outgoing_body(req: Request<Incoming>, limit: Option<u64>) -> (Request<Body>, Option<BodySent>) {
+    let (sent, body_sent) = match http_body::Body::is_end_stream(req.body()) {
+        true => (None, None),
+        false => {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let progress = Arc::new(BodyProgress::default());
+            (Some((tx, progress.clone())), Some((rx, progress)))
+        }
+    };
+    let req = req.map(|b| {
+        let b = ClientBody { inner: b, sent };
+        match limit {
+            Some(limit) => Limited::new(b, limit as usize).boxed(),
+            None => b.boxed(),
+        }
+    });
+    (req, body_sent)
 }
 
 /// How a request body moves: written by the body as the upstream connection polls it,
@@ -560,242 +479,4 @@ fn classify_source(e: &(dyn std::error::Error + 'static)) -> Deny {
     }
     tracing::debug!(error = %e, "upstream request failed");
     Deny::UpstreamUnavailable
-}
-
-/// The protocols of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`)
-/// that `allowed` names, as the `Upgrade` value to forward; `None` when it offers none
-/// (then it is forwarded as a plain request, its `Upgrade` removed).
-fn upgrade_offer<B>(req: &Request<B>, allowed: &[Box<str>]) -> Option<HeaderValue> {
-    let asks = req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    if !asks {
-        return None;
-    }
-    let offered = req
-        .headers()
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| allowed_protocol(p, allowed));
-    let kept: Vec<&str> = offered.collect();
-    if kept.is_empty() {
-        return None;
-    }
-    HeaderValue::from_str(&kept.join(", ")).ok()
-}
-
-/// `websocket` or `websocket/13` when `websocket` is allowed (names are case-insensitive).
-fn allowed_protocol(protocol: &str, allowed: &[Box<str>]) -> bool {
-    let name = protocol.split('/').next().unwrap_or("").trim();
-    !name.is_empty() && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
-}
-
-/// The upstream switched to one of the protocols offered to it.
-fn switched_to_offered<B>(resp: &Response<B>, offer: &HeaderValue) -> bool {
-    let Some(chosen) = resp
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let name = chosen.split('/').next().unwrap_or("").trim();
-    offer.to_str().unwrap_or("").split(',').any(|p| {
-        p.split('/')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case(name)
-    })
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Remove hop-by-hop headers and those the `Connection` header names. `Host` and
-/// `Content-Length` survive: they frame and address the message.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the few names present (one bit per `HOP_BY_HOP` entry) instead of a
-    // hash lookup per hop-by-hop name: most messages carry none, or only `Connection`.
-    let mut present = 0u8;
-    for n in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == n) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    // `HOP_BY_HOP[0]` is `Connection`. Its usual tokens (`close`, `keep-alive`,
-    // `upgrade`) are not other headers to look for, or are in `HOP_BY_HOP` already.
-    let mut named = Vec::new();
-    if present & 1 != 0 {
-        for t in connection_tokens(headers) {
-            if ["close", "keep-alive", "upgrade"]
-                .iter()
-                .any(|u| t.eq_ignore_ascii_case(u))
-            {
-                continue;
-            }
-            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-                if n != header::HOST && n != header::CONTENT_LENGTH && !HOP_BY_HOP.contains(&n) {
-                    named.push(n);
-                }
-            }
-        }
-    }
-    for n in named {
-        headers.remove(n);
-    }
-    for (i, n) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(n);
-        }
-    }
-}
-
-/// Remove what a client may not tell the upstream: hop-by-hop headers; any header with an
-/// `_` in its name (CGI, WSGI, Rack and PHP read `x_keygate_tenant` as
-/// `x-keygate-tenant`), or with `underscore_headers: keep` those that would read as a
-/// header keygate vouches for; method and URL overrides; and, unless the peer is a
-/// trusted proxy, client address and scheme claims.
-fn strip_client_headers(headers: &mut HeaderMap, policy: &Policy, trusted: bool) {
-    strip_hop_by_hop(headers);
-    let mut refused = Vec::new();
-    for name in headers.keys() {
-        if refuse(name.as_str(), policy, trusted) {
-            refused.push(name.clone());
-        }
-    }
-    for n in refused {
-        headers.remove(n);
-    }
-}
-
-fn refuse(name: &str, policy: &Policy, trusted: bool) -> bool {
-    if name.as_bytes().contains(&b'_') {
-        return !policy.keep_underscore_headers || vouched(&name.replace('_', "-"), policy);
-    }
-    if name.len() >= 64 || CLAIM_LENGTHS & (1 << name.len()) == 0 {
-        return false;
-    }
-    OVERRIDES.contains(&name) || (!trusted && CLIENT_CLAIMS.contains(&name))
-}
-
-/// A name keygate sets, rewrites or strips: a look-alike spelling must not reach the
-/// upstream either.
-fn vouched(name: &str, policy: &Policy) -> bool {
-    let ids = &policy.identity;
-    [&ids.key_id, &ids.tenant, &ids.scopes, &ids.key_type]
-        .iter()
-        .any(|n| n.as_str() == name)
-        || HOP_BY_HOP.iter().any(|n| n.as_str() == name)
-        || OVERRIDES.contains(&name)
-        || CLIENT_CLAIMS.contains(&name)
-        || [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "authorization",
-            "proxy-authorization",
-            "host",
-            "content-length",
-        ]
-        .contains(&name)
-}
-
-/// Identity headers are set by keygate only: a client's copies are always removed.
-fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Identity>) {
-    let names = &policy.identity;
-    match identity {
-        Some(id) => {
-            headers.insert(names.key_id.clone(), id.id_header());
-            headers.insert(names.tenant.clone(), id.tenant_header());
-            headers.insert(names.scopes.clone(), id.scopes_header());
-            headers.insert(names.key_type.clone(), id.type_header());
-        }
-        None => {
-            let all = [&names.key_id, &names.tenant, &names.scopes, &names.key_type];
-            // Comparing the few names present is cheaper than four hash lookups.
-            if headers.keys().any(|k| all.contains(&k)) {
-                for n in all {
-                    headers.remove(n);
-                }
-            }
-        }
-    }
-}
-
-/// `X-Forwarded-*`: kept and extended for trusted peers, overwritten for everyone else;
-/// `Forwarded` (RFC 7239) is extended for trusted peers and was removed for the others.
-fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, trusted: bool, host: Option<&HeaderValue>) {
-    let peer_ip = conn.peer.ip();
-    let proto = if conn.tls { "https" } else { "http" };
-    if trusted {
-        extend_forwarded(headers, peer_ip, proto);
-    }
-    // A client's own X-Forwarded-For is only looked at when it is trusted.
-    let prev = if trusted {
-        headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
-    } else {
-        None
-    };
-    let xff = match prev {
-        Some(prev) if headers.get_all(X_FORWARDED_FOR).iter().count() == 1 => {
-            HeaderValue::from_str(&format!("{prev}, {peer_ip}")).ok()
-        }
-        // The usual case: the connection's own value, built once when it was accepted.
-        _ => Some(conn.peer_header.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    }
-    if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
-        match host {
-            Some(h) => {
-                headers.insert(X_FORWARDED_HOST, h.clone());
-            }
-            None => {
-                headers.remove(X_FORWARDED_HOST);
-            }
-        }
-    }
-}
-
-/// A trusted proxy's `Forwarded` elements, then this hop's (`for`, quoted for IPv6).
-fn extend_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &str) {
-    let prev: Vec<&str> = headers
-        .get_all(FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if prev.is_empty() {
-        return;
-    }
-    let this = match peer {
-        std::net::IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
-        std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
-    };
-    let value = format!("{}, {this}", prev.join(", "));
-    match HeaderValue::from_str(&value) {
-        Ok(v) => {
-            headers.insert(FORWARDED, v);
-        }
-        Err(_) => {
-            headers.remove(FORWARDED);
-        }
-    }
 }

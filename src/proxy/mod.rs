@@ -2,6 +2,7 @@
 //! against the cache, then forward with identity headers (see `forward`).
 
 pub mod forward;
+pub mod headers;
 pub mod host;
 pub mod server;
 
@@ -175,11 +176,13 @@ impl Proxy {
         if declared_body_over(&req, limit) {
             return (index, Err(Deny::BodyTooLarge));
         }
-        let path = path.into_owned_if_changed();
-        let result = self
-            .forwarder
-            .forward(req, path, host, identity.as_deref(), policy, conn, limit)
-            .await;
+        let out = forward::Outbound {
+            path: path.into_owned_if_changed(),
+            host,
+            identity: identity.as_deref(),
+            body_limit: limit,
+        };
+        let result = self.forwarder.forward(req, out, policy, conn).await;
         *who = identity;
         (index, result)
     }

@@ -1,18 +1,15 @@
 //! The proxy listener: one worker thread per CPU, each with its own single-threaded
 //! runtime (as nginx's workers); an acceptor hands each connection to the least busy
-//! worker, so a request is served start to finish on one thread; accept bounded by `max_connections`, HTTP/1.1 and HTTP/2 via
-//! hyper-util's auto builder, header-read and idle timeouts, and graceful drain.
+//! worker, so a request is served start to finish on one thread. Accept bounded by
+//! `max_connections`, TLS, deadlines and drain are `connection`'s, shared with the admin
+//! port.
 
 use super::{Conn, Proxy, Slot};
-use crate::connection::{self, ServerSettings, Watch};
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
+use crate::connection::{self, Port, ServerSettings};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -37,25 +34,28 @@ type Handoff = (
     tokio::time::Instant,
 );
 
-/// Serve with `workers` threads until `shutdown` turns true; then stop accepting and let
-/// open connections finish their in-flight requests for up to `drain`. Returns when every
-/// worker has stopped.
+/// What every proxy worker is given: the same for all of them.
+#[derive(Clone)]
+pub struct WorkerSetup {
+    pub proxy: Arc<Proxy>,
+    /// Its `deadlines.drain` bounds the drain at shutdown.
+    pub settings: ServerSettings,
+    pub tls: Option<TlsAcceptor>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Serve with `workers` threads until `setup.shutdown` turns true; then stop accepting and
+/// let open connections finish their in-flight requests for up to `deadlines.drain`.
+/// Returns when every worker has stopped.
 ///
 /// This task accepts and hands each connection to the worker with the fewest open ones
 /// (a connection's requests then all run on that worker). Not `SO_REUSEPORT` listeners:
 /// the kernel's hash can load one worker far more than another, a process of the same
 /// user could bind the port too and take a share, and two listeners binding port 0 could
 /// be given the same port.
-pub async fn serve_workers(
-    listener: std::net::TcpListener,
-    workers: usize,
-    proxy: Arc<Proxy>,
-    settings: ServerSettings,
-    tls: Option<TlsAcceptor>,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+pub async fn serve_workers(listener: std::net::TcpListener, workers: usize, setup: WorkerSetup) {
+    let slots = Arc::new(Semaphore::new(setup.settings.max_connections));
+    let mut shutdown = setup.shutdown.clone();
     let mut done = Vec::new();
     let mut handoff = Vec::new();
     for i in 0..workers.max(1) {
@@ -64,12 +64,7 @@ pub async fn serve_workers(
         handoff.push((tx, open.clone()));
         let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
         done.push(finished_rx);
-        let (proxy, settings, tls, shutdown) = (
-            proxy.clone(),
-            settings.clone(),
-            tls.clone(),
-            shutdown.clone(),
-        );
+        let setup = setup.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("keygate-proxy-{i}"))
             .spawn(move || {
@@ -77,9 +72,7 @@ pub async fn serve_workers(
                     .enable_all()
                     .build()
                 {
-                    Ok(runtime) => {
-                        runtime.block_on(worker(rx, open, proxy, settings, tls, shutdown, drain))
-                    }
+                    Ok(runtime) => runtime.block_on(worker(rx, open, setup)),
                     Err(e) => tracing::error!(error = %e, "cannot start a proxy worker's runtime"),
                 }
                 let _ = finished.send(());
@@ -129,13 +122,17 @@ pub async fn serve_workers(
 async fn worker(
     mut incoming: mpsc::UnboundedReceiver<Handoff>,
     open: Arc<AtomicUsize>,
-    proxy: Arc<Proxy>,
-    settings: ServerSettings,
-    tls: Option<TlsAcceptor>,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
+    setup: WorkerSetup,
 ) {
-    let builder = Arc::new(settings.builder());
+    let WorkerSetup {
+        proxy,
+        settings,
+        tls,
+        mut shutdown,
+    } = setup;
+    let port = Port::new("proxy", &settings, tls, shutdown.clone())
+        .with_max_first_line(settings.max_first_line());
+    let port = Arc::new(port);
     let mut connections = JoinSet::new();
     // This worker's own read path to the store, used by its connections only.
     let reader = proxy
@@ -161,42 +158,28 @@ async fn worker(
                 continue;
             }
         };
-        let (proxy, builder, settings) = (proxy.clone(), builder.clone(), settings.clone());
+        let (proxy, port, open) = (proxy.clone(), port.clone(), open.clone());
         let reader = reader.clone();
-        let (shutdown, tls, open) = (shutdown.clone(), tls.clone(), open.clone());
         // Freed when the connection and any tunnel it became are gone.
         let slot: Slot = Arc::new(OpenSlot {
             _permit: permit,
             open,
         });
         connections.spawn(async move {
-            let watch = Watch::new(accepted);
-            match tls {
-                None => {
-                    let conn = Conn::new(peer, false, slot, reader);
-                    serve_connection(stream, watch, conn, proxy, &builder, &settings, shutdown)
-                        .await;
+            let handler = move |tls| {
+                let ctx = Arc::new(ConnCtx {
+                    proxy,
+                    conn: Conn::new(peer, tls, slot, reader),
+                });
+                move |req| {
+                    let ctx = ctx.clone();
+                    async move { ctx.proxy.handle(req, &ctx.conn).await }
                 }
-                Some(acceptor) => {
-                    let until = accepted + settings.deadlines.header_read;
-                    match tokio::time::timeout_at(until, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let conn = Conn::new(peer, true, slot, reader);
-                            serve_connection(
-                                stream, watch, conn, proxy, &builder, &settings, shutdown,
-                            )
-                            .await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
-                    }
-                }
-            }
+            };
+            port.serve_tcp(stream, peer, accepted, handler).await;
         });
     }
-    connection::drain(&mut connections, drain).await;
+    connection::drain(&mut connections, settings.deadlines.drain).await;
 }
 
 /// A connection's `max_connections` slot and its place in its worker's count, given back
@@ -215,33 +198,4 @@ impl Drop for OpenSlot {
 struct ConnCtx {
     proxy: Arc<Proxy>,
     conn: Conn,
-}
-
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    stream: S,
-    watch: Watch,
-    conn: Conn,
-    proxy: Arc<Proxy>,
-    builder: &auto::Builder<TokioExecutor>,
-    settings: &ServerSettings,
-    shutdown: watch::Receiver<bool>,
-) {
-    let peer = conn.peer;
-    let ctx = Arc::new(ConnCtx { proxy, conn });
-    let handler = move |req| {
-        let ctx = ctx.clone();
-        async move { ctx.proxy.handle(req, &ctx.conn).await }
-    };
-    let max_first_line = Some(settings.max_first_line());
-    connection::serve(
-        watch,
-        stream,
-        max_first_line,
-        handler,
-        builder,
-        &settings.deadlines,
-        shutdown,
-        peer,
-    )
-    .await;
 }
