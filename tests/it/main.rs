@@ -11,6 +11,7 @@ mod support;
 mod admin_hellojohn;
 mod admin_jack;
 mod cli;
+mod code_map;
 mod contract;
 mod crash;
 mod feed;
