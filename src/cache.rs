@@ -181,15 +181,6 @@ pub enum Source {
     Store,
 }
 
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Cache => "cache",
-            Source::Store => "store",
-        }
-    }
-}
-
 /// How long entries are trusted, in milliseconds: read from the request's snapshot on
 /// every lookup, so a reload's TTLs apply to the per-thread fronts at once and to the
 /// shared cache for what is filled after it.

@@ -118,7 +118,6 @@ impl Upstream {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub source: String,
     pub fixed: Fixed,
     pub live: Live,
 }
@@ -322,11 +321,7 @@ impl Config {
             line: None,
             message: e.message,
         })?;
-        Ok(Config {
-            source: source.to_string(),
-            fixed,
-            live,
-        })
+        Ok(Config { fixed, live })
     }
 }
 

@@ -324,10 +324,6 @@ impl PathPattern {
         })
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
     /// The first segment when it is a literal: the route table indexes on it.
     pub fn first_literal(&self) -> Option<&str> {
         match self.segments.first() {
