@@ -26,5 +26,6 @@ mod proxy_forward;
 mod raw;
 mod redis_store;
 mod reload;
+mod reload_cache;
 mod streaming;
 mod tls;
