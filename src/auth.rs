@@ -94,12 +94,12 @@ impl Verifier {
                 return v;
             }
         };
+        if rules.deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
+            // Refused as if the read had not happened: no source, nothing to time.
+            return Verdict::refused(Deny::StoreUnavailable);
+        }
         let mut verdict = Verdict::refused(Deny::UnknownKey);
         verdict.source = Some(source);
-        if rules.deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
-            verdict.result = Err(Deny::StoreUnavailable);
-            return verdict;
-        }
         if let Entry::Known(id) = entry {
             verdict.at_ms = crate::time::now_ms();
             verdict.result = check_record(&id, &digest, need, verdict.at_ms);

@@ -182,8 +182,8 @@ pub enum Source {
 }
 
 /// How long entries are trusted, in milliseconds: read from the request's snapshot on
-/// every lookup, so a reload's TTLs apply to the per-thread fronts at once and to the
-/// shared cache for what is filled after it.
+/// every lookup, so a reload's positive TTL bounds every cached key at once (an entry
+/// also keeps the TTL it was filled with, so a longer new TTL applies to new fills).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ttls {
     pub positive_ms: u64,
@@ -316,10 +316,18 @@ impl KeyCache {
             return Ok((Entry::Known(id), Source::Cache));
         }
         if let Some(c) = self.cache.get(digest).await {
-            if let Entry::Known(id) = &c.entry {
-                self.local_put(digest, id, before, now_ms, ttls);
+            match &c.entry {
+                // Filled under a longer TTL than the running one (a reload shortened
+                // it): read it again rather than trust it past the TTL now in force.
+                Entry::Known(id) if id.cached_at_ms.saturating_add(ttls.positive_ms) <= now_ms => {
+                    self.cache.invalidate(digest).await;
+                }
+                Entry::Known(id) => {
+                    self.local_put(digest, id, before, now_ms, ttls);
+                    return Ok((c.entry, Source::Cache));
+                }
+                Entry::Unknown => return Ok((c.entry, Source::Cache)),
             }
-            return Ok((c.entry, Source::Cache));
         }
         let fill = self.fill(*digest, ttls, reader.clone());
         let entry = match self.cache.try_get_with(*digest, fill).await {
