@@ -6,7 +6,7 @@ pub mod reload;
 use crate::admin::{self, AdminState};
 use crate::auth::Verifier;
 use crate::cache::KeyCache;
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, Fixed, StoreConfig};
 use crate::connection::{Deadlines, ServerSettings};
 use crate::feed::FeedSettings;
 use crate::key::{self, KeyHasher};
@@ -58,113 +58,49 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         // rustls' process-wide provider, used by the Redis TLS client (idempotent).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (store, redis_feed): (Arc<dyn KeyStore>, _) = match &config.fixed.store {
-            StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
-            StoreConfig::Redis(settings) => {
-                let store = RedisStore::connect(settings)?;
-                let feed = FeedSettings {
-                    redis: settings.clone(),
-                    channel: store.channel(),
-                    seq_key: store.seq_key(),
-                };
-                (Arc::new(store), Some(feed))
-            }
-        };
+        let fixed = &config.fixed;
+        let (store, redis_feed) = open_store(&fixed.store)?;
         let metrics = Arc::new(Metrics::new());
         let live = Live::new(Snapshot::new(&config, &metrics));
+        let pepper = fixed.pepper.as_ref().map(|p| p.expose_secret().as_bytes());
         let verifier = Verifier {
-            cache: Arc::new(KeyCache::new(config.fixed.cache_max_entries)),
-            hasher: KeyHasher::new(
-                config
-                    .fixed
-                    .pepper
-                    .as_ref()
-                    .map(|p| p.expose_secret().as_bytes()),
-            ),
-            prefixes: config.fixed.prefixes.clone(),
+            cache: Arc::new(KeyCache::new(fixed.cache_max_entries)),
+            hasher: KeyHasher::new(pepper),
+            prefixes: fixed.prefixes.clone(),
         };
         let (usage, usage_queue) = UsageRecorder::new();
-        let proxy = Proxy::new(
-            &config,
-            live.clone(),
-            verifier.clone(),
-            store.clone(),
-            metrics.clone(),
-            usage,
-        );
-        let proxy = Arc::new(proxy.map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?);
-        let admin = Arc::new(AdminState {
+        let (v, s, m) = (verifier.clone(), store.clone(), metrics.clone());
+        let proxy = Proxy::new(&config, live.clone(), v, s, m, usage)
+            .map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?;
+        let admin = AdminState {
             store,
             verifier,
             live,
-            root_digest: config
-                .fixed
-                .root_token
-                .as_ref()
+            root_digest: (fixed.root_token.as_ref())
                 .map(|t| key::sha256(t.expose_secret().as_bytes())),
-            default_tenant: config.fixed.default_tenant.clone(),
+            default_tenant: fixed.default_tenant.clone(),
             ready: Arc::new(AtomicBool::new(true)),
             metrics,
-        });
-        let proxy_listener = server::bind(config.fixed.proxy_listen).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {} (proxy): {e}",
-                config.fixed.proxy_listen
-            )
-        })?;
-        let admin_listener = TcpListener::bind(config.fixed.admin_listen)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen on {} (admin): {e}",
-                    config.fixed.admin_listen
-                )
-            })?;
-        let tls = match &config.fixed.tls {
-            None => None,
-            Some((cert, key)) => Some(Arc::new(
-                CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
-            )),
         };
-        let admin_tls = match &config.fixed.admin_tls {
-            None => None,
-            Some((cert, key)) => Some(Arc::new(
-                CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?,
-            )),
-        };
+        let (proxy_listener, admin_listener) = bind(fixed).await?;
+        let (tls, admin_tls) = (cert_resolver(&fixed.tls)?, cert_resolver(&fixed.admin_tls)?);
         let (tx, _) = watch::channel(false);
         Ok(App {
             proxy_addr: proxy_listener.local_addr()?,
             admin_addr: admin_listener.local_addr()?,
-            proxy,
-            admin,
+            proxy: Arc::new(proxy),
+            admin: Arc::new(admin),
             proxy_listener,
             admin_listener,
-            settings: ServerSettings {
-                deadlines: Deadlines {
-                    header_read: config.fixed.timeouts.header_read,
-                    idle: config.fixed.timeouts.idle,
-                    write: config.fixed.timeouts.write,
-                    // A slow upstream is bounded by its own timeout, not the idle one.
-                    stall: config
-                        .fixed
-                        .timeouts
-                        .idle
-                        .max(config.fixed.timeouts.upstream),
-                    drain: config.fixed.timeouts.drain,
-                },
-                max_header_bytes: config.fixed.limits.max_header_bytes,
-                max_uri_bytes: config.fixed.limits.max_uri_bytes,
-                max_connections: config.fixed.limits.max_connections,
-            },
+            settings: server_settings(fixed),
             shutdown: Arc::new(tx),
             redis_feed,
             usage_queue,
-            last_used_interval: config.fixed.last_used_interval,
-            config,
+            last_used_interval: fixed.last_used_interval,
             reload_from: None,
             tls,
             admin_tls,
+            config,
         })
     }
 
@@ -183,32 +119,7 @@ impl App {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let drain = self.config.fixed.timeouts.drain;
         let rx = self.shutdown.subscribe();
-        if let Some(feed) = self.redis_feed.clone() {
-            tokio::spawn(crate::feed::follow(
-                feed,
-                self.admin.verifier.cache.clone(),
-                self.admin.metrics.clone(),
-                rx.clone(),
-            ));
-        }
-        if let Some(path) = self.reload_from.clone() {
-            let target = reload::Target {
-                live: self.proxy.live.clone(),
-                metrics: self.admin.metrics.clone(),
-            };
-            let hup = reload::hangups();
-            tokio::spawn(reload::run(
-                path,
-                self.config.clone(),
-                target,
-                hup,
-                rx.clone(),
-            ));
-        }
-        let acceptor = self.tls.clone().map(|resolver| {
-            tokio::spawn(crate::tls::watch_cert(resolver.clone(), rx.clone()));
-            tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver))
-        });
+        self.follow_changes(&rx);
         let (stop_usage, usage_stopped) = tokio::sync::oneshot::channel();
         let flusher = tokio::spawn(crate::usage::run_flusher(
             self.usage_queue,
@@ -217,24 +128,18 @@ impl App {
             self.last_used_interval,
             usage_stopped,
         ));
-        let ready = self.admin.ready.clone();
-        let router = admin::router(self.admin.clone());
-        let admin_acceptor = self.admin_tls.clone().map(|resolver| {
-            tokio::spawn(crate::tls::watch_cert(resolver.clone(), rx.clone()));
-            tokio_rustls::TlsAcceptor::from(crate::tls::server_config(resolver))
-        });
         let admin_settings = ServerSettings {
             max_connections: self.config.fixed.limits.admin_max_connections,
             ..self.settings.clone()
         };
         let admin = tokio::spawn(admin::serve(
             self.admin_listener,
-            router,
-            admin_acceptor,
+            admin::router(self.admin.clone()),
+            tls_acceptor(self.admin_tls, &rx),
             admin_settings,
             rx.clone(),
         ));
-        let mut ready_rx = rx.clone();
+        let (ready, mut ready_rx) = (self.admin.ready.clone(), rx.clone());
         tokio::spawn(async move {
             let _ = ready_rx.wait_for(|stop| *stop).await;
             ready.store(false, Ordering::Release);
@@ -242,7 +147,7 @@ impl App {
         let setup = server::WorkerSetup {
             proxy: self.proxy,
             settings: self.settings,
-            tls: acceptor,
+            tls: tls_acceptor(self.tls, &rx),
             shutdown: rx,
         };
         server::serve_workers(self.proxy_listener, self.config.fixed.proxy_workers, setup).await;
@@ -252,4 +157,91 @@ impl App {
         let _ = tokio::time::timeout(drain, admin).await;
         Ok(())
     }
+
+    /// Start following the store's change feed and the config file (with SIGHUP, taken
+    /// before the ports serve: until then SIGHUP would end the process).
+    fn follow_changes(&self, rx: &watch::Receiver<bool>) {
+        if let Some(feed) = self.redis_feed.clone() {
+            let (cache, metrics) = (
+                self.admin.verifier.cache.clone(),
+                self.admin.metrics.clone(),
+            );
+            tokio::spawn(crate::feed::follow(feed, cache, metrics, rx.clone()));
+        }
+        if let Some(path) = self.reload_from.clone() {
+            let target = reload::Target {
+                live: self.proxy.live.clone(),
+                metrics: self.admin.metrics.clone(),
+            };
+            let (config, hup) = (self.config.clone(), reload::hangups());
+            tokio::spawn(reload::run(path, config, target, hup, rx.clone()));
+        }
+    }
+}
+
+/// The store, and for Redis what the change feed subscribes to.
+fn open_store(store: &StoreConfig) -> anyhow::Result<(Arc<dyn KeyStore>, Option<FeedSettings>)> {
+    Ok(match store {
+        StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
+        StoreConfig::Redis(settings) => {
+            let store = RedisStore::connect(settings)?;
+            let feed = FeedSettings {
+                redis: settings.clone(),
+                channel: store.channel(),
+                seq_key: store.seq_key(),
+            };
+            (Arc::new(store), Some(feed))
+        }
+    })
+}
+
+/// Both listening sockets, or an error naming the address that could not be bound.
+async fn bind(fixed: &Fixed) -> anyhow::Result<(std::net::TcpListener, TcpListener)> {
+    let refused = |addr: SocketAddr, port: &str, e: std::io::Error| {
+        anyhow::anyhow!("cannot listen on {addr} ({port}): {e}")
+    };
+    let proxy =
+        server::bind(fixed.proxy_listen).map_err(|e| refused(fixed.proxy_listen, "proxy", e))?;
+    let admin = TcpListener::bind(fixed.admin_listen)
+        .await
+        .map_err(|e| refused(fixed.admin_listen, "admin", e))?;
+    Ok((proxy, admin))
+}
+
+fn cert_resolver(pair: &Option<(PathBuf, PathBuf)>) -> anyhow::Result<Option<Arc<CertResolver>>> {
+    let Some((cert, key)) = pair else {
+        return Ok(None);
+    };
+    let resolver = CertResolver::new(cert.clone(), key.clone()).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Some(Arc::new(resolver)))
+}
+
+/// The proxy port's connection settings (the admin port's differ in `max_connections`).
+fn server_settings(fixed: &Fixed) -> ServerSettings {
+    let t = &fixed.timeouts;
+    ServerSettings {
+        deadlines: Deadlines {
+            header_read: t.header_read,
+            idle: t.idle,
+            write: t.write,
+            // A slow upstream is bounded by its own timeout, not the idle one.
+            stall: t.idle.max(t.upstream),
+            drain: t.drain,
+        },
+        max_header_bytes: fixed.limits.max_header_bytes,
+        max_uri_bytes: fixed.limits.max_uri_bytes,
+        max_connections: fixed.limits.max_connections,
+    }
+}
+
+/// The TLS acceptor of a port, with its certificate watched for changes.
+fn tls_acceptor(
+    resolver: Option<Arc<CertResolver>>,
+    rx: &watch::Receiver<bool>,
+) -> Option<tokio_rustls::TlsAcceptor> {
+    let resolver = resolver?;
+    tokio::spawn(crate::tls::watch_cert(resolver.clone(), rx.clone()));
+    Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+        resolver,
+    )))
 }
