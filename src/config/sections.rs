@@ -460,7 +460,7 @@ fn route(i: usize, r: &RawRoute, seen: &mut HashSet<String>) -> Result<RouteSpec
 }
 
 /// `proxy.upgrades`: protocol names (RFC 9110 tokens), lower-cased; never `h2c`.
-fn upgrades(list: &[String]) -> Result<Vec<String>> {
+fn upgrades(list: &[String]) -> Result<Box<[Box<str>]>> {
     let field = "proxy.upgrades";
     let mut out = Vec::with_capacity(list.len());
     for p in list {
@@ -478,7 +478,7 @@ fn upgrades(list: &[String]) -> Result<Vec<String>> {
                  every route check",
             ));
         }
-        out.push(p);
+        out.push(p.into_boxed_str());
     }
-    Ok(out)
+    Ok(out.into())
 }

@@ -42,10 +42,12 @@ pub struct HeaderPolicy {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `None`: no limit unless a route sets one.
     pub default_max_body_bytes: Option<u64>,
+    /// One log line per proxied request (target `keygate::access`).
     pub access_log: bool,
+    /// `underscore_headers: keep`.
     pub keep_underscore_headers: bool,
     /// `Upgrade` protocols allowed through, lower-case (never `h2c`).
-    pub upgrades: Vec<String>,
+    pub upgrades: Box<[Box<str>]>,
 }
 
 /// Everything `Policy::new` compiles.
@@ -125,16 +127,7 @@ pub struct Policy {
     by_first: HashMap<Box<str>, Vec<usize>, Xxh3Builder>,
     wild_first: Vec<usize>,
     unmatched: Option<Route>,
-    pub identity: IdentityHeaders,
-    pub forward_authorization: bool,
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    pub default_max_body_bytes: Option<u64>,
-    /// One log line per proxied request (target `keygate::access`).
-    pub access_log: bool,
-    /// `underscore_headers: keep`.
-    pub keep_underscore_headers: bool,
-    /// `Upgrade` protocols allowed through, lower-case.
-    pub upgrades: Box<[Box<str>]>,
+    pub headers: HeaderPolicy,
 }
 
 /// Route indexes by literal first segment, and those a request's first segment cannot
@@ -175,27 +168,12 @@ impl Policy {
             })),
         };
         let (by_first, wild_first) = index(&routes);
-        let HeaderPolicy {
-            identity,
-            forward_authorization,
-            trusted_proxies,
-            default_max_body_bytes,
-            access_log,
-            keep_underscore_headers,
-            upgrades,
-        } = headers;
         Policy {
             routes,
             by_first,
             wild_first,
             unmatched,
-            identity,
-            forward_authorization,
-            trusted_proxies,
-            default_max_body_bytes,
-            access_log,
-            keep_underscore_headers,
-            upgrades: upgrades.into_iter().map(String::into_boxed_str).collect(),
+            headers,
         }
     }
 
@@ -336,7 +314,7 @@ mod tests {
                 default_max_body_bytes: None,
                 access_log: true,
                 keep_underscore_headers: false,
-                upgrades: vec!["websocket".into()],
+                upgrades: Box::new(["websocket".into()]),
             },
         })
     }

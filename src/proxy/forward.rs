@@ -185,7 +185,7 @@ impl Forwarder {
         policy: &Policy,
         conn: &Conn,
     ) -> Result<(Response<Body>, Duration), Deny> {
-        let upgrade = headers::upgrade_offer(&req, &policy.upgrades);
+        let upgrade = headers::upgrade_offer(&req, &policy.headers.upgrades);
         // HTTP/1 clients send one request at a time: they get their own upstream
         // connection. HTTP/2 (many streams at once) and upgrades use the pool.
         let direct = upgrade.is_none() && req.version() <= Version::HTTP_11;

@@ -97,17 +97,14 @@ pub fn set_request_headers(
     // Room for what is added below at once, instead of the map growing insert by
     // insert (`try_`: a map already at http's size limit just grows as it can).
     let _ = headers.try_reserve(10);
-    let trusted = policy
-        .trusted_proxies
-        .iter()
-        .any(|n| n.contains(&conn.peer.ip()));
+    let trusted = (policy.headers.trusted_proxies.iter()).any(|n| n.contains(&conn.peer.ip()));
     strip_client_headers(headers, policy, trusted);
     if let Some(u) = upgrade {
         headers.insert(header::UPGRADE, u.clone());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     headers.remove(header::PROXY_AUTHORIZATION);
-    if !policy.forward_authorization {
+    if !policy.headers.forward_authorization {
         headers.remove(header::AUTHORIZATION);
     }
     set_identity(headers, policy, identity);
@@ -239,7 +236,7 @@ fn strip_client_headers(headers: &mut HeaderMap, policy: &Policy, trusted: bool)
 
 fn refuse(name: &str, policy: &Policy, trusted: bool) -> bool {
     if name.as_bytes().contains(&b'_') {
-        return !policy.keep_underscore_headers || vouched(&name.replace('_', "-"), policy);
+        return !policy.headers.keep_underscore_headers || vouched(&name.replace('_', "-"), policy);
     }
     if name.len() >= 64 || CLAIM_LENGTHS & (1 << name.len()) == 0 {
         return false;
@@ -250,7 +247,7 @@ fn refuse(name: &str, policy: &Policy, trusted: bool) -> bool {
 /// A name keygate sets, rewrites or strips: a look-alike spelling must not reach the
 /// upstream either.
 fn vouched(name: &str, policy: &Policy) -> bool {
-    let ids = &policy.identity;
+    let ids = &policy.headers.identity;
     [&ids.key_id, &ids.tenant, &ids.scopes, &ids.key_type]
         .iter()
         .any(|n| n.as_str() == name)
@@ -271,7 +268,7 @@ fn vouched(name: &str, policy: &Policy) -> bool {
 
 /// Identity headers are set by keygate only: a client's copies are always removed.
 fn set_identity(headers: &mut HeaderMap, policy: &Policy, identity: Option<&Identity>) {
-    let names = &policy.identity;
+    let names = &policy.headers.identity;
     match identity {
         Some(id) => {
             headers.insert(names.key_id.clone(), id.id_header());

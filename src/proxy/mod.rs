@@ -103,7 +103,7 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let snap = self.live.load();
         // Only the access log needs it: one clock read fewer per request without.
-        let started = snap.policy.access_log.then(Instant::now);
+        let started = snap.policy.headers.access_log.then(Instant::now);
         let method = req.method().clone();
         let mut who = None;
         let (route_index, result) = self.decide_and_forward(&snap, req, conn, &mut who).await;
@@ -119,7 +119,7 @@ impl Proxy {
                 (deny.response(), deny.code())
             }
         };
-        if snap.policy.access_log {
+        if snap.policy.headers.access_log {
             // One line per request: never the path (it may carry data), never a key.
             let route = route_index.map_or("-", |i| &*snap.policy.routes()[i].name);
             let who = who.as_deref();
@@ -172,7 +172,9 @@ impl Proxy {
                 Err(d) => return (index, Err(d)),
             }
         };
-        let limit = route.max_body_bytes.or(policy.default_max_body_bytes);
+        let limit = route
+            .max_body_bytes
+            .or(policy.headers.default_max_body_bytes);
         if declared_body_over(&req, limit) {
             return (index, Err(Deny::BodyTooLarge));
         }
