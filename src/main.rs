@@ -94,39 +94,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--dev`: the built-in config, with the echo upstream unless `--upstream` names one;
+/// also what the banner shows (root token, upstream).
+async fn dev_config(
+    upstream: Option<String>,
+) -> Result<(Config, Option<(String, String)>), ExitCode> {
+    let upstream = match upstream {
+        Some(u) => u,
+        None => match keygate::dev::spawn_echo_upstream(([127, 0, 0, 1], 0).into()).await {
+            Ok(addr) => format!("http://{addr}"),
+            Err(e) => {
+                eprintln!("error: cannot start the echo upstream: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        },
+    };
+    let token = std::env::var("KEYGATE_ROOT_TOKEN")
+        .ok()
+        .filter(|t| t.len() >= 16)
+        .unwrap_or_else(keygate::dev::root_token);
+    match keygate::dev::config(&upstream, &token) {
+        Ok(c) => Ok((c, Some((token, upstream)))),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EX_CONFIG))
+        }
+    }
+}
+
 async fn serve(config: Option<PathBuf>, dev: bool, upstream: Option<String>) -> ExitCode {
     let reload_path = if dev { None } else { config.clone() };
-    let (config, banner) = if dev {
-        let upstream = match upstream {
-            Some(u) => u,
-            None => match keygate::dev::spawn_echo_upstream(([127, 0, 0, 1], 0).into()).await {
-                Ok(addr) => format!("http://{addr}"),
-                Err(e) => {
-                    eprintln!("error: cannot start the echo upstream: {e}");
-                    return ExitCode::FAILURE;
-                }
-            },
-        };
-        let token = std::env::var("KEYGATE_ROOT_TOKEN")
-            .ok()
-            .filter(|t| t.len() >= 16)
-            .unwrap_or_else(keygate::dev::root_token);
-        match keygate::dev::config(&upstream, &token) {
-            Ok(c) => (c, Some((token, upstream))),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EX_CONFIG);
-            }
-        }
+    let loaded = if dev {
+        dev_config(upstream).await
     } else {
         let path = config.expect("clap requires --config without --dev");
-        match Config::load(&path) {
-            Ok(c) => (c, None),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EX_CONFIG);
-            }
-        }
+        Config::load(&path).map(|c| (c, None)).map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(EX_CONFIG)
+        })
+    };
+    let (config, banner) = match loaded {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let app = match App::build(config).await {
         Ok(a) => match reload_path {
