@@ -56,32 +56,9 @@ pub struct WorkerSetup {
 pub async fn serve_workers(listener: std::net::TcpListener, workers: usize, setup: WorkerSetup) {
     let slots = Arc::new(Semaphore::new(setup.settings.max_connections));
     let mut shutdown = setup.shutdown.clone();
-    let mut done = Vec::new();
-    let mut handoff = Vec::new();
-    for i in 0..workers.max(1) {
-        let (tx, rx) = mpsc::unbounded_channel::<Handoff>();
-        let open = Arc::new(AtomicUsize::new(0));
-        handoff.push((tx, open.clone()));
-        let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
-        done.push(finished_rx);
-        let setup = setup.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("keygate-proxy-{i}"))
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime.block_on(worker(rx, open, setup)),
-                    Err(e) => tracing::error!(error = %e, "cannot start a proxy worker's runtime"),
-                }
-                let _ = finished.send(());
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a proxy worker thread");
-        }
-    }
-
+    let (handoff, done): (Vec<_>, Vec<_>) = (0..workers.max(1))
+        .map(|i| start_worker(i, setup.clone()))
+        .unzip();
     match TcpListener::from_std(listener) {
         Ok(listener) => loop {
             let Some((stream, peer, permit)) =
@@ -116,6 +93,37 @@ pub async fn serve_workers(listener: std::net::TcpListener, workers: usize, setu
             tracing::error!("a proxy worker stopped abnormally");
         }
     }
+}
+
+/// Worker thread `i` with its own single-threaded runtime: where to hand it connections,
+/// its open-connection count, and a signal when it has stopped.
+fn start_worker(
+    i: usize,
+    setup: WorkerSetup,
+) -> (
+    (mpsc::UnboundedSender<Handoff>, Arc<AtomicUsize>),
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel::<Handoff>();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = (tx, open.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("keygate-proxy-{i}"))
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(worker(rx, open, setup)),
+                Err(e) => tracing::error!(error = %e, "cannot start a proxy worker's runtime"),
+            }
+            let _ = finished.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a proxy worker thread");
+    }
+    (handle, finished_rx)
 }
 
 /// One worker: serves the connections handed to it as tasks on this thread's runtime.
