@@ -103,8 +103,8 @@ def one_run(a, workdir, up_port, n, tag):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lb.wait_for(lambda: lb.http_get(admin, "/readyz", timeout=5)[0] == 200, "keygate", 120)
     key = create_key(admin) if a.mode == "auth" else None
-    drive(proxy, key, 200)  # warm-up: connections, cache, allocator
-    drive(proxy, key, n)
+    drive(proxy, key, 200, a.conns)  # warm-up: connections, cache, allocator
+    drive(proxy, key, n, a.conns)
     p.terminate()
     p.wait(120)
     text = out.read_text(errors="replace")
@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--mode", choices=["auth", "noauth"], default="auth")
     ap.add_argument("--short", type=int, default=1000)
     ap.add_argument("--long", type=int, default=4000)
+    ap.add_argument("--conns", type=int, default=4,
+                    help="keep-alive connections, used one request at a time (default 4)")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the callgrind output files here (for callgrind_annotate)")
     a = ap.parse_args()
