@@ -230,7 +230,7 @@ pub fn generate(
         }
     }
     let sum = checksum(text.as_bytes());
-    text.push_str(std::str::from_utf8(&sum).expect("base62 alphabet is ASCII"));
+    text.extend(sum.iter().map(|&b| char::from(b)));
     Ok(NewKey {
         text,
         prefix_len: prefix.len(),

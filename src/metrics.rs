@@ -252,10 +252,10 @@ impl Metrics {
             }
         }
         let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding into a Vec cannot fail");
-        String::from_utf8(buf).expect("prometheus text format is UTF-8")
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics could not be encoded; the scrape is partial");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
     }
 }
 

@@ -251,10 +251,17 @@ impl Proxy {
             let seconds = started.elapsed().as_secs_f64();
             self.metrics.observe_auth(outcome, source, seconds);
         }
-        *who = verdict.identity;
-        match verdict.result {
-            Ok(()) => Ok(who.clone().expect("an allowed verdict names its key")),
-            Err(d) => Err(d),
+        match (verdict.result, verdict.identity) {
+            (Ok(()), Some(id)) => {
+                *who = Some(id.clone());
+                Ok(id)
+            }
+            (Err(d), id) => {
+                *who = id;
+                Err(d)
+            }
+            // `verify` allows only a key it found; refuse rather than trust an empty answer.
+            (Ok(()), None) => Err(Deny::UnknownKey),
         }
     }
 }

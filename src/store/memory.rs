@@ -166,10 +166,10 @@ impl KeyStore for MemoryStore {
             .or_default()
             .insert(order_key(new), new.digest);
         g.by_digest.insert(new.digest, new.clone());
-        let old = g
-            .by_digest
-            .get_mut(&digest)
-            .expect("checked above under the same lock");
+        // Present: checked above under the same lock.
+        let Some(old) = g.by_digest.get_mut(&digest) else {
+            return Ok(None);
+        };
         if old.revoked_at.is_none_or(|t| t > old_revokes_at) {
             old.revoked_at = Some(old_revokes_at);
         }
