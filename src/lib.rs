@@ -13,6 +13,7 @@ pub mod dev;
 pub mod error;
 pub mod feed;
 pub mod key;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -50,18 +50,8 @@ const EX_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Filter: KEYGATE_LOG, else RUST_LOG, else info. Format: KEYGATE_LOG_FORMAT=json|text.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match std::env::var("KEYGATE_LOG_FORMAT").as_deref() {
-        Ok("json") => logs.json().flatten_event(true).init(),
-        _ => logs.init(),
-    }
+    // Held to the end of main: dropping it writes the lines still queued.
+    let _logging = keygate::logging::init();
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {

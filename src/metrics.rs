@@ -9,6 +9,14 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Brings a counter kept elsewhere up to `seen` (counters only grow).
+fn catch_up(counter: &IntCounter, seen: u64) {
+    let now = counter.get();
+    if seen > now {
+        counter.inc_by(seen - now);
+    }
+}
+
 /// Every `result` label of `keygate_requests_total`: `allowed`, then each `Deny` code in
 /// `Deny::iter()` order (a new refusal gets its label without an edit here).
 pub fn results() -> impl Iterator<Item = &'static str> {
@@ -35,6 +43,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
+    log_lines_dropped: IntCounter,
     /// Serialises scrapes while they bring hits and misses up to date (not a request path).
     #[allow(
         clippy::disallowed_types,
@@ -208,6 +217,10 @@ impl Metrics {
                 "keygate_cache_misses_total",
                 "Key checks that read the store (one read per coalesced miss)",
             ),
+            log_lines_dropped: b.counter(
+                "keygate_log_lines_dropped_total",
+                "Log lines (access log included) dropped because stderr could not keep up",
+            ),
             #[allow(clippy::disallowed_types, reason = "see the field")]
             scrape: std::sync::Mutex::new(()),
             registry: b.0,
@@ -219,10 +232,9 @@ impl Metrics {
     }
 
     /// Resolve the per-route handles for a route table's names, in its order (at load
-    /// and at every reload); `unmatched` is added last.
+    /// and at every reload); the last name is what a request without a route counts as.
     pub fn for_routes<'a>(&self, names: impl Iterator<Item = &'a str>) -> RouteMetrics {
         let routes = names
-            .chain(std::iter::once("unmatched"))
             .map(|name| PerRoute {
                 results: results()
                     .map(|res| self.requests.with_label_values(&[name, res]))
@@ -246,11 +258,9 @@ impl Metrics {
                 .iter()
                 .map(|by_source| by_source[source as usize].get_sample_count())
                 .sum();
-            let now = counter.get();
-            if seen > now {
-                counter.inc_by(seen - now);
-            }
+            catch_up(counter, seen);
         }
+        catch_up(&self.log_lines_dropped, crate::logging::dropped_lines());
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics could not be encoded; the scrape is partial");
@@ -302,7 +312,7 @@ mod tests {
     #[test]
     fn each_refusal_counts_under_its_code() {
         let m = Metrics::new();
-        let routes = m.for_routes(["users"].into_iter());
+        let routes = m.for_routes(["users", "unmatched"].into_iter());
         for deny in Deny::iter() {
             routes.route(Some(0)).denied(&deny);
             routes.route(None).denied(&deny);

@@ -7,7 +7,7 @@ use crate::auth;
 use crate::cache::Ttls;
 use crate::config::{Config, OnStoreError};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::policy::Policy;
+use crate::policy::{self, Policy};
 use arc_swap::{ArcSwap, Guard};
 use std::sync::Arc;
 
@@ -23,6 +23,7 @@ impl Snapshot {
     pub fn new(config: &Config, metrics: &Metrics) -> Snapshot {
         let live = &config.live;
         let routes = live.policy.routes().iter().map(|r| &*r.name);
+        let routes = routes.chain(std::iter::once(policy::UNMATCHED));
         Snapshot {
             metrics: metrics.for_routes(routes),
             policy: live.policy.clone(),

@@ -416,7 +416,7 @@ fn route_name(i: usize, name: &str, seen: &mut HashSet<String>) -> Result<()> {
     if !seen.insert(name.to_string()) {
         return Err(invalid(field, format!("duplicate route name {name:?}")));
     }
-    if name == "unmatched" {
+    if name == crate::policy::UNMATCHED {
         return Err(invalid(field, "\"unmatched\" is reserved"));
     }
     Ok(())

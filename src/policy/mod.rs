@@ -11,6 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use xxhash_rust::xxh3::Xxh3Builder;
 
+/// The route of a request that no route matched (or that was refused before routing):
+/// its metrics label and its access-log name, reserved in the config.
+pub const UNMATCHED: &str = "unmatched";
+
 /// One route as the config file describes it, already validated.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
@@ -158,7 +162,7 @@ impl Policy {
         let unmatched = match unmatched {
             Unmatched::Deny => None,
             Unmatched::RequireKey => Some(Route::new(RouteSpec {
-                name: "unmatched".into(),
+                name: UNMATCHED.into(),
                 methods: None,
                 pattern: PathPattern::parse("/**").expect("a valid literal pattern"),
                 public: false,
@@ -237,6 +241,11 @@ impl Policy {
 
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// The name a request is counted and logged under: its route's, else `unmatched`.
+    pub fn route_name(&self, index: Option<usize>) -> &str {
+        index.map_or(UNMATCHED, |i| &self.routes[i].name)
     }
 
     /// The compiled table as `check-config` prints it.

@@ -121,7 +121,7 @@ impl Proxy {
         };
         if snap.policy.headers.access_log {
             // One line per request: never the path (it may carry data), never a key.
-            let route = route_index.map_or("-", |i| &*snap.policy.routes()[i].name);
+            let route = snap.policy.route_name(route_index);
             let who = who.as_deref();
             tracing::info!(
                 target: "keygate::access",

@@ -330,7 +330,7 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
 }
 
 /// Logs (debug level, text and JSON) never carry a key or an Authorization header; the
-/// access log has one line per request with the key id.
+/// access log has one line per request with the key id, `unmatched` for no route.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_never_contain_keys_and_access_lines_carry_ids() {
     for format in ["text", "json"] {
@@ -406,6 +406,13 @@ async fn logs_never_contain_keys_and_access_lines_carry_ids() {
             .await
             .unwrap();
         assert_eq!(r.status(), 403);
+        let r = http
+            .get(format!("{proxy}/nowhere"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
         let pid = child.id().unwrap().to_string();
         std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -431,7 +438,7 @@ async fn logs_never_contain_keys_and_access_lines_carry_ids() {
             .collect();
         assert_eq!(
             access.len(),
-            3,
+            4,
             "{format}: one access line per proxied request: {logs}"
         );
         assert!(
@@ -445,6 +452,12 @@ async fn logs_never_contain_keys_and_access_lines_carry_ids() {
             "{}",
             access[2]
         );
+        // The same route name as the metrics label of a request no route matched.
+        assert!(
+            access[3].contains("no_route") && access[3].contains("unmatched"),
+            "{}",
+            access[3]
+        );
         if format == "json" {
             for line in logs.lines().filter(|l| !l.trim().is_empty()) {
                 serde_json::from_str::<Value>(line)
@@ -452,4 +465,75 @@ async fn logs_never_contain_keys_and_access_lines_carry_ids() {
             }
         }
     }
+}
+
+/// A log reader that stops reading (a full pipe) never holds up requests: lines past the
+/// writer's queue are dropped and counted in `keygate_log_lines_dropped_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_drops_lines_instead_of_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = keygate::dev::spawn_echo_upstream(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "proxy:\n  listen: 127.0.0.1:{proxy_port}\n  upstream: http://{upstream}\n\
+         admin:\n  listen: 127.0.0.1:{admin_port}\n\
+         store:\n  memory: {{}}\n\
+         routes:\n  - {{ name: open, path: \"/**\", auth: none }}\n"
+    );
+    let path = write(dir.path(), "keygate.yaml", &config);
+    // stderr is a pipe nobody reads: it is full after ~64 KiB, a few hundred lines.
+    let _child = keygate()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("KEYGATE_ROOT_TOKEN", crate::support::ROOT)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start keygate");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let up = crate::support::eventually(Duration::from_secs(20), || async {
+        http.get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(up, "keygate did not become ready");
+    // More access lines than the writer queues (16,384), over 8 connections.
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let (http, url) = (http.clone(), format!("http://127.0.0.1:{proxy_port}/x"));
+            tokio::spawn(async move {
+                for i in 0..2_200 {
+                    let r = http.get(&url).send().await;
+                    let status = r.map(|r| r.status().as_u16());
+                    assert_eq!(status.ok(), Some(200), "task {t}, request {i}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dropped-lines counter: {metrics}"));
+    assert!(dropped > 0, "{metrics}");
 }
