@@ -33,8 +33,8 @@ COPY config ./config
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin keygate \
- && install -D -m 0755 target/release/keygate /out/keygate
+    cargo build --profile dist --locked --bin keygate \
+ && install -D -m 0755 target/dist/keygate /out/keygate
 
 # Fail the build here, not at deploy time, if the example config is broken.
 RUN /out/keygate check-config /src/config/keygate.yaml

@@ -4,7 +4,7 @@ machine, unlike req/s): keygate with one worker in front of an nginx upstream, a
 store, the load bench's 50 auth routes and one key. Two runs of different lengths, so
 start-up and shutdown cancel out: (I_long - I_short) / (N_long - N_short).
 
-    benches/load/callgrind.py --binary target/release/keygate [--mode auth|noauth]
+    benches/load/callgrind.py --binary target/dist/keygate [--mode auth|noauth]
 
 Needs valgrind and nginx. Uses only keygate config fields every version since issue 6
 understands, so two binaries (before and after a change) can be compared.

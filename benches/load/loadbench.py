@@ -15,7 +15,9 @@ Everything listens on 127.0.0.1, on free ports, with state in a temporary direct
   keygate-noauth    keygate, one route `/**` with `auth: none` (memory store): keygate's
                     forwarding path without key verification and scope check
   keygate-auth      keygate, Redis store, 50 routes, 10,000 keys made with POST /v1/keys,
-                    each request carrying a random one of them (warm cache, scope check)
+                    each request carrying a random one of them (warm cache, scope check);
+                    logging as shipped: access log on, level info, stderr to a file
+  keygate-auth-nolog keygate-auth's setup with `proxy.access_log: false`
   keygate-auth-1w   keygate-auth's setup with `proxy.workers: 1` (opt-in: --one-worker)
   nginx             plain reverse proxy, upstream keepalive, access_log off
   haproxy           plain reverse proxy, http-reuse always (when installed)
@@ -288,7 +290,7 @@ def auth_routes():
 
 
 def keygate_config(proxy_port, admin_port, upstream_port, redis_port=None,
-                   last_used_interval=None, workers=None):
+                   last_used_interval=None, workers=None, access_log=True):
     if redis_port is None:
         store = "store:\n  memory: {}\n"
         routes = '  - { name: all, path: "/**", auth: none }'
@@ -305,7 +307,7 @@ def keygate_config(proxy_port, admin_port, upstream_port, redis_port=None,
 proxy:
   listen: 127.0.0.1:{proxy_port}
   upstream: http://127.0.0.1:{upstream_port}
-  access_log: false
+  access_log: {"true" if access_log else "false"}
 {workers_line}admin:
   listen: 127.0.0.1:{admin_port}
   root_token_env: KEYGATE_ROOT_TOKEN
@@ -359,7 +361,7 @@ def start_keygate(procs, workdir, name, binary, config_text, admin_port):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("KEYGATE_") and k not in ("RUST_LOG", "TOKIO_WORKER_THREADS")}
     env["KEYGATE_ROOT_TOKEN"] = ROOT_TOKEN
-    env["KEYGATE_LOG"] = "warn"
+    # Logs as shipped (level info, text): keygate's stderr goes to {name}.log.
     p = procs.start(name, [str(binary), "serve", "--config", str(cfg)], env=env)
     wait_for(lambda: http_get(admin_port, "/readyz", timeout=1)[0] == 200,
              f"{name} /readyz", proc=p)
@@ -584,7 +586,14 @@ def hot_phase(a, procs, workdir, binary, report):
     ka = start_keygate(procs, workdir, "keygate-auth", binary,
                        keygate_config(ka_port, ka_admin, up_port, redis.port), ka_admin)
     targets.append(Target("keygate-auth", ka_port, lambda: [ka.pid],
-                          f"Redis store, 50 routes, {a.keys:,} keys, random key per request"))
+                          f"Redis store, 50 routes, {a.keys:,} keys, random key per request; "
+                          "access log on (the default), stderr to a file"))
+    kq_port, kq_admin = free_port(), free_port()
+    kq = start_keygate(procs, workdir, "keygate-auth-nolog", binary,
+                       keygate_config(kq_port, kq_admin, up_port, redis.port,
+                                      access_log=False), kq_admin)
+    targets.append(Target("keygate-auth-nolog", kq_port, lambda: [kq.pid],
+                          "keygate-auth with `proxy.access_log: false`"))
     if a.one_worker:
         k1_port, k1_admin = free_port(), free_port()
         k1 = start_keygate(procs, workdir, "keygate-auth-1w", binary,
@@ -1023,6 +1032,14 @@ def write_report(a, report, machine, started):
         if ka and hp:
             ratios.append(f"keygate-auth / haproxy: req/s {ka['rps'] / hp['rps']:.2f}x, "
                           f"CPU/req {ka['cpu_us'] / hp['cpu_us']:.2f}x")
+        kq = med.get("keygate-auth-nolog")
+        if ka and kq:
+            ratios.append(f"keygate-auth (access log on) / keygate-auth-nolog: req/s "
+                          f"**{ka['rps'] / kq['rps']:.2f}x** (target >= 0.95), "
+                          f"CPU/req {ka['cpu_us'] / kq['cpu_us']:.2f}x; per-round median: "
+                          f"req/s {per_round('keygate-auth', 'keygate-auth-nolog', 'rps'):.2f}x, "
+                          f"CPU/req "
+                          f"{per_round('keygate-auth', 'keygate-auth-nolog', 'cpu_us'):.2f}x")
         k1 = med.get("keygate-auth-1w")
         if k1 and ng:
             ratios.append(f"keygate-auth-1w / nginx: req/s {k1['rps'] / ng['rps']:.2f}x, "
@@ -1184,7 +1201,7 @@ def main():
                     help="perf-record keygate-auth during one extra run, print top symbols")
     ap.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--results", default=str(ROOT / "benches" / "RESULTS.md"))
-    ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "keygate"))
+    ap.add_argument("--binary", default=str(ROOT / "target" / "dist" / "keygate"))
     ap.add_argument("--passthrough", metavar="PATH",
                     help="executable of benches/passthrough.rs (bare-hyper targets); "
                          "scripts/loadbench builds it and passes it")
@@ -1209,7 +1226,7 @@ def main():
 
     binary = Path(a.binary)
     if not binary.exists():
-        sys.exit(f"loadbench: {binary} not found: run cargo build --release")
+        sys.exit(f"loadbench: {binary} not found: run cargo build --profile dist")
     if not a.no_hot and (not a.passthrough or not Path(a.passthrough).exists()):
         sys.exit(f"loadbench: --passthrough {a.passthrough or 'PATH'} not found: run it through "
                  f"scripts/loadbench (cargo bench --bench passthrough --no-run builds it)")
