@@ -84,6 +84,17 @@ async fn check_config_prints_the_route_table() {
             "route table lacks {route}: {stdout}"
         );
     }
+    // The columns line up: each row's `auth` cell starts under the header's `auth`.
+    let auth_column = |line: &str, word: &str| line.find(&format!(" {word} ")).map(|i| i + 1);
+    let mut rows = stdout.lines().skip_while(|l| !l.starts_with('#'));
+    let header = rows
+        .next()
+        .unwrap_or_else(|| panic!("no table header: {stdout}"));
+    let column = auth_column(header, "auth");
+    for row in rows.take_while(|l| !l.starts_with("unmatched")) {
+        let cell = auth_column(row, "key").or_else(|| auth_column(row, "none"));
+        assert_eq!(cell, column, "misaligned row {row:?} in\n{stdout}");
+    }
     // The good file for the other tests is itself good.
     let dir = tempfile::tempdir().unwrap();
     let good = write(dir.path(), "good.yaml", &GOOD.replace("{port}", "0"));
