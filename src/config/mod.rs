@@ -1,5 +1,6 @@
 //! Loading and validating configuration: YAML (strict) -> `RawConfig` -> typed `Config`.
-//! Errors name the file, the field path and, where the YAML parser knows it, the line.
+//! Errors name the file, the field path and, where the YAML parser knows it, the line; a
+//! YAML syntax error is said in YAML terms before any field is read (`syntax`).
 //! The typed config splits by type into what a reload may swap (`Live`) and what needs a
 //! restart (`Fixed`); `sections` validates one YAML section per function.
 #![allow(
@@ -10,6 +11,7 @@
 pub mod raw;
 
 mod sections;
+mod syntax;
 
 use crate::key::Prefixes;
 use crate::policy::Policy;
@@ -298,6 +300,12 @@ impl Config {
 
     /// Parse and validate YAML text. `source` names it in errors.
     pub fn from_yaml(text: &str, source: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        syntax::check(text).map_err(|e| ConfigError {
+            source: source.to_string(),
+            field: String::new(),
+            line: e.line,
+            message: e.message,
+        })?;
         let de = serde_norway::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
@@ -385,6 +393,65 @@ routes:
 
         let e = load(&format!("{BASE}admin: {{ listen: 127.0.0.1:8080 }}\n")).unwrap_err();
         assert_eq!(e.field, "admin.listen", "{e}");
+    }
+
+    /// A config in block style, so that every field has a line of its own.
+    const BLOCK: &str = "\
+proxy:
+  listen: 127.0.0.1:8080
+  upstream: http://127.0.0.1:3000
+  timeouts:
+    idle: 60s
+store:
+  redis:
+    url: redis://127.0.0.1:6379
+    namespace: keygate
+    timeout: 250ms
+routes:
+  - name: health
+    path: /healthz
+    auth: none
+  - name: users
+    path: /users/**
+    scopes:
+      - users:read
+";
+
+    #[test]
+    fn yaml_syntax_errors_are_said_in_yaml_terms() {
+        let syntax = |from: &str, to: &str| {
+            let e = load(&BLOCK.replacen(from, to, 1)).unwrap_err();
+            assert_eq!(e.field, "", "{e}");
+            (e.line, e.message)
+        };
+        let tab = "tab character used for indentation; YAML indents with spaces".to_string();
+        assert_eq!(syntax("  upstream:", "\tupstream:"), (Some(3), tab.clone()));
+        assert_eq!(
+            syntax("proxy:\n  listen:", "proxy:\n\tlisten:"),
+            (Some(2), tab)
+        );
+        // An unclosed `{` is named where it opens, however far away libyaml gives up.
+        let (line, message) = syntax("  redis:\n", "  redis: {\n");
+        assert_eq!(line, Some(7), "{message}");
+        assert!(
+            message.starts_with("YAML syntax: the `{` opened on this line is still open"),
+            "{message}"
+        );
+        let (line, message) = syntax("    scopes:\n", "    scopes: [users:read\n");
+        assert_eq!(line, Some(17), "{message}");
+        assert!(message.contains("`[` opened on this line"), "{message}");
+        let (line, message) = syntax("namespace: keygate", "namespace: \"keygate");
+        assert_eq!(line, Some(9), "{message}");
+        assert!(
+            message.contains("quoted string opened on this line"),
+            "{message}"
+        );
+        let (line, message) = syntax("  listen: 127.0.0.1:8080", "  listen: a: b");
+        assert_eq!(line, Some(2), "{message}");
+        assert_eq!(
+            message,
+            "YAML syntax: mapping values are not allowed in this context"
+        );
     }
 
     #[test]
@@ -581,6 +648,9 @@ mod props {
         if let Err(e) = Config::from_yaml(text, "fuzz.yaml", &ENV) {
             prop_assert!(!e.message.trim().is_empty(), "no message: {:?}", e);
             prop_assert!(e.to_string().starts_with("fuzz.yaml"), "{}", e);
+            // A line, when given, is one of the file's (or the one after its last).
+            let lines = text.split('\n').count();
+            prop_assert!(e.line.is_none_or(|l| (1..=lines + 1).contains(&l)), "{}", e);
         }
         Ok(())
     }
