@@ -133,6 +133,57 @@ async fn check_config_names_file_line_and_field() {
     assert_config_error(&out, &[&path, "cannot read"]);
 }
 
+/// What `check-config` prints on stderr for each broken file: a line that starts with
+/// `error: FILE:LINE: field `FIELD`: MESSAGE` (for YAML syntax, no field), the line being
+/// the value's, that of the mapping that lacks a field, or where a `{` opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_points_at_the_line_of_the_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = GOOD.replace("{port}", "0");
+    let cases = [
+        (
+            "redis-timeout.yaml",
+            good.replace(
+                "  memory: {}\n",
+                "  redis:\n    url: redis://127.0.0.1:6379\n    timeout: 5 lightyears\n",
+            ),
+            ":7: field `store.redis.timeout`: invalid duration \"5 lightyears\"",
+        ),
+        (
+            "no-upstream.yaml",
+            good.replace("  upstream: http://127.0.0.1:3000\n", ""),
+            ":1: field `proxy.upstream`: required field is missing",
+        ),
+        (
+            "duplicate-route.yaml",
+            format!("{good}  - name: health\n    path: /other\n"),
+            ":8: field `routes[2].name`: duplicate route name \"health\"",
+        ),
+        (
+            "unclosed.yaml",
+            good.replace("memory: {}", "memory: {"),
+            ":5: YAML syntax: the `{` opened on this line is still open at line 7 column 3 \
+             (did not find expected node content there); is a `}` missing?",
+        ),
+        (
+            "tab.yaml",
+            good.replace("  upstream", "\tupstream"),
+            ":3: tab character used for indentation; YAML indents with spaces",
+        ),
+    ];
+    for (name, contents, want) in cases {
+        let file = write(dir.path(), name, &contents);
+        let out = run(keygate().arg("check-config").arg(&file)).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(EX_CONFIG), "{name}: {stderr}");
+        let want = format!("error: {}{want}", file.display());
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&want)),
+            "{name}: stderr lacks {want:?}:\n{stderr}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_a_bad_config_before_starting() {
     let dir = tempfile::tempdir().unwrap();
