@@ -77,7 +77,7 @@ pub fn line_of(text: &str, path: &FieldPath) -> Option<usize> {
     match probe(text, steps, Target::Value) {
         (Found::Scalar, line) => line,
         (Found::Collection, line) => match steps.last() {
-            Some(Step::Key(_)) => probe(text, steps, Target::Key).1,
+            Some(Step::Key(_)) => probe(text, steps, Target::Key(0)).1,
             _ => line,
         },
         (Found::Nothing, _) => (0..steps.len())
@@ -88,10 +88,18 @@ pub fn line_of(text: &str, path: &FieldPath) -> Option<usize> {
     }
 }
 
+/// The line of the second time the last key of `path` is written in its mapping.
+pub fn line_of_repeat(text: &str, path: &FieldPath) -> Option<usize> {
+    match probe(text, &path.0, Target::Key(1)) {
+        (Found::Nothing, _) => None,
+        (_, line) => line,
+    }
+}
+
 /// The line that names the node at `steps`: its key's, or its own for a list element.
 fn holder_line(text: &str, steps: &[Step]) -> Option<usize> {
     let target = match steps.last() {
-        Some(Step::Key(_)) => Target::Key,
+        Some(Step::Key(_)) => Target::Key(0),
         _ => Target::Value,
     };
     match probe(text, steps, target) {
@@ -107,11 +115,12 @@ enum Found {
     Collection,
 }
 
-/// Stop at the node itself, or at the key that holds it (the last step is a key).
+/// Stop at the node itself, or at the key that holds it (the last step is a key): at the
+/// key's first occurrence (`0`) or a repeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Value,
-    Key,
+    Key(usize),
 }
 
 /// Walk `steps` and fail at the target node; the failure's location is the node's.
@@ -176,14 +185,22 @@ impl<'de> Visitor<'de> for Walk<'_> {
         let Some(Step::Key(want)) = self.steps.first() else {
             return self.here(Found::Collection);
         };
-        let at_key = (self.target == Target::Key && self.steps.len() == 1).then_some(self.found);
-        while let Some(hit) = map.next_key_seed(KeyIs { want, at_key })? {
-            if hit {
+        let last_key = match self.target {
+            Target::Key(nth) if self.steps.len() == 1 => Some(nth),
+            _ => None,
+        };
+        let mut seen = 0;
+        loop {
+            let at_key = (last_key == Some(seen)).then_some(self.found);
+            let Some(hit) = map.next_key_seed(KeyIs { want, at_key })? else {
+                return Ok(());
+            };
+            if hit && last_key.is_none() {
                 return map.next_value_seed(self.next());
             }
+            seen += usize::from(hit);
             map.next_value::<IgnoredAny>()?;
         }
-        Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
@@ -332,6 +349,14 @@ list:
         assert_eq!(line(text, keys("zz")), Some(2));
         // A path through a scalar: the scalar's key.
         assert_eq!(line(text, keys("a.b.c.d")), Some(4));
+    }
+
+    #[test]
+    fn a_repeated_key_is_found_where_it_repeats() {
+        let text = "a:\n  b: 1\n  c: 2\n  b: 3\n";
+        assert_eq!(line_of_repeat(text, &FieldPath::keys("a.b")), Some(4));
+        assert_eq!(line_of_repeat(text, &FieldPath::keys("a.c")), None);
+        assert_eq!(line(text, FieldPath::keys("a.b")), Some(2));
     }
 
     #[test]

@@ -347,11 +347,18 @@ fn serde_refusal(
         return (unlocated, location.map(|l| l.line()), message);
     };
     message = without_path_prefix(&path, message);
-    if let Some(name) = missing_field(&message) {
+    let mut line = None;
+    if let Some(name) = serde_says("missing field `", &message) {
         path = path.key(name);
         message = "required field is missing".into();
+    } else if let Some(name) = serde_says("duplicate field `", &message) {
+        path = path.key(name);
+        line = locate::line_of_repeat(text, &path);
+        message = "duplicate key: set it once".into();
     }
-    let line = locate::line_of(text, &path).or(location.map(|l| l.line()));
+    let line = line
+        .or_else(|| locate::line_of(text, &path))
+        .or(location.map(|l| l.line()));
     (path.to_string(), line, message)
 }
 
@@ -383,9 +390,10 @@ fn without_path_prefix(path: &locate::FieldPath, message: String) -> String {
     message
 }
 
-/// serde's own wording for a missing field: "missing field `name`".
-fn missing_field(message: &str) -> Option<&str> {
-    message.strip_prefix("missing field `")?.strip_suffix('`')
+/// The field named by serde's own wording of a missing or repeated one: "missing field
+/// `name`", "duplicate field `name`".
+fn serde_says<'m>(prefix: &str, message: &'m str) -> Option<&'m str> {
+    message.strip_prefix(prefix)?.strip_suffix('`')
 }
 
 #[cfg(test)]
@@ -518,8 +526,14 @@ routes:
             ),
             // A mapping is named by its key's line (a block mapping starts a line later).
             ("  redis:", "  memory: {}\n  redis:", 6, "store"),
-            // A key nothing expects: its own line.
+            // A key nothing expects, or one written twice: its own line.
             ("  listen:", "  lisen: x\n  listen:", 2, "proxy.lisen"),
+            (
+                "  upstream:",
+                "  listen: :1\n  upstream:",
+                3,
+                "proxy.listen",
+            ),
         ];
         for (from, to, line, field) in cases {
             let (l, f, m) = refusal(from, to);
