@@ -1,5 +1,7 @@
 //! Loading and validating configuration: YAML (strict) -> `RawConfig` -> typed `Config`.
-//! Errors name the file, the field path and, where the YAML parser knows it, the line.
+//! Errors name the file, the line and the field path: the line of the value, or for a
+//! field that is missing, of the mapping that lacks it (`locate`); a YAML syntax error is
+//! said in YAML terms before any field is read (`syntax`).
 //! The typed config splits by type into what a reload may swap (`Live`) and what needs a
 //! restart (`Fixed`); `sections` validates one YAML section per function.
 #![allow(
@@ -9,7 +11,9 @@
 
 pub mod raw;
 
+mod locate;
 mod sections;
+mod syntax;
 
 use crate::key::Prefixes;
 use crate::policy::Policy;
@@ -298,31 +302,98 @@ impl Config {
 
     /// Parse and validate YAML text. `source` names it in errors.
     pub fn from_yaml(text: &str, source: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let refuse = |field: String, line, message| ConfigError {
+            source: source.to_string(),
+            field,
+            line,
+            message,
+        };
+        syntax::check(text).map_err(|e| refuse(String::new(), e.line, e.message))?;
         let de = serde_norway::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner.location().map(|l| l.line());
-            let mut message = inner.to_string();
-            // The YAML error repeats the position; keep the message itself.
-            if let Some(i) = message.find(" at line ") {
-                message.truncate(i);
-            }
-            ConfigError {
-                source: source.to_string(),
-                field: if field == "." { String::new() } else { field },
-                line,
-                message,
-            }
+            let (field, line, message) = serde_refusal(text, e);
+            refuse(field, line, message)
         })?;
-        let (fixed, live) = sections::validate(raw, env).map_err(|e| ConfigError {
-            source: source.to_string(),
-            field: e.field,
-            line: None,
-            message: e.message,
+        let (fixed, live) = sections::validate(raw, env).map_err(|e| match e.field {
+            sections::Field::File(path) => {
+                refuse(path.to_string(), locate::line_of(text, &path), e.message)
+            }
+            sections::Field::Outside(name) => refuse(name, None, e.message),
         })?;
         Ok(Config { fixed, live })
     }
+}
+
+/// A serde refusal as (field, line, message). serde_norway locates an error raised inside
+/// the node it reads (a wrong type, an unknown key), but one raised by a field's own
+/// parser, or a missing field, at the enclosing mapping; `locate` finds the node itself.
+fn serde_refusal(
+    text: &str,
+    e: serde_path_to_error::Error<serde_norway::Error>,
+) -> (String, Option<usize>, String) {
+    let path = field_path(e.path());
+    let unlocated = e.path().to_string();
+    let inner = e.into_inner();
+    let location = inner.location();
+    let mut message = inner.to_string();
+    // serde_norway adds ` at line L column C` and starts with the path it was reading.
+    if let Some(l) = &location {
+        let at = format!(" at line {} column {}", l.line(), l.column());
+        if let Some(m) = message.strip_suffix(&at) {
+            message = m.to_string();
+        }
+    }
+    let Some(mut path) = path else {
+        return (unlocated, location.map(|l| l.line()), message);
+    };
+    message = without_path_prefix(&path, message);
+    let mut line = None;
+    if let Some(name) = serde_says("missing field `", &message) {
+        path = path.key(name);
+        message = "required field is missing".into();
+    } else if let Some(name) = serde_says("duplicate field `", &message) {
+        path = path.key(name);
+        line = locate::line_of_repeat(text, &path);
+        message = "duplicate key: set it once".into();
+    }
+    let line = line
+        .or_else(|| locate::line_of(text, &path))
+        .or(location.map(|l| l.line()));
+    (path.to_string(), line, message)
+}
+
+/// serde_path_to_error's path, or `None` if a step is not a plain key or index.
+fn field_path(path: &serde_path_to_error::Path) -> Option<locate::FieldPath> {
+    use serde_path_to_error::Segment;
+    let mut out = locate::FieldPath::default();
+    for segment in path.iter() {
+        out = match segment {
+            Segment::Seq { index } => out.index(*index),
+            Segment::Map { key } => out.key(key),
+            Segment::Enum { .. } | Segment::Unknown => return None,
+        };
+    }
+    Some(out)
+}
+
+/// The message without the `path: ` serde_norway starts it with (the path of the mapping
+/// it was in: `path` or one of its ancestors, indices from 0).
+fn without_path_prefix(path: &locate::FieldPath, message: String) -> String {
+    let mut steps = path.0.clone();
+    while !steps.is_empty() {
+        let prefix = format!("{}: ", locate::FieldPath(steps.clone()).zero_based());
+        if let Some(rest) = message.strip_prefix(&prefix) {
+            return rest.to_string();
+        }
+        steps.pop();
+    }
+    message
+}
+
+/// The field named by serde's own wording of a missing or repeated one: "missing field
+/// `name`", "duplicate field `name`".
+fn serde_says<'m>(prefix: &str, message: &'m str) -> Option<&'m str> {
+    message.strip_prefix(prefix)?.strip_suffix('`')
 }
 
 #[cfg(test)]
@@ -370,21 +441,177 @@ routes:
             "{e}"
         );
 
+        // Indices count from 1, like `check-config`'s table: the second route's first scope.
         let e = load(&BASE.replace("users:read", "Users Read")).unwrap_err();
-        assert_eq!(e.field, "routes[1].scopes[0]", "{e}");
+        assert_eq!(e.field, "routes[2].scopes[1]", "{e}");
 
         let e = load(&BASE.replace("\"/users/**\"", "\"/users/**/x\"")).unwrap_err();
-        assert_eq!(e.field, "routes[1].path", "{e}");
+        assert_eq!(e.field, "routes[2].path", "{e}");
 
         let e = load(&BASE.replace("memory: {}", "memory: {}\n  redis: { url: redis://x }"))
             .unwrap_err();
         assert_eq!(e.field, "store", "{e}");
 
         let e = load(&BASE.replace("name: users", "name: health")).unwrap_err();
-        assert!(e.field.starts_with("routes[1].name"), "{e}");
+        assert!(e.field.starts_with("routes[2].name"), "{e}");
 
         let e = load(&format!("{BASE}admin: {{ listen: 127.0.0.1:8080 }}\n")).unwrap_err();
         assert_eq!(e.field, "admin.listen", "{e}");
+    }
+
+    /// A config in block style, so that every field has a line of its own.
+    const BLOCK: &str = "\
+proxy:
+  listen: 127.0.0.1:8080
+  upstream: http://127.0.0.1:3000
+  timeouts:
+    idle: 60s
+store:
+  redis:
+    url: redis://127.0.0.1:6379
+    namespace: keygate
+    timeout: 250ms
+routes:
+  - name: health
+    path: /healthz
+    auth: none
+  - name: users
+    path: /users/**
+    scopes:
+      - users:read
+";
+
+    /// `BLOCK` with `from` replaced by `to`, refused: (line, field, message).
+    fn refusal(from: &str, to: &str) -> (Option<usize>, String, String) {
+        assert!(BLOCK.contains(from), "{from:?}");
+        let e = load(&BLOCK.replacen(from, to, 1)).unwrap_err();
+        // Named once: serde_norway's messages start with the path it was reading.
+        let top = e.field.split(['.', '[']).next().unwrap();
+        assert!(
+            !e.message.contains(&e.field) && !e.message.starts_with(top),
+            "the field is named twice: {e}"
+        );
+        (e.line, e.field, e.message)
+    }
+
+    #[test]
+    fn a_bad_value_names_the_line_of_the_value() {
+        assert!(load(BLOCK).is_ok());
+        let cases = [
+            // Refused by a field's own parser (serde): the value's line, not its mapping's.
+            (
+                "timeout: 250ms",
+                "timeout: 5 parsecs",
+                10,
+                "store.redis.timeout",
+            ),
+            ("upstream: http:", "upstream: ftp:", 3, "proxy.upstream"),
+            ("path: /users/**", "path: /users/**/x", 16, "routes[2].path"),
+            ("- users:read", "- Users Read", 18, "routes[2].scopes[1]"),
+            // Refused after parsing (`sections`): located the same way.
+            ("idle: 60s", "idle: 0s", 5, "proxy.timeouts.idle"),
+            (
+                "namespace: keygate",
+                "namespace: bad ns",
+                9,
+                "store.redis.namespace",
+            ),
+            ("name: users", "name: health", 15, "routes[2].name"),
+            ("name: health", "name: unmatched", 12, "routes[1].name"),
+            (
+                "auth: none",
+                "auth: none\n    scopes: [a]",
+                15,
+                "routes[1].scopes",
+            ),
+            // A mapping is named by its key's line (a block mapping starts a line later).
+            ("  redis:", "  memory: {}\n  redis:", 6, "store"),
+            // A key nothing expects, or one written twice: its own line.
+            ("  listen:", "  lisen: x\n  listen:", 2, "proxy.lisen"),
+            (
+                "  upstream:",
+                "  listen: :1\n  upstream:",
+                3,
+                "proxy.listen",
+            ),
+        ];
+        for (from, to, line, field) in cases {
+            let (l, f, m) = refusal(from, to);
+            assert_eq!((l, f.as_str()), (Some(line), field), "{from} -> {to}: {m}");
+        }
+    }
+
+    #[test]
+    fn a_missing_field_names_the_line_of_the_mapping_that_lacks_it() {
+        let (line, field, message) = refusal("  upstream: http://127.0.0.1:3000\n", "");
+        assert_eq!((line, field.as_str()), (Some(1), "proxy.upstream"));
+        assert_eq!(message, "required field is missing");
+        // In a list, the line of the element that lacks it.
+        let (line, field, _) = refusal("    path: /users/**\n", "");
+        assert_eq!((line, field.as_str()), (Some(15), "routes[2].path"));
+        // A default that a check refuses: the line of the mapping it would be written in.
+        let (line, field, _) = refusal("  timeouts:\n", "  timeouts:\n    upstream: 0s\n");
+        assert_eq!((line, field.as_str()), (Some(5), "proxy.timeouts.upstream"));
+        let text = format!("{BLOCK}cache:\n  ttl: 1s\n");
+        let e = load(&text).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (Some(19), "cache.negative_ttl"));
+        // A top-level field: the line the document's mapping starts on.
+        let no_proxy = BLOCK.split_once("store:").unwrap().1;
+        let e = load(&format!("# no proxy\nstore:{no_proxy}")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (Some(2), "proxy"), "{e}");
+    }
+
+    #[test]
+    fn a_value_from_the_environment_has_no_line() {
+        let e = Config::from_yaml(BLOCK, "t", &[("KEYGATE_UPSTREAM", "ftp://x")]).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (None, "KEYGATE_UPSTREAM"),
+            "{e}"
+        );
+        let e = Config::from_yaml(BLOCK, "t", &[("KEYGATE_REDIS_URL", "http://x")]).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (None, "KEYGATE_REDIS_URL"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_errors_are_said_in_yaml_terms() {
+        let syntax = |from: &str, to: &str| {
+            let e = load(&BLOCK.replacen(from, to, 1)).unwrap_err();
+            assert_eq!(e.field, "", "{e}");
+            (e.line, e.message)
+        };
+        let tab = "tab character used for indentation; YAML indents with spaces".to_string();
+        assert_eq!(syntax("  upstream:", "\tupstream:"), (Some(3), tab.clone()));
+        assert_eq!(
+            syntax("proxy:\n  listen:", "proxy:\n\tlisten:"),
+            (Some(2), tab)
+        );
+        // An unclosed `{` is named where it opens, however far away libyaml gives up.
+        let (line, message) = syntax("  redis:\n", "  redis: {\n");
+        assert_eq!(line, Some(7), "{message}");
+        assert!(
+            message.starts_with("YAML syntax: the `{` opened on this line is still open"),
+            "{message}"
+        );
+        let (line, message) = syntax("    scopes:\n", "    scopes: [users:read\n");
+        assert_eq!(line, Some(17), "{message}");
+        assert!(message.contains("`[` opened on this line"), "{message}");
+        let (line, message) = syntax("namespace: keygate", "namespace: \"keygate");
+        assert_eq!(line, Some(9), "{message}");
+        assert!(
+            message.contains("quoted string opened on this line"),
+            "{message}"
+        );
+        let (line, message) = syntax("  listen: 127.0.0.1:8080", "  listen: a: b");
+        assert_eq!(line, Some(2), "{message}");
+        assert_eq!(
+            message,
+            "YAML syntax: mapping values are not allowed in this context"
+        );
     }
 
     #[test]
@@ -581,6 +808,9 @@ mod props {
         if let Err(e) = Config::from_yaml(text, "fuzz.yaml", &ENV) {
             prop_assert!(!e.message.trim().is_empty(), "no message: {:?}", e);
             prop_assert!(e.to_string().starts_with("fuzz.yaml"), "{}", e);
+            // A line, when given, is one of the file's (or the one after its last).
+            let lines = text.split('\n').count();
+            prop_assert!(e.line.is_none_or(|l| (1..=lines + 1).contains(&l)), "{}", e);
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
     reason = "checked files are read at start and at reload, never per request"
 )]
 
+use super::locate::FieldPath;
 use super::raw::{
     Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawLimits, RawPrefixes, RawProxy,
     RawRedis, RawRoute, RawStore, RawTimeouts, RawTls, UnderscoreHeaders, Unmatched,
@@ -21,19 +22,49 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A refusal: the field path and why. `super` adds the file name.
+/// A refusal: the field and why. `super` adds the file name and, for a field of the
+/// file, its line.
 pub(super) struct Invalid {
-    pub field: String,
+    pub field: Field,
     pub message: String,
+}
+
+/// What a refusal is about: a field of the file, or a value from outside it (an
+/// environment variable), which has no line.
+pub(super) enum Field {
+    File(FieldPath),
+    Outside(String),
+}
+
+impl From<&str> for Field {
+    fn from(dotted: &str) -> Self {
+        Field::File(FieldPath::keys(dotted))
+    }
+}
+
+impl From<FieldPath> for Field {
+    fn from(path: FieldPath) -> Self {
+        Field::File(path)
+    }
 }
 
 type Result<T> = std::result::Result<T, Invalid>;
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+fn invalid(field: impl Into<Field>, message: impl Into<String>) -> Invalid {
     Invalid {
         field: field.into(),
         message: message.into(),
     }
+}
+
+/// A refusal of a value that came from the environment: named, never located.
+fn outside(name: &str, message: impl Into<String>) -> Invalid {
+    invalid(Field::Outside(name.into()), message)
+}
+
+/// `routes[i]` (`i` from 0; shown from 1).
+fn route_field(i: usize, field: &str) -> FieldPath {
+    FieldPath::keys("routes").index(i).key(field)
 }
 
 /// The whole file, section by section.
@@ -90,7 +121,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
 fn listen(proxy: &RawProxy, admin: &RawAdmin, env: &dyn Env) -> Result<(SocketAddr, SocketAddr)> {
     let addr = |name: &str, default: SocketAddr| {
         env.var(name)
-            .map(|v| v.parse().map_err(|e| invalid(name, format!("{e}"))))
+            .map(|v| v.parse().map_err(|e| outside(name, format!("{e}"))))
             .transpose()
             .map(|a| a.unwrap_or(default))
     };
@@ -102,10 +133,11 @@ fn listen(proxy: &RawProxy, admin: &RawAdmin, env: &dyn Env) -> Result<(SocketAd
             || proxy_listen.ip().is_unspecified()
             || admin_listen.ip().is_unspecified())
     {
-        return Err(invalid(
-            "admin.listen",
-            "the admin API must not share the proxy's address",
-        ));
+        let shared = "the admin API must not share the proxy's address";
+        return Err(match env.var("KEYGATE_ADMIN_LISTEN") {
+            Some(_) => outside("KEYGATE_ADMIN_LISTEN", shared),
+            None => invalid("admin.listen", shared),
+        });
     }
     Ok((proxy_listen, admin_listen))
 }
@@ -113,7 +145,7 @@ fn listen(proxy: &RawProxy, admin: &RawAdmin, env: &dyn Env) -> Result<(SocketAd
 /// `proxy.upstream`, or `KEYGATE_UPSTREAM`.
 fn upstream(proxy: &RawProxy, env: &dyn Env) -> Result<Upstream> {
     match env.var("KEYGATE_UPSTREAM") {
-        Some(v) => Upstream::parse(&v).map_err(|m| invalid("KEYGATE_UPSTREAM", m)),
+        Some(v) => Upstream::parse(&v).map_err(|m| outside("KEYGATE_UPSTREAM", m)),
         None => Ok(proxy.upstream.clone()),
     }
 }
@@ -133,12 +165,22 @@ fn store(raw: RawStore, env: &dyn Env) -> Result<(StoreConfig, Duration)> {
 
 /// `store.redis` (its URL overridable by `KEYGATE_REDIS_URL`).
 fn redis(r: RawRedis, env: &dyn Env) -> Result<RedisSettings> {
-    let url = env.var("KEYGATE_REDIS_URL").unwrap_or(r.url);
+    let (url, from_env) = match env.var("KEYGATE_REDIS_URL") {
+        Some(url) => (url, true),
+        None => (r.url, false),
+    };
+    let bad_url = |m: &str| {
+        if from_env {
+            outside("KEYGATE_REDIS_URL", m)
+        } else {
+            invalid("store.redis.url", m)
+        }
+    };
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(invalid("store.redis.url", "must start with redis://"));
+        return Err(bad_url("must start with redis://"));
     }
     if redis::Client::open(url.as_str()).is_err() {
-        return Err(invalid("store.redis.url", "is not a valid Redis URL"));
+        return Err(bad_url("is not a valid Redis URL"));
     }
     // The namespace prefixes every key and channel name.
     let ns_ok = !r.namespace.is_empty()
@@ -270,29 +312,28 @@ fn prefixes(p: &RawPrefixes) -> Result<Prefixes> {
     Ok(prefixes)
 }
 
-/// The root token: from `admin.root_token_env`, else `admin.root_token_file`.
+/// The root token: from `admin.root_token_env`, else `admin.root_token_file`. A short one
+/// is refused naming where it came from (only the file has a line).
 fn root_token(admin: &RawAdmin, env: &dyn Env) -> Result<Option<SecretString>> {
-    let token = match env.var(&admin.root_token_env) {
-        Some(t) => Some(t),
+    let (token, refuse): (_, fn(&'static str) -> Invalid) = match env.var(&admin.root_token_env) {
+        Some(t) => (t, |m| outside("admin.root_token", m)),
         None => match &admin.root_token_file {
-            Some(path) => Some(
+            Some(path) => (
                 std::fs::read_to_string(path)
                     .map_err(|e| {
                         invalid("admin.root_token_file", format!("cannot read {path}: {e}"))
                     })?
                     .trim()
                     .to_string(),
+                |m| invalid("admin.root_token_file", m),
             ),
-            None => None,
+            None => return Ok(None),
         },
     };
-    if token.as_ref().is_some_and(|t| t.len() < 16) {
-        return Err(invalid(
-            "admin.root_token",
-            "the root token must be at least 16 characters",
-        ));
+    if token.len() < 16 {
+        return Err(refuse("the root token must be at least 16 characters"));
     }
-    Ok(token.map(SecretString::from))
+    Ok(Some(SecretString::from(token)))
 }
 
 /// `proxy.upstream_ca`: read now, so a bad file is a config error and not a 502 later.
@@ -385,7 +426,7 @@ fn identity_headers(ih: &RawIdentityHeaders) -> Result<IdentityHeaders> {
         ("scopes", &identity.scopes),
         ("key_type", &identity.key_type),
     ] {
-        let path = format!("proxy.identity_headers.{field}");
+        let path = FieldPath::keys("proxy.identity_headers").key(field);
         if RESERVED.contains(&name.as_str()) {
             return Err(invalid(
                 path,
@@ -401,7 +442,7 @@ fn identity_headers(ih: &RawIdentityHeaders) -> Result<IdentityHeaders> {
 
 /// `routes[i].name`: unique (it is a metrics label), metric-label safe, not reserved.
 fn route_name(i: usize, name: &str, seen: &mut HashSet<String>) -> Result<()> {
-    let field = format!("routes[{i}].name");
+    let field = || route_field(i, "name");
     let name_ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -409,15 +450,15 @@ fn route_name(i: usize, name: &str, seen: &mut HashSet<String>) -> Result<()> {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if !name_ok {
         return Err(invalid(
-            field,
+            field(),
             format!("invalid route name {name:?}: use 1-64 of A-Z a-z 0-9 _ . -"),
         ));
     }
     if !seen.insert(name.to_string()) {
-        return Err(invalid(field, format!("duplicate route name {name:?}")));
+        return Err(invalid(field(), format!("duplicate route name {name:?}")));
     }
     if name == crate::policy::UNMATCHED {
-        return Err(invalid(field, "\"unmatched\" is reserved"));
+        return Err(invalid(field(), "\"unmatched\" is reserved"));
     }
     Ok(())
 }
@@ -425,7 +466,7 @@ fn route_name(i: usize, name: &str, seen: &mut HashSet<String>) -> Result<()> {
 /// `routes[i]`: a valid name and settings that agree with each other.
 fn route(i: usize, r: &RawRoute, seen: &mut HashSet<String>) -> Result<RouteSpec> {
     route_name(i, &r.name, seen)?;
-    let field = |f: &str| format!("routes[{i}].{f}");
+    let field = |f: &str| route_field(i, f);
     let public = r.auth == Auth::None;
     if public && !r.scopes.is_empty() {
         return Err(invalid(

@@ -279,8 +279,9 @@ impl fmt::Debug for PathPattern {
 }
 
 impl fmt::Display for PathPattern {
+    // `pad`, not `write_str`: `check-config`'s table lays the column out with `{:<30}`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.pad(&self.text)
     }
 }
 
@@ -417,6 +418,14 @@ impl<'de> serde::Deserialize<'de> for PathPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pattern_honours_width_and_alignment() {
+        let p = PathPattern::parse("/users/**").unwrap();
+        assert_eq!(format!("[{p:<12}]"), "[/users/**   ]");
+        assert_eq!(format!("[{p:>12}]"), "[   /users/**]");
+        assert_eq!(format!("[{p}]"), "[/users/**]");
+    }
 
     #[test]
     fn normalisation() {

@@ -84,6 +84,17 @@ async fn check_config_prints_the_route_table() {
             "route table lacks {route}: {stdout}"
         );
     }
+    // The columns line up: each row's `auth` cell starts under the header's `auth`.
+    let auth_column = |line: &str, word: &str| line.find(&format!(" {word} ")).map(|i| i + 1);
+    let mut rows = stdout.lines().skip_while(|l| !l.starts_with('#'));
+    let header = rows
+        .next()
+        .unwrap_or_else(|| panic!("no table header: {stdout}"));
+    let column = auth_column(header, "auth");
+    for row in rows.take_while(|l| !l.starts_with("unmatched")) {
+        let cell = auth_column(row, "key").or_else(|| auth_column(row, "none"));
+        assert_eq!(cell, column, "misaligned row {row:?} in\n{stdout}");
+    }
     // The good file for the other tests is itself good.
     let dir = tempfile::tempdir().unwrap();
     let good = write(dir.path(), "good.yaml", &GOOD.replace("{port}", "0"));
@@ -120,6 +131,57 @@ async fn check_config_names_file_line_and_field() {
     let path = missing.display().to_string();
     let out = run(keygate().arg("check-config").arg(&missing)).await;
     assert_config_error(&out, &[&path, "cannot read"]);
+}
+
+/// What `check-config` prints on stderr for each broken file: a line that starts with
+/// `error: FILE:LINE: field `FIELD`: MESSAGE` (for YAML syntax, no field), the line being
+/// the value's, that of the mapping that lacks a field, or where a `{` opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_points_at_the_line_of_the_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = GOOD.replace("{port}", "0");
+    let cases = [
+        (
+            "redis-timeout.yaml",
+            good.replace(
+                "  memory: {}\n",
+                "  redis:\n    url: redis://127.0.0.1:6379\n    timeout: 5 lightyears\n",
+            ),
+            ":7: field `store.redis.timeout`: invalid duration \"5 lightyears\"",
+        ),
+        (
+            "no-upstream.yaml",
+            good.replace("  upstream: http://127.0.0.1:3000\n", ""),
+            ":1: field `proxy.upstream`: required field is missing",
+        ),
+        (
+            "duplicate-route.yaml",
+            format!("{good}  - name: health\n    path: /other\n"),
+            ":8: field `routes[2].name`: duplicate route name \"health\"",
+        ),
+        (
+            "unclosed.yaml",
+            good.replace("memory: {}", "memory: {"),
+            ":5: YAML syntax: the `{` opened on this line is still open at line 7 column 3 \
+             (did not find expected node content there); is a `}` missing?",
+        ),
+        (
+            "tab.yaml",
+            good.replace("  upstream", "\tupstream"),
+            ":3: tab character used for indentation; YAML indents with spaces",
+        ),
+    ];
+    for (name, contents, want) in cases {
+        let file = write(dir.path(), name, &contents);
+        let out = run(keygate().arg("check-config").arg(&file)).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(EX_CONFIG), "{name}: {stderr}");
+        let want = format!("error: {}{want}", file.display());
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&want)),
+            "{name}: stderr lacks {want:?}:\n{stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
