@@ -1,7 +1,8 @@
 //! The `keygate` command: `serve --config FILE`, `serve --dev [--upstream URL]`,
-//! `check-config FILE`. Config errors print on stderr and exit 64 before anything starts.
+//! `check-config FILE`. Config errors print on stderr and exit 64 before anything starts;
+//! `--help` lists the environment variables and exit codes.
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use keygate::config::Config;
 use keygate::App;
 use std::path::PathBuf;
@@ -14,11 +15,32 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `--help` adds below the options: the environment and the exit codes.
+const ENVIRONMENT: &str = "\
+Environment:
+  KEYGATE_ROOT_TOKEN    the admin API's root token, >= 16 characters (the variable is
+                        named by admin.root_token_env; else admin.root_token_file)
+  KEYGATE_PEPPER        HMAC pepper for key digests (named by keys.pepper_env)
+  KEYGATE_REDIS_URL     overrides store.redis.url
+  KEYGATE_UPSTREAM      overrides proxy.upstream
+  KEYGATE_PROXY_LISTEN  overrides proxy.listen
+  KEYGATE_ADMIN_LISTEN  overrides admin.listen
+  KEYGATE_LOG           log filter, e.g. info or info,keygate::access=off (else RUST_LOG;
+                        default info)
+  KEYGATE_LOG_FORMAT    json for one JSON object per line (default text)
+
+Exit codes:
+  0   stopped by SIGTERM or Ctrl-C after draining; check-config: the file is valid
+  1   could not start or keep serving (a port in use, the store unreachable, ...)
+  2   bad command line
+  64  the config file is invalid (the message names file, line and field)";
+
 #[derive(Parser)]
 #[command(
     name = "keygate",
     version,
-    about = "API-key authentication sidecar and reverse proxy"
+    about = "API-key authentication sidecar and reverse proxy",
+    after_help = ENVIRONMENT
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,16 +49,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy and admin listeners.
+    /// Run the proxy and admin listeners, from a config file or in dev mode.
+    #[command(
+        group(ArgGroup::new("source").required(true).args(["config", "dev"])),
+        after_help = ENVIRONMENT
+    )]
     Serve {
         /// The YAML config file.
-        #[arg(long, short, required_unless_present = "dev", conflicts_with = "dev")]
+        #[arg(long, short)]
         config: Option<PathBuf>,
         /// Try it out: in-memory keys, a printed root token, built-in config.
         #[arg(long)]
         dev: bool,
-        /// With --dev: the app to protect (default: a built-in echo server).
-        #[arg(long, requires = "dev")]
+        /// With --dev: the app to protect (default: a built-in echo server). With
+        /// --config, set proxy.upstream (or KEYGATE_UPSTREAM) instead.
+        #[arg(long)]
         upstream: Option<String>,
     },
     /// Validate a config file and print its compiled route table.
@@ -50,6 +77,25 @@ const EX_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Serve {
+        dev: false,
+        upstream: Some(_),
+        ..
+    } = &cli.command
+    {
+        // clap's `requires` is met by a flag's default, so this is checked here.
+        let mut cli = Cli::command();
+        cli.build(); // names the subcommand `keygate serve` in the usage line
+        let serve = cli.find_subcommand_mut("serve").cloned();
+        serve
+            .unwrap_or(cli)
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--upstream works with --dev only; with --config, set proxy.upstream in the \
+                 file (or KEYGATE_UPSTREAM)",
+            )
+            .exit();
+    }
     // Held to the end of main: dropping it writes the lines still queued.
     let _logging = keygate::logging::init();
     match cli.command {
@@ -144,7 +190,7 @@ async fn serve(config: Option<PathBuf>, dev: bool, upstream: Option<String>) -> 
         println!("  root token: {token}");
         println!("  try:        curl -s -X POST http://{}/v1/keys -H \"Authorization: Bearer {token}\" -H 'Content-Type: application/json' -d '{{\"label\":\"demo\",\"scopes\":[\"users:read\"]}}'", app.admin_addr);
     }
-    tracing::info!(proxy = %app.proxy_addr, admin = %app.admin_addr, "keygate started");
+    app.log_started();
     let handle = app.shutdown_handle();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -115,6 +115,31 @@ pub async fn authorize(
     headers: &HeaderMap,
     scope: &'static str,
 ) -> Result<Caller, ApiError> {
+    let refused = match check(s, headers, scope).await {
+        Ok(caller) => return Ok(caller),
+        Err(e) => e,
+    };
+    Err(match &s.root_digest {
+        None if refused.status == StatusCode::UNAUTHORIZED => no_root_token(refused),
+        _ => refused,
+    })
+}
+
+/// Without a root token the first caller has no way in: a 401 says why, since the token
+/// they sent is likely meant as one.
+fn no_root_token(mut refused: ApiError) -> ApiError {
+    refused.message.push_str(
+        "; no root token is configured: set KEYGATE_ROOT_TOKEN (or the variable named by \
+         admin.root_token_env) or admin.root_token_file, and restart",
+    );
+    refused
+}
+
+async fn check(
+    s: &AdminState,
+    headers: &HeaderMap,
+    scope: &'static str,
+) -> Result<Caller, ApiError> {
     let token = auth::bearer(headers).map_err(|d| refusal(d, scope))?;
     let asked_tenant = asked_tenant(headers)?;
     if let Some(root) = &s.root_digest {

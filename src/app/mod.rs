@@ -104,6 +104,33 @@ impl App {
         })
     }
 
+    /// The start line (where keygate listens, its upstream, store and route count), and a
+    /// warning when the admin API has no root token to let the first caller in.
+    pub fn log_started(&self) {
+        let fixed = &self.config.fixed;
+        let (store, namespace) = match &fixed.store {
+            StoreConfig::Redis(r) => (r.display_url(), r.namespace.as_str()),
+            StoreConfig::Memory => ("memory".into(), "-"),
+        };
+        tracing::info!(
+            proxy = %self.proxy_addr,
+            proxy_tls = fixed.tls.is_some(),
+            admin = %self.admin_addr,
+            upstream = %format_args!("{}://{}", fixed.upstream.scheme, fixed.upstream.authority),
+            store = %store,
+            namespace = %namespace,
+            routes = self.config.live.policy.routes().len(),
+            "keygate started"
+        );
+        if fixed.root_token.is_none() {
+            tracing::warn!(
+                "no root token is configured: the admin API accepts management keys only, \
+                 so no first key can be made; set KEYGATE_ROOT_TOKEN (or the variable named \
+                 by admin.root_token_env) or admin.root_token_file, and restart"
+            );
+        }
+    }
+
     /// Reload from `path` when it changes or on SIGHUP (`serve --config`).
     pub fn reload_from(mut self, path: PathBuf) -> Self {
         self.reload_from = Some(path);

@@ -180,6 +180,19 @@ pub struct RedisSettings {
 }
 
 impl RedisSettings {
+    /// The URL as logs may show it: the password, if any, left out.
+    pub fn display_url(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("REDACTED"));
+                }
+                u.to_string()
+            }
+            Err(_) => "(unparsable URL)".into(),
+        }
+    }
+
     /// A client for these settings (`rediss://` verifies against `ca_file` when set).
     pub fn client(&self) -> Result<redis::Client, String> {
         match &self.ca_file {
@@ -651,5 +664,38 @@ impl KeyStore for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisSettings;
+    use std::time::Duration;
+
+    fn shown(url: &str) -> String {
+        RedisSettings {
+            url: url.into(),
+            namespace: "ns".into(),
+            timeout: Duration::from_secs(1),
+            ca_file: None,
+        }
+        .display_url()
+    }
+
+    #[test]
+    fn display_url_never_shows_the_password() {
+        assert_eq!(
+            shown("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://:REDACTED@10.0.0.5:6379/0"
+        );
+        assert_eq!(
+            shown("rediss://app:s3cret@redis.internal/2"),
+            "rediss://app:REDACTED@redis.internal/2"
+        );
+        assert_eq!(
+            shown("redis://127.0.0.1:7000/0"),
+            "redis://127.0.0.1:7000/0"
+        );
+        assert!(!shown("redis://:s3cret@[::1").contains("s3cret"));
     }
 }

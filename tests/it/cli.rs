@@ -184,6 +184,126 @@ async fn check_config_points_at_the_line_of_the_mistake() {
     }
 }
 
+/// The command line says what it needs: `serve` wants `--config` or `--dev`, `--upstream`
+/// belongs to `--dev` (it used to be ignored with `--config`), and `--help` lists the
+/// environment and the exit codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_refuses_what_it_would_ignore_and_documents_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let file = write(
+        dir.path(),
+        "good.yaml",
+        &GOOD.replace("{port}", &port.to_string()),
+    );
+    let out = run(keygate()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .args(["--upstream", "http://127.0.0.1:1"]))
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("--upstream works with --dev only"),
+        "stderr: {stderr}"
+    );
+    let out = run(keygate().arg("serve")).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("Usage: keygate serve <--config <CONFIG>|--dev>"),
+        "stderr: {stderr}"
+    );
+    for args in [&["--help"][..], &["serve", "--help"]] {
+        let out = run(keygate().args(args)).await;
+        let help = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {help}");
+        for needle in [
+            "KEYGATE_ROOT_TOKEN",
+            "KEYGATE_REDIS_URL",
+            "KEYGATE_LOG ",
+            "KEYGATE_LOG_FORMAT",
+            "KEYGATE_PEPPER",
+            "KEYGATE_UPSTREAM",
+            "Exit codes:",
+            "64  the config file is invalid",
+        ] {
+            assert!(help.contains(needle), "{args:?} lacks {needle:?}: {help}");
+        }
+    }
+}
+
+/// One start line says where keygate listens, which store and how many routes; without a
+/// root token a warning says how to set one, and the admin API's 401 says so too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_line_and_a_missing_root_token_are_spelled_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "{}admin:\n  listen: 127.0.0.1:{admin_port}\n",
+        GOOD.replace("{port}", &proxy_port.to_string())
+    );
+    let path = write(dir.path(), "keygate.yaml", &config);
+    let log_path = dir.path().join("stderr.log");
+    let mut child = keygate()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("start keygate");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let up = crate::support::eventually(Duration::from_secs(20), || async {
+        http.get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(up, "keygate did not become ready");
+    let r = http
+        .post(format!("{admin}/v1/keys"))
+        .bearer_auth("kgroot_what_the_operator_thinks_is_root")
+        .json(&json!({"label": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no root token is configured") && message.contains("KEYGATE_ROOT_TOKEN"),
+        "{body}"
+    );
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let started: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("keygate started"))
+        .collect();
+    assert_eq!(started.len(), 1, "{logs}");
+    for needle in [
+        format!("proxy=127.0.0.1:{proxy_port}"),
+        format!("admin=127.0.0.1:{admin_port}"),
+        "upstream=http://127.0.0.1:3000".into(),
+        "store=memory".into(),
+        "routes=1".into(),
+    ] {
+        assert!(started[0].contains(&needle), "{needle}: {}", started[0]);
+    }
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("no root token is configured")),
+        "{logs}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_a_bad_config_before_starting() {
     let dir = tempfile::tempdir().unwrap();
