@@ -30,8 +30,10 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// `250ms`, `30s`, `12h`, `90d`: the one duration syntax of config files and both API
-/// documents (surrounding spaces ignored). The caller names the field and the range.
+/// `250ms`, `30s`, `12h`, `90d`, `1h 30m`: the one duration parser, of config files
+/// (surrounding spaces ignored) and of both API documents, which first narrow the syntax
+/// to a whole number and one unit (`admin::keys::DurationField`). The caller names the
+/// field and the range.
 pub fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(text.trim())
 }

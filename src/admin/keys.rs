@@ -75,7 +75,15 @@ pub fn check_scopes(field: &'static str, scopes: Vec<String>) -> Result<Vec<Stri
     Ok(out)
 }
 
-/// A duration field of a request body: `time::parse_duration` text within a range.
+/// The units an admin API duration may have (`w`: 7 days, `y`: 365.25 days, as
+/// `time::parse_duration` counts them).
+pub const DURATION_UNITS: [&str; 6] = ["s", "m", "h", "d", "w", "y"];
+
+/// A duration field of a request body: a whole number and one of [`DURATION_UNITS`]
+/// (`90d`, `0s`; no sign, space, fraction, leading zero or second unit) within a range,
+/// valued by `time::parse_duration`. Narrower than the config files' syntax (`1h 30m`,
+/// `1.5h`, ` 2 hours`) so that the OpenAPI document's `pattern` for the field can say
+/// exactly which strings are accepted: the tests below hold the two together.
 pub struct DurationField {
     pub field: &'static str,
     /// Allowed values in milliseconds.
@@ -111,20 +119,28 @@ impl DurationField {
             ApiError::bad_request(
                 "invalid_field",
                 format!(
-                    "field `{field}`: invalid duration {text:?}; use e.g. {}",
+                    "field `{field}`: invalid duration {text:?}; use a whole number and one \
+                     unit of s, m, h, d, w, y, e.g. {}",
                     self.examples
                 ),
             )
         };
+        let (number, unit) = text.split_at(text.bytes().take_while(u8::is_ascii_digit).count());
+        let canonical = number == "0" || (!number.is_empty() && !number.starts_with('0'));
+        if !canonical || !DURATION_UNITS.contains(&unit) {
+            return Err(invalid());
+        }
+        // Within this syntax `time::parse_duration` fails only on overflow: like a value
+        // beyond u64 milliseconds, simply too long.
         let ms = crate::time::parse_duration(text)
-            .map_err(|_| invalid())?
-            .as_millis();
-        match (self.above, u64::try_from(ms)) {
-            (_, Ok(ms)) if self.range_ms.contains(&ms) => Ok(ms),
-            (Some(above), _) if ms > u128::from(*self.range_ms.end()) => Err(
-                ApiError::bad_request("invalid_field", format!("field `{field}`: {above}")),
-            ),
-            _ => Err(invalid()),
+            .ok()
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        match ms {
+            Some(ms) if self.range_ms.contains(&ms) => Ok(ms),
+            Some(ms) if ms < *self.range_ms.start() => Err(invalid()),
+            _ => Err(self.above.map_or_else(invalid, |above| {
+                ApiError::bad_request("invalid_field", format!("field `{field}`: {above}"))
+            })),
         }
     }
 }
@@ -409,10 +425,15 @@ mod tests {
     /// Each document's wording of a bad duration, pinned.
     #[test]
     fn duration_fields_keep_their_ranges_and_messages() {
-        assert_eq!(EXPIRES_IN.parse(" 90d ").ok(), Some(90 * DAY_MS));
-        for bad in ["0s", "soon", "36601d"] {
-            let want =
-                format!("field `expires_in`: invalid duration {bad:?}; use e.g. 12h, 90d, 1y");
+        assert_eq!(EXPIRES_IN.parse("90d").ok(), Some(90 * DAY_MS));
+        assert_eq!(EXPIRES_IN.parse("1y").ok(), Some(31_557_600_000));
+        for bad in [
+            "0s", "soon", "36601d", " 90d ", "1h 30m", "1.5h", "2 hours", "01h",
+        ] {
+            let want = format!(
+                "field `expires_in`: invalid duration {bad:?}; use a whole number and one unit \
+                 of s, m, h, d, w, y, e.g. 12h, 90d, 1y"
+            );
             assert_eq!(message(EXPIRES_IN.parse(bad)), want);
         }
         let grace = GRACE_PERIOD;
@@ -422,9 +443,236 @@ mod tests {
         assert_eq!(message(grace.parse("367d")), at_most);
         // Beyond u64 milliseconds is still just too long.
         assert_eq!(message(grace.parse("1000000000y")), at_most);
-        let invalid =
-            "field `grace_period`: invalid duration \"1 fortnight\"; use e.g. 0s, 1h, 24h";
+        assert_eq!(message(grace.parse("99999999999999999999999s")), at_most);
+        let invalid = "field `grace_period`: invalid duration \"1 fortnight\"; use a whole \
+                       number and one unit of s, m, h, d, w, y, e.g. 0s, 1h, 24h";
         assert_eq!(message(grace.parse("1 fortnight")), invalid);
+    }
+
+    /// The duration fields of the OpenAPI document: (schema, property, parser).
+    const DOCUMENTED_DURATIONS: [(&str, &str, &DurationField); 3] = [
+        ("JackCreateRequest", "expires_in", &EXPIRES_IN),
+        ("ApiKeyCreateRequest", "expires_in", &EXPIRES_IN),
+        ("ApiKeyRotateRequest", "grace_period", &GRACE_PERIOD),
+    ];
+
+    fn documented(schema: &str, property: &str) -> serde_json::Value {
+        let doc: serde_json::Value =
+            serde_json::from_str(crate::admin::router::OPENAPI).expect("valid JSON");
+        doc["components"]["schemas"][schema]["properties"][property].clone()
+    }
+
+    /// `1..=max` in decimal without leading zeros, as a regular expression: shorter
+    /// numbers, then, digit by digit, those of max's length below it.
+    fn one_to(max: u64) -> String {
+        let text = max.to_string();
+        let digits: Vec<u8> = text.bytes().map(|b| b - b'0').collect();
+        let len = digits.len();
+        let any = |n: usize| match n {
+            0 => String::new(),
+            1 => "[0-9]".to_string(),
+            n => format!("[0-9]{{{n}}}"),
+        };
+        let class = |lo: u8, hi: u8| match hi - lo {
+            0 => lo.to_string(),
+            _ => format!("[{lo}-{hi}]"),
+        };
+        let mut alternatives = match len {
+            1 => vec![],
+            2 => vec!["[1-9]".to_string()],
+            3 => vec!["[1-9][0-9]?".to_string()],
+            n => vec![format!("[1-9][0-9]{{0,{}}}", n - 2)],
+        };
+        for (i, &d) in digits.iter().enumerate() {
+            let lo = u8::from(i == 0);
+            if i + 1 == len {
+                alternatives.push(format!("{}{}", &text[..i], class(lo, d)));
+            } else if d > lo {
+                alternatives.push(format!(
+                    "{}{}{}",
+                    &text[..i],
+                    class(lo, d - 1),
+                    any(len - i - 1)
+                ));
+            }
+        }
+        alternatives.join("|")
+    }
+
+    fn unit_ms(unit: &str) -> u64 {
+        let one = crate::time::parse_duration(&format!("1{unit}")).expect("a unit");
+        u64::try_from(one.as_millis()).unwrap()
+    }
+
+    /// The pattern that accepts exactly what `f.parse` accepts: per unit, the whole
+    /// numbers whose length in milliseconds is in range.
+    fn pattern(f: &DurationField) -> String {
+        let units: Vec<String> = DURATION_UNITS
+            .iter()
+            .filter_map(|&unit| {
+                let ms = unit_ms(unit);
+                let (lo, hi) = (f.range_ms.start().div_ceil(ms), f.range_ms.end() / ms);
+                assert!(lo <= 1, "ranges start at 0 or 1 ms");
+                let numbers = match (lo, hi) {
+                    (0, 0) => "0".to_string(),
+                    (0, hi) => format!("0|{}", one_to(hi)),
+                    (_, hi) => one_to(hi),
+                };
+                (lo <= hi).then(|| format!("({numbers}){unit}"))
+            })
+            .collect();
+        format!("^({})$", units.join("|"))
+    }
+
+    /// The pattern without `^` and `$`, for proptest to generate from.
+    fn unanchored(f: &DurationField) -> &'static str {
+        let p = pattern(f);
+        p[1..p.len() - 1].to_string().leak()
+    }
+
+    #[test]
+    fn number_ranges_as_regexes() {
+        assert_eq!(one_to(1), "1");
+        assert_eq!(one_to(9), "[1-9]");
+        assert_eq!(one_to(52), "[1-9]|[1-4][0-9]|5[0-2]");
+        assert_eq!(one_to(366), "[1-9][0-9]?|[1-2][0-9]{2}|3[0-5][0-9]|36[0-6]");
+        assert_eq!(
+            one_to(36600),
+            "[1-9][0-9]{0,3}|[1-2][0-9]{4}|3[0-5][0-9]{3}|36[0-5][0-9]{2}|36600"
+        );
+        for max in [
+            1, 7, 9, 10, 19, 20, 52, 100, 101, 366, 999, 1000, 5228, 36600, 527040, 3162240000,
+        ] {
+            let re = regex::Regex::new(&format!("^({})$", one_to(max))).unwrap();
+            // Every small number, every number near max and near 10 max, and the edges of
+            // every power of ten and of every digit of max.
+            let mut numbers: Vec<u64> = (0..=2_000).collect();
+            numbers.extend(max.saturating_sub(2_000)..=max + 2_000);
+            numbers.extend(max * 10 - 10..=max * 10 + 10);
+            for p in (1..=19).map(|k| 10u64.pow(k)) {
+                numbers.extend([
+                    p - 1,
+                    p,
+                    p + 1,
+                    max / p * p,
+                    max / p * p + p - 1,
+                    max / p * p + p,
+                ]);
+            }
+            for n in numbers {
+                assert_eq!(
+                    re.is_match(&n.to_string()),
+                    (1..=max).contains(&n),
+                    "{max}: {n}"
+                );
+                assert!(!re.is_match(&format!("0{n}")), "{max}: 0{n}");
+            }
+        }
+    }
+
+    /// Each duration field of the OpenAPI document has the pattern that matches exactly
+    /// the strings its parser accepts, so that a schema-valid request is never refused
+    /// for it (schemathesis' positive_data_acceptance) and a schema-invalid one never
+    /// accepted (negative_data_rejection); its examples parse.
+    #[test]
+    fn openapi_duration_patterns_match_exactly_what_parses() {
+        for (schema, property, f) in DOCUMENTED_DURATIONS {
+            let doc = documented(schema, property);
+            let wanted = pattern(f);
+            assert_eq!(
+                doc["pattern"].as_str(),
+                Some(wanted.as_str()),
+                "{schema}.{property} in openapi.json: set its pattern to {wanted:?}"
+            );
+            let re = regex::Regex::new(&wanted).unwrap();
+            let examples = doc["examples"].as_array().expect("examples");
+            assert!(!examples.is_empty());
+            for e in examples {
+                let e = e.as_str().unwrap();
+                assert!(re.is_match(e) && f.parse(e).is_ok(), "example {e:?}");
+            }
+            let mut cases: Vec<String> = [
+                "",
+                "0",
+                "s",
+                "1",
+                "h1",
+                "1 h",
+                " 1h",
+                "1h ",
+                "1h\n",
+                "01h",
+                "00s",
+                "1h30m",
+                "1h 30m",
+                "1.5h",
+                "1H",
+                "1hour",
+                "2 hours",
+                "1ms",
+                "1M",
+                "+1h",
+                "-1h",
+                "1e3s",
+                "\u{ff11}h",
+                "1\u{b5}s",
+                "0x10s",
+                "1ss",
+                "1hs",
+            ]
+            .map(String::from)
+            .into();
+            for unit in DURATION_UNITS {
+                let ms = unit_ms(unit);
+                let (lo, hi) = (f.range_ms.start() / ms, f.range_ms.end() / ms);
+                for n in [
+                    0,
+                    1,
+                    2,
+                    9,
+                    10,
+                    11,
+                    99,
+                    100,
+                    101,
+                    lo,
+                    hi - 1,
+                    hi,
+                    hi + 1,
+                    hi * 10,
+                ] {
+                    cases.push(format!("{n}{unit}"));
+                    cases.push(format!("0{n}{unit}"));
+                }
+                cases.push(format!("{}{unit}", u64::MAX / ms + 1));
+                cases.push(format!("{}{unit}", u64::MAX));
+                cases.push(format!("{}0{unit}", u64::MAX));
+            }
+            for c in &cases {
+                assert_eq!(re.is_match(c), f.parse(c).is_ok(), "{property}: {c:?}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Strings drawn from each pattern all parse (schemathesis draws the same way).
+        #[test]
+        fn what_the_patterns_generate_parses(
+            expires_in in proptest::string::string_regex(unanchored(&EXPIRES_IN)).unwrap(),
+            grace in proptest::string::string_regex(unanchored(&GRACE_PERIOD)).unwrap(),
+        ) {
+            proptest::prop_assert!(EXPIRES_IN.parse(&expires_in).is_ok(), "{expires_in:?}");
+            proptest::prop_assert!(GRACE_PERIOD.parse(&grace).is_ok(), "{grace:?}");
+        }
+
+        /// And any duration-like text is accepted exactly when the pattern matches it.
+        #[test]
+        fn parse_and_pattern_agree(text in "[0-9]{0,12}[smhdwyM .0-9]{0,3}") {
+            for f in [&EXPIRES_IN, &GRACE_PERIOD] {
+                let re = regex::Regex::new(&pattern(f)).unwrap();
+                proptest::prop_assert_eq!(re.is_match(&text), f.parse(&text).is_ok(), "{:?}", text);
+            }
+        }
     }
 
     #[test]

@@ -1233,6 +1233,9 @@ async fn rotating_a_revoked_or_expired_key_is_409() {
     // No key was created by the refused rotations.
     let (data, _) = list_ok(&app, &[("revoked", "true")]).await;
     assert_eq!(data.len(), 2, "{data:?}");
+    // `revoked` filters on revocation only: the expired key is listed without it.
+    let (data, _) = list_ok(&app, &[]).await;
+    assert_eq!(ids_of(&data), vec![expiring.id.clone()], "{data:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 
 use crate::support::{assert_error, eventually, spawn_app, Key, Store, TestApp, ROOT};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 // ---------------------------------------------------------------------------------------
@@ -1329,4 +1330,68 @@ async fn last_used_at_is_noted_after_the_key_is_used() {
     let used = rfc3339_z(items[0]["last_used_at"].as_str().unwrap());
     let created = rfc3339_z(items[0]["created_at"].as_str().unwrap());
     assert!(secs_between(created, used) >= 0.0);
+}
+
+/// The fields README.md lists for an object: the `{a, b, ...}` right after `marker`
+/// (which ends with the `{`), plus the `` `x` and `y` `` of a "plus ..." after it.
+fn readme_fields(marker: &str) -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let at = readme
+        .find(marker)
+        .unwrap_or_else(|| panic!("README.md says {marker:?}"));
+    let rest = &readme[at + marker.len()..];
+    let (list, after) = rest.split_once('}').expect("a closing }");
+    let after = after.trim_start_matches([']', '`']);
+    let mut fields: BTreeSet<String> = list
+        .split(',')
+        .map(|f| f.split_whitespace().collect::<String>())
+        .collect();
+    if let Some(plus) = after.strip_prefix(" plus ") {
+        let plus = plus.split_once('.').map_or(plus, |(p, _)| p);
+        fields.extend(plus.split('`').skip(1).step_by(2).map(str::to_string));
+    }
+    fields
+}
+
+fn fields_of(object: &Value) -> BTreeSet<String> {
+    object
+        .as_object()
+        .expect("an object")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// README.md's key objects are the ones served, field by field: jack's (in its table row
+/// and its description, `revokes_at` included) and HelloJohn's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_lists_exactly_the_fields_of_each_key_object() {
+    let app = spawn_app(Store::Memory).await;
+    create_as(&app, ROOT, None, &json!({"label": "documented"})).await;
+    let jack = list_ok(&app, ROOT, None).await;
+    let served = fields_of(&jack[0]);
+    assert!(served.contains("revokes_at"), "{served:?}");
+    let row = "list the tenant's keys, newest first, revoked ones included: `[{";
+    assert_eq!(readme_fields(row), served, "README's GET /v1/keys row");
+    assert_eq!(
+        readme_fields("The jack key object is `{"),
+        served,
+        "README's jack key object"
+    );
+    let resp = app
+        .http
+        .get(app.admin_url("/v1/api-keys"))
+        .bearer_auth(ROOT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        readme_fields("The HelloJohn key object is `{"),
+        fields_of(&body["data"][0]),
+        "README's HelloJohn key object"
+    );
+    app.stop().await;
 }

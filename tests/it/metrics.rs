@@ -105,14 +105,15 @@ async fn metrics_follow_prometheus_conventions_and_leak_nothing() {
         assert!(!text.contains(secret), "metrics contain {secret:?}");
     }
 
-    // promtool, where installed (Debian package `prometheus`).
-    if let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
+    // promtool, where installed (Debian package `prometheus`; required under scripts/test).
+    if promtool_available() {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool starts");
         child
             .stdin
             .take()

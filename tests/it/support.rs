@@ -33,6 +33,21 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Whether `promtool` (Debian package `prometheus`) runs here. Without it the promtool
+/// checks are skipped, unless `KEYGATE_REQUIRE_PROMTOOL` is set (scripts/test sets it
+/// after installing promtool, so CI cannot pass them quietly): then its absence fails.
+pub fn promtool_available() -> bool {
+    let runs = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        runs || std::env::var_os("KEYGATE_REQUIRE_PROMTOOL").is_none(),
+        "KEYGATE_REQUIRE_PROMTOOL is set but promtool does not run: apt-get install prometheus"
+    );
+    runs
+}
+
 fn redis_server_bin() -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
         "/usr/bin",
