@@ -942,8 +942,9 @@ def write_report(a, report, machine, started):
             f"`Authorization: Bearer <random one of {a.keys:,} keys>` (same wrk Lua script "
             f"everywhere). Upstream: nginx `return 200 \"ok\\n\"` "
             f"(worker_processes {a.upstream_workers}). {a.rounds} rounds, targets interleaved "
-            f"(order rotated each round), medians shown. Access logs off everywhere "
-            f"(keygate `proxy.access_log: false`, nginx `access_log off`, HAProxy no log).")
+            f"(order rotated each round), medians shown. keygate logs as shipped (access log "
+            f"on, level info, stderr to a file) except `keygate-auth-nolog` "
+            f"(`proxy.access_log: false`); nginx `access_log off`, HAProxy no log.")
         lines.append("")
         lines.append("| target | req/s | p50 | p99 | proxy CPU µs/req | of which kernel "
                      "| upstream CPU µs/req | wrk CPU µs/req | TCP connects per run "

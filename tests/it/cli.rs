@@ -719,3 +719,73 @@ async fn a_stalled_log_reader_drops_lines_instead_of_requests() {
         .unwrap_or_else(|| panic!("no dropped-lines counter: {metrics}"));
     assert!(dropped > 0, "{metrics}");
 }
+
+/// The README's walk-through, pasted as it is (ports moved to free ones) against
+/// `serve --dev`: every answer it promises comes back. Needs `jq`, which scripts/test
+/// installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walk_through_runs_as_pasted() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("### Walk-through")
+        .nth(1)
+        .expect("README has a walk-through");
+    // The second sh block: the first only sets ROOT.
+    let block = section
+        .split("```sh\n")
+        .nth(2)
+        .and_then(|b| b.split("```").next())
+        .expect("the walk-through's pasteable block");
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let script = block
+        .replace("localhost:8080", &format!("127.0.0.1:{proxy_port}"))
+        .replace("localhost:9901", &format!("127.0.0.1:{admin_port}"));
+    let root = "kgroot_readme_walk_through_0123456789";
+    let _child = keygate()
+        .args(["serve", "--dev"])
+        .env("KEYGATE_PROXY_LISTEN", format!("127.0.0.1:{proxy_port}"))
+        .env("KEYGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("KEYGATE_ROOT_TOKEN", root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start keygate --dev");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let up = crate::support::eventually(Duration::from_secs(20), || async {
+        http.get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(up, "keygate --dev did not become ready");
+    assert!(
+        std::process::Command::new("jq")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "the walk-through needs jq: apt-get install jq (scripts/test installs it)"
+    );
+    let out = run(Command::new("bash")
+        .args(["-eu", "-o", "pipefail", "-c", &script])
+        .env("ROOT", root)
+        .env("NO_PROXY", "*"))
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", text(&out.stderr));
+    let statuses: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("HTTP/1.1 "))
+        .map(|l| &l[..3])
+        .collect();
+    assert_eq!(statuses, ["401", "200", "403", "403"], "{stdout}");
+    for needle in [
+        "missing_key",
+        "x-keygate-key-id",
+        "insufficient_scope",
+        "scope=\"users:write\"",
+        "revoked_key",
+    ] {
+        assert!(stdout.contains(needle), "lacks {needle:?}: {stdout}");
+    }
+}
