@@ -1,40 +1,51 @@
 //! Process logs (the access log among them): formatted where they happen, queued, and
 //! written to stderr by a thread of their own, so a request never waits on a pipe.
 //!
-//! Not `tracing-appender`'s non-blocking writer: its thread blocks on the queue, so under
-//! load every line wakes it (a futex call) and is written alone (a `write` call), which
-//! the load bench showed as most of the access log's cost. This writer wakes on a timer
-//! instead: senders only enqueue, and each wake writes everything queued in one batch.
+//! A proxy worker collects its lines in a per-thread batch (no allocation, no wake-up per
+//! line) handed to the writer when full or on the worker's timer; other threads queue
+//! each line. Not `tracing-appender`'s non-blocking writer: its thread blocks on the
+//! queue, so under load every access line woke it (a futex call) and was written alone
+//! (a `write` call), most of the access log's cost in the load bench.
 
+use std::cell::RefCell;
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Lines waiting for the writer before new ones are dropped (and counted): at ~250 bytes a
-/// line, a few MiB at most however slow stderr's reader is.
-const QUEUE_LINES: usize = 16_384;
+/// Batches (or single lines) waiting for the writer before new ones are dropped and
+/// counted: at most this many times `BATCH_BYTES`, however slow stderr's reader is.
+const QUEUE: usize = 64;
 
-/// The writer's buffer: one `write` per this many bytes, or per wake.
-const WRITE_BUFFER: usize = 64 * 1024;
+/// A worker hands its batch over at this size; `flush_this_thread` does it earlier.
+const BATCH_BYTES: usize = 32 * 1024;
 
-/// How long a line may wait in the queue: invisible to a person tailing the log, and
-/// few enough wakes to cost nothing.
-const WAKE_EVERY: Duration = Duration::from_millis(20);
+/// How often a proxy worker hands over a batch that is not full (`flush_every`).
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// How long shutdown waits for the queue to be written (stderr may be stuck).
 const FINAL_WRITE: Duration = Duration::from_secs(2);
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
+thread_local! {
+    /// `Some` on a thread that batches its lines (a proxy worker), else `None`.
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
+}
+
+enum Msg {
+    Bytes(Vec<u8>),
+    /// Wakes the writer at shutdown.
+    Stop,
+}
+
 /// Keeps the writer thread; dropping it writes what is queued (bounded wait) and stops it.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct Logging {
+    tx: SyncSender<Msg>,
     stop: Arc<AtomicBool>,
-    writer: Option<JoinHandle<()>>,
     done: Receiver<()>,
 }
 
@@ -62,11 +73,81 @@ pub fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// The queue's sending side: what the subscriber writes each formatted line to.
-#[derive(Clone)]
-pub struct Queue(SyncSender<Vec<u8>>);
+/// From now on this thread batches its lines; it must call `flush_this_thread` on a
+/// timer (`flush_every`) and before it ends, or its last lines wait.
+pub fn batch_this_thread() {
+    BATCH.with(|b| *b.borrow_mut() = Some(Batch::default()));
+}
 
-/// One line on its way to the queue (the subscriber writes a whole event at once).
+/// Hands this thread's batch to the writer (nothing on a thread that does not batch).
+pub fn flush_this_thread() {
+    BATCH.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            if let Some(batch) = b.as_mut() {
+                batch.hand_off();
+            }
+        }
+    });
+}
+
+/// A batching thread's timer: hands over its batch every `FLUSH_EVERY`.
+pub async fn flush_every() {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        flush_this_thread();
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    tx: Option<SyncSender<Msg>>,
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
+impl Batch {
+    fn push(&mut self, line: &[u8], tx: &SyncSender<Msg>) {
+        if self.tx.is_none() {
+            self.tx = Some(tx.clone());
+            self.bytes.reserve(BATCH_BYTES);
+        }
+        self.bytes.extend_from_slice(line);
+        self.lines += 1;
+        if self.bytes.len() >= BATCH_BYTES {
+            self.hand_off();
+        }
+    }
+
+    fn hand_off(&mut self) {
+        if self.bytes.is_empty() {
+            return;
+        }
+        let full = std::mem::replace(&mut self.bytes, Vec::with_capacity(BATCH_BYTES));
+        let lines = std::mem::take(&mut self.lines);
+        match &self.tx {
+            Some(tx) => send(tx, full, lines),
+            None => count_dropped(lines),
+        }
+    }
+}
+
+fn send(tx: &SyncSender<Msg>, bytes: Vec<u8>, lines: u64) {
+    if tx.try_send(Msg::Bytes(bytes)).is_err() {
+        count_dropped(lines);
+    }
+}
+
+fn count_dropped(lines: u64) {
+    DROPPED.fetch_add(lines, Ordering::Relaxed);
+}
+
+/// The subscriber's writer: each formatted event arrives in one `write`.
+#[derive(Clone)]
+pub struct Queue(SyncSender<Msg>);
+
+/// One event's line on its way to the batch or the queue.
 pub struct Line<'a>(&'a Queue);
 
 impl<'a> MakeWriter<'a> for Queue {
@@ -78,14 +159,19 @@ impl<'a> MakeWriter<'a> for Queue {
 }
 
 impl Write for Line<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.0 .0.try_send(buf.to_vec()) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                DROPPED.fetch_add(1, Ordering::Relaxed);
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let tx = &self.0 .0;
+        let batched = BATCH.with(|b| match b.try_borrow_mut().as_deref_mut() {
+            Ok(Some(batch)) => {
+                batch.push(line, tx);
+                true
             }
+            _ => false,
+        });
+        if !batched {
+            send(tx, line.to_vec(), 1);
         }
-        Ok(buf.len())
+        Ok(line.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -95,58 +181,58 @@ impl Write for Line<'_> {
 
 /// The queue and its writer thread, writing to `out`.
 fn start<W: Write + Send + 'static>(out: W) -> (Queue, Logging) {
-    let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
     let (done_tx, done) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();
-    let writer = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("keygate-log".into())
         .spawn(move || {
-            write_until_stopped(&rx, BufWriter::with_capacity(WRITE_BUFFER, out), &stopping);
+            write_until_stopped(&rx, BufWriter::with_capacity(BATCH_BYTES, out), &stopping);
             let _ = done_tx.send(());
-        })
-        .ok();
-    let logging = Logging { stop, writer, done };
+        });
+    if let Err(e) = spawned {
+        eprintln!("keygate: cannot start the log writer ({e}); log lines are dropped");
+    }
+    let logging = Logging {
+        tx: tx.clone(),
+        stop,
+        done,
+    };
     (Queue(tx), logging)
 }
 
-/// Wake, write every queued line and flush, sleep; once stopped, a last round.
-fn write_until_stopped(rx: &Receiver<Vec<u8>>, mut out: impl Write, stop: &AtomicBool) {
+/// Writes what arrives, flushing whenever the queue is empty, until stopped and drained.
+fn write_until_stopped(rx: &Receiver<Msg>, mut out: impl Write, stop: &AtomicBool) {
     loop {
-        let stopping = stop.load(Ordering::Acquire);
-        let open = drain(rx, &mut out);
-        // A failed write (stderr closed) leaves nothing to do but keep the queue moving.
-        let _ = out.flush();
-        if stopping || !open {
-            return;
-        }
-        std::thread::park_timeout(WAKE_EVERY);
-    }
-}
-
-/// Writes what is queued now; false once every sender is gone.
-fn drain(rx: &Receiver<Vec<u8>>, out: &mut impl Write) -> bool {
-    loop {
-        match rx.try_recv() {
-            Ok(line) => {
-                let _ = out.write_all(&line);
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Msg::Bytes(b)) => {
+                // A failed write (stderr closed) leaves nothing to do but keep going.
+                let _ = out.write_all(&b);
             }
-            Err(TryRecvError::Empty) => return true,
-            Err(TryRecvError::Disconnected) => return false,
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Bytes(b) = msg {
+                let _ = out.write_all(&b);
+            }
+        }
+        let _ = out.flush();
+        if stop.load(Ordering::Acquire) {
+            break;
         }
     }
+    let _ = out.flush();
 }
 
 impl Drop for Logging {
     fn drop(&mut self) {
+        flush_this_thread();
         self.stop.store(true, Ordering::Release);
-        if let Some(writer) = self.writer.take() {
-            writer.thread().unpark();
-            // Bounded: a stuck stderr must not keep the process from exiting.
-            if self.done.recv_timeout(FINAL_WRITE).is_ok() {
-                let _ = writer.join();
-            }
-        }
+        let _ = self.tx.try_send(Msg::Stop);
+        // Bounded: a stuck stderr must not keep the process from exiting.
+        let _ = self.done.recv_timeout(FINAL_WRITE);
     }
 }
 
@@ -172,16 +258,37 @@ mod tests {
         }
     }
 
+    /// Lines from a batching thread and from a thread that queues each line all arrive,
+    /// each thread's in order, by the time the guard is dropped.
     #[test]
-    fn queued_lines_are_written_in_order_by_the_time_the_guard_is_dropped() {
+    fn every_line_is_written_by_the_time_the_guard_is_dropped() {
         let sink = Sink::default();
         let (queue, logging) = start(sink.clone());
-        for i in 0..1000 {
-            writeln!(queue.make_writer(), "line {i}").unwrap();
+        let batching = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                batch_this_thread();
+                for i in 0..3000 {
+                    let line = format!("batched {i}\n");
+                    queue.make_writer().write_all(line.as_bytes()).unwrap();
+                }
+                flush_this_thread();
+            })
+        };
+        // Fewer than the queue holds: none of them may be dropped.
+        for i in 0..50 {
+            let line = format!("single {i}\n");
+            queue.make_writer().write_all(line.as_bytes()).unwrap();
         }
+        batching.join().unwrap();
         drop(logging);
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        let want: String = (0..1000).map(|i| format!("line {i}\n")).collect();
-        assert_eq!(text, want);
+        for kind in ["batched", "single"] {
+            let seen: Vec<&str> = text.lines().filter(|l| l.starts_with(kind)).collect();
+            let n = if kind == "batched" { 3000 } else { 50 };
+            let want: Vec<String> = (0..n).map(|i| format!("{kind} {i}")).collect();
+            assert!(seen == want, "{kind}: {} lines of {n}", seen.len());
+        }
+        assert_eq!(dropped_lines(), 0);
     }
 }

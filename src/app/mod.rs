@@ -119,6 +119,7 @@ impl App {
             upstream = %format_args!("{}://{}", fixed.upstream.scheme, fixed.upstream.authority),
             store = %store,
             namespace = %namespace,
+            digests = if fixed.pepper.is_some() { "hmac-sha256" } else { "sha256" },
             routes = self.config.live.policy.routes().len(),
             "keygate started"
         );

@@ -657,6 +657,22 @@ routes:
         assert_eq!(e.field, "admin.root_token");
     }
 
+    /// `keys.pepper_env` defaults to KEYGATE_PEPPER in a `keys:` section; without one a
+    /// set KEYGATE_PEPPER is refused (0.1 ignored it there), never silently dropped.
+    #[test]
+    fn the_pepper_is_used_as_documented_or_refused() {
+        let pepper = [("KEYGATE_PEPPER", "pepper-pepper")];
+        let with = |keys: &str| format!("{BASE}keys: {keys}\n");
+        let used = Config::from_yaml(&with("{}"), "t", &pepper).unwrap();
+        assert!(used.fixed.pepper.is_some());
+        let none = Config::from_yaml(&with("{ pepper_env: \"\" }"), "t", &pepper).unwrap();
+        assert!(none.fixed.pepper.is_none());
+        let e = Config::from_yaml(BASE, "t.yaml", &pepper).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("keys", Some(2)), "{e}");
+        assert!(e.message.contains("no `keys:` section"), "{e}");
+        assert!(load(BASE).unwrap().fixed.pepper.is_none());
+    }
+
     #[test]
     fn a_reload_names_the_fields_that_need_a_restart() {
         let text = format!("{BASE}keys: {{ pepper_env: KEYGATE_PEPPER }}\n");

@@ -21,9 +21,10 @@ pub struct RawConfig {
     /// The in-process cache in front of the store.
     #[serde(default)]
     pub cache: RawCache,
-    /// Key text format.
+    /// Key text format and the pepper. Absent and present-but-empty differ: see
+    /// `sections::keys`.
     #[serde(default)]
-    pub keys: RawKeys,
+    pub keys: Option<RawKeys>,
     /// Ordered route list: the first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
@@ -370,8 +371,10 @@ pub struct RawKeys {
     pub pepper_env: String,
 }
 
+pub(super) const DEFAULT_PEPPER_ENV: &str = "KEYGATE_PEPPER";
+
 fn default_pepper_env() -> String {
-    "KEYGATE_PEPPER".into()
+    DEFAULT_PEPPER_ENV.into()
 }
 
 #[derive(Debug, Deserialize)]

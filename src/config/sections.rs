@@ -8,8 +8,9 @@
 
 use super::locate::FieldPath;
 use super::raw::{
-    Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawLimits, RawPrefixes, RawProxy,
-    RawRedis, RawRoute, RawStore, RawTimeouts, RawTls, UnderscoreHeaders, Unmatched,
+    Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawKeys, RawLimits, RawPrefixes,
+    RawProxy, RawRedis, RawRoute, RawStore, RawTimeouts, RawTls, UnderscoreHeaders, Unmatched,
+    DEFAULT_PEPPER_ENV,
 };
 use super::{CacheRules, Env, Fixed, Limits, Live, StoreConfig, Timeouts, Upstream};
 use crate::key::Prefixes;
@@ -84,9 +85,8 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
     let (cache, cache_max_entries) = self::cache(&cache)?;
     let limits = self::limits(&proxy.limits, &admin)?;
     let timeouts = self::timeouts(&proxy.timeouts)?;
-    let prefixes = self::prefixes(&keys.prefixes)?;
+    let (prefixes, pepper) = self::keys(keys.as_ref(), env)?;
     let root_token = self::root_token(&admin, env)?;
-    let pepper = env.var(&keys.pepper_env).map(SecretString::from);
     let upstream_ca = self::upstream_ca(&proxy)?;
     let tls = tls_pair("proxy.tls", &proxy.tls)?;
     let admin_tls = tls_pair("admin.tls", &admin.tls)?;
@@ -286,6 +286,27 @@ fn timeouts(t: &RawTimeouts) -> Result<Timeouts> {
 }
 
 /// `keys.prefixes`: no prefix may start another, or a key's type would be ambiguous.
+/// `keys`: the prefixes and the pepper. Versions up to 0.1 ignored `KEYGATE_PEPPER` when the
+/// file had no `keys:` section (their digests are plain SHA-256), so a pepper set there is
+/// refused rather than guessed: using it would lock out keys made by such a version,
+/// ignoring it would break the README's promise.
+fn keys(keys: Option<&RawKeys>, env: &dyn Env) -> Result<(Prefixes, Option<SecretString>)> {
+    let Some(keys) = keys else {
+        if env.var(DEFAULT_PEPPER_ENV).is_some() {
+            return Err(invalid(
+                "keys",
+                "KEYGATE_PEPPER is set but the file has no `keys:` section, where keygate \
+                 0.1 ignored it (keys it made are digested without a pepper). Say which you \
+                 mean: `keys: { pepper_env: KEYGATE_PEPPER }` to use it (keys made without \
+                 it stop working), or `keys: { pepper_env: \"\" }` to go on without one",
+            ));
+        }
+        return Ok((prefixes(&RawPrefixes::default())?, None));
+    };
+    let pepper = env.var(&keys.pepper_env).map(SecretString::from);
+    Ok((prefixes(&keys.prefixes)?, pepper))
+}
+
 fn prefixes(p: &RawPrefixes) -> Result<Prefixes> {
     let prefixes = Prefixes {
         secret_live: p.secret_live.0.clone(),

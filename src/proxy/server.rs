@@ -115,9 +115,18 @@ fn start_worker(
                 .enable_all()
                 .build()
             {
-                Ok(runtime) => runtime.block_on(worker(rx, open, setup)),
+                Ok(runtime) => {
+                    // Access lines collect per worker and go to the log writer in batches.
+                    crate::logging::batch_this_thread();
+                    runtime.block_on(async {
+                        let flusher = tokio::spawn(crate::logging::flush_every());
+                        worker(rx, open, setup).await;
+                        flusher.abort();
+                    });
+                }
                 Err(e) => tracing::error!(error = %e, "cannot start a proxy worker's runtime"),
             }
+            crate::logging::flush_this_thread();
             let _ = finished.send(());
         });
     if let Err(e) = spawned {

@@ -614,10 +614,12 @@ async fn logs_never_contain_keys_and_access_lines_carry_ids() {
             !logs.to_ascii_lowercase().contains("bearer "),
             "{format} logs: {logs}"
         );
-        let access: Vec<&str> = logs
+        let mut access: Vec<&str> = logs
             .lines()
             .filter(|l| l.contains("keygate::access"))
             .collect();
+        // Workers hand their lines over in batches: order by the leading timestamp.
+        access.sort_unstable();
         assert_eq!(
             access.len(),
             4,
@@ -688,7 +690,8 @@ async fn a_stalled_log_reader_drops_lines_instead_of_requests() {
     })
     .await;
     assert!(up, "keygate did not become ready");
-    // More access lines than the writer queues (16,384), over 8 connections.
+    // More access lines than the writer queues (64 batches of 32 KiB: ~10,000 lines)
+    // and the pipe holds, over 8 connections.
     let tasks: Vec<_> = (0..8)
         .map(|t| {
             let (http, url) = (http.clone(), format!("http://127.0.0.1:{proxy_port}/x"));
