@@ -25,6 +25,20 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Microseconds since the Unix epoch, now (log timestamps).
+#[allow(clippy::disallowed_methods, reason = "the log's wall-clock read")]
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// `2026-06-12T14:24:37.123456Z`: a log line's timestamp, as `tracing`'s formatter writes it.
+pub fn rfc3339_micros(us: u64) -> impl std::fmt::Display {
+    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(us))
+}
+
 /// `2026-06-12T14:24:37Z`, the shape both API documents use.
 pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

@@ -27,12 +27,12 @@ import loadbench as lb  # noqa: E402
 PATH = "/api/v1/items/42"
 
 
-def config(proxy, admin, upstream, mode):
+def config(proxy, admin, upstream, mode, access_log=False):
     routes = lb.auth_routes() if mode == "auth" else '  - { name: all, path: "/**", auth: none }'
     return f"""proxy:
   listen: 127.0.0.1:{proxy}
   upstream: http://127.0.0.1:{upstream}
-  access_log: false
+  access_log: {"true" if access_log else "false"}
   workers: 1
 admin:
   listen: 127.0.0.1:{admin}
@@ -94,10 +94,11 @@ def drive(port, key, n, conns=4):
 def one_run(a, workdir, up_port, n, tag):
     proxy, admin = lb.free_port(), lb.free_port()
     cfg = workdir / f"kg-{tag}.yaml"
-    cfg.write_text(config(proxy, admin, up_port, a.mode))
+    cfg.write_text(config(proxy, admin, up_port, a.mode, a.access_log))
     out = workdir / f"callgrind-{tag}.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
-    env.update(KEYGATE_ROOT_TOKEN=lb.ROOT_TOKEN, KEYGATE_LOG="error")
+    # With --access-log, logging as shipped (level info); else errors only.
+    env.update(KEYGATE_ROOT_TOKEN=lb.ROOT_TOKEN, KEYGATE_LOG="info" if a.access_log else "error")
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                           a.binary, "serve", "--config", str(cfg)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,6 +117,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--binary", required=True)
     ap.add_argument("--mode", choices=["auth", "noauth"], default="auth")
+    ap.add_argument("--access-log", action="store_true",
+                    help="access log on and KEYGATE_LOG=info (as shipped); stderr to /dev/null")
     ap.add_argument("--short", type=int, default=1000)
     ap.add_argument("--long", type=int, default=4000)
     ap.add_argument("--conns", type=int, default=4,

@@ -10,6 +10,7 @@ use crate::auth::{self, Need, Rules, Verifier};
 use crate::cache::{Identity, Reader, Source};
 use crate::config::Config;
 use crate::error::{Body, Deny};
+use crate::logging;
 use crate::metrics::{AuthOutcome, Metrics};
 use crate::policy::path::{normalize_request, Normalized};
 use crate::policy::Route;
@@ -103,7 +104,8 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let snap = self.live.load();
         // Only the access log needs it: one clock read fewer per request without.
-        let started = snap.policy.headers.access_log.then(Instant::now);
+        let access_log = snap.policy.headers.access_log && logging::access_enabled();
+        let started = access_log.then(Instant::now);
         let method = req.method().clone();
         let mut who = None;
         let (route_index, result) = self.decide_and_forward(&snap, req, conn, &mut who).await;
@@ -119,21 +121,19 @@ impl Proxy {
                 (deny.response(), deny.code())
             }
         };
-        if snap.policy.headers.access_log {
+        if access_log {
             // One line per request: never the path (it may carry data), never a key.
-            let route = snap.policy.route_name(route_index);
             let who = who.as_deref();
-            tracing::info!(
-                target: "keygate::access",
-                method = %method,
-                route,
-                status = resp.status().as_u16(),
-                decision = code,
-                key_id = who.map_or("-", Identity::id),
-                tenant = who.map_or("-", Identity::tenant),
-                peer = %conn.peer.ip(),
-                duration_us = started.map_or(0, |s| s.elapsed().as_micros() as u64),
-            );
+            logging::access(&logging::Access {
+                method: method.as_str(),
+                route: snap.policy.route_name(route_index),
+                status: resp.status().as_u16(),
+                decision: code,
+                key_id: who.map_or("-", Identity::id),
+                tenant: who.map_or("-", Identity::tenant),
+                peer: conn.peer.ip(),
+                duration_us: started.map_or(0, |s| s.elapsed().as_micros() as u64),
+            });
         }
         resp
     }
