@@ -52,8 +52,9 @@ thread_local! {
 }
 
 enum Msg {
-    Bytes(Vec<u8>),
-    /// Wakes the writer at shutdown.
+    /// Whole lines, and how many (counted as dropped if they cannot be written).
+    Bytes(Vec<u8>, u64),
+    /// The last message: everything sent before it has been written.
     Stop,
 }
 
@@ -123,7 +124,7 @@ pub fn access(line: &Access) {
         return;
     };
     let at = crate::time::now_us();
-    let batched = BATCH.with(|b| match b.try_borrow_mut().as_deref_mut() {
+    let batched = BATCH.try_with(|b| match b.try_borrow_mut().as_deref_mut() {
         Ok(Some(batch)) => {
             batch.start(tx);
             format_access(&mut batch.bytes, format, at, line);
@@ -132,7 +133,7 @@ pub fn access(line: &Access) {
         }
         _ => false,
     });
-    if !batched {
+    if batched != Ok(true) {
         let mut bytes = Vec::with_capacity(256);
         format_access(&mut bytes, format, at, line);
         send(tx, bytes, 1);
@@ -264,12 +265,16 @@ pub fn dropped_lines() -> u64 {
 /// From now on this thread batches its lines; it must call `flush_this_thread` on a
 /// timer (`flush_every`) and before it ends, or its last lines wait.
 pub fn batch_this_thread() {
-    BATCH.with(|b| *b.borrow_mut() = Some(Batch::default()));
+    let _ = BATCH.try_with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            *b = Some(Batch::default());
+        }
+    });
 }
 
 /// Hands this thread's batch to the writer (nothing on a thread that does not batch).
 pub fn flush_this_thread() {
-    BATCH.with(|b| {
+    let _ = BATCH.try_with(|b| {
         if let Ok(mut b) = b.try_borrow_mut() {
             if let Some(batch) = b.as_mut() {
                 batch.hand_off();
@@ -285,6 +290,13 @@ pub async fn flush_every() {
     loop {
         tick.tick().await;
         flush_this_thread();
+    }
+}
+
+/// Handed over when its thread ends, also by a panic that skipped `flush_this_thread`.
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.hand_off();
     }
 }
 
@@ -332,7 +344,7 @@ impl Batch {
 }
 
 fn send(tx: &SyncSender<Msg>, bytes: Vec<u8>, lines: u64) {
-    if tx.try_send(Msg::Bytes(bytes)).is_err() {
+    if tx.try_send(Msg::Bytes(bytes, lines)).is_err() {
         count_dropped(lines);
     }
 }
@@ -359,14 +371,14 @@ impl<'a> MakeWriter<'a> for Queue {
 impl Write for Line<'_> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let tx = &self.0 .0;
-        let batched = BATCH.with(|b| match b.try_borrow_mut().as_deref_mut() {
+        let batched = BATCH.try_with(|b| match b.try_borrow_mut().as_deref_mut() {
             Ok(Some(batch)) => {
                 batch.push(line, tx);
                 true
             }
             _ => false,
         });
-        if !batched {
+        if batched != Ok(true) {
             send(tx, line.to_vec(), 1);
         }
         Ok(line.len())
@@ -400,35 +412,46 @@ fn start<W: Write + Send + 'static>(out: W) -> (Queue, Logging) {
     (Queue(tx), logging)
 }
 
-/// Writes what arrives, flushing whenever the queue is empty, until stopped and drained.
+/// Writes what arrives, flushing whenever the queue is empty, until `Msg::Stop` (or, if
+/// the queue was too full to take it, until the queue is empty once `stop` is set).
 fn write_until_stopped(rx: &Receiver<Msg>, mut out: impl Write, stop: &AtomicBool) {
     loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Msg::Bytes(b)) => {
-                // A failed write (stderr closed) leaves nothing to do but keep going.
-                let _ = out.write_all(&b);
-            }
-            Ok(Msg::Stop) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-        while let Ok(msg) = rx.try_recv() {
-            if let Msg::Bytes(b) = msg {
-                let _ = out.write_all(&b);
-            }
+        let mut stopped = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(msg) => write_msg(&mut out, msg),
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        while let (false, Ok(msg)) = (stopped, rx.try_recv()) {
+            stopped = write_msg(&mut out, msg);
         }
         let _ = out.flush();
-        if stop.load(Ordering::Acquire) {
-            break;
+        if stopped || (stop.load(Ordering::Acquire) && rx.try_recv().is_err()) {
+            return;
         }
     }
-    let _ = out.flush();
+}
+
+/// Writes one message; true for `Msg::Stop`. Lines that cannot be written (stderr
+/// closed or refusing) are counted as dropped.
+fn write_msg(out: &mut impl Write, msg: Msg) -> bool {
+    match msg {
+        Msg::Bytes(bytes, lines) => {
+            if out.write_all(&bytes).is_err() {
+                count_dropped(lines);
+            }
+            false
+        }
+        Msg::Stop => true,
+    }
 }
 
 impl Drop for Logging {
     fn drop(&mut self) {
         flush_this_thread();
-        self.stop.store(true, Ordering::Release);
-        let _ = self.tx.try_send(Msg::Stop);
+        // `stop` matters only if the queue is too full to take `Msg::Stop`.
+        if self.tx.try_send(Msg::Stop).is_err() {
+            self.stop.store(true, Ordering::Release);
+        }
         // Bounded: a stuck stderr must not keep the process from exiting.
         let _ = self.done.recv_timeout(FINAL_WRITE);
     }
