@@ -31,7 +31,8 @@ Environment:
 
 Exit codes:
   0   stopped by SIGTERM or Ctrl-C after draining; check-config: the file is valid
-  1   could not start (a port in use, an unreadable certificate, no runtime, ...)
+  1   could not start (a port in use, an unreadable certificate, ...) or the proxy
+      stopped serving without being asked to
   2   bad command line
   64  the config file is invalid (the message names file, line and field)";
 

@@ -178,12 +178,15 @@ impl App {
             tls: tls_acceptor(self.tls, &rx),
             shutdown: rx,
         };
-        server::serve_workers(self.proxy_listener, self.config.fixed.proxy_workers, setup).await;
+        let workers = self.config.fixed.proxy_workers;
+        let served = server::serve_workers(self.proxy_listener, workers, setup).await;
+        // The proxy may have stopped on its own: the admin port goes with it.
+        let _ = self.shutdown.send(true);
         // After the drain: the last requests' uses are in the queue; write them.
         let _ = stop_usage.send(());
         let _ = tokio::time::timeout(drain, flusher).await;
         let _ = tokio::time::timeout(drain, admin).await;
-        Ok(())
+        served.map_err(|e| anyhow::anyhow!("the proxy stopped serving: {e}"))
     }
 
     /// Start following the store's change feed and the config file (with SIGHUP, taken

@@ -46,19 +46,25 @@ pub struct WorkerSetup {
 
 /// Serve with `workers` threads until `setup.shutdown` turns true; then stop accepting and
 /// let open connections finish their in-flight requests for up to `deadlines.drain`.
-/// Returns when every worker has stopped.
+/// Returns when every worker has stopped: an error if serving ended without being asked
+/// to (no worker left, the socket unusable) or a worker ended abnormally.
 ///
 /// This task accepts and hands each connection to the worker with the fewest open ones
 /// (a connection's requests then all run on that worker). Not `SO_REUSEPORT` listeners:
 /// the kernel's hash can load one worker far more than another, a process of the same
 /// user could bind the port too and take a share, and two listeners binding port 0 could
 /// be given the same port.
-pub async fn serve_workers(listener: std::net::TcpListener, workers: usize, setup: WorkerSetup) {
+pub async fn serve_workers(
+    listener: std::net::TcpListener,
+    workers: usize,
+    setup: WorkerSetup,
+) -> Result<(), String> {
     let slots = Arc::new(Semaphore::new(setup.settings.max_connections));
     let mut shutdown = setup.shutdown.clone();
     let (handoff, done): (Vec<_>, Vec<_>) = (0..workers.max(1))
         .map(|i| start_worker(i, setup.clone()))
         .unzip();
+    let mut failed = None;
     match TcpListener::from_std(listener) {
         Ok(listener) => loop {
             let Some((stream, peer, permit)) =
@@ -75,7 +81,7 @@ pub async fn serve_workers(listener: std::net::TcpListener, workers: usize, setu
                 .filter(|(tx, _)| !tx.is_closed())
                 .min_by_key(|(_, open)| open.load(Ordering::Relaxed))
             else {
-                tracing::error!("no proxy worker is running");
+                failed = Some("no proxy worker is running".to_string());
                 break;
             };
             open.fetch_add(1, Ordering::Relaxed);
@@ -84,15 +90,16 @@ pub async fn serve_workers(listener: std::net::TcpListener, workers: usize, setu
                 open.fetch_sub(1, Ordering::Relaxed);
             }
         },
-        Err(e) => tracing::error!(error = %e, "cannot listen on the proxy socket"),
+        Err(e) => failed = Some(format!("cannot listen on the proxy socket: {e}")),
     }
     // Stop accepting; the workers drain their connections.
     drop(handoff);
     for rx in done {
         if rx.await.is_err() {
-            tracing::error!("a proxy worker stopped abnormally");
+            failed.get_or_insert_with(|| "a proxy worker stopped abnormally".to_string());
         }
     }
+    failed.map_or(Ok(()), Err)
 }
 
 /// Worker thread `i` with its own single-threaded runtime: where to hand it connections,
