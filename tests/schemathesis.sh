@@ -3,7 +3,7 @@
 # (src/admin/openapi.json, served at GET /openapi.json), with schemathesis.
 #
 # Starts `keygate serve --dev` (in-memory store) on free loopback ports, then runs every
-# schemathesis check (`--checks all`): no request gets a 5xx; every status code, content
+# schemathesis check but one (`--checks all`, see below): no request gets a 5xx; every status code, content
 # type, response header and body is the one the document gives; unauthenticated calls
 # are refused; schema-valid requests are accepted and schema-invalid ones refused.
 #
@@ -81,8 +81,13 @@ fi
 # Every check schemathesis has: besides the response conformance checks, that no
 # schema-valid request is refused (positive_data_acceptance: the duration patterns say
 # exactly what keygate accepts), that no schema-invalid one is accepted
-# (negative_data_rejection), ignored_auth, use_after_free, and the rest.
+# (negative_data_rejection), ignored_auth, and the rest; all but use_after_free.
+# In both API documents `DELETE /v1/keys/{id}` and `DELETE /v1/api-keys/{id}` revoke:
+# the key stops working at once and its record stays readable, with `revoked_at` set
+# (`revoked=true` lists it). use_after_free wants a 404 after a DELETE; its stateful
+# scenarios reach that link only on some seeds, so it failed one CI run in four.
 CHECKS="all"
+EXCLUDED_CHECKS="use_after_free"
 
 # One worker: schemathesis' threads can hit CPython 3.11's non-thread-safe ast.parse
 # ("SystemError: AST constructor recursion depth mismatch") inside hypothesis.
@@ -90,6 +95,7 @@ args=(
     run "$ADMIN/openapi.json"
     --header "Authorization: Bearer ${ROOT_TOKEN}"
     --checks "$CHECKS"
+    --exclude-checks "$EXCLUDED_CHECKS"
     --max-examples "$MAX_EXAMPLES"
     --phases examples,coverage,fuzzing,stateful
     --workers 1
