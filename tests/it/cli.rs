@@ -34,6 +34,28 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Waits (up to 20 s) for `admin`'s /readyz to answer 200, or fails the test.
+async fn wait_ready(http: &reqwest::Client, admin: &str) {
+    let up = crate::support::eventually(Duration::from_secs(20), || async {
+        http.get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(up, "keygate did not become ready at {admin}");
+}
+
+/// SIGTERM, then up to 15 s for the process to exit (its logs are written by then).
+async fn stop(child: &mut tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+}
+
 /// A valid config (`{port}` is the proxy port); line numbers matter to the tests below.
 const GOOD: &str = "proxy:
   listen: 127.0.0.1:{port}
@@ -254,14 +276,7 @@ async fn start_line_and_a_missing_root_token_are_spelled_out() {
         .expect("start keygate");
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let up = crate::support::eventually(Duration::from_secs(20), || async {
-        http.get(format!("{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(up, "keygate did not become ready");
+    wait_ready(&http, &admin).await;
     let r = http
         .post(format!("{admin}/v1/keys"))
         .bearer_auth("kgroot_what_the_operator_thinks_is_root")
@@ -276,12 +291,7 @@ async fn start_line_and_a_missing_root_token_are_spelled_out() {
         message.contains("no root token is configured") && message.contains("KEYGATE_ROOT_TOKEN"),
         "{body}"
     );
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    stop(&mut child).await;
     let logs = std::fs::read_to_string(&log_path).unwrap();
     let started: Vec<&str> = logs
         .lines()
@@ -446,14 +456,7 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
         .expect("start keygate");
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let up = crate::support::eventually(Duration::from_secs(20), || async {
-        http.get(format!("{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(up, "keygate did not become ready");
+    wait_ready(&http, &admin).await;
     let pid = child.id().expect("running").to_string();
     let signal = |sig: &str| {
         let ok = std::process::Command::new("kill")
@@ -542,14 +545,7 @@ async fn logs_never_contain_keys_and_access_lines_carry_ids() {
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         let admin = format!("http://127.0.0.1:{admin_port}");
         let proxy = format!("http://127.0.0.1:{proxy_port}");
-        let up = crate::support::eventually(Duration::from_secs(20), || async {
-            http.get(format!("{admin}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        assert!(up, "keygate did not become ready");
+        wait_ready(&http, &admin).await;
         let created: Value = http
             .post(format!("{admin}/v1/keys"))
             .bearer_auth(crate::support::ROOT)
@@ -595,12 +591,7 @@ async fn logs_never_contain_keys_and_access_lines_carry_ids() {
             .await
             .unwrap();
         assert_eq!(r.status(), 404);
-        let pid = child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+        stop(&mut child).await;
 
         let logs = std::fs::read_to_string(&log_path).unwrap();
         let secret_part = &key["sk_live_".len() + 4..];
@@ -682,14 +673,7 @@ async fn a_stalled_log_reader_drops_lines_instead_of_requests() {
         .build()
         .unwrap();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let up = crate::support::eventually(Duration::from_secs(20), || async {
-        http.get(format!("{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(up, "keygate did not become ready");
+    wait_ready(&http, &admin).await;
     // More access lines than the writer queues (64 batches of 32 KiB: ~10,000 lines)
     // and the pipe holds, over 8 connections.
     let tasks: Vec<_> = (0..8)
@@ -754,14 +738,7 @@ async fn readme_walk_through_runs_as_pasted() {
         .spawn()
         .expect("start keygate --dev");
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let up = crate::support::eventually(Duration::from_secs(20), || async {
-        http.get(format!("http://127.0.0.1:{admin_port}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(up, "keygate --dev did not become ready");
+    wait_ready(&http, &format!("http://127.0.0.1:{admin_port}")).await;
     assert!(
         std::process::Command::new("jq")
             .arg("--version")
