@@ -55,6 +55,14 @@ impl From<StoreError> for ApiError {
                 "key_revoked",
                 "a revoked key cannot be changed",
             ),
+            StoreError::Unconfirmed { acked, wanted } => {
+                tracing::warn!(acked, wanted, "a key change was not confirmed by enough Redis replicas");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "replication_unconfirmed",
+                    format!("the change was written but only {acked} of {wanted} Redis replicas confirmed it in time: it may or may not have applied (a failover now could lose it); retrying is safe"),
+                )
+            }
             other => {
                 tracing::error!(error = %other, "key store error in admin API");
                 ApiError::new(

@@ -89,6 +89,11 @@ pub enum StoreError {
     AlreadyRotated,
     #[error("the key is revoked and cannot be changed")]
     Revoked,
+    /// The change was written on the primary but fewer than `wanted` replicas confirmed
+    /// it within the ack timeout: a failover now may or may not keep it. Every write is
+    /// safe to repeat (revoke and update are idempotent).
+    #[error("the change reached {acked} of {wanted} replicas in time")]
+    Unconfirmed { acked: u32, wanted: u32 },
 }
 
 /// A change to a key's name and/or scopes.
