@@ -281,6 +281,12 @@ impl Env for ProcessEnv {
 
 impl<const N: usize> Env for [(&str, &str); N] {
     fn var(&self, name: &str) -> Option<String> {
+        self.as_slice().var(name)
+    }
+}
+
+impl Env for &[(&str, &str)] {
+    fn var(&self, name: &str) -> Option<String> {
         self.iter()
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v.to_string())
@@ -660,6 +666,111 @@ routes:
         );
         let e = Config::from_yaml(BASE, "t", &[("KEYGATE_ROOT_TOKEN", "short")]).unwrap_err();
         assert_eq!(e.field, "admin.root_token");
+    }
+
+    /// `store.redis`: exactly one of url/sentinel/cluster, the environment replacing the
+    /// file's mode, and `min_replicas_ack` defaulting by mode.
+    #[test]
+    fn redis_modes_and_replica_acknowledgement() {
+        use crate::store::redis::Mode;
+        let with = |redis: &str| BASE.replace("memory: {}", &format!("redis:\n    {redis}"));
+        let settings = |text: &str, env: &[(&str, &str)]| match Config::from_yaml(text, "t", &env)
+            .unwrap()
+            .fixed
+            .store
+        {
+            StoreConfig::Redis(r) => r,
+            StoreConfig::Memory => panic!("expected redis"),
+        };
+        let sentinel = with(
+            "sentinel: { master_name: mymaster, nodes: [\"10.0.0.1:26379\", \"10.0.0.2:26379\"], password_env: RP }",
+        );
+        let r = settings(&sentinel, &[("RP", "s3cret")]);
+        let Mode::Sentinel(s) = &r.mode else {
+            panic!("{:?}", r.mode)
+        };
+        assert_eq!((s.master_name.as_str(), s.nodes.len()), ("mymaster", 2));
+        assert_eq!(s.password.as_deref(), Some("s3cret"));
+        assert_eq!(
+            (r.min_replicas_ack, r.ack_timeout),
+            (1, Duration::from_millis(500))
+        );
+        assert!(
+            !format!("{:?}", r.mode).contains("s3cret"),
+            "the password shows"
+        );
+        let e = Config::from_yaml(&sentinel, "t", &[("X", "Y")]).unwrap_err();
+        assert_eq!(e.field, "store.redis.sentinel.password_env", "{e}");
+        assert!(e.message.contains("RP"), "{e}");
+
+        let standalone = with("url: redis://10.0.0.1:6379/0");
+        assert_eq!(settings(&standalone, &[]).min_replicas_ack, 0);
+        let cluster = with("cluster: { nodes: [\"redis://10.0.0.1:7000\"] }\n    min_replicas_ack: 2\n    ack_timeout: 1s");
+        let r = settings(&cluster, &[]);
+        assert!(matches!(r.mode, Mode::Cluster { ref nodes } if nodes.len() == 1));
+        assert_eq!(
+            (r.min_replicas_ack, r.ack_timeout),
+            (2, Duration::from_secs(1))
+        );
+
+        // The environment picks the mode.
+        let r = settings(
+            &standalone,
+            &[
+                ("KEYGATE_REDIS_SENTINEL_NODES", "10.0.0.9:26379"),
+                ("KEYGATE_REDIS_SENTINEL_MASTER", "m"),
+            ],
+        );
+        assert!(matches!(r.mode, Mode::Sentinel(ref s) if s.master_name == "m"));
+        let r = settings(
+            &standalone,
+            &[(
+                "KEYGATE_REDIS_CLUSTER_NODES",
+                "redis://a:7000, redis://b:7000",
+            )],
+        );
+        assert!(matches!(r.mode, Mode::Cluster { ref nodes } if nodes.len() == 2));
+
+        for (text, field) in [
+            (
+                with("url: redis://a\n    cluster: { nodes: [\"redis://b\"] }"),
+                "store.redis.cluster",
+            ),
+            (with("namespace: x"), "store.redis"),
+            (
+                with("sentinel: { master_name: m, nodes: [\"nohost\"] }"),
+                "store.redis.sentinel.nodes[1]",
+            ),
+            (
+                with("sentinel: { master_name: m, nodes: [] }"),
+                "store.redis.sentinel.nodes",
+            ),
+            (
+                with("cluster: { nodes: [\"http://b\"] }"),
+                "store.redis.cluster.nodes[1]",
+            ),
+            (
+                with("url: redis://a\n    min_replicas_ack: 99"),
+                "store.redis.min_replicas_ack",
+            ),
+            (
+                with("url: redis://a\n    ack_timeout: 0s"),
+                "store.redis.ack_timeout",
+            ),
+        ] {
+            let e = load(&text).unwrap_err();
+            assert_eq!(e.field, field, "{text}: {e}");
+        }
+        let e = Config::from_yaml(
+            &standalone,
+            "t",
+            &[
+                ("KEYGATE_REDIS_URL", "redis://a"),
+                ("KEYGATE_REDIS_CLUSTER_NODES", "redis://b"),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("only one"), "{e}");
     }
 
     /// `keys.pepper_env` defaults to KEYGATE_PEPPER in a `keys:` section; without one a
