@@ -18,6 +18,7 @@ mod feed;
 mod h2_tools;
 mod hostile;
 mod k8s;
+mod k8s_sentinel;
 mod limits;
 mod metrics;
 mod paths;
