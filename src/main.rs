@@ -21,7 +21,11 @@ Environment:
   KEYGATE_ROOT_TOKEN    the admin API's root token, >= 16 characters (the variable is
                         named by admin.root_token_env; else admin.root_token_file)
   KEYGATE_PEPPER        HMAC pepper for key digests (named by keys.pepper_env)
-  KEYGATE_REDIS_URL     overrides store.redis.url
+  KEYGATE_REDIS_URL     one Redis server, replacing store.redis's mode
+  KEYGATE_REDIS_SENTINEL_NODES, KEYGATE_REDIS_SENTINEL_MASTER
+                        sentinels (host:port, comma-separated) and the master name
+  KEYGATE_REDIS_CLUSTER_NODES
+                        Redis Cluster seed URLs, comma-separated
   KEYGATE_UPSTREAM      overrides proxy.upstream
   KEYGATE_PROXY_LISTEN  overrides proxy.listen
   KEYGATE_ADMIN_LISTEN  overrides admin.listen
