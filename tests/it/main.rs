@@ -7,6 +7,7 @@
 )]
 
 mod support;
+mod support_ha;
 
 mod admin_hellojohn;
 mod admin_jack;
