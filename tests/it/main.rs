@@ -28,5 +28,6 @@ mod raw;
 mod redis_store;
 mod reload;
 mod reload_cache;
+mod sentinel;
 mod streaming;
 mod tls;

@@ -540,7 +540,7 @@ impl SentinelSet {
 impl Drop for SentinelSet {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("{}", self.log_tails(30));
+            eprintln!("{}", self.log_tails(15));
         }
     }
 }
@@ -594,22 +594,28 @@ impl Keygate {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Waits (up to 20 s) for /readyz to answer 200, or fails the test with the logs.
+    /// Waits (up to 20 s) for /readyz to answer 200, or fails the test with the logs (at
+    /// once if the process exits, e.g. refusing its config).
     pub async fn wait_ready(&mut self, http: &reqwest::Client) {
-        let up = crate::support::eventually(Duration::from_secs(20), || async {
-            http.get(format!("{}/readyz", self.admin))
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = http
+                .get(format!("{}/readyz", self.admin))
                 .send()
                 .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        if !up {
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                return;
+            }
             let exited = self.child.try_wait().ok().flatten();
-            panic!(
-                "keygate did not become ready at {} (exited: {exited:?}); logs:\n{}",
-                self.admin,
-                self.logs()
-            );
+            if exited.is_some() || Instant::now() >= deadline {
+                panic!(
+                    "keygate did not become ready at {} (exited: {exited:?}); logs:\n{}",
+                    self.admin,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
