@@ -682,3 +682,26 @@ fn sentinel_harness_fails_over_a_killed_primary() {
     let acked: i64 = set.cmd(&["WAIT", "1", "1000"]);
     assert_eq!(acked, 1);
 }
+
+/// With two replicas, the one not promoted follows the new primary by itself (the
+/// sentinels reconfigure it), so writes can be confirmed again without an operator.
+#[test]
+fn sentinel_harness_second_replica_follows_the_new_primary() {
+    let mut set = SentinelSet::start_with_replicas(2);
+    let _: () = set.cmd(&["SET", "harness:k", "v"]);
+    let acked: i64 = set.cmd(&["WAIT", "2", "1000"]);
+    assert_eq!(acked, 2);
+    let started = Instant::now();
+    set.kill_primary();
+    set.wait_failover();
+    let failover = started.elapsed();
+    set.wait_replicas_synced();
+    eprintln!(
+        "failover {failover:?}, other replica in sync {:?}",
+        started.elapsed()
+    );
+    assert_eq!(set.replica_ports().len(), 1);
+    let acked: i64 = set.cmd(&["WAIT", "1", "1000"]);
+    assert_eq!(acked, 1);
+    set.wait_sentinels_agree();
+}
