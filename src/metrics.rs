@@ -3,11 +3,14 @@
 
 use crate::cache::Source;
 use crate::error::Deny;
+use crate::store::topology::StoreStats;
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 /// Brings a counter kept elsewhere up to `seen` (counters only grow).
 fn catch_up(counter: &IntCounter, seen: u64) {
@@ -44,6 +47,8 @@ pub struct Metrics {
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     log_lines_dropped: IntCounter,
+    /// The store's topology: mode, primary, failovers, unconfirmed writes.
+    pub store: StoreMetrics,
     /// Serialises scrapes while they bring hits and misses up to date (not a request path).
     #[allow(
         clippy::disallowed_types,
@@ -101,6 +106,69 @@ impl Builder {
         let buckets = prometheus::exponential_buckets(start, 2.0, count).expect("static buckets");
         let opts = HistogramOpts::new(name, help).buckets(buckets);
         self.add(HistogramVec::new(opts, labels).expect("static metric definition"))
+    }
+}
+
+/// What the store saw of its topology (`store::topology::StoreStats`), brought up to
+/// date at each scrape.
+pub struct StoreMetrics {
+    info: IntGaugeVec,
+    primary: IntGaugeVec,
+    primary_changes: IntCounter,
+    failovers: IntCounter,
+    ack_failures: IntCounter,
+    stats: arc_swap::ArcSwapOption<StoreStats>,
+}
+
+impl StoreMetrics {
+    fn new(b: &Builder) -> StoreMetrics {
+        let vec = |name: &str, help: &str, label: &str| {
+            b.add(IntGaugeVec::new(Opts::new(name, help), &[label]).expect("static definition"))
+        };
+        StoreMetrics {
+            info: vec(
+                "keygate_store_info",
+                "The key store's mode (always 1)",
+                "mode",
+            ),
+            primary: vec(
+                "keygate_store_primary_info",
+                "The Redis primary in use (1; absent while none is known)",
+                "node",
+            ),
+            primary_changes: b.counter(
+                "keygate_store_primary_changes_total",
+                "Times keygate moved its Redis connections to another primary",
+            ),
+            failovers: b.counter(
+                "keygate_store_failovers_total",
+                "Failovers announced by the sentinels (+switch-master)",
+            ),
+            ack_failures: b.counter(
+                "keygate_store_replication_ack_failures_total",
+                "Management writes answered replication_unconfirmed (too few replicas in time)",
+            ),
+            stats: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// Report this store (`mode`: memory, standalone, sentinel, cluster).
+    pub fn watch(&self, mode: &'static str, stats: Option<Arc<StoreStats>>) {
+        self.info.with_label_values(&[mode]).set(1);
+        self.stats.store(stats);
+    }
+
+    fn catch_up(&self) {
+        let Some(stats) = self.stats.load_full() else {
+            return;
+        };
+        catch_up(&self.primary_changes, stats.primary_changes.load(Relaxed));
+        catch_up(&self.failovers, stats.failovers.load(Relaxed));
+        catch_up(&self.ack_failures, stats.ack_failures.load(Relaxed));
+        self.primary.reset();
+        if let Some(node) = stats.primary.load_full() {
+            self.primary.with_label_values(&[node.as_str()]).set(1);
+        }
     }
 }
 
@@ -221,6 +289,7 @@ impl Metrics {
                 "keygate_log_lines_dropped_total",
                 "Log lines (access log included) dropped because stderr could not keep up",
             ),
+            store: StoreMetrics::new(&b),
             #[allow(clippy::disallowed_types, reason = "see the field")]
             scrape: std::sync::Mutex::new(()),
             registry: b.0,
@@ -261,6 +330,7 @@ impl Metrics {
             catch_up(counter, seen);
         }
         catch_up(&self.log_lines_dropped, crate::logging::dropped_lines());
+        self.store.catch_up();
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics could not be encoded; the scrape is partial");

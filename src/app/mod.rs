@@ -14,7 +14,9 @@ use crate::metrics::Metrics;
 use crate::proxy::server;
 use crate::proxy::Proxy;
 use crate::snapshot::{Live, Snapshot};
-use crate::store::{memory::MemoryStore, redis::RedisStore, KeyStore};
+use crate::store::redis::{Mode, RedisStore};
+use crate::store::topology::StoreStats;
+use crate::store::{memory::MemoryStore, KeyStore};
 use crate::tls::CertResolver;
 use crate::usage::{UsageQueue, UsageRecorder};
 use secrecy::ExposeSecret;
@@ -35,7 +37,7 @@ pub struct App {
     admin_listener: TcpListener,
     settings: ServerSettings,
     shutdown: Arc<watch::Sender<bool>>,
-    redis_feed: Option<FeedSettings>,
+    followers: Followers,
     usage_queue: UsageQueue,
     last_used_interval: Duration,
     config: Config,
@@ -59,8 +61,11 @@ impl App {
         // rustls' process-wide provider, used by the Redis TLS client (idempotent).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let fixed = &config.fixed;
-        let (store, redis_feed) = open_store(&fixed.store)?;
+        let (store, followers) = open_store(&fixed.store)?;
         let metrics = Arc::new(Metrics::new());
+        metrics
+            .store
+            .watch(fixed.store.mode(), followers.stats.clone());
         let live = Live::new(Snapshot::new(&config, &metrics));
         let pepper = fixed.pepper.as_ref().map(|p| p.expose_secret().as_bytes());
         let verifier = Verifier {
@@ -94,7 +99,7 @@ impl App {
             admin_listener,
             settings: server_settings(fixed),
             shutdown: Arc::new(tx),
-            redis_feed,
+            followers,
             usage_queue,
             last_used_interval: fixed.last_used_interval,
             reload_from: None,
@@ -192,7 +197,12 @@ impl App {
     /// Start following the store's change feed and the config file (with SIGHUP, taken
     /// before the ports serve: until then SIGHUP would end the process).
     fn follow_changes(&self, rx: &watch::Receiver<bool>) {
-        if let Some(feed) = self.redis_feed.clone() {
+        if let Some(sentinel) = &self.followers.sentinel {
+            if let Some(follow) = sentinel.follow_topology(rx.clone()) {
+                tokio::spawn(follow);
+            }
+        }
+        if let Some(feed) = self.followers.feed.clone() {
             let (cache, metrics) = (
                 self.admin.verifier.cache.clone(),
                 self.admin.metrics.clone(),
@@ -210,18 +220,36 @@ impl App {
     }
 }
 
-/// The store, and for Redis what the change feed subscribes to.
-fn open_store(store: &StoreConfig) -> anyhow::Result<(Arc<dyn KeyStore>, Option<FeedSettings>)> {
+/// What keeps the cache in step with the store, and the store on its primary.
+#[derive(Default)]
+struct Followers {
+    /// The change feed (standalone and Sentinel).
+    feed: Option<FeedSettings>,
+    /// Sentinel: the store whose connections follow the primary.
+    sentinel: Option<RedisStore>,
+    stats: Option<Arc<StoreStats>>,
+}
+
+/// The store, and what follows its changes and its topology.
+fn open_store(store: &StoreConfig) -> anyhow::Result<(Arc<dyn KeyStore>, Followers)> {
     Ok(match store {
-        StoreConfig::Memory => (Arc::new(MemoryStore::new()), None),
+        StoreConfig::Memory => (Arc::new(MemoryStore::new()), Followers::default()),
+        StoreConfig::Redis(settings) if matches!(settings.mode, Mode::Cluster { .. }) => {
+            anyhow::bail!("store.redis.cluster: not available in this build")
+        }
         StoreConfig::Redis(settings) => {
             let store = RedisStore::connect(settings)?;
             let feed = FeedSettings {
-                redis: settings.clone(),
+                target: store.target(),
                 channel: store.channel(),
                 seq_key: store.seq_key(),
             };
-            (Arc::new(store), Some(feed))
+            let followers = Followers {
+                feed: Some(feed),
+                stats: Some(store.target().stats.clone()),
+                sentinel: matches!(settings.mode, Mode::Sentinel(_)).then(|| store.clone()),
+            };
+            (Arc::new(store), followers)
         }
     })
 }

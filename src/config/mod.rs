@@ -11,6 +11,7 @@
 
 pub mod raw;
 
+mod backend;
 mod locate;
 mod sections;
 mod syntax;
@@ -54,6 +55,16 @@ impl std::error::Error for ConfigError {}
 pub enum StoreConfig {
     Redis(RedisSettings),
     Memory,
+}
+
+impl StoreConfig {
+    /// For metrics and logs: memory, standalone, sentinel or cluster.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            StoreConfig::Memory => "memory",
+            StoreConfig::Redis(r) => r.mode.name(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,18 +261,7 @@ fn same_secret(a: &Option<SecretString>, b: &Option<SecretString>) -> bool {
 fn same_store(a: &StoreConfig, b: &StoreConfig) -> bool {
     match (a, b) {
         (StoreConfig::Memory, StoreConfig::Memory) => true,
-        (StoreConfig::Redis(x), StoreConfig::Redis(y)) => {
-            let RedisSettings {
-                url,
-                namespace,
-                timeout,
-                ca_file,
-            } = x;
-            *url == y.url
-                && *namespace == y.namespace
-                && *timeout == y.timeout
-                && *ca_file == y.ca_file
-        }
+        (StoreConfig::Redis(x), StoreConfig::Redis(y)) => x == y,
         _ => false,
     }
 }
@@ -646,7 +646,12 @@ routes:
         )
         .unwrap();
         match c.fixed.store {
-            StoreConfig::Redis(r) => assert_eq!(r.url, "redis://10.0.0.1:6380/2"),
+            StoreConfig::Redis(r) => assert_eq!(
+                r.mode,
+                crate::store::redis::Mode::Standalone {
+                    url: "redis://10.0.0.1:6380/2".into()
+                }
+            ),
             StoreConfig::Memory => panic!("expected redis"),
         }
         assert_eq!(

@@ -310,8 +310,22 @@ fn default_last_used_interval() -> HumanDuration {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
-    /// `redis://host:port/db` (`KEYGATE_REDIS_URL` overrides).
-    pub url: String,
+    /// One server: `redis://host:port/db` (`KEYGATE_REDIS_URL` overrides).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A primary found and followed through the sentinels.
+    #[serde(default)]
+    pub sentinel: Option<RawSentinel>,
+    /// A Redis Cluster.
+    #[serde(default)]
+    pub cluster: Option<RawCluster>,
+    /// Replicas that must confirm a management write before it succeeds (`WAIT`);
+    /// default 1 with `sentinel` or `cluster`, 0 with `url`.
+    #[serde(default)]
+    pub min_replicas_ack: Option<u32>,
+    /// How long a write waits for those confirmations.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: HumanDuration,
     /// Prefix of every key and channel keygate uses.
     #[serde(default = "default_namespace")]
     pub namespace: String,
@@ -321,6 +335,35 @@ pub struct RawRedis {
     /// For `rediss://`: PEM CA certificate(s) to trust instead of the system store.
     #[serde(default)]
     pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSentinel {
+    /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// The sentinels, `host:port`.
+    pub nodes: Vec<String>,
+    /// Environment variable holding the data nodes' password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Environment variable holding the sentinels' own password, when they have one.
+    #[serde(default)]
+    pub sentinel_password_env: Option<String>,
+    /// TLS to the sentinels and the data nodes (`ca_file` applies).
+    #[serde(default)]
+    pub tls: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// Seed nodes, `redis://host:port` (the rest are discovered).
+    pub nodes: Vec<String>,
+}
+
+fn default_ack_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
 }
 
 fn default_namespace() -> String {

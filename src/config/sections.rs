@@ -9,13 +9,12 @@
 use super::locate::FieldPath;
 use super::raw::{
     Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawKeys, RawLimits, RawPrefixes,
-    RawProxy, RawRedis, RawRoute, RawStore, RawTimeouts, RawTls, UnderscoreHeaders, Unmatched,
+    RawProxy, RawRoute, RawStore, RawTimeouts, RawTls, UnderscoreHeaders, Unmatched,
     DEFAULT_PEPPER_ENV,
 };
 use super::{CacheRules, Env, Fixed, Limits, Live, StoreConfig, Timeouts, Upstream};
 use crate::key::Prefixes;
 use crate::policy::{self, HeaderPolicy, IdentityHeaders, Policy, PolicySpec, RouteSpec};
-use crate::store::redis::RedisSettings;
 use secrecy::SecretString;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -49,9 +48,9 @@ impl From<FieldPath> for Field {
     }
 }
 
-type Result<T> = std::result::Result<T, Invalid>;
+pub(super) type Result<T> = std::result::Result<T, Invalid>;
 
-fn invalid(field: impl Into<Field>, message: impl Into<String>) -> Invalid {
+pub(super) fn invalid(field: impl Into<Field>, message: impl Into<String>) -> Invalid {
     Invalid {
         field: field.into(),
         message: message.into(),
@@ -59,7 +58,7 @@ fn invalid(field: impl Into<Field>, message: impl Into<String>) -> Invalid {
 }
 
 /// A refusal of a value that came from the environment: named, never located.
-fn outside(name: &str, message: impl Into<String>) -> Invalid {
+pub(super) fn outside(name: &str, message: impl Into<String>) -> Invalid {
     invalid(Field::Outside(name.into()), message)
 }
 
@@ -153,7 +152,7 @@ fn upstream(proxy: &RawProxy, env: &dyn Env) -> Result<Upstream> {
 /// `store`: exactly one backend, and `last_used_interval`.
 fn store(raw: RawStore, env: &dyn Env) -> Result<(StoreConfig, Duration)> {
     let store = match (raw.redis, raw.memory) {
-        (Some(r), None) => StoreConfig::Redis(redis(r, env)?),
+        (Some(r), None) => StoreConfig::Redis(super::backend::redis(r, env)?),
         (None, Some(_)) => StoreConfig::Memory,
         _ => return Err(invalid("store", "set exactly one of `redis` or `memory`")),
     };
@@ -161,57 +160,6 @@ fn store(raw: RawStore, env: &dyn Env) -> Result<(StoreConfig, Duration)> {
         return Err(invalid("store.last_used_interval", "must be at least 10ms"));
     }
     Ok((store, raw.last_used_interval.0))
-}
-
-/// `store.redis` (its URL overridable by `KEYGATE_REDIS_URL`).
-fn redis(r: RawRedis, env: &dyn Env) -> Result<RedisSettings> {
-    let (url, from_env) = match env.var("KEYGATE_REDIS_URL") {
-        Some(url) => (url, true),
-        None => (r.url, false),
-    };
-    let bad_url = |m: &str| {
-        if from_env {
-            outside("KEYGATE_REDIS_URL", m)
-        } else {
-            invalid("store.redis.url", m)
-        }
-    };
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(bad_url("must start with redis://"));
-    }
-    if redis::Client::open(url.as_str()).is_err() {
-        return Err(bad_url("is not a valid Redis URL"));
-    }
-    // The namespace prefixes every key and channel name.
-    let ns_ok = !r.namespace.is_empty()
-        && r.namespace.len() <= 64
-        && r.namespace
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'));
-    if !ns_ok {
-        return Err(invalid(
-            "store.redis.namespace",
-            "use 1-64 characters of A-Z a-z 0-9 _ . - :",
-        ));
-    }
-    if r.timeout.0.is_zero() {
-        return Err(invalid("store.redis.timeout", "must be above zero"));
-    }
-    let ca_file = r.ca_file.as_ref().map(PathBuf::from);
-    if let Some(ca) = &ca_file {
-        std::fs::read(ca).map_err(|e| {
-            invalid(
-                "store.redis.ca_file",
-                format!("cannot read {}: {e}", ca.display()),
-            )
-        })?;
-    }
-    Ok(RedisSettings {
-        url,
-        namespace: r.namespace,
-        timeout: r.timeout.0,
-        ca_file,
-    })
 }
 
 /// `cache`: the reloadable rules, and `max_entries` (fixed: it sizes the cache).

@@ -7,6 +7,7 @@
 use crate::cache::KeyCache;
 use crate::key::Digest;
 use crate::metrics::Metrics;
+use crate::store::topology::Target;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use std::ops::ControlFlow;
@@ -17,10 +18,11 @@ use tokio::sync::watch;
 /// How often the counter is compared with the last message seen.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Where the feed lives.
-#[derive(Debug, Clone)]
+/// Where the feed lives: the store's primary (followed through failovers), its
+/// channel and counter.
+#[derive(Clone)]
 pub struct FeedSettings {
-    pub redis: crate::store::redis::RedisSettings,
+    pub target: Arc<Target>,
     pub channel: String,
     pub seq_key: String,
 }
@@ -169,13 +171,15 @@ pub async fn follow(
     };
     let mut backoff = Duration::from_millis(50);
     let mut first = true;
+    let mut primary = settings.target.subscribe();
     loop {
+        primary.mark_unchanged();
         match subscribe(&settings).await {
             Ok((pubsub, conn, baseline)) => {
                 feed.subscribed(baseline, first);
                 (first, backoff) = (false, Duration::from_millis(50));
                 if feed
-                    .run(pubsub, conn, baseline, &mut shutdown)
+                    .run(pubsub, conn, baseline, &mut primary, &mut shutdown)
                     .await
                     .is_break()
                 {
@@ -183,11 +187,15 @@ pub async fn follow(
                 }
                 feed.lost();
             }
+            // Sentinel, before the primary is named: the watch below wakes us.
+            Err(_) if settings.target.node().is_none() => {}
             Err(e) => tracing::warn!(error = %e, "cannot subscribe to key changes"),
         }
         let jitter = Duration::from_millis(u64::from(crate::time::now_ms() as u32 % 50));
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
+            // A primary named at last: no need to wait out the backoff.
+            _ = primary.changed() => {}
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -225,13 +233,14 @@ impl Follower<'_> {
         tracing::warn!("key change subscription lost; reconnecting");
     }
 
-    /// Apply messages and check the counter until the subscription ends (`Continue`) or
-    /// `shutdown` (`Break`).
+    /// Apply messages and check the counter until the subscription ends or the primary
+    /// moves (`Continue`: subscribe again, which flushes), or `shutdown` (`Break`).
     async fn run(
         &self,
         pubsub: redis::aio::PubSub,
         mut conn: redis::aio::MultiplexedConnection,
         baseline: u64,
+        primary: &mut watch::Receiver<u64>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> ControlFlow<()> {
         let mut tracker = Tracker::new(baseline);
@@ -245,6 +254,10 @@ impl Follower<'_> {
                     Some(m) => self.message(m.get_payload_bytes(), &mut tracker).await,
                 },
                 _ = tick.tick() => self.check_counter(&mut conn, &mut tracker).await,
+                _ = primary.changed() => {
+                    tracing::warn!("Redis primary moved; following key changes there");
+                    return ControlFlow::Continue(());
+                }
                 _ = shutdown.changed() => return ControlFlow::Break(()),
             };
             if let Some(reason) = flush {
@@ -291,10 +304,10 @@ async fn subscribe(
     s: &FeedSettings,
 ) -> Result<(redis::aio::PubSub, redis::aio::MultiplexedConnection, u64), String> {
     let work = async {
-        let client = s
-            .redis
-            .client()
-            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "redis client", e)))?;
+        let node = s.target.node().ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no Redis primary is known"))
+        })?;
+        let client = &node.client;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&s.channel).await?;
         // Read the counter after subscribing: anything later arrives as a message.

@@ -3,6 +3,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod topology;
 
 use crate::key::{Digest, Environment, KeyType};
 use async_trait::async_trait;

@@ -9,21 +9,20 @@
 //! - `ns:seq`             counter bumped by every change, carried in the published message
 //! - `ns:events`          pub/sub channel: `<seq> <event> <digest hex> <commit ms>`
 
+use super::topology::{self, Link, Node, SentinelWatch, Target};
 use super::{
     check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
 };
 use crate::key::{self, Digest, Environment, KeyType};
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::Script;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-static INSERT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const INSERT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
@@ -33,9 +32,7 @@ redis.call('ZADD', KEYS[3], 0, ARGV[2])
 local seq = redis.call('INCR', KEYS[4])
 redis.call('PUBLISH', ARGV[3], seq .. ' create ' .. ARGV[1] .. ' ' .. ARGV[4])
 return 1
-",
-    )
-});
+";
 
 static BY_ID: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -49,9 +46,7 @@ return redis.call('HGETALL', rk)
     )
 });
 
-static REVOKE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const REVOKE: &str = r"
 local d = redis.call('GET', KEYS[1])
 if not d then return false end
 local rk = ARGV[1] .. d
@@ -63,16 +58,12 @@ if not cur or tonumber(cur) > tonumber(ARGV[3]) then
   redis.call('PUBLISH', ARGV[4], seq .. ' revoke ' .. d .. ' ' .. ARGV[3])
 end
 return redis.call('HGETALL', rk)
-",
-    )
-});
+";
 
 /// Returns `{status, record}`: 1 updated (or already so), 2 revoked at `now` (ARGV[4]),
 /// nothing written; `false` when the key is not in the tenant. A change to what is
 /// already stored is not published: replicas have nothing to drop.
-static UPDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const UPDATE: &str = r"
 local d = redis.call('GET', KEYS[1])
 if not d then return false end
 local rk = ARGV[1] .. d
@@ -93,15 +84,11 @@ if changed then
   redis.call('PUBLISH', ARGV[3], seq .. ' update ' .. d .. ' ' .. ARGV[4])
 end
 return {1, redis.call('HGETALL', rk)}
-",
-    )
-});
+";
 
 /// Returns `{status, old record}`: 1 rotated, 2 revoked or expired, 3 new key conflicts,
 /// 4 the old key already has a successor; `false` when the old key is not in the tenant.
-static ROTATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const ROTATE: &str = r"
 local d = redis.call('GET', KEYS[1])
 if not d then return false end
 local rk = ARGV[1] .. d
@@ -130,9 +117,7 @@ redis.call('PUBLISH', ARGV[3], seq .. ' create ' .. ARGV[6] .. ' ' .. ARGV[4])
 seq = redis.call('INCR', KEYS[5])
 redis.call('PUBLISH', ARGV[3], seq .. ' rotate ' .. d .. ' ' .. ARGV[4])
 return {1, redis.call('HGETALL', rk)}
-",
-    )
-});
+";
 
 static LIST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -168,40 +153,112 @@ return #KEYS
 /// is in the background, so its own latency does not matter.
 const TOUCH_CHUNK: usize = 32;
 
+/// Where the data lives.
+#[derive(Clone, PartialEq)]
+pub enum Mode {
+    /// One server (it may have replicas; keygate talks to this one).
+    Standalone { url: String },
+    /// The primary that the sentinels name, followed through failovers.
+    Sentinel(SentinelSettings),
+    /// A Redis Cluster, from these seed URLs (see `store::cluster`).
+    Cluster { nodes: Vec<String> },
+}
+
+impl Mode {
+    /// For metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Standalone { .. } => "standalone",
+            Mode::Sentinel(_) => "sentinel",
+            Mode::Cluster { .. } => "cluster",
+        }
+    }
+}
+
+impl std::fmt::Debug for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Standalone { url } => write!(f, "Standalone({})", redacted(url)),
+            Mode::Sentinel(s) => write!(f, "Sentinel({} at {})", s.master_name, s.nodes.join(",")),
+            Mode::Cluster { nodes } => {
+                let shown: Vec<String> = nodes.iter().map(|n| redacted(n)).collect();
+                write!(f, "Cluster({})", shown.join(","))
+            }
+        }
+    }
+}
+
+#[derive(Clone, PartialEq)]
+pub struct SentinelSettings {
+    pub master_name: String,
+    /// The sentinels, `host:port`.
+    pub nodes: Vec<String>,
+    /// The data nodes' password (from `password_env`).
+    pub password: Option<String>,
+    /// The sentinels' own password, when they have one (from `sentinel_password_env`).
+    pub sentinel_password: Option<String>,
+    /// `rediss://` to the data nodes and the sentinels.
+    pub tls: bool,
+}
+
 /// Connection settings for the Redis store.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RedisSettings {
-    pub url: String,
+    pub mode: Mode,
     pub namespace: String,
     /// Bound on every call, including reconnect attempts inside it.
     pub timeout: Duration,
     /// PEM CA certificate(s) trusted for `rediss://` instead of the system store.
     pub ca_file: Option<std::path::PathBuf>,
+    /// A management write succeeds only once this many replicas have it (`WAIT`).
+    pub min_replicas_ack: u32,
+    /// How long a write waits for those replicas.
+    pub ack_timeout: Duration,
+}
+
+/// A URL as logs may show it: the password, if any, left out.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("REDACTED"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(unparsable URL)".into(),
+    }
 }
 
 impl RedisSettings {
-    /// The URL as logs may show it: the password, if any, left out.
-    pub fn display_url(&self) -> String {
-        match url::Url::parse(&self.url) {
-            Ok(mut u) => {
-                if u.password().is_some() {
-                    let _ = u.set_password(Some("REDACTED"));
-                }
-                u.to_string()
-            }
-            Err(_) => "(unparsable URL)".into(),
+    /// One standalone server, no replica acknowledgement: what tests and `url:` give.
+    pub fn standalone(url: &str, namespace: &str, timeout: Duration) -> RedisSettings {
+        RedisSettings {
+            mode: Mode::Standalone { url: url.into() },
+            namespace: namespace.into(),
+            timeout,
+            ca_file: None,
+            min_replicas_ack: 0,
+            ack_timeout: Duration::from_millis(500),
         }
     }
 
-    /// A client for these settings (`rediss://` verifies against `ca_file` when set).
-    pub fn client(&self) -> Result<redis::Client, String> {
+    /// Where the store is, as logs may show it (no password).
+    pub fn display_url(&self) -> String {
+        match &self.mode {
+            Mode::Standalone { url } => redacted(url),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// A client for `url` (`rediss://` verifies against `ca_file` when set).
+    pub fn client_for(&self, url: &str) -> Result<redis::Client, String> {
         match &self.ca_file {
-            None => redis::Client::open(self.url.as_str()).map_err(|e| e.to_string()),
+            None => redis::Client::open(url).map_err(|e| e.to_string()),
             Some(ca) => {
                 #[allow(clippy::disallowed_methods, reason = "once, when the client is built")]
                 let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
                 redis::Client::build_with_tls(
-                    self.url.as_str(),
+                    url,
                     redis::TlsCertificates {
                         client_tls: None,
                         root_cert: Some(pem),
@@ -211,51 +268,127 @@ impl RedisSettings {
             }
         }
     }
+
+    /// The URL of a node at `host:port`, with a password and TLS as given.
+    fn node_url(addr: &str, password: Option<&str>, tls: bool) -> Result<String, String> {
+        let scheme = if tls { "rediss" } else { "redis" };
+        let mut u = url::Url::parse(&format!("{scheme}://{addr}/0"))
+            .map_err(|e| format!("node address {addr}: {e}"))?;
+        if let Some(p) = password {
+            u.set_password(Some(p))
+                .map_err(|()| format!("node address {addr}: cannot carry a password"))?;
+        }
+        Ok(u.to_string())
+    }
+
+    /// What the store talks to first: the server, or (Sentinel) none until the
+    /// sentinels name one; with the watch that keeps a Sentinel target current.
+    pub fn target(&self) -> Result<(Arc<Target>, Option<SentinelWatch>), String> {
+        match &self.mode {
+            Mode::Standalone { url } => {
+                let client = self.client_for(url)?;
+                let addr = url::Url::parse(url)
+                    .ok()
+                    .map(|u| {
+                        format!(
+                            "{}:{}",
+                            u.host_str().unwrap_or("?"),
+                            u.port().unwrap_or(6379)
+                        )
+                    })
+                    .unwrap_or_else(|| "?".into());
+                Ok((Target::new(Some(Node { addr, client })), None))
+            }
+            Mode::Sentinel(s) => {
+                let (me, data, sentinel) = (self.clone(), s.clone(), s.clone());
+                let node_client = move |addr: &str| {
+                    me.client_for(&Self::node_url(addr, data.password.as_deref(), data.tls)?)
+                };
+                let me = self.clone();
+                let sentinel_client = move |addr: &str| {
+                    let url =
+                        Self::node_url(addr, sentinel.sentinel_password.as_deref(), sentinel.tls)?;
+                    // Sentinels have no databases.
+                    me.client_for(url.trim_end_matches("/0"))
+                };
+                let watch = SentinelWatch {
+                    master_name: s.master_name.clone(),
+                    sentinels: s.nodes.clone(),
+                    node_client: Arc::new(node_client),
+                    sentinel_client: Arc::new(sentinel_client),
+                    timeout: self.timeout.max(Duration::from_millis(500)),
+                };
+                Ok((Target::new(None), Some(watch)))
+            }
+            Mode::Cluster { .. } => Err("cluster mode has no single primary".into()),
+        }
+    }
 }
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    /// Reads, and the readiness ping.
+    conn: Link,
     /// A proxy worker's own connection for key reads (`worker_reader`); `None` in the
     /// shared store, which reads over `conn`.
-    reader: Option<ConnectionManager>,
-    /// What a proxy worker needs to open its own read connection.
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    /// A second connection for bulk background writes (`touch`), so key reads never
-    /// queue behind them on one pipeline.
-    bulk: ConnectionManager,
+    reader: Option<Link>,
+    /// Management writes, each followed by `WAIT` in the same pipeline. A `WAIT` holds
+    /// its connection until the replicas answer, so nothing else queues behind it here.
+    writes: Link,
+    /// Bulk background writes (`touch`), so key reads never queue behind them.
+    bulk: Link,
+    /// Sentinel mode: what keeps the target on the primary (run by `follow_topology`).
+    watch: Option<SentinelWatch>,
     ns: String,
     timeout: Duration,
+    min_replicas_ack: u32,
+    ack_timeout: Duration,
 }
 
 impl RedisStore {
-    /// Connects lazily: keygate starts (and reports unready) while Redis is down.
+    /// Connects lazily: keygate starts (and reports unready) while Redis is down, or
+    /// (Sentinel) until the sentinels name a primary.
     pub fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = settings
-            .client()
+        let (target, watch) = settings
+            .target()
             .map_err(|e| StoreError::Unavailable(format!("redis client: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
+        let write_config = config
+            .clone()
+            .set_response_timeout(Some(settings.timeout + settings.ack_timeout));
         let bulk_config = config
             .clone()
             .set_response_timeout(Some(settings.timeout.max(Duration::from_secs(5))));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let bulk = ConnectionManager::new_lazy_with_config(client.clone(), bulk_config)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(RedisStore {
-            conn,
-            client,
-            config,
+            conn: Link::new(target.clone(), config),
             reader: None,
-            bulk,
+            writes: Link::new(target.clone(), write_config),
+            bulk: Link::new(target, bulk_config),
+            watch,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
+            min_replicas_ack: settings.min_replicas_ack,
+            ack_timeout: settings.ack_timeout,
         })
+    }
+
+    /// What the store talks to: the change feed follows the same primary.
+    pub fn target(&self) -> Arc<Target> {
+        self.conn.target().clone()
+    }
+
+    /// Sentinel mode: keep every connection on the primary the sentinels name, until
+    /// `shutdown`. Standalone: nothing to do.
+    pub fn follow_topology(
+        &self,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let watch = self.watch.clone()?;
+        Some(topology::follow_sentinels(watch, self.target(), shutdown))
     }
 
     /// A copy of this store that reads keys over a connection of its own, for one proxy
@@ -263,13 +396,11 @@ impl RedisStore {
     /// control runtime, and a read through it costs two cross-thread wake-ups (there and
     /// back), which on a busy machine is most of a miss's latency. Lazy: it connects, and
     /// spawns its task on the runtime that first uses it, on the worker's first miss.
-    fn with_own_reader(&self) -> Result<RedisStore, redis::RedisError> {
-        let reader =
-            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
-        Ok(RedisStore {
-            reader: Some(reader),
+    fn with_own_reader(&self) -> RedisStore {
+        RedisStore {
+            reader: Some(self.conn.sibling()),
             ..self.clone()
-        })
+        }
     }
 
     pub fn channel(&self) -> String {
@@ -300,7 +431,15 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        self.bounded_for(self.timeout, fut).await
+    }
+
+    async fn bounded_for<T>(
+        &self,
+        budget: Duration,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(budget, fut).await {
             Err(_) => Err(StoreError::Timeout),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout),
@@ -310,9 +449,107 @@ impl RedisStore {
                     reason: e.to_string(),
                 })
             }
+            Ok(Err(e)) if topology::is_not_primary(&e) => {
+                // A failover under way: ask the sentinels now rather than at the next check.
+                self.conn.target().suspect();
+                Err(StoreError::Unavailable(format!(
+                    "the Redis node is not the primary (failover?): {e}"
+                )))
+            }
             Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
         }
     }
+
+    /// Run a management write (an `EVAL`), then, when replicas must confirm it, `WAIT`
+    /// in the same pipeline: one connection, so the `WAIT` covers this write even if
+    /// the connection is replaced right after. The write connection is idle between
+    /// management calls, so a Redis restart or failover shows on it first: a write that
+    /// meets a dropped connection is sent once more on the new one (`Retried::Yes`).
+    /// Every script is safe to repeat; the caller tells its own earlier success from a
+    /// real conflict.
+    async fn write<T: redis::FromRedisValue>(
+        &self,
+        eval: redis::Cmd,
+    ) -> Result<(T, Retried), StoreError> {
+        let wanted = self.min_replicas_ack;
+        let mut pipe = redis::pipe();
+        pipe.add_command(eval);
+        if wanted > 0 {
+            let ms = self.ack_timeout.as_millis() as u64;
+            pipe.cmd("WAIT").arg(wanted).arg(ms);
+        }
+        let budget = self.timeout + self.ack_timeout;
+        let send = || async {
+            let mut conn = self.writes.get()?;
+            let sent = pipe.query_async::<Vec<redis::Value>>(&mut conn);
+            Ok::<_, StoreError>(tokio::time::timeout(budget, sent).await)
+        };
+        let (replies, retried) = match send().await? {
+            Ok(Err(e)) if !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error()) => {
+                tracing::debug!(error = %e, "Redis write connection dropped; sending the write again");
+                (send().await?, Retried::Yes)
+            }
+            first => (first, Retried::No),
+        };
+        let mut replies = self
+            .bounded_for(budget, async {
+                replies.unwrap_or_else(|_| {
+                    Err(redis::RedisError::from(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    )))
+                })
+            })
+            .await?
+            .into_iter();
+        let reply = redis::from_redis_value::<T>(replies.next().unwrap_or(redis::Value::Nil))
+            .map_err(|e| StoreError::Corrupt {
+                key: "reply".into(),
+                reason: e.to_string(),
+            })?;
+        if wanted > 0 {
+            let acked = replies
+                .next()
+                .and_then(|v| redis::from_redis_value::<u32>(v).ok())
+                .unwrap_or(0);
+            if acked < wanted {
+                let stats = &self.conn.target().stats;
+                stats
+                    .ack_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(StoreError::Unconfirmed { acked, wanted });
+            }
+        }
+        Ok((reply, retried))
+    }
+}
+
+impl RedisStore {
+    /// Is `record` stored as it is (a resent insert finding its own first send)?
+    async fn holds(&self, record: &KeyRecord) -> Result<bool, StoreError> {
+        Ok(self
+            .by_digest(&record.digest)
+            .await?
+            .is_some_and(|r| r.id == record.id))
+    }
+}
+
+/// Whether a write was sent a second time (see `RedisStore::write`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Retried {
+    No,
+    Yes,
+}
+
+/// `EVAL <script> <keys>`; the caller adds the arguments. Management writes send the
+/// text each time (no `NOSCRIPT` to recover from inside a pipeline); Redis caches the
+/// compiled script.
+fn eval(script: &str, keys: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len());
+    for k in keys {
+        cmd.arg(k);
+    }
+    cmd
 }
 
 fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
@@ -400,21 +637,22 @@ fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, StoreError> {
 #[async_trait]
 impl KeyStore for RedisStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let mut inv = INSERT.prepare_invoke();
-        inv.key(self.rec_key(&record.digest))
-            .key(self.id_key(&record.id))
-            .key(self.tenant_key(&record.tenant))
-            .key(self.seq_key())
-            .arg(key::hex(&record.digest))
+        let keys = [
+            self.rec_key(&record.digest),
+            self.id_key(&record.id),
+            self.tenant_key(&record.tenant),
+            self.seq_key(),
+        ];
+        let mut cmd = eval(INSERT, &keys);
+        cmd.arg(key::hex(&record.digest))
             .arg(order_key(record))
             .arg(self.channel())
             .arg(crate::time::now_ms());
         for (k, v) in fields(record) {
-            inv.arg(k).arg(v);
+            cmd.arg(k).arg(v);
         }
-        let created: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
-        if created == 1 {
+        let (created, retried): (i64, _) = self.write(cmd).await?;
+        if created == 1 || (retried == Retried::Yes && self.holds(record).await?) {
             Ok(())
         } else {
             Err(StoreError::Conflict)
@@ -423,14 +661,20 @@ impl KeyStore for RedisStore {
 
     async fn by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         let key = self.rec_key(digest);
-        let read = |mut conn: ConnectionManager| {
+        let read = |link: &Link| {
+            let conn = link.get();
             let cmd = redis::cmd("HGETALL").arg(&key).clone();
-            async move { cmd.query_async::<Vec<String>>(&mut conn).await }
+            async move {
+                let mut conn = conn.map_err(|e| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "no connection", e.to_string()))
+                })?;
+                cmd.query_async::<Vec<String>>(&mut conn).await
+            }
         };
         let flat: Vec<String> = self
             .bounded(async {
-                let Some(own) = self.reader.clone() else {
-                    return read(self.conn.clone()).await;
+                let Some(own) = &self.reader else {
+                    return read(&self.conn).await;
                 };
                 match read(own).await {
                     // A worker's own connection is used only on its misses, so a Redis
@@ -443,7 +687,7 @@ impl KeyStore for RedisStore {
                             || e.is_connection_refusal() =>
                     {
                         tracing::debug!(error = %e, "worker's Redis connection dropped; reading over the shared one");
-                        read(self.conn.clone()).await
+                        read(&self.conn).await
                     }
                     other => other,
                 }
@@ -460,7 +704,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn by_id(&self, tenant: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get()?;
         let flat: Option<Vec<String>> = self
             .bounded(
                 BY_ID
@@ -481,7 +725,7 @@ impl KeyStore for RedisStore {
             }
             None => "+".into(),
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get()?;
         let rows: Vec<Vec<String>> = self
             .bounded(
                 LIST.key(self.tenant_key(tenant))
@@ -513,19 +757,12 @@ impl KeyStore for RedisStore {
         id: &str,
         at_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let flat: Option<Vec<String>> = self
-            .bounded(
-                REVOKE
-                    .key(self.id_key(id))
-                    .key(self.seq_key())
-                    .arg(self.rec_prefix())
-                    .arg(tenant)
-                    .arg(at_ms)
-                    .arg(self.channel())
-                    .invoke_async(&mut conn),
-            )
-            .await?;
+        let mut cmd = eval(REVOKE, &[self.id_key(id), self.seq_key()]);
+        cmd.arg(self.rec_prefix())
+            .arg(tenant)
+            .arg(at_ms)
+            .arg(self.channel());
+        let (flat, _): (Option<Vec<String>>, _) = self.write(cmd).await?;
         parse_record(flat.unwrap_or_default())
     }
 
@@ -533,7 +770,7 @@ impl KeyStore for RedisStore {
         if uses.is_empty() {
             return Ok(());
         }
-        let mut conn = self.bulk.clone();
+        let mut conn = self.bulk.get()?;
         // A round trip may queue behind other writes: allow more than one read's timeout.
         let budget = self.timeout.max(Duration::from_secs(5));
         // And one bound on the whole batch, so a slow Redis cannot keep a flush going for
@@ -569,30 +806,23 @@ impl KeyStore for RedisStore {
         change: &KeyUpdate,
         now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
         let flag = |b: bool| if b { "1" } else { "0" };
-        let reply: Option<(i64, Vec<String>)> = self
-            .bounded(
-                UPDATE
-                    .key(self.id_key(id))
-                    .key(self.seq_key())
-                    .arg(self.rec_prefix())
-                    .arg(tenant)
-                    .arg(self.channel())
-                    .arg(now_ms)
-                    .arg(flag(change.name.is_some()))
-                    .arg(change.name.as_deref().unwrap_or(""))
-                    .arg(flag(change.scopes.is_some()))
-                    .arg(
-                        change
-                            .scopes
-                            .as_ref()
-                            .map(|s| s.join(" "))
-                            .unwrap_or_default(),
-                    )
-                    .invoke_async(&mut conn),
-            )
-            .await?;
+        let mut cmd = eval(UPDATE, &[self.id_key(id), self.seq_key()]);
+        cmd.arg(self.rec_prefix())
+            .arg(tenant)
+            .arg(self.channel())
+            .arg(now_ms)
+            .arg(flag(change.name.is_some()))
+            .arg(change.name.as_deref().unwrap_or(""))
+            .arg(flag(change.scopes.is_some()))
+            .arg(
+                change
+                    .scopes
+                    .as_ref()
+                    .map(|s| s.join(" "))
+                    .unwrap_or_default(),
+            );
+        let (reply, _): (Option<(i64, Vec<String>)>, _) = self.write(cmd).await?;
         match reply {
             None => Ok(None),
             Some((1, record)) => parse_record(record),
@@ -612,14 +842,15 @@ impl KeyStore for RedisStore {
         old_revokes_at: u64,
         now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut inv = ROTATE.prepare_invoke();
-        inv.key(self.id_key(old_id))
-            .key(self.rec_key(&new.digest))
-            .key(self.id_key(&new.id))
-            .key(self.tenant_key(&new.tenant))
-            .key(self.seq_key())
-            .arg(self.rec_prefix())
+        let keys = [
+            self.id_key(old_id),
+            self.rec_key(&new.digest),
+            self.id_key(&new.id),
+            self.tenant_key(&new.tenant),
+            self.seq_key(),
+        ];
+        let mut inv = eval(ROTATE, &keys);
+        inv.arg(self.rec_prefix())
             .arg(tenant)
             .arg(self.channel())
             .arg(now_ms)
@@ -630,10 +861,15 @@ impl KeyStore for RedisStore {
         for (k, v) in fields(new) {
             inv.arg(k).arg(v);
         }
-        let reply: Option<(i64, Vec<String>)> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let (reply, retried): (Option<(i64, Vec<String>)>, _) = self.write(inv).await?;
         match reply {
             None => Ok(None),
             Some((1, old)) => parse_record(old),
+            // The first send did it: the old key's successor is this new key.
+            Some((4, _)) if retried == Retried::Yes => match self.by_id(tenant, old_id).await? {
+                Some(old) if old.successor_id.as_deref() == Some(new.id.as_str()) => Ok(Some(old)),
+                _ => Err(StoreError::AlreadyRotated),
+            },
             Some((2, _)) => Err(StoreError::NotRotatable),
             Some((3, _)) => Err(StoreError::Conflict),
             Some((4, _)) => Err(StoreError::AlreadyRotated),
@@ -645,7 +881,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get()?;
         let _: String = self
             .bounded(redis::cmd("PING").query_async(&mut conn))
             .await?;
@@ -653,13 +889,7 @@ impl KeyStore for RedisStore {
     }
 
     fn worker_reader(&self) -> Option<Arc<dyn KeyStore>> {
-        match self.with_own_reader() {
-            Ok(store) => Some(Arc::new(store)),
-            Err(e) => {
-                tracing::debug!(error = %e, "no per-worker Redis connection; using the shared one");
-                None
-            }
-        }
+        Some(Arc::new(self.with_own_reader()))
     }
 
     fn kind(&self) -> &'static str {
@@ -673,13 +903,7 @@ mod tests {
     use std::time::Duration;
 
     fn shown(url: &str) -> String {
-        RedisSettings {
-            url: url.into(),
-            namespace: "ns".into(),
-            timeout: Duration::from_secs(1),
-            ca_file: None,
-        }
-        .display_url()
+        RedisSettings::standalone(url, "ns", Duration::from_secs(1)).display_url()
     }
 
     #[test]

@@ -423,8 +423,10 @@ fn configmap_is_a_valid_config_that_the_pod_agrees_with() {
     let StoreConfig::Redis(redis) = &config.fixed.store else {
         panic!("the k8s config uses the Redis store");
     };
-    let authority = redis
-        .url
+    let keygate::store::redis::Mode::Standalone { url } = &redis.mode else {
+        panic!("the k8s example uses one Redis server");
+    };
+    let authority = url
         .strip_prefix("redis://")
         .unwrap()
         .split('/')

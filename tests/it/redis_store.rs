@@ -97,12 +97,11 @@ fn commands_run(redis: &Redis) -> Vec<(String, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_contract_holds_on_real_redis() {
     let redis = Redis::start();
-    let store = RedisStore::connect(&RedisSettings {
-        url: redis.url.clone(),
-        namespace: "contract".into(),
-        timeout: Duration::from_millis(250),
-        ca_file: None,
-    })
+    let store = RedisStore::connect(&RedisSettings::standalone(
+        &redis.url,
+        "contract",
+        Duration::from_millis(250),
+    ))
     .unwrap();
     crate::contract::run_all(&store).await;
     // Everything landed under the namespace, nothing outside it.
@@ -320,12 +319,11 @@ async fn a_create_clears_a_cached_unknown_on_other_replicas() {
     wait_cached(&b, &redis, &new.text, 401).await;
 
     // Another replica (here: the store itself, as the admin API would) creates it.
-    let store = RedisStore::connect(&RedisSettings {
-        url: redis.url.clone(),
-        namespace: "kgtest".into(),
-        timeout: Duration::from_millis(250),
-        ca_file: None,
-    })
+    let store = RedisStore::connect(&RedisSettings::standalone(
+        &redis.url,
+        "kgtest",
+        Duration::from_millis(250),
+    ))
     .unwrap();
     let record = KeyRecord {
         id: uuid::Uuid::now_v7().to_string(),

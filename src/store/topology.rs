@@ -1,0 +1,331 @@
+//! Where the Redis primary is. `Target` holds the current primary (a fixed server, or
+//! the one the sentinels name) with a generation number; connections built on it are
+//! rebuilt when the generation moves. `follow_sentinels` keeps it current: it asks the
+//! sentinels, checks the answer with `ROLE`, and listens for `+switch-master` (the redis
+//! crate's own Sentinel client does not follow a failover, redis-rs issue 1438).
+
+use super::StoreError;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManagerConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// What the store has seen of its topology, read by the metrics at each scrape.
+#[derive(Default)]
+pub struct StoreStats {
+    /// Times keygate moved its connections to another primary.
+    pub primary_changes: AtomicU64,
+    /// `+switch-master` announcements received from the sentinels.
+    pub failovers: AtomicU64,
+    /// Management writes answered `replication_unconfirmed`.
+    pub ack_failures: AtomicU64,
+    /// The primary now in use (`host:port`), when one is known.
+    pub primary: ArcSwapOption<String>,
+}
+
+/// One server to talk to.
+pub struct Node {
+    /// `host:port`: safe for logs and metric labels.
+    pub addr: String,
+    pub client: redis::Client,
+}
+
+struct Current {
+    generation: u64,
+    node: Option<Arc<Node>>,
+}
+
+/// The current primary; `None` while none is known (keygate then reports unready).
+pub struct Target {
+    current: ArcSwap<Current>,
+    /// Bumped with every change of primary: the change feed resubscribes on it.
+    changed: watch::Sender<u64>,
+    /// "Look again now": a node answered READONLY or MASTERDOWN.
+    suspect: Notify,
+    pub stats: Arc<StoreStats>,
+}
+
+impl Target {
+    pub fn new(node: Option<Node>) -> Arc<Target> {
+        let stats = Arc::new(StoreStats::default());
+        stats
+            .primary
+            .store(node.as_ref().map(|n| Arc::new(n.addr.clone())));
+        Arc::new(Target {
+            current: ArcSwap::from_pointee(Current {
+                generation: 0,
+                node: node.map(Arc::new),
+            }),
+            changed: watch::Sender::new(0),
+            suspect: Notify::new(),
+            stats,
+        })
+    }
+
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.current.load().node.clone()
+    }
+
+    /// Watch for primary changes (the generation).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// A reply said this node is not (or no longer) the primary.
+    pub fn suspect(&self) {
+        self.suspect.notify_one();
+    }
+
+    fn set(&self, node: Option<Node>) {
+        let generation = self.current.load().generation + 1;
+        self.stats
+            .primary
+            .store(node.as_ref().map(|n| Arc::new(n.addr.clone())));
+        self.current.store(Arc::new(Current {
+            generation,
+            node: node.map(Arc::new),
+        }));
+        self.changed.send_replace(generation);
+    }
+}
+
+/// A connection to the target's current primary, rebuilt (lazily) when it changes.
+/// Clones share the connection.
+#[derive(Clone)]
+pub struct Link {
+    target: Arc<Target>,
+    config: ConnectionManagerConfig,
+    conn: Arc<ArcSwapOption<(u64, ConnectionManager)>>,
+}
+
+impl Link {
+    pub fn new(target: Arc<Target>, config: ConnectionManagerConfig) -> Link {
+        Link {
+            target,
+            config,
+            conn: Arc::new(ArcSwapOption::empty()),
+        }
+    }
+
+    /// Another connection to the same target (a proxy worker's own).
+    pub fn sibling(&self) -> Link {
+        Link::new(self.target.clone(), self.config.clone())
+    }
+
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
+    /// The connection to use now.
+    pub fn get(&self) -> Result<ConnectionManager, StoreError> {
+        let current = self.target.current.load();
+        if let Some(c) = self.conn.load().as_ref() {
+            if c.0 == current.generation {
+                return Ok(c.1.clone());
+            }
+        }
+        let node = current
+            .node
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("no Redis primary is known".into()))?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(node.client.clone(), self.config.clone())
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // Two callers racing here each build one; the loser's is dropped unused.
+        self.conn
+            .store(Some(Arc::new((current.generation, conn.clone()))));
+        Ok(conn)
+    }
+}
+
+/// Is this error a node saying it is not the primary (any more)?
+pub fn is_not_primary(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+    )
+}
+
+/// A client for the server at `host:port`.
+pub type ClientFor = Arc<dyn Fn(&str) -> Result<redis::Client, String> + Send + Sync>;
+
+/// How to reach the sentinels and the nodes they name.
+#[derive(Clone)]
+pub struct SentinelWatch {
+    pub master_name: String,
+    /// The sentinels, `host:port`.
+    pub sentinels: Vec<String>,
+    /// A client for a node at `host:port` (credentials and TLS as configured).
+    pub node_client: ClientFor,
+    pub sentinel_client: ClientFor,
+    /// Bound on each question to a sentinel or node.
+    pub timeout: Duration,
+}
+
+/// How often the primary is checked even when no sentinel announced a change.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// Keep `target` on the primary the sentinels name, until `shutdown`.
+pub async fn follow_sentinels(
+    watch: SentinelWatch,
+    target: Arc<Target>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut announcements = Announcements::default();
+    loop {
+        locate_once(&watch, &target).await;
+        if announcements.stream.is_none() {
+            announcements.connect(&watch).await;
+        }
+        tokio::select! {
+            switched = announcements.next(&watch.master_name) => {
+                if switched {
+                    target.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(master = %watch.master_name, "a sentinel announced a failover");
+                }
+            }
+            _ = target.suspect.notified() => {
+                // A flood of READONLY replies must not become a flood of questions.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tokio::time::sleep(RECHECK) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Ask the sentinels for the primary and move `target` if it changed. A node the
+/// sentinels name is used only once it says `ROLE` master.
+async fn locate_once(watch: &SentinelWatch, target: &Target) {
+    let found = ask_sentinels(watch).await;
+    let current = target.node();
+    match (found, current) {
+        (Some(found), Some(cur)) if found.addr == cur.addr => {}
+        (Some(found), cur) => {
+            if target.current.load().generation == 0 {
+                tracing::info!(primary = %found.addr, "the sentinels name the Redis primary");
+            } else {
+                let was = cur.map_or_else(|| "none".to_string(), |n| n.addr.clone());
+                tracing::warn!(primary = %found.addr, was = %was, "Redis primary changed; moving every connection");
+                target.stats.primary_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            target.set(Some(found));
+        }
+        (None, Some(cur)) => {
+            // No sentinel names a usable primary: keep the current one while it still
+            // says it is the primary, else report none (not ready) rather than write to
+            // a replica.
+            if role(&cur.client, watch.timeout).await.as_deref() != Some("master") {
+                tracing::warn!(was = %cur.addr, "no Redis primary is known");
+                target.set(None);
+            }
+        }
+        (None, None) => {}
+    }
+}
+
+async fn ask_sentinels(watch: &SentinelWatch) -> Option<Node> {
+    for sentinel in &watch.sentinels {
+        let Ok(client) = (watch.sentinel_client)(sentinel) else {
+            continue;
+        };
+        let ask = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(&watch.master_name)
+                .query_async::<Option<(String, u16)>>(&mut conn)
+                .await
+        };
+        let addr = match tokio::time::timeout(watch.timeout, ask).await {
+            Ok(Ok(Some((host, port)))) => format!("{host}:{port}"),
+            Ok(Ok(None)) => {
+                tracing::warn!(%sentinel, master = %watch.master_name, "the sentinel does not know this master");
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%sentinel, error = %e, "sentinel did not answer");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let Ok(client) = (watch.node_client)(&addr) else {
+            continue;
+        };
+        if role(&client, watch.timeout).await.as_deref() == Some("master") {
+            return Some(Node { addr, client });
+        }
+        tracing::debug!(%sentinel, node = %addr, "the node the sentinel names is not a primary (yet)");
+    }
+    None
+}
+
+/// The node's `ROLE` (`master`, `slave`, ...), or `None` when it does not answer.
+async fn role(client: &redis::Client, timeout: Duration) -> Option<String> {
+    let ask = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let reply: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+        let first = reply.into_iter().next();
+        Ok::<_, redis::RedisError>(first.and_then(|v| redis::from_redis_value::<String>(v).ok()))
+    };
+    tokio::time::timeout(timeout, ask).await.ok()?.ok()?
+}
+
+/// `+switch-master` messages from one sentinel at a time.
+#[derive(Default)]
+struct Announcements {
+    stream: Option<futures_util::stream::BoxStream<'static, redis::Msg>>,
+    /// Which sentinel to try next.
+    next: usize,
+}
+
+impl Announcements {
+    async fn connect(&mut self, watch: &SentinelWatch) {
+        for _ in 0..watch.sentinels.len() {
+            let sentinel = &watch.sentinels[self.next % watch.sentinels.len()];
+            self.next += 1;
+            let Ok(client) = (watch.sentinel_client)(sentinel) else {
+                continue;
+            };
+            let sub = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            if let Ok(Ok(pubsub)) = tokio::time::timeout(watch.timeout, sub).await {
+                use futures_util::StreamExt;
+                self.stream = Some(pubsub.into_on_message().boxed());
+                return;
+            }
+        }
+    }
+
+    /// Wait for an announcement about `master`: `true`; the subscription ended (or none
+    /// could be made): `false` after a short pause, so the caller looks again.
+    async fn next(&mut self, master: &str) -> bool {
+        use futures_util::StreamExt;
+        let Some(stream) = self.stream.as_mut() else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return false;
+        };
+        loop {
+            match stream.next().await {
+                None => {
+                    self.stream = None;
+                    return false;
+                }
+                Some(msg) => {
+                    // `<master name> <old ip> <old port> <new ip> <new port>`
+                    let payload: String = msg.get_payload().unwrap_or_default();
+                    if payload.split(' ').next() == Some(master) {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+}
