@@ -122,6 +122,51 @@ async fn create_ok(http: &reqwest::Client, kg: &Keygate) -> (String, String) {
     created(&a).unwrap_or_else(|| panic!("create: {} {}", a.label(), a.body))
 }
 
+/// The two admin documents the burst writes through.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Api {
+    /// `/v1/keys`: create 201, revoke 200.
+    Jack,
+    /// `/v1/api-keys`: create 201, revoke 204.
+    HelloJohn,
+}
+
+async fn create_via(http: &reqwest::Client, kg: &Keygate, api: Api) -> Answer {
+    match api {
+        Api::Jack => create(http, kg).await,
+        Api::HelloJohn => {
+            Answer::of(
+                http.post(format!("{}/v1/api-keys", kg.admin))
+                    .bearer_auth(ROOT)
+                    .json(&json!({"name": "ha", "type": "secret", "scopes": ["users:read"]}))
+                    .send()
+                    .await,
+            )
+            .await
+        }
+    }
+}
+
+/// Revoke through `api`: whether it answered success, and the answer.
+async fn revoke_via(http: &reqwest::Client, kg: &Keygate, api: Api, id: &str) -> (bool, Answer) {
+    match api {
+        Api::Jack => {
+            let a = revoke(http, kg, id).await;
+            (a.status == Some(200), a)
+        }
+        Api::HelloJohn => {
+            let a = Answer::of(
+                http.delete(format!("{}/v1/api-keys/{id}", kg.admin))
+                    .bearer_auth(ROOT)
+                    .send()
+                    .await,
+            )
+            .await;
+            (a.status == Some(204), a)
+        }
+    }
+}
+
 async fn revoke(http: &reqwest::Client, kg: &Keygate, id: &str) -> Answer {
     Answer::of(
         http.delete(format!("{}/v1/keys/{id}", kg.admin))
@@ -228,6 +273,7 @@ async fn two_keygates(set: &SentinelSet, http: &reqwest::Client) -> (Keygate, Ke
 #[derive(Debug, Clone)]
 struct Op {
     keygate: usize,
+    api: Api,
     revoke: bool,
     started: Instant,
     finished: Instant,
@@ -250,9 +296,9 @@ struct Burst {
     revoked: Mutex<Vec<(String, String)>>,
 }
 
-/// One writer of the burst against keygate `i`: two creates (every second created key
-/// becomes a victim) to one revoke, one every 25 ms, until `stop`.
-async fn writer(i: usize, kg: Arc<Keygate>, http: reqwest::Client, burst: Arc<Burst>) {
+/// One writer of the burst against keygate `i` through `api`: two creates (every second
+/// created key becomes a victim) to one revoke, one every 10 ms, until `stop`.
+async fn writer(i: usize, api: Api, kg: Arc<Keygate>, http: reqwest::Client, burst: Arc<Burst>) {
     let mut n = 0u64;
     while !burst.stop.load(Ordering::Relaxed) {
         n += 1;
@@ -265,8 +311,7 @@ async fn writer(i: usize, kg: Arc<Keygate>, http: reqwest::Client, burst: Arc<Bu
         let (answer, ok, revoke_op) = match victim {
             Some((id, key)) => {
                 burst.attempted.lock().unwrap().insert(id.clone());
-                let a = revoke(&http, &kg, &id).await;
-                let ok = a.status == Some(200);
+                let (ok, a) = revoke_via(&http, &kg, api, &id).await;
                 if ok {
                     burst.revoked.lock().unwrap().push((id, key));
                 } else {
@@ -275,7 +320,7 @@ async fn writer(i: usize, kg: Arc<Keygate>, http: reqwest::Client, burst: Arc<Bu
                 (a.label(), ok, true)
             }
             None => {
-                let a = create(&http, &kg).await;
+                let a = create_via(&http, &kg, api).await;
                 let made = created(&a);
                 let ok = made.is_some();
                 if let Some(k) = made {
@@ -289,13 +334,14 @@ async fn writer(i: usize, kg: Arc<Keygate>, http: reqwest::Client, burst: Arc<Bu
         };
         burst.ops.lock().unwrap().push(Op {
             keygate: i,
+            api,
             revoke: revoke_op,
             started,
             finished: Instant::now(),
             answer,
             ok,
         });
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -443,12 +489,15 @@ async fn failover_keeps_every_acknowledged_change() {
     let mut traffic = Vec::new();
     let mut probes = Vec::new();
     for (i, kg) in [&a, &b].into_iter().enumerate() {
-        writers.push(tokio::spawn(writer(
-            i,
-            kg.clone(),
-            http.clone(),
-            burst.clone(),
-        )));
+        for api in [Api::Jack, Api::HelloJohn] {
+            writers.push(tokio::spawn(writer(
+                i,
+                api,
+                kg.clone(),
+                http.clone(),
+                burst.clone(),
+            )));
+        }
         traffic.push(tokio::spawn(proxy_traffic(
             kg.clone(),
             http.clone(),
@@ -467,7 +516,7 @@ async fn failover_keeps_every_acknowledged_change() {
     // Mid-burst: once both writers have had some writes acknowledged, SIGKILL the primary.
     let warm = eventually(Duration::from_secs(10), || async {
         let ops = burst.ops.lock().unwrap();
-        (0..2).all(|i| ops.iter().filter(|o| o.keygate == i && o.ok).count() >= 8)
+        (0..2).all(|i| ops.iter().filter(|o| o.keygate == i && o.ok).count() >= 30)
     })
     .await;
     assert!(warm, "the burst did not get going");
@@ -484,15 +533,22 @@ async fn failover_keeps_every_acknowledged_change() {
     let sentinel_failover = kill.elapsed();
     assert_ne!(new_primary, old_primary);
 
-    // Keep going until both keygates acknowledge writes again (5 each, started after the
-    // kill) and both answer cache misses again.
+    // Keep going until both keygates acknowledge writes again (20 creates and 5 revokes
+    // each, started after the kill, through both documents) and both answer cache misses
+    // again.
     let recovered = eventually(Duration::from_secs(30), || async {
         let ops = burst.ops.lock().unwrap();
         let writes = (0..2).all(|i| {
-            ops.iter()
-                .filter(|o| o.keygate == i && o.ok && o.started > kill)
-                .count()
-                >= 5
+            let after = |revoke: bool| {
+                ops.iter()
+                    .filter(|o| o.keygate == i && o.ok && o.started > kill && o.revoke == revoke)
+                    .count()
+            };
+            let both_apis = [Api::Jack, Api::HelloJohn].iter().all(|api| {
+                ops.iter()
+                    .any(|o| o.keygate == i && o.api == *api && o.ok && o.started > kill)
+            });
+            after(false) >= 20 && after(true) >= 5 && both_apis
         });
         writes && probes.iter().all(|p| p.is_finished())
     })
@@ -530,13 +586,22 @@ async fn failover_keeps_every_acknowledged_change() {
         let mut answers: BTreeMap<String, u64> = BTreeMap::new();
         for o in &mine {
             let kind = if o.revoke { "revoke" } else { "create" };
-            *answers.entry(format!("{kind} {}", o.answer)).or_default() += 1;
+            let when = if o.started > kill { "after" } else { "before" };
+            *answers
+                .entry(format!("{kind} {when} kill: {}", o.answer))
+                .or_default() += 1;
         }
         let slowest = mine.iter().map(|o| o.finished - o.started).max();
+        let in_flight: Vec<&str> = mine
+            .iter()
+            .filter(|o| o.started <= kill && o.finished > kill)
+            .map(|o| o.answer.as_str())
+            .collect();
         eprintln!(
             "keygate {i}: kill -> first acknowledged write {first_ok:?} (last failed write ended \
              {last_failure:?} after the kill; slowest write {slowest:?}); kill -> cache miss \
-             answered {:?}; writes {answers:?}; miss probes {:?}; proxy (cached key) {:?}",
+             answered {:?}; in flight at the kill {in_flight:?}; writes {answers:?}; miss probes \
+             {:?}; proxy (cached key) {:?}",
             miss[i].0, miss[i].1, proxy_seen[i]
         );
     }
@@ -683,9 +748,9 @@ async fn failover_keeps_every_acknowledged_change() {
     drop(set);
 }
 
-/// With the replica stopped, a create and a revoke answer 503 `replication_unconfirmed`
-/// within about `ack_timeout` (no hang); with the replica back, the retried revoke answers
-/// 200 and the key is refused.
+/// With the replica stopped, a create, a patch, a rotation and a revoke each answer 503
+/// `replication_unconfirmed` within about `ack_timeout` (no hang); with the replica back,
+/// the retried revoke answers 200 and the key is refused, and the retried patch answers 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconfirmed_write_is_503_and_retry_is_safe() {
     let mut set = tokio::task::spawn_blocking(SentinelSet::start)
@@ -698,6 +763,7 @@ async fn unconfirmed_write_is_503_and_retry_is_safe() {
     let mut kg = Keygate::spawn(&config(&set, upstream));
     kg.wait_ready(&http).await;
     let (id, key) = create_ok(&http, &kg).await;
+    let (other, _) = create_ok(&http, &kg).await;
     assert_eq!(get(&http, &kg, &key).await.status, Some(200));
 
     let mut set = tokio::task::spawn_blocking(move || {
@@ -706,12 +772,32 @@ async fn unconfirmed_write_is_503_and_retry_is_safe() {
     })
     .await
     .unwrap();
-    for what in ["create", "revoke"] {
+    let patch = || async {
+        Answer::of(
+            http.patch(format!("{}/v1/api-keys/{other}", kg.admin))
+                .bearer_auth(ROOT)
+                .json(&json!({"name": "renamed"}))
+                .send()
+                .await,
+        )
+        .await
+    };
+    for what in ["create", "patch", "rotate", "revoke"] {
         let t = Instant::now();
-        let r = if what == "create" {
-            create(&http, &kg).await
-        } else {
-            revoke(&http, &kg, &id).await
+        let r = match what {
+            "create" => create(&http, &kg).await,
+            "patch" => patch().await,
+            "rotate" => {
+                Answer::of(
+                    http.post(format!("{}/v1/api-keys/rotate", kg.admin))
+                        .bearer_auth(ROOT)
+                        .json(&json!({"id": other}))
+                        .send()
+                        .await,
+                )
+                .await
+            }
+            _ => revoke(&http, &kg, &id).await,
         };
         let took = t.elapsed();
         eprintln!("{what} without a replica: {} in {took:?}", r.label());
@@ -729,7 +815,7 @@ async fn unconfirmed_write_is_503_and_retry_is_safe() {
     }
     let m = metrics(&http, &kg).await;
     let failures = metric_sum(&m, "keygate_store_replication_ack_failures_total");
-    assert!(failures.is_some_and(|n| n >= 2.0), "{m}");
+    assert!(failures.is_some_and(|n| n >= 4.0), "{m}");
 
     let set = tokio::task::spawn_blocking(move || {
         set.start_replica();
@@ -752,6 +838,16 @@ async fn unconfirmed_write_is_503_and_retry_is_safe() {
     })
     .await;
     assert!(gone, "the revoked key is still accepted");
+    // The retried patch too (it may have applied already: then it changes nothing).
+    let r = patch().await;
+    assert_eq!(
+        r.status,
+        Some(200),
+        "retried patch: {} {}",
+        r.label(),
+        r.body
+    );
+    assert_eq!(r.body["name"], "renamed", "{}", r.body);
     // And writes are confirmed again.
     let (_, fresh) = create_ok(&http, &kg).await;
     assert_eq!(get(&http, &kg, &fresh).await.status, Some(200));
