@@ -916,3 +916,97 @@ async fn readyz_follows_the_primary() {
     kg.stop().await;
     drop(set);
 }
+
+/// A graceful failover (`SENTINEL FAILOVER`): the old primary stays up and becomes a
+/// replica (answering writes with READONLY). keygate names the new primary within 5 s and
+/// moves its writes and its change feed there: a revoke is acknowledged and refused, a new
+/// key is written on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_failover_moves_writes_off_the_demoted_primary() {
+    let set = tokio::task::spawn_blocking(SentinelSet::start)
+        .await
+        .unwrap();
+    let http = client();
+    let upstream = keygate::dev::spawn_echo_upstream(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("echo upstream");
+    let mut kg = Keygate::spawn(&config(&set, upstream));
+    kg.wait_ready(&http).await;
+    let (id, key) = create_ok(&http, &kg).await;
+    assert_eq!(get(&http, &kg, &key).await.status, Some(200));
+    let old = set.primary_port();
+
+    let t = Instant::now();
+    let set = tokio::task::spawn_blocking(move || {
+        let mut set = set;
+        set.manual_failover();
+        set.wait_failover();
+        set
+    })
+    .await
+    .unwrap();
+    let new = set.primary_port();
+    eprintln!(
+        "SENTINEL FAILOVER -> {old} replaced by {new} in {:?}",
+        t.elapsed()
+    );
+    assert_ne!(old, new);
+    // keygate follows the sentinels at once (+switch-master), not at its next error.
+    let moved = eventually(Duration::from_secs(5), || async {
+        has_sample(&metrics(&http, &kg).await, &primary_info(new))
+    })
+    .await;
+    assert!(
+        moved,
+        "primary_info never named {new}: {}",
+        metrics(&http, &kg).await
+    );
+    eprintln!(
+        "SENTINEL FAILOVER -> keygate names {new} in {:?}",
+        t.elapsed()
+    );
+    // Until the sentinels' next INFO of the old primary (up to 10 s) it is still a primary
+    // with no replica, and the new one has none either: writes are 503
+    // replication_unconfirmed meanwhile. Demote it now, as the sentinels are about to.
+    let set = tokio::task::spawn_blocking(move || {
+        set.make_replica(old);
+        set
+    })
+    .await
+    .unwrap();
+    assert_eq!(set.replica_ports(), vec![old]);
+
+    let last = std::cell::RefCell::new(String::new());
+    let seen = std::cell::RefCell::new(BTreeMap::<String, u64>::new());
+    let written = eventually(Duration::from_secs(20), || async {
+        let a = revoke(&http, &kg, &id).await;
+        *last.borrow_mut() = a.label();
+        *seen.borrow_mut().entry(a.label()).or_default() += 1;
+        a.status == Some(200)
+    })
+    .await;
+    eprintln!("revokes until acknowledged: {:?}", seen.borrow());
+    assert!(
+        written,
+        "writes did not come back: last {}; logs:\n{}",
+        last.borrow(),
+        kg.logs()
+    );
+    eprintln!(
+        "SENTINEL FAILOVER -> revoke acknowledged in {:?}",
+        t.elapsed()
+    );
+    let gone = eventually(Duration::from_secs(5), || async {
+        refused(&get(&http, &kg, &key).await)
+    })
+    .await;
+    assert!(gone, "the revoked key is still accepted after the failover");
+    let (fresh_id, fresh) = create_ok(&http, &kg).await;
+    assert_eq!(get(&http, &kg, &fresh).await.status, Some(200));
+    let exists: i64 = set.cmd(&["EXISTS", &format!("kgtest:id:{fresh_id}")]);
+    assert_eq!(exists, 1, "the new key is not on the new primary");
+    let m = metrics(&http, &kg).await;
+    assert!(has_sample(&m, &primary_info(new)), "{m}");
+    assert!(kg.running(), "{}", kg.logs());
+    kg.stop().await;
+}

@@ -470,6 +470,28 @@ impl SentinelSet {
         new
     }
 
+    /// `SENTINEL FAILOVER mymaster` on the first sentinel: a graceful failover, the old
+    /// primary stays up and is turned into a replica of the new one (it answers writes
+    /// with READONLY). Follow with `wait_failover`.
+    pub fn manual_failover(&self) {
+        let ok: String = cmd_on(
+            self.sentinels[0].port,
+            &["SENTINEL", "FAILOVER", MASTER_NAME],
+        )
+        .expect("SENTINEL FAILOVER");
+        assert_eq!(ok, "OK");
+    }
+
+    /// `REPLICAOF` the current primary on the running node `port` (what the sentinels do
+    /// to a demoted primary at their next `INFO` of it, up to 10 s later), then wait until
+    /// every replica is in sync.
+    pub fn make_replica(&self, port: u16) {
+        let primary = self.primary_port().to_string();
+        let ok: String = cmd_on(port, &["REPLICAOF", "127.0.0.1", &primary]).expect("REPLICAOF");
+        assert_eq!(ok, "OK");
+        self.wait_replicas_synced();
+    }
+
     /// Start the node `kill_primary` killed again (empty: no persistence) as a replica of
     /// the current primary, and wait until it is in sync.
     pub fn restart_old_primary_as_replica(&mut self) {
