@@ -7,6 +7,7 @@
 )]
 
 mod support;
+mod support_ha;
 
 mod admin_hellojohn;
 mod admin_jack;
@@ -27,5 +28,6 @@ mod raw;
 mod redis_store;
 mod reload;
 mod reload_cache;
+mod sentinel;
 mod streaming;
 mod tls;
