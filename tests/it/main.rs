@@ -7,10 +7,12 @@
 )]
 
 mod support;
+mod support_cluster;
 
 mod admin_hellojohn;
 mod admin_jack;
 mod cli;
+mod cluster;
 mod code_map;
 mod contract;
 mod crash;
