@@ -51,3 +51,284 @@ fn slot_matches_redis() {
     assert_eq!(crate::support_cluster::slot("{user1000}.following"), 3443);
     assert_eq!(crate::support_cluster::slot("bar"), 5061);
 }
+
+/// Run `args` through a cluster-routed connection.
+fn direct<T: redis::FromRedisValue>(
+    conn: &mut redis::cluster::ClusterConnection,
+    args: &[&str],
+) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(conn).expect("redis command")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_creates_are_skipped_and_old_ones_repaired() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let store = ClusterStore::connect(&settings(&cluster, "crash", 0)).unwrap();
+    let now = keygate::time::now_ms();
+    // A real key, created in between the two leftovers (list order is by creation).
+    let real = crate::contract::record("t", now - 60_000);
+    store.insert(&real).await.unwrap();
+    // What a crash between insert's steps leaves: the tenant entry, no record.
+    let mut conn = cluster.client();
+    let mut leftover = |created: u64| {
+        let r = crate::contract::record("t", created);
+        let entry = format!("{} {}", keygate::key::hex(&r.digest), r.created_at);
+        let member = format!("{:016x}:{}", r.created_at, r.id);
+        let _: i64 = direct(&mut conn, &["HSET", "crash:{crash.t.t}:ids", &r.id, &entry]);
+        let _: i64 = direct(&mut conn, &["ZADD", "crash:{crash.t.t}:list", "0", &member]);
+        (r, member)
+    };
+    let (old, old_member) = leftover(now - 120_000);
+    let (young, young_member) = leftover(now);
+
+    // Newest first: young, real, old. A page of one that holds only the young leftover
+    // still leads on to the next.
+    let first = store
+        .list(
+            "t",
+            &keygate::store::PageRequest {
+                limit: 1,
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(first.items.is_empty());
+    let second = store
+        .list(
+            "t",
+            &keygate::store::PageRequest {
+                limit: 1,
+                cursor: first.next_cursor,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.items, vec![real.clone()]);
+    let all = store
+        .list(
+            "t",
+            &keygate::store::PageRequest {
+                limit: 10,
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.items, vec![real.clone()]);
+    assert_eq!(store.by_id("t", &old.id).await.unwrap(), None);
+    assert_eq!(store.by_id("t", &young.id).await.unwrap(), None);
+    assert_eq!(
+        store.by_id("t", &real.id).await.unwrap(),
+        Some(real.clone())
+    );
+
+    // The old leftover is gone from both; the young one stays (its create may be running).
+    let mut conn = cluster.client();
+    let ids: Option<String> = direct(&mut conn, &["HGET", "crash:{crash.t.t}:ids", &old.id]);
+    assert_eq!(ids, None, "old leftover still in the id map");
+    let score: Option<f64> = direct(
+        &mut conn,
+        &["ZSCORE", "crash:{crash.t.t}:list", &old_member],
+    );
+    assert_eq!(score, None, "old leftover still listed");
+    let ids: Option<String> = direct(&mut conn, &["HGET", "crash:{crash.t.t}:ids", &young.id]);
+    assert!(ids.is_some(), "a young entry was removed");
+    let score: Option<f64> = direct(
+        &mut conn,
+        &["ZSCORE", "crash:{crash.t.t}:list", &young_member],
+    );
+    assert!(score.is_some(), "a young entry was unlisted");
+    // The young entry's create completes after all: it is listed and authenticates.
+    store.insert(&young).await.unwrap();
+    assert_eq!(
+        store.by_id("t", &young.id).await.unwrap(),
+        Some(young.clone())
+    );
+    assert_eq!(store.by_digest(&young.digest).await.unwrap(), Some(young));
+    // And the entries that remain are exactly the two keys.
+    let n: i64 = direct(&mut conn, &["HLEN", "crash:{crash.t.t}:ids"]);
+    assert_eq!(n, 2);
+}
+
+/// Every key of a tenant, through the store's paging.
+async fn listed_ids(store: &ClusterStore, tenant: &str) -> std::collections::HashSet<String> {
+    let mut ids = std::collections::HashSet::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(tenant, &keygate::store::PageRequest { limit: 100, cursor })
+            .await
+            .unwrap();
+        ids.extend(page.items.into_iter().map(|r| r.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return ids,
+        }
+    }
+}
+
+/// What one write in a burst answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    /// Written on a primary, not confirmed by a replica in time.
+    Unconfirmed,
+    /// No primary took it (refused, cluster down, timeout).
+    Failed,
+}
+
+fn outcome<T>(r: &Result<T, keygate::store::StoreError>) -> Outcome {
+    match r {
+        Ok(_) => Outcome::Ok,
+        Err(keygate::store::StoreError::Unconfirmed { .. }) => Outcome::Unconfirmed,
+        Err(_) => Outcome::Failed,
+    }
+}
+
+/// The hash slot of bucket `b`'s keys under namespace `ns`.
+fn bucket_slot(ns: &str, b: usize) -> u16 {
+    let c = char::from_digit(b as u32, 16).unwrap();
+    crate::support_cluster::slot(&format!("{ns}:{{{ns}.{c}}}:seq"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_primary_failover() {
+    use keygate::store::cluster::bucket_of;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let mut cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let store = Arc::new(ClusterStore::connect(&settings(&cluster, "fo", 1)).unwrap());
+    // The victim: the primary of bucket 0. The tenant's slot is elsewhere, so that a
+    // write's trouble comes from its bucket's shard.
+    let victim = cluster.primary_for_slot(bucket_slot("fo", 0));
+    let tenant = (0..)
+        .map(|i| format!("t{i}"))
+        .find(|t| {
+            cluster.primary_for_slot(crate::support_cluster::slot(&format!("{{fo.t.{t}}}")))
+                != victim
+        })
+        .unwrap();
+    let victim_buckets: Vec<usize> = (0..16)
+        .filter(|&b| cluster.primary_for_slot(bucket_slot("fo", b)) == victim)
+        .collect();
+    // Keys to revoke during the burst.
+    let mut to_revoke = Vec::new();
+    for _ in 0..60 {
+        let r = crate::contract::record(&tenant, keygate::time::now_ms());
+        store.insert(&r).await.unwrap();
+        to_revoke.push(r);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let burst = {
+        let (store, stop, tenant) = (store.clone(), stop.clone(), tenant.clone());
+        tokio::spawn(async move {
+            // (time since start, bucket, outcome) per write; the records whose insert
+            // returned Ok; the keys whose revoke returned Ok.
+            let mut log = Vec::new();
+            let (mut inserted, mut revoked) = (Vec::new(), Vec::new());
+            let mut pending = std::collections::VecDeque::from(to_revoke);
+            while !stop.load(Ordering::Relaxed) {
+                let r = crate::contract::record(&tenant, keygate::time::now_ms());
+                let res = store.insert(&r).await;
+                log.push((started.elapsed(), bucket_of(&r.digest), outcome(&res)));
+                if res.is_ok() {
+                    inserted.push(r);
+                }
+                let Some(old) = pending.pop_front() else {
+                    continue;
+                };
+                let res = store
+                    .revoke(&tenant, &old.id, keygate::time::now_ms())
+                    .await;
+                log.push((started.elapsed(), bucket_of(&old.digest), outcome(&res)));
+                match res {
+                    Ok(Some(_)) => revoked.push(old),
+                    Ok(None) => panic!("a key of the tenant was not found"),
+                    Err(_) => pending.push_back(old),
+                }
+            }
+            (log, inserted, revoked)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let killed_at = started.elapsed();
+    let (cluster, promoted, rejoined) = tokio::task::spawn_blocking(move || {
+        let promoted = cluster.kill_primary(victim);
+        // Its replica is a primary now, without a replica of its own: writes there cannot
+        // be confirmed until the old node is back, as its replica.
+        let t = Instant::now();
+        cluster.restart(victim);
+        (cluster, promoted, promoted + t.elapsed())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (log, inserted, revoked) = burst.await.unwrap();
+
+    let after_kill = |o: Outcome| {
+        log.iter()
+            .filter(|(t, b, _)| *t > killed_at && victim_buckets.contains(b))
+            .skip_while(|(_, _, got)| *got == Outcome::Ok)
+            .find(|(_, _, got)| *got == o || o == Outcome::Unconfirmed && *got == Outcome::Ok)
+            .map(|(t, _, _)| *t - killed_at)
+    };
+    let count = |o: Outcome| log.iter().filter(|(_, _, got)| *got == o).count();
+    let last_failure = log
+        .iter()
+        .filter(|(_, b, got)| victim_buckets.contains(b) && *got != Outcome::Ok)
+        .map(|(t, _, _)| *t)
+        .max();
+    let confirmed_again = last_failure.and_then(|lf| {
+        log.iter()
+            .find(|(t, b, got)| *t > lf && victim_buckets.contains(b) && *got == Outcome::Ok)
+            .map(|(t, _, _)| *t - killed_at)
+    });
+    println!(
+        "failover: {} writes: {} ok, {} unconfirmed, {} failed; the killed shard serves buckets \
+         {victim_buckets:?}; replica promoted {promoted:?} and old primary back as its replica \
+         {rejoined:?} after the kill; writes there reached a primary again {:?} and were \
+         confirmed again {confirmed_again:?} after the kill",
+        log.len(),
+        count(Outcome::Ok),
+        count(Outcome::Unconfirmed),
+        count(Outcome::Failed),
+        after_kill(Outcome::Unconfirmed),
+    );
+    assert!(count(Outcome::Failed) > 0, "the kill disturbed no write");
+    assert!(
+        confirmed_again.is_some(),
+        "writes on the killed shard never succeeded again"
+    );
+
+    // Every acknowledged write survived the failover.
+    let listed = listed_ids(&store, &tenant).await;
+    for r in &inserted {
+        let read = store.by_digest(&r.digest).await.unwrap();
+        assert_eq!(read.as_ref(), Some(r), "an acknowledged insert was lost");
+        assert!(
+            listed.contains(&r.id),
+            "an acknowledged insert is not listed"
+        );
+    }
+    for r in &revoked {
+        let read = store.by_digest(&r.digest).await.unwrap().unwrap();
+        assert!(read.revoked_at.is_some(), "an acknowledged revoke was lost");
+    }
+    let on_victim = |r: &&keygate::store::KeyRecord| victim_buckets.contains(&bucket_of(&r.digest));
+    assert!(
+        inserted.iter().filter(on_victim).count() > 3
+            && revoked.iter().filter(on_victim).count() > 3,
+        "too few writes on the killed shard to tell"
+    );
+    drop(cluster);
+}
