@@ -385,12 +385,26 @@ impl ClusterStore {
         }
     }
 
-    /// Run one command (routed by its key) and return its raw reply.
+    /// Run one read (routed by its key) and return its raw reply.
+    ///
+    /// The client follows MOVED and ASK itself, but during a slot migration an ASK can
+    /// still come back: it sends `ASKING` and the redirected command as two requests on a
+    /// connection other requests share, so another one may take the `ASKING`, and the
+    /// retries run out bouncing between the two nodes. Reads only (nothing ran when a
+    /// redirection is answered) get two more tries within the time bound.
     async fn query(&self, cmd: redis::Cmd) -> Result<Value, StoreError> {
         self.bounded(async {
             let mut conn = self.conn().await;
-            let v: Value = cmd.query_async(&mut conn).await.map_err(map_err)?;
-            Ok(v)
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match cmd.query_async::<Value>(&mut conn).await {
+                    Err(e) if tries < 3 && (e.redirect_node().is_some() || is_try_again(&e)) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    other => return other.map_err(map_err),
+                }
+            }
         })
         .await
     }
@@ -583,6 +597,10 @@ fn map_err(e: RedisError) -> StoreError {
     } else {
         StoreError::Unavailable(e.to_string())
     }
+}
+
+fn is_try_again(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
 }
 
 fn shape(reason: &str) -> StoreError {

@@ -332,3 +332,135 @@ async fn acknowledged_writes_survive_a_primary_failover() {
     );
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_a_reshard() {
+    use keygate::store::cluster::bucket_of;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let cluster = Arc::new(tokio::task::spawn_blocking(Cluster::start).await.unwrap());
+    // `redis-cli --cluster reshard` moves a primary's lowest slots: pick a namespace with a
+    // bucket slot close to the start of its primary's slots, so moving a few slots moves it.
+    let view = cluster.view();
+    let lowest_of_owner = |slot: u16| {
+        view.iter()
+            .filter(|v| v.master && v.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+            .map(|v| (v.port, v.slots.iter().map(|&(a, _)| a).min().unwrap()))
+            .next()
+            .unwrap()
+    };
+    let (ns, bucket, moved) = (0..)
+        .map(|i| format!("rs{i}"))
+        .find_map(|ns| {
+            (0..16).find_map(|b| {
+                let slot = bucket_slot(&ns, b);
+                let (_, lowest) = lowest_of_owner(slot);
+                (slot - lowest < 40).then(|| (ns.clone(), b, u32::from(slot - lowest) + 3))
+            })
+        })
+        .unwrap();
+    let slot = bucket_slot(&ns, bucket);
+    let from = cluster.primary_for_slot(slot);
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .find(|&p| p != from)
+        .unwrap();
+
+    let store = Arc::new(ClusterStore::connect(&settings(&cluster, &ns, 0)).unwrap());
+    // Good keys: 150 in the bucket that moves, 40 elsewhere.
+    let (mut moving, mut others) = (Vec::new(), Vec::new());
+    while moving.len() < 150 || others.len() < 40 {
+        let r = crate::contract::record("t", keygate::time::now_ms());
+        let (list, want) = if bucket_of(&r.digest) == bucket {
+            (&mut moving, 150)
+        } else {
+            (&mut others, 40)
+        };
+        if list.len() < want {
+            store.insert(&r).await.unwrap();
+            list.push(r);
+        }
+    }
+    let keys: Arc<Vec<_>> = Arc::new(moving.iter().chain(&others).map(|r| r.digest).collect());
+    let n_moving = moving.len();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let (reads, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let readers: Vec<_> = (0..3)
+        .map(|task| {
+            let (store, keys, done) = (store.clone(), keys.clone(), done.clone());
+            let (reads, errors) = (reads.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut i = task;
+                while !done.load(Ordering::Relaxed) {
+                    // Every other read is of a key in the moving bucket.
+                    let d = if i % 2 == 0 {
+                        keys[i % n_moving]
+                    } else {
+                        keys[i % keys.len()]
+                    };
+                    i += 1;
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    match store.by_digest(&d).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => panic!("a good key read as unknown during the reshard"),
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("read error during the reshard: {e}");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let c = cluster.clone();
+    let before = reads.load(Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || c.reshard(from, to, moved))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    // And back and forth by hand, a key at a time: the slot half-moved for a while.
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        c.move_slot(slot, to, from, Duration::from_millis(3));
+        c.move_slot(slot, from, to, Duration::from_millis(3));
+    })
+    .await
+    .unwrap();
+    let took_by_hand = started.elapsed() - took;
+    let during = reads.load(Ordering::Relaxed) - before;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    done.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert_eq!(
+        cluster.primary_for_slot(slot),
+        to,
+        "the bucket's slot did not move"
+    );
+    let (reads, errors) = (
+        reads.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+    );
+    println!("reshard: {moved} slots (bucket {bucket}'s slot {slot} among them) in {took:?}, then slot {slot} back and forth a key at a time in {took_by_hand:?}; {reads} reads ({during} while it ran), {errors} errors");
+    assert!(during > 50, "too few reads during the reshard: {during}");
+    assert!(errors * 20 < reads, "{errors} of {reads} reads failed");
+    // Writes to the moved bucket work on its new primary.
+    let r = &moving[0];
+    let revoked = store.revoke("t", &r.id, 5).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(5));
+    assert_eq!(
+        store
+            .by_digest(&r.digest)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at,
+        Some(5)
+    );
+}

@@ -257,13 +257,15 @@ impl Cluster {
 
     /// Move `count` slots from primary `from` to primary `to` with
     /// `redis-cli --cluster reshard` (it takes the source's lowest slots).
+    /// Keys move one `MIGRATE` at a time (`--cluster-pipeline 1`), so a slot is half-moved
+    /// for a while (ASK redirections).
     pub fn reshard(&self, from: usize, to: usize, count: u32) {
         let (from_id, to_id) = (self.nodes[from].id(), self.nodes[to].id());
         let out = Command::new("redis-cli")
             .args(["--cluster", "reshard", &self.nodes[to].addr()])
             .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
             .args(["--cluster-slots", &count.to_string(), "--cluster-yes"])
-            .args(["--cluster-pipeline", "100"])
+            .args(["--cluster-pipeline", "1"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster reshard");
@@ -273,6 +275,31 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Move one slot from primary `from` to primary `to` by hand, one key per `MIGRATE`
+    /// with `pause` between keys, so the slot stays half-moved (reads of moved keys are
+    /// answered ASK) for a while.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize, pause: Duration) {
+        let (src, dst) = (&self.nodes[from], &self.nodes[to]);
+        let (src_id, dst_id) = (src.id(), dst.id());
+        let slot = slot.to_string();
+        let _: () = dst.cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]);
+        let _: () = src.cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]);
+        loop {
+            let keys: Vec<String> = src.cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "1"]);
+            let Some(key) = keys.first() else { break };
+            let port = dst.port.to_string();
+            let _: () = src.cmd(&["MIGRATE", "127.0.0.1", &port, key, "0", "5000"]);
+            std::thread::sleep(pause);
+        }
+        let _: () = dst.cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
+        let _: () = src.cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
+        for i in self.primaries() {
+            if i != from && i != to {
+                let _: () = self.nodes[i].cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
+            }
+        }
     }
 
     /// Times `command` (lowercase) ran, summed over live nodes.
