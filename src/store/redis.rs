@@ -552,7 +552,7 @@ fn eval(script: &str, keys: &[String]) -> redis::Cmd {
     cmd
 }
 
-fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
+pub(crate) fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
     let mut f = vec![
         ("id", record.id.clone()),
         ("tenant", record.tenant.clone()),
@@ -580,7 +580,7 @@ fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
 }
 
 /// Parse an HGETALL reply strictly: a record that fails here is reported, never guessed.
-fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, StoreError> {
+pub(crate) fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, StoreError> {
     if flat.is_empty() {
         return Ok(None);
     }

@@ -7,11 +7,13 @@
 )]
 
 mod support;
+mod support_cluster;
 mod support_ha;
 
 mod admin_hellojohn;
 mod admin_jack;
 mod cli;
+mod cluster;
 mod code_map;
 mod contract;
 mod crash;
