@@ -292,6 +292,8 @@ pub struct ClusterStore {
     conn: Arc<OnceCell<ClusterConnection>>,
     settings: ClusterSettings,
     ns: String,
+    /// Unconfirmed writes, for the metrics (a cluster has no single primary to report).
+    stats: Arc<super::topology::StoreStats>,
 }
 
 /// A key's bucket: the high nibble of its digest's first byte.
@@ -322,6 +324,7 @@ impl ClusterStore {
             conn: Arc::new(OnceCell::new()),
             settings: s.clone(),
             ns: s.namespace.clone(),
+            stats: Arc::default(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             let _ = store.conn.set(store.new_connection());
@@ -341,6 +344,11 @@ impl ClusterStore {
             .get_or_init(|| async { self.new_connection() })
             .await
             .clone()
+    }
+
+    /// What the metrics report of this store.
+    pub fn stats(&self) -> Arc<super::topology::StoreStats> {
+        self.stats.clone()
     }
 
     /// Channels and counters of every bucket, for `feed::cluster::follow`.
@@ -445,6 +453,9 @@ impl ClusterStore {
                 _ => return Err(shape("WAIT did not answer a number")),
             };
             if acked < wanted {
+                self.stats
+                    .ack_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(StoreError::Unconfirmed { acked, wanted });
             }
         }
