@@ -221,6 +221,19 @@ impl App {
     }
 }
 
+/// The configured store for a command-line tool (`keygate migrate`): with Sentinel, the
+/// primary is followed until `shutdown`.
+pub fn connect_store(
+    store: &StoreConfig,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Arc<dyn KeyStore>> {
+    let (store, followers) = open_store(store)?;
+    if let Some(follow) = followers.sentinel.and_then(|s| s.follow_topology(shutdown)) {
+        tokio::spawn(follow);
+    }
+    Ok(store)
+}
+
 /// What keeps the cache in step with the store, and the store on its primary.
 #[derive(Default)]
 struct Followers {

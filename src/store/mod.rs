@@ -2,6 +2,7 @@
 //! (production, shared by replicas) implementations that behave the same.
 
 pub mod cluster;
+pub mod copy;
 pub mod memory;
 pub mod redis;
 pub mod topology;
