@@ -260,8 +260,14 @@ async fn acknowledged_writes_survive_a_primary_failover() {
         })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
+    // The replica falls behind first: what the primary takes from now on, it alone has.
+    // Those writes must not be acknowledged (WAIT), since the kill loses them.
+    let replica = cluster.cut_replication(victim);
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let killed_at = started.elapsed();
     let (cluster, promoted, rejoined) = tokio::task::spawn_blocking(move || {
+        cluster.kill(victim);
+        cluster.resume(replica);
         let promoted = cluster.kill_primary(victim);
         // Its replica is a primary now, without a replica of its own: writes there cannot
         // be confirmed until the old node is back, as its replica.
