@@ -260,8 +260,14 @@ async fn acknowledged_writes_survive_a_primary_failover() {
         })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
+    // The replica falls behind first: what the primary takes from now on, it alone has.
+    // Those writes must not be acknowledged (WAIT), since the kill loses them.
+    let replica = cluster.cut_replication(victim);
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let killed_at = started.elapsed();
     let (cluster, promoted, rejoined) = tokio::task::spawn_blocking(move || {
+        cluster.kill(victim);
+        cluster.resume(replica);
         let promoted = cluster.kill_primary(victim);
         // Its replica is a primary now, without a replica of its own: writes there cannot
         // be confirmed until the old node is back, as its replica.
@@ -463,4 +469,117 @@ async fn reads_survive_a_reshard() {
             .revoked_at,
         Some(5)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_follows_revocations_across_the_cluster() {
+    use crate::support::eventually;
+    use keygate::cache::{Entry, KeyCache, Source, Ttls};
+    use keygate::metrics::Metrics;
+    use keygate::store::cluster::bucket_of;
+    use std::sync::Arc;
+
+    let cluster = Arc::new(tokio::task::spawn_blocking(Cluster::start).await.unwrap());
+    let reader = Arc::new(ClusterStore::connect(&settings(&cluster, "feed", 0)).unwrap());
+    let writer = ClusterStore::connect(&settings(&cluster, "feed", 0)).unwrap();
+    let cache = Arc::new(KeyCache::new(1000));
+    let metrics = Arc::new(Metrics::new());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let feed = tokio::spawn(keygate::feed::cluster::follow(
+        reader.feed_settings(),
+        cache.clone(),
+        metrics.clone(),
+        stopped,
+    ));
+    let up = || metrics.feed.up.get() == 1;
+    assert!(
+        eventually(Duration::from_secs(10), || async { up() }).await,
+        "the feed never came up"
+    );
+
+    let ttls = Ttls::new(Duration::from_secs(300), Duration::from_secs(2));
+    let store: keygate::cache::Reader = reader.clone();
+    let lookup = |d: keygate::key::Digest| {
+        let (cache, store) = (cache.clone(), store.clone());
+        async move {
+            let (entry, source) = cache.lookup(&d, ttls, &store).await.unwrap();
+            let revoked = match entry {
+                Entry::Known(id) => id.revoked_at().is_some(),
+                Entry::Unknown => panic!("a good key is unknown"),
+            };
+            (revoked, source)
+        }
+    };
+    let revoked_seen = |d: keygate::key::Digest| async move {
+        eventually(Duration::from_secs(5), || async { lookup(d).await.0 }).await
+    };
+    let cached = |d: keygate::key::Digest| async move {
+        eventually(Duration::from_secs(5), || async {
+            lookup(d).await == (false, Source::Cache)
+        })
+        .await
+    };
+    let received = |event: &str| metrics.feed.received.with_label_values(&[event]).get();
+
+    // A key cached here, revoked through another store: evicted by the message.
+    let k = crate::contract::record("t", keygate::time::now_ms());
+    writer.insert(&k).await.unwrap();
+    // (The create's own message evicts it once more, whenever it arrives.)
+    assert!(cached(k.digest).await, "never served from the cache");
+    let before = received("revoke");
+    writer
+        .revoke("t", &k.id, keygate::time::now_ms())
+        .await
+        .unwrap();
+    assert!(
+        revoked_seen(k.digest).await,
+        "the revocation never reached the cache"
+    );
+    assert!(received("revoke") > before, "evicted without a message");
+
+    // The slot of a key's bucket moves to another primary: the node drops the shard
+    // subscription; the feed subscribes again where the slot is now, and messages come.
+    let k2 = crate::contract::record("t", keygate::time::now_ms());
+    writer.insert(&k2).await.unwrap();
+    let slot = bucket_slot("feed", bucket_of(&k2.digest));
+    let from = cluster.primary_for_slot(slot);
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .find(|&p| p != from)
+        .unwrap();
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.move_slot(slot, from, to, Duration::ZERO))
+        .await
+        .unwrap();
+    let flushes = || metrics.feed.flushes.with_label_values(&["subscribe"]).get();
+    let flushed = flushes();
+    // The feed noticed (down, subscribed again, flushed) and is up.
+    let resubscribed = eventually(Duration::from_secs(5), || async { flushes() > 1 && up() }).await;
+    println!(
+        "feed: after the slot move, subscribe flushes {flushed} -> {}, up {}",
+        flushes(),
+        up()
+    );
+    assert!(
+        resubscribed,
+        "the feed did not resubscribe after the slot moved"
+    );
+    assert!(cached(k2.digest).await, "never served from the cache");
+    let before = received("revoke");
+    writer
+        .revoke("t", &k2.id, keygate::time::now_ms())
+        .await
+        .unwrap();
+    assert!(
+        revoked_seen(k2.digest).await,
+        "a revocation after the slot move never arrived"
+    );
+    assert!(
+        received("revoke") > before,
+        "no message after the slot move"
+    );
+
+    let _ = stop.send(true);
+    feed.await.unwrap();
 }

@@ -110,6 +110,8 @@ pub struct NodeView {
     pub port: u16,
     pub master: bool,
     pub failed: bool,
+    /// A replica's primary (its node id).
+    pub replica_of: Option<String>,
     /// Slot ranges served (inclusive).
     pub slots: Vec<(u16, u16)>,
 }
@@ -248,6 +250,36 @@ impl Cluster {
         started.elapsed()
     }
 
+    /// Cut primary `i` off from its replica (SIGSTOP the replica, then drop its link on the
+    /// primary), so that writes from now on reach the primary alone. Returns the replica's
+    /// index, for `resume`.
+    pub fn cut_replication(&self, i: usize) -> usize {
+        let id = self.nodes[i].id();
+        let view = self.view();
+        let replica = view
+            .iter()
+            .find(|v| v.replica_of.as_deref() == Some(id.as_str()) && !v.failed)
+            .map(|v| self.index_of(v.port))
+            .expect("the primary has a replica");
+        self.signal(replica, "-STOP");
+        let _: i64 = self.nodes[i].cmd(&["CLIENT", "KILL", "TYPE", "replica"]);
+        replica
+    }
+
+    /// SIGCONT a node stopped by `cut_replication`.
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i].child.as_ref().expect("a live node").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
     /// Start a killed node again (same port, same nodes.conf): it rejoins the cluster, as a
     /// replica of whoever took over its slots. Waits until the cluster is healthy.
     pub fn restart(&mut self, i: usize) {
@@ -382,6 +414,7 @@ fn parse_nodes(text: &str) -> Vec<NodeView> {
                 master: flags.contains("master"),
                 failed: flags.contains("fail") && !flags.contains("fail?")
                     || flags.contains("noaddr"),
+                replica_of: (f[3] != "-").then(|| f[3].to_string()),
                 slots,
             })
         })
