@@ -7,6 +7,7 @@ use keygate::config::Config;
 use keygate::App;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 // mimalloc: size classes without glibc's per-block header and per-thread free lists
 // without arena locks. A cached key is a dozen small allocations (moka's entry, the
@@ -21,7 +22,11 @@ Environment:
   KEYGATE_ROOT_TOKEN    the admin API's root token, >= 16 characters (the variable is
                         named by admin.root_token_env; else admin.root_token_file)
   KEYGATE_PEPPER        HMAC pepper for key digests (named by keys.pepper_env)
-  KEYGATE_REDIS_URL     overrides store.redis.url
+  KEYGATE_REDIS_URL     one Redis server, replacing store.redis's mode
+  KEYGATE_REDIS_SENTINEL_NODES, KEYGATE_REDIS_SENTINEL_MASTER
+                        sentinels (host:port, comma-separated) and the master name
+  KEYGATE_REDIS_CLUSTER_NODES
+                        Redis Cluster seed URLs, comma-separated
   KEYGATE_UPSTREAM      overrides proxy.upstream
   KEYGATE_PROXY_LISTEN  overrides proxy.listen
   KEYGATE_ADMIN_LISTEN  overrides admin.listen
@@ -66,6 +71,19 @@ enum Command {
         /// --config, set proxy.upstream (or KEYGATE_UPSTREAM) instead.
         #[arg(long)]
         upstream: Option<String>,
+    },
+    /// Copy every key from a standalone Redis into the store of a config file (for
+    /// example a Redis Cluster, whose layout differs). Safe to run again.
+    Migrate {
+        /// The Redis the keys are in now, `redis://host:port/db`.
+        #[arg(long)]
+        from: String,
+        /// Their namespace there (default: the config's `store.redis.namespace`).
+        #[arg(long)]
+        from_namespace: Option<String>,
+        /// The config whose store receives the keys.
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Validate a config file and print its compiled route table.
     CheckConfig {
@@ -115,18 +133,97 @@ fn main() -> ExitCode {
             config,
             dev,
             upstream,
-        } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(serve(config, dev, upstream))
+        } => match runtime() {
+            Ok(r) => r.block_on(serve(config, dev, upstream)),
+            Err(code) => code,
+        },
+        Command::Migrate {
+            from,
+            from_namespace,
+            config,
+        } => match runtime() {
+            Ok(r) => r.block_on(migrate(from, from_namespace, config)),
+            Err(code) => code,
+        },
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `keygate migrate`: exit 0 when every key is in the target, 1 otherwise.
+async fn migrate(from: String, from_namespace: Option<String>, config: PathBuf) -> ExitCode {
+    use keygate::store::redis::{RedisSettings, RedisStore};
+    let config = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let keygate::config::StoreConfig::Redis(to) = &config.fixed.store else {
+        eprintln!("error: the config's store is in memory; migrate into store.redis");
+        return ExitCode::from(EX_CONFIG);
+    };
+    let namespace = from_namespace.unwrap_or_else(|| to.namespace.clone());
+    let source = RedisSettings::standalone(&from, &namespace, to.timeout.max(Duration::from_secs(2)));
+    let from_shown = source.display_url();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let opened = RedisStore::connect(&source)
+        .map_err(anyhow::Error::from)
+        .and_then(|s| Ok((s, keygate::app::connect_store(&config.fixed.store, stopped)?)));
+    let (source, target) = match opened {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = ready(&source, &*target).await {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let shown = |r: &keygate::store::copy::CopyReport| {
+        format!("{} copied, {} already there, {} failed", r.copied, r.present, r.failed)
+    };
+    let copied = keygate::store::copy::copy_records(&source, &*target, |r| {
+        eprintln!("migrate: {}", shown(r));
+    })
+    .await;
+    match copied {
+        Ok(r) => {
+            println!("{from_shown} -> {}: {}", to.display_url(), shown(&r));
+            if r.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("error: reading {from_shown}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Both stores answer (the target may need a moment: Sentinel names its primary first).
+async fn ready(
+    source: &keygate::store::redis::RedisStore,
+    target: &dyn keygate::store::KeyStore,
+) -> Result<(), String> {
+    use keygate::store::KeyStore;
+    source.ping().await.map_err(|e| format!("the source Redis: {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match target.ping().await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("the config's store: {e}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }

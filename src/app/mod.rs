@@ -14,7 +14,8 @@ use crate::metrics::Metrics;
 use crate::proxy::server;
 use crate::proxy::Proxy;
 use crate::snapshot::{Live, Snapshot};
-use crate::store::redis::{Mode, RedisStore};
+use crate::store::cluster::{ClusterSettings, ClusterStore};
+use crate::store::redis::{Mode, RedisSettings, RedisStore};
 use crate::store::topology::StoreStats;
 use crate::store::{memory::MemoryStore, KeyStore};
 use crate::tls::CertResolver;
@@ -220,6 +221,19 @@ impl App {
     }
 }
 
+/// The configured store for a command-line tool (`keygate migrate`): with Sentinel, the
+/// primary is followed until `shutdown`.
+pub fn connect_store(
+    store: &StoreConfig,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Arc<dyn KeyStore>> {
+    let (store, followers) = open_store(store)?;
+    if let Some(follow) = followers.sentinel.and_then(|s| s.follow_topology(shutdown)) {
+        tokio::spawn(follow);
+    }
+    Ok(store)
+}
+
 /// What keeps the cache in step with the store, and the store on its primary.
 #[derive(Default)]
 struct Followers {
@@ -234,8 +248,25 @@ struct Followers {
 fn open_store(store: &StoreConfig) -> anyhow::Result<(Arc<dyn KeyStore>, Followers)> {
     Ok(match store {
         StoreConfig::Memory => (Arc::new(MemoryStore::new()), Followers::default()),
-        StoreConfig::Redis(settings) if matches!(settings.mode, Mode::Cluster { .. }) => {
-            anyhow::bail!("store.redis.cluster: not available in this build")
+        StoreConfig::Redis(
+            settings @ RedisSettings {
+                mode: Mode::Cluster { nodes },
+                ..
+            },
+        ) => {
+            let store = ClusterStore::connect(&ClusterSettings {
+                nodes: nodes.clone(),
+                namespace: settings.namespace.clone(),
+                timeout: settings.timeout,
+                min_replicas_ack: settings.min_replicas_ack,
+                ack_timeout: settings.ack_timeout,
+                ca_file: settings.ca_file.clone(),
+            })?;
+            let followers = Followers {
+                stats: Some(store.stats()),
+                ..Followers::default()
+            };
+            (Arc::new(store), followers)
         }
         StoreConfig::Redis(settings) => {
             let store = RedisStore::connect(settings)?;

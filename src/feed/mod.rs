@@ -4,6 +4,8 @@
 //! counter that vanished or went back (FLUSHALL, failover), or a (re)subscribe flushes
 //! the whole cache. While the subscription is down, `cache.ttl` bounds staleness.
 
+pub mod cluster;
+
 use crate::cache::KeyCache;
 use crate::key::Digest;
 use crate::metrics::Metrics;

@@ -1,6 +1,8 @@
 //! The key model and the `KeyStore` trait, with `memory` (dev, tests) and `redis`
 //! (production, shared by replicas) implementations that behave the same.
 
+pub mod cluster;
+pub mod copy;
 pub mod memory;
 pub mod redis;
 pub mod topology;

@@ -524,6 +524,42 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// One page of every record under the namespace (`SCAN`): the next cursor (0 at the
+    /// end), the records read, and how many could not be parsed (logged by key).
+    pub async fn scan_records(&self, cursor: u64) -> Result<(u64, Vec<KeyRecord>, u64), StoreError> {
+        let mut conn = self.conn.get()?;
+        let pattern = format!("{}*", self.rec_prefix());
+        let scan = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(200)
+            .clone();
+        let (next, keys): (u64, Vec<String>) = self.bounded(scan.query_async(&mut conn)).await?;
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("HGETALL").arg(k);
+        }
+        let rows: Vec<Vec<String>> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            self.bounded(pipe.query_async(&mut conn)).await?
+        };
+        let (mut records, mut unreadable) = (Vec::with_capacity(rows.len()), 0);
+        for (row, k) in rows.into_iter().zip(&keys) {
+            match parse_record(row) {
+                Ok(Some(r)) => records.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, key = %k.get(..self.rec_prefix().len() + 8).unwrap_or(""), "unreadable record not copied");
+                    unreadable += 1;
+                }
+            }
+        }
+        Ok((next, records, unreadable))
+    }
+
     /// Is `record` stored as it is (a resent insert finding its own first send)?
     async fn holds(&self, record: &KeyRecord) -> Result<bool, StoreError> {
         Ok(self
@@ -552,7 +588,7 @@ fn eval(script: &str, keys: &[String]) -> redis::Cmd {
     cmd
 }
 
-fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
+pub(crate) fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
     let mut f = vec![
         ("id", record.id.clone()),
         ("tenant", record.tenant.clone()),
@@ -580,7 +616,7 @@ fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
 }
 
 /// Parse an HGETALL reply strictly: a record that fails here is reported, never guessed.
-fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, StoreError> {
+pub(crate) fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, StoreError> {
     if flat.is_empty() {
         return Ok(None);
     }

@@ -176,16 +176,18 @@ pub async fn follow_sentinels(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut announcements = Announcements::default();
+    let mut announced = None;
     loop {
-        locate_once(&watch, &target).await;
+        locate_once(&watch, &target, announced.take()).await;
         if announcements.stream.is_none() {
             announcements.connect(&watch).await;
         }
         tokio::select! {
             switched = announcements.next(&watch.master_name) => {
-                if switched {
+                if let Some(addr) = switched {
                     target.stats.failovers.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(master = %watch.master_name, "a sentinel announced a failover");
+                    tracing::warn!(master = %watch.master_name, primary = %addr, "a sentinel announced a failover");
+                    announced = Some(addr);
                 }
             }
             _ = target.suspect.notified() => {
@@ -198,10 +200,18 @@ pub async fn follow_sentinels(
     }
 }
 
-/// Ask the sentinels for the primary and move `target` if it changed. A node the
-/// sentinels name is used only once it says `ROLE` master.
-async fn locate_once(watch: &SentinelWatch, target: &Target) {
-    let found = ask_sentinels(watch).await;
+/// Ask the sentinels for the primary (the node a `+switch-master` just announced first,
+/// since the other sentinels may not have heard yet) and move `target` if it changed. A
+/// node is used only once it says `ROLE` master.
+async fn locate_once(watch: &SentinelWatch, target: &Target, announced: Option<String>) {
+    let found = match announced {
+        Some(addr) => checked(watch, addr).await,
+        None => None,
+    };
+    let found = match found {
+        Some(node) => Some(node),
+        None => ask_sentinels(watch).await,
+    };
     let current = target.node();
     match (found, current) {
         (Some(found), Some(cur)) if found.addr == cur.addr => {}
@@ -253,14 +263,20 @@ async fn ask_sentinels(watch: &SentinelWatch) -> Option<Node> {
             }
             Err(_) => continue,
         };
-        let Ok(client) = (watch.node_client)(&addr) else {
-            continue;
-        };
-        if role(&client, watch.timeout).await.as_deref() == Some("master") {
-            return Some(Node { addr, client });
+        if let Some(node) = checked(watch, addr).await {
+            return Some(node);
         }
-        tracing::debug!(%sentinel, node = %addr, "the node the sentinel names is not a primary (yet)");
     }
+    None
+}
+
+/// The node at `addr`, if it says it is a primary.
+async fn checked(watch: &SentinelWatch, addr: String) -> Option<Node> {
+    let client = (watch.node_client)(&addr).ok()?;
+    if role(&client, watch.timeout).await.as_deref() == Some("master") {
+        return Some(Node { addr, client });
+    }
+    tracing::debug!(node = %addr, "the node named as primary does not say so (yet)");
     None
 }
 
@@ -304,26 +320,26 @@ impl Announcements {
         }
     }
 
-    /// Wait for an announcement about `master`: `true`; the subscription ended (or none
-    /// could be made): `false` after a short pause, so the caller looks again.
-    async fn next(&mut self, master: &str) -> bool {
+    /// Wait for an announcement about `master`: the new primary's `host:port`; the
+    /// subscription ended (or none could be made): `None` after a short pause, so the
+    /// caller looks again.
+    async fn next(&mut self, master: &str) -> Option<String> {
         use futures_util::StreamExt;
         let Some(stream) = self.stream.as_mut() else {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            return false;
+            return None;
         };
         loop {
-            match stream.next().await {
-                None => {
-                    self.stream = None;
-                    return false;
-                }
-                Some(msg) => {
-                    // `<master name> <old ip> <old port> <new ip> <new port>`
-                    let payload: String = msg.get_payload().unwrap_or_default();
-                    if payload.split(' ').next() == Some(master) {
-                        return true;
-                    }
+            let Some(msg) = stream.next().await else {
+                self.stream = None;
+                return None;
+            };
+            // `<master name> <old ip> <old port> <new ip> <new port>`
+            let payload: String = msg.get_payload().unwrap_or_default();
+            let parts: Vec<&str> = payload.split(' ').collect();
+            if let [name, _, _, ip, port] = parts[..] {
+                if name == master {
+                    return Some(format!("{ip}:{port}"));
                 }
             }
         }

@@ -7,10 +7,13 @@
 )]
 
 mod support;
+mod support_cluster;
+mod support_ha;
 
 mod admin_hellojohn;
 mod admin_jack;
 mod cli;
+mod cluster;
 mod code_map;
 mod contract;
 mod crash;
@@ -28,5 +31,6 @@ mod raw;
 mod redis_store;
 mod reload;
 mod reload_cache;
+mod sentinel;
 mod streaming;
 mod tls;
