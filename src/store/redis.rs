@@ -526,7 +526,10 @@ impl RedisStore {
 impl RedisStore {
     /// One page of every record under the namespace (`SCAN`): the next cursor (0 at the
     /// end), the records read, and how many could not be parsed (logged by key).
-    pub async fn scan_records(&self, cursor: u64) -> Result<(u64, Vec<KeyRecord>, u64), StoreError> {
+    pub async fn scan_records(
+        &self,
+        cursor: u64,
+    ) -> Result<(u64, Vec<KeyRecord>, u64), StoreError> {
         let mut conn = self.conn.get()?;
         let pattern = format!("{}*", self.rec_prefix());
         let scan = redis::cmd("SCAN")
