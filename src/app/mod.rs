@@ -208,7 +208,12 @@ impl App {
                 self.admin.verifier.cache.clone(),
                 self.admin.metrics.clone(),
             );
-            tokio::spawn(crate::feed::cluster::follow(feed, cache, metrics, rx.clone()));
+            tokio::spawn(crate::feed::cluster::follow(
+                feed,
+                cache,
+                metrics,
+                rx.clone(),
+            ));
         }
         if let Some(feed) = self.followers.feed.clone() {
             let (cache, metrics) = (

@@ -165,7 +165,10 @@ async fn interrupted_creates_are_skipped_and_old_ones_repaired() {
     assert_eq!(store.by_digest(&young.digest).await.unwrap(), Some(young));
     // So does the migrated key's.
     store.insert(&imported).await.unwrap();
-    assert_eq!(store.by_id("t", &imported.id).await.unwrap(), Some(imported));
+    assert_eq!(
+        store.by_id("t", &imported.id).await.unwrap(),
+        Some(imported)
+    );
     // And the entries that remain are exactly the three keys.
     let n: i64 = direct(&mut conn, &["HLEN", "crash:{crash.t.t}:ids"]);
     assert_eq!(n, 3);
