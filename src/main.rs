@@ -173,12 +173,18 @@ async fn migrate(from: String, from_namespace: Option<String>, config: PathBuf) 
         return ExitCode::from(EX_CONFIG);
     };
     let namespace = from_namespace.unwrap_or_else(|| to.namespace.clone());
-    let source = RedisSettings::standalone(&from, &namespace, to.timeout.max(Duration::from_secs(2)));
+    let source =
+        RedisSettings::standalone(&from, &namespace, to.timeout.max(Duration::from_secs(2)));
     let from_shown = source.display_url();
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let opened = RedisStore::connect(&source)
         .map_err(anyhow::Error::from)
-        .and_then(|s| Ok((s, keygate::app::connect_store(&config.fixed.store, stopped)?)));
+        .and_then(|s| {
+            Ok((
+                s,
+                keygate::app::connect_store(&config.fixed.store, stopped)?,
+            ))
+        });
     let (source, target) = match opened {
         Ok(pair) => pair,
         Err(e) => {
@@ -191,7 +197,10 @@ async fn migrate(from: String, from_namespace: Option<String>, config: PathBuf) 
         return ExitCode::FAILURE;
     }
     let shown = |r: &keygate::store::copy::CopyReport| {
-        format!("{} copied, {} already there, {} failed", r.copied, r.present, r.failed)
+        format!(
+            "{} copied, {} already there, {} failed",
+            r.copied, r.present, r.failed
+        )
     };
     let copied = keygate::store::copy::copy_records(&source, &*target, |r| {
         eprintln!("migrate: {}", shown(r));
@@ -200,7 +209,11 @@ async fn migrate(from: String, from_namespace: Option<String>, config: PathBuf) 
     match copied {
         Ok(r) => {
             println!("{from_shown} -> {}: {}", to.display_url(), shown(&r));
-            if r.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if r.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("error: reading {from_shown}: {e}");
@@ -215,7 +228,10 @@ async fn ready(
     target: &dyn keygate::store::KeyStore,
 ) -> Result<(), String> {
     use keygate::store::KeyStore;
-    source.ping().await.map_err(|e| format!("the source Redis: {e}"))?;
+    source
+        .ping()
+        .await
+        .map_err(|e| format!("the source Redis: {e}"))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match target.ping().await {

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::proxy::server;
 use crate::proxy::Proxy;
 use crate::snapshot::{Live, Snapshot};
-use crate::store::cluster::{ClusterSettings, ClusterStore};
+use crate::store::cluster::{ClusterFeed, ClusterSettings, ClusterStore};
 use crate::store::redis::{Mode, RedisSettings, RedisStore};
 use crate::store::topology::StoreStats;
 use crate::store::{memory::MemoryStore, KeyStore};
@@ -203,6 +203,18 @@ impl App {
                 tokio::spawn(follow);
             }
         }
+        if let Some(feed) = self.followers.cluster_feed.clone() {
+            let (cache, metrics) = (
+                self.admin.verifier.cache.clone(),
+                self.admin.metrics.clone(),
+            );
+            tokio::spawn(crate::feed::cluster::follow(
+                feed,
+                cache,
+                metrics,
+                rx.clone(),
+            ));
+        }
         if let Some(feed) = self.followers.feed.clone() {
             let (cache, metrics) = (
                 self.admin.verifier.cache.clone(),
@@ -241,6 +253,8 @@ struct Followers {
     feed: Option<FeedSettings>,
     /// Sentinel: the store whose connections follow the primary.
     sentinel: Option<RedisStore>,
+    /// Cluster: the change feed on the buckets' sharded channels.
+    cluster_feed: Option<ClusterFeed>,
     stats: Option<Arc<StoreStats>>,
 }
 
@@ -264,6 +278,7 @@ fn open_store(store: &StoreConfig) -> anyhow::Result<(Arc<dyn KeyStore>, Followe
             })?;
             let followers = Followers {
                 stats: Some(store.stats()),
+                cluster_feed: Some(store.feed_settings()),
                 ..Followers::default()
             };
             (Arc::new(store), followers)
@@ -279,6 +294,7 @@ fn open_store(store: &StoreConfig) -> anyhow::Result<(Arc<dyn KeyStore>, Followe
                 feed: Some(feed),
                 stats: Some(store.target().stats.clone()),
                 sentinel: matches!(settings.mode, Mode::Sentinel(_)).then(|| store.clone()),
+                cluster_feed: None,
             };
             (Arc::new(store), followers)
         }

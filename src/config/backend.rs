@@ -48,10 +48,11 @@ pub(super) fn redis(r: RawRedis, env: &dyn Env) -> Result<RedisSettings> {
         (None, _) => 1,
     };
     let ack_timeout = r.ack_timeout.0;
-    if ack_timeout.is_zero() || ack_timeout > Duration::from_secs(10) {
+    // `WAIT` counts in whole milliseconds, and `WAIT n 0` would wait for ever.
+    if ack_timeout < Duration::from_millis(1) || ack_timeout > Duration::from_secs(10) {
         return Err(invalid(
             "store.redis.ack_timeout",
-            "must be above zero and at most 10s",
+            "must be at least 1ms and at most 10s",
         ));
     }
     Ok(RedisSettings {

@@ -757,6 +757,10 @@ routes:
                 with("url: redis://a\n    ack_timeout: 0s"),
                 "store.redis.ack_timeout",
             ),
+            (
+                with("url: redis://a\n    ack_timeout: 500us"),
+                "store.redis.ack_timeout",
+            ),
         ] {
             let e = load(&text).unwrap_err();
             assert_eq!(e.field, field, "{text}: {e}");

@@ -11,7 +11,7 @@
 //! - `ns:{ns.b}:events`           the bucket's sharded channel (`SPUBLISH`), messages
 //!   `<seq> <event> <digest hex> <commit ms>` as in the standalone feed
 //! - `ns:{ns.t.<tenant>}:list`    sorted set (scores 0, lexicographic): `<created hex16>:<id>`
-//! - `ns:{ns.t.<tenant>}:ids`     hash: id -> `<digest hex> <created ms>`
+//! - `ns:{ns.t.<tenant>}:ids`     hash: id -> `<digest hex> <created ms> <written ms>`
 //!
 //! Every change to a record is one script on its bucket's slot: the write, `INCR` of the
 //! bucket counter and `SPUBLISH` of the change, so the feed (`feed::cluster`) keeps one
@@ -31,8 +31,9 @@
 //! - revoke and update resolve the digest in the tenant slot, then run one bucket script
 //!   (tenant checked inside, as in the standalone scripts).
 //!
-//! Repair on read: a listed entry whose record is missing and whose creation time is more
-//! than `LEFTOVER_AGE` ago is a crash leftover; `by_id` and `list` skip it and remove it
+//! Repair on read: a listed entry whose record is missing and that was written more
+//! than `LEFTOVER_AGE` ago (the write time, not the key's creation: a migrated key is
+//! old when it is written) is a crash leftover; `by_id` and `list` skip it and remove it
 //! (only if the entry is still the same). A younger one is skipped and kept: its create
 //! may be in flight.
 //!
@@ -78,17 +79,19 @@ pub const LEFTOVER_AGE: Duration = Duration::from_secs(60);
 const TENANT_ADD: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
-  if cur == ARGV[2] then return 2 end
+  if string.sub(cur, 1, #ARGV[2] + 1) == ARGV[2] .. ' ' then return 2 end
   return 0
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[4])
 redis.call('ZADD', KEYS[2], 0, ARGV[3])
 return 1
 ";
 
-/// Remove a tenant entry if it still is `ARGV[2]` (undo, repair).
+/// Remove a tenant entry if it still is `ARGV[2]` (repair: the value read), or, with
+/// ARGV[4] `any_time`, an entry `ARGV[2] <written ms>` (undo: digest and creation).
 const TENANT_DEL: &str = r"
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and (cur == ARGV[2] or (ARGV[4] == 'any_time' and string.sub(cur, 1, #ARGV[2] + 1) == ARGV[2] .. ' ')) then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[3])
   return 1
@@ -462,12 +465,12 @@ impl ClusterStore {
         Ok(reply)
     }
 
-    /// The tenant's entry for `id`: (digest, created ms), as stored.
+    /// The tenant's entry for `id`: (as stored, digest, created ms, written ms).
     async fn entry(
         &self,
         tenant: &str,
         id: &str,
-    ) -> Result<Option<(String, Digest, u64)>, StoreError> {
+    ) -> Result<Option<(String, Digest, u64, u64)>, StoreError> {
         let v = self
             .query(redis::cmd("HGET").arg(self.ids_key(tenant)).arg(id).clone())
             .await?;
@@ -475,11 +478,11 @@ impl ClusterStore {
             Value::Nil => Ok(None),
             v => {
                 let text = string(v)?;
-                let (d, c) = parse_entry(&text).ok_or_else(|| StoreError::Corrupt {
+                let (d, c, w) = parse_entry(&text).ok_or_else(|| StoreError::Corrupt {
                     key: format!("id {id}"),
                     reason: "malformed tenant entry".into(),
                 })?;
-                Ok(Some((text, d, c)))
+                Ok(Some((text, d, c, w)))
             }
         }
     }
@@ -499,7 +502,7 @@ impl ClusterStore {
     }
 
     /// The record an entry points to, if it is really that tenant's key `id`; a leftover
-    /// entry (no such record, created long enough ago) is removed.
+    /// entry (no such record, written long enough ago) is removed.
     async fn resolve(
         &self,
         tenant: &str,
@@ -507,37 +510,59 @@ impl ClusterStore {
         member: &str,
         entry: &str,
         digest: &Digest,
-        created: u64,
+        written: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let record = self.read_record(digest).await?;
         match record {
             Some(r) if r.tenant == tenant && r.id == id => Ok(Some(r)),
             _ => {
-                let age = crate::time::now_ms().saturating_sub(created);
+                let age = crate::time::now_ms().saturating_sub(written);
                 if age > LEFTOVER_AGE.as_millis() as u64 {
                     tracing::info!(key_id = %id, tenant = %tenant, "removing a listed key whose record is missing (an interrupted create)");
                     // Best effort: the entry stays skipped either way.
-                    let _ = self.tenant_del(tenant, id, entry, member).await;
+                    let _ = self
+                        .tenant_del(tenant, id, entry, member, Written::Exact)
+                        .await;
                 }
                 Ok(None)
             }
         }
     }
 
-    async fn tenant_del(&self, tenant: &str, id: &str, entry: &str, member: &str) -> Step {
+    /// Remove the entry `entry` (`Written::Exact`: the value read) or any entry of
+    /// this digest and creation time (`Written::Any`: an undo).
+    async fn tenant_del(
+        &self,
+        tenant: &str,
+        id: &str,
+        entry: &str,
+        member: &str,
+        written: Written,
+    ) -> Step {
         let (ids, list) = (self.ids_key(tenant), self.list_key(tenant));
-        self.step(TENANT_DEL, &[&ids, &list], &[id, entry, member])
+        let mode = match written {
+            Written::Exact => "exact",
+            Written::Any => "any_time",
+        };
+        self.step(TENANT_DEL, &[&ids, &list], &[id, entry, member, mode])
             .await
     }
 
     /// Steps 1 and 2 of insert and rotate: the tenant entry, then the record.
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let hex = key::hex(&record.digest);
+        // Identified by digest and creation; the write time (for the repair rule) is
+        // appended by the script. Imported records carry old creation times.
         let entry = format!("{hex} {}", record.created_at);
         let member = order_key(record);
         let (ids, list) = (self.ids_key(&record.tenant), self.list_key(&record.tenant));
+        let written = crate::time::now_ms().to_string();
         let added = int(self
-            .step(TENANT_ADD, &[&ids, &list], &[&record.id, &entry, &member])
+            .step(
+                TENANT_ADD,
+                &[&ids, &list],
+                &[&record.id, &entry, &member, &written],
+            )
             .await?)?;
         match added {
             1 => {}
@@ -567,7 +592,7 @@ impl ClusterStore {
             1 | 2 => Ok(()),
             _ => {
                 // The digest belongs to another key: this entry must not stay.
-                self.tenant_del(&record.tenant, &record.id, &entry, &member)
+                self.tenant_del(&record.tenant, &record.id, &entry, &member, Written::Any)
                     .await?;
                 Err(StoreError::Conflict)
             }
@@ -588,15 +613,32 @@ impl ClusterStore {
         self.step(DROP, &[&rec, &seq], &[&record.id, &channel, &hex, &now])
             .await?;
         let entry = format!("{hex} {}", record.created_at);
-        self.tenant_del(&record.tenant, &record.id, &entry, &order_key(record))
-            .await?;
+        self.tenant_del(
+            &record.tenant,
+            &record.id,
+            &entry,
+            &order_key(record),
+            Written::Any,
+        )
+        .await?;
         Ok(())
     }
 }
 
-fn parse_entry(text: &str) -> Option<(Digest, u64)> {
-    let (d, c) = text.split_once(' ')?;
-    Some((key::unhex(d)?, c.parse().ok()?))
+/// How `tenant_del` matches the entry.
+#[derive(Clone, Copy)]
+enum Written {
+    Exact,
+    Any,
+}
+
+/// A tenant entry `<digest hex> <created ms> <written ms>`: (digest, created, written).
+fn parse_entry(text: &str) -> Option<(Digest, u64, u64)> {
+    let mut parts = text.split(' ');
+    let digest = key::unhex(parts.next()?)?;
+    let created = parts.next()?.parse().ok()?;
+    let written = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((digest, created, written))
 }
 
 /// A client error as a store error. Never quotes a reply (it may hold a digest).
@@ -675,11 +717,11 @@ impl KeyStore for ClusterStore {
     }
 
     async fn by_id(&self, tenant: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let Some((entry, digest, created)) = self.entry(tenant, id).await? else {
+        let Some((entry, digest, created, written)) = self.entry(tenant, id).await? else {
             return Ok(None);
         };
         let member = format!("{created:016x}:{id}");
-        self.resolve(tenant, id, &member, &entry, &digest, created)
+        self.resolve(tenant, id, &member, &entry, &digest, written)
             .await
     }
 
@@ -714,10 +756,10 @@ impl KeyStore for ClusterStore {
         let scanned = &rows[..rows.len().min(page.limit)];
         let reads = scanned.iter().map(|(member, entry)| async move {
             let id = member.get(17..).unwrap_or_default();
-            let Some((digest, created)) = parse_entry(entry) else {
+            let Some((digest, _, written)) = parse_entry(entry) else {
                 return Ok(None);
             };
-            self.resolve(tenant, id, member, entry, &digest, created)
+            self.resolve(tenant, id, member, entry, &digest, written)
                 .await
         });
         let mut items = Vec::with_capacity(scanned.len());
@@ -740,7 +782,7 @@ impl KeyStore for ClusterStore {
         id: &str,
         at_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let Some((_, digest, _)) = self.entry(tenant, id).await? else {
+        let Some((_, digest, _, _)) = self.entry(tenant, id).await? else {
             return Ok(None);
         };
         let b = bucket_of(&digest);
@@ -790,7 +832,7 @@ impl KeyStore for ClusterStore {
         change: &KeyUpdate,
         now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let Some((_, digest, _)) = self.entry(tenant, id).await? else {
+        let Some((_, digest, _, _)) = self.entry(tenant, id).await? else {
             return Ok(None);
         };
         let b = bucket_of(&digest);
@@ -830,7 +872,7 @@ impl KeyStore for ClusterStore {
         old_revokes_at: u64,
         now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let Some((_, old_digest, _)) = self.entry(tenant, old_id).await? else {
+        let Some((_, old_digest, _, _)) = self.entry(tenant, old_id).await? else {
             return Ok(None);
         };
         if new.tenant != tenant {

@@ -61,7 +61,11 @@ async fn copy_one(record: &KeyRecord, to: &dyn KeyStore) -> Result<bool, StoreEr
                     _ => Err(StoreError::Conflict),
                 };
             }
-            Err(e @ (StoreError::Unavailable(_) | StoreError::Timeout | StoreError::Unconfirmed { .. })) => {
+            Err(
+                e @ (StoreError::Unavailable(_)
+                | StoreError::Timeout
+                | StoreError::Unconfirmed { .. }),
+            ) => {
                 last = Some(e);
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }

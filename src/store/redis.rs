@@ -93,6 +93,10 @@ local d = redis.call('GET', KEYS[1])
 if not d then return false end
 local rk = ARGV[1] .. d
 if redis.call('HGET', rk, 'tenant') ~= ARGV[2] then return false end
+if redis.call('HGET', rk, 'successor_id') == ARGV[8] then
+  -- This rotation ran before (a resend): answer as then, even if the grace is over.
+  return {1, redis.call('HGETALL', rk)}
+end
 local now = tonumber(ARGV[4])
 local rev = redis.call('HGET', rk, 'revoked_at')
 local exp = redis.call('HGET', rk, 'expires_at')
@@ -269,16 +273,18 @@ impl RedisSettings {
         }
     }
 
-    /// The URL of a node at `host:port`, with a password and TLS as given.
+    /// The URL of a node at `host:port`, with a password and TLS as given. The password
+    /// is percent-encoded whole (`%` included: the client decodes it again).
     fn node_url(addr: &str, password: Option<&str>, tls: bool) -> Result<String, String> {
         let scheme = if tls { "rediss" } else { "redis" };
-        let mut u = url::Url::parse(&format!("{scheme}://{addr}/0"))
-            .map_err(|e| format!("node address {addr}: {e}"))?;
-        if let Some(p) = password {
-            u.set_password(Some(p))
-                .map_err(|()| format!("node address {addr}: cannot carry a password"))?;
-        }
-        Ok(u.to_string())
+        let auth = password.map_or_else(String::new, |p| {
+            let encoded =
+                percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC);
+            format!(":{encoded}@")
+        });
+        let url = format!("{scheme}://{auth}{addr}/0");
+        url::Url::parse(&url).map_err(|e| format!("node address {addr}: {e}"))?;
+        Ok(url)
     }
 
     /// What the store talks to first: the server, or (Sentinel) none until the
@@ -333,8 +339,8 @@ pub struct RedisStore {
     /// shared store, which reads over `conn`.
     reader: Option<Link>,
     /// Management writes, each followed by `WAIT` in the same pipeline. A `WAIT` holds
-    /// its connection until the replicas answer, so nothing else queues behind it here.
-    writes: Link,
+    /// its connection until the replicas answer, so each write has one to itself.
+    writes: Arc<topology::Pool>,
     /// Bulk background writes (`touch`), so key reads never queue behind them.
     bulk: Link,
     /// Sentinel mode: what keeps the target on the primary (run by `follow_topology`).
@@ -366,7 +372,7 @@ impl RedisStore {
         Ok(RedisStore {
             conn: Link::new(target.clone(), config),
             reader: None,
-            writes: Link::new(target.clone(), write_config),
+            writes: Arc::new(topology::Pool::new(Link::new(target.clone(), write_config))),
             bulk: Link::new(target, bulk_config),
             watch,
             ns: settings.namespace.clone(),
@@ -426,6 +432,10 @@ impl RedisStore {
     pub fn seq_key(&self) -> String {
         format!("{}:seq", self.ns)
     }
+    /// Bumped before each `WAIT` (see `write`).
+    fn fence_key(&self) -> String {
+        format!("{}:ack", self.ns)
+    }
 
     async fn bounded<T>(
         &self,
@@ -475,12 +485,21 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.add_command(eval);
         if wanted > 0 {
-            let ms = self.ack_timeout.as_millis() as u64;
+            // `WAIT` counts replicas up to this connection's last replicated write. A
+            // script that changes nothing (a repeated revoke, a resend finding its own
+            // first send) replicates nothing, and from Redis 7.2 `WAIT` would then
+            // confirm at once. The fence always replicates, so `WAIT` covers everything
+            // written before it, this write's first send included.
+            pipe.cmd("INCR").arg(self.fence_key()).ignore();
+            let ms = self.ack_timeout.as_millis().max(1) as u64;
             pipe.cmd("WAIT").arg(wanted).arg(ms);
         }
         let budget = self.timeout + self.ack_timeout;
         let send = || async {
-            let mut conn = self.writes.get()?;
+            // A connection of its own: a `WAIT` blocks the whole connection, so writes
+            // sharing one would queue behind each other's waits.
+            let link = self.writes.claim();
+            let mut conn = link.get()?;
             let sent = pipe.query_async::<Vec<redis::Value>>(&mut conn);
             Ok::<_, StoreError>(tokio::time::timeout(budget, sent).await)
         };
@@ -526,7 +545,10 @@ impl RedisStore {
 impl RedisStore {
     /// One page of every record under the namespace (`SCAN`): the next cursor (0 at the
     /// end), the records read, and how many could not be parsed (logged by key).
-    pub async fn scan_records(&self, cursor: u64) -> Result<(u64, Vec<KeyRecord>, u64), StoreError> {
+    pub async fn scan_records(
+        &self,
+        cursor: u64,
+    ) -> Result<(u64, Vec<KeyRecord>, u64), StoreError> {
         let mut conn = self.conn.get()?;
         let pattern = format!("{}*", self.rec_prefix());
         let scan = redis::cmd("SCAN")
@@ -940,6 +962,19 @@ mod tests {
 
     fn shown(url: &str) -> String {
         RedisSettings::standalone(url, "ns", Duration::from_secs(1)).display_url()
+    }
+
+    /// Passwords reach the server as written, whatever they hold; IPv6 hosts work.
+    #[test]
+    fn node_urls_carry_any_password() {
+        for password in ["p%41ss", "50%25off", "a:b@c/d#e?f g", "plain"] {
+            let url = RedisSettings::node_url("10.0.0.1:6379", Some(password), false).unwrap();
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+            assert_eq!(info.redis_settings().password(), Some(password), "{url}");
+        }
+        let v6 = super::topology::host_port("::1", 26379);
+        assert_eq!(v6, "[::1]:26379");
+        assert!(RedisSettings::node_url(&v6, None, true).is_ok());
     }
 
     #[test]

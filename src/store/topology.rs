@@ -8,7 +8,7 @@ use super::StoreError;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::ConnectionManager;
 use redis::aio::ConnectionManagerConfig;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -141,6 +141,72 @@ impl Link {
     }
 }
 
+/// A few connections, each used by one caller at a time (management writes: a `WAIT`
+/// blocks its connection). When all are busy a caller gets a connection of its own for
+/// that one use. Lock-free: a flag per connection.
+pub struct Pool {
+    links: Vec<(AtomicBool, Link)>,
+}
+
+/// Connections kept open in a `Pool`.
+const POOLED: usize = 4;
+
+impl Pool {
+    pub fn new(first: Link) -> Pool {
+        let mut links = vec![(AtomicBool::new(false), first.sibling())];
+        links.extend((1..POOLED).map(|_| (AtomicBool::new(false), first.sibling())));
+        Pool { links }
+    }
+
+    /// A connection nobody else is using until the guard drops.
+    pub fn claim(&self) -> Claimed<'_> {
+        for (busy, link) in &self.links {
+            if busy
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Claimed {
+                    link: link.clone(),
+                    busy: Some(busy),
+                };
+            }
+        }
+        Claimed {
+            link: self.links[0].1.sibling(),
+            busy: None,
+        }
+    }
+}
+
+pub struct Claimed<'a> {
+    link: Link,
+    busy: Option<&'a AtomicBool>,
+}
+
+impl std::ops::Deref for Claimed<'_> {
+    type Target = Link;
+    fn deref(&self) -> &Link {
+        &self.link
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        if let Some(busy) = self.busy {
+            busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// `host:port`, with IPv6 hosts in brackets (`[::1]:6379`).
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Is this error a node saying it is not the primary (any more)?
 pub fn is_not_primary(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
@@ -177,8 +243,9 @@ pub async fn follow_sentinels(
 ) {
     let mut announcements = Announcements::default();
     let mut announced = None;
+    let mut quiet = Quiet::default();
     loop {
-        locate_once(&watch, &target, announced.take()).await;
+        locate_once(&watch, &target, announced.take(), &mut quiet).await;
         if announcements.stream.is_none() {
             announcements.connect(&watch).await;
         }
@@ -203,14 +270,20 @@ pub async fn follow_sentinels(
 /// Ask the sentinels for the primary (the node a `+switch-master` just announced first,
 /// since the other sentinels may not have heard yet) and move `target` if it changed. A
 /// node is used only once it says `ROLE` master.
-async fn locate_once(watch: &SentinelWatch, target: &Target, announced: Option<String>) {
+async fn locate_once(
+    watch: &SentinelWatch,
+    target: &Target,
+    announced: Option<String>,
+    quiet: &mut Quiet,
+) {
+    let mut why = Vec::new();
     let found = match announced {
-        Some(addr) => checked(watch, addr).await,
+        Some(addr) => checked(watch, addr).await.map_err(|e| why.push(e)).ok(),
         None => None,
     };
     let found = match found {
         Some(node) => Some(node),
-        None => ask_sentinels(watch).await,
+        None => ask_sentinels(watch, &mut why).await,
     };
     let current = target.node();
     match (found, current) {
@@ -229,19 +302,28 @@ async fn locate_once(watch: &SentinelWatch, target: &Target, announced: Option<S
             // No sentinel names a usable primary: keep the current one while it still
             // says it is the primary, else report none (not ready) rather than write to
             // a replica.
-            if role(&cur.client, watch.timeout).await.as_deref() != Some("master") {
-                tracing::warn!(was = %cur.addr, "no Redis primary is known");
-                target.set(None);
+            quiet.warn(&why);
+            match role(&cur.client, watch.timeout).await.as_deref() {
+                // No answer (a slow node, a blip) is not a demotion: keep it.
+                Ok("master") | Err(_) => {}
+                Ok(other) => {
+                    tracing::warn!(was = %cur.addr, role = other, "the Redis primary was demoted and no sentinel names another; no primary is known");
+                    target.set(None);
+                }
             }
         }
-        (None, None) => {}
+        (None, None) => quiet.warn(&why),
     }
 }
 
-async fn ask_sentinels(watch: &SentinelWatch) -> Option<Node> {
+async fn ask_sentinels(watch: &SentinelWatch, why: &mut Vec<String>) -> Option<Node> {
     for sentinel in &watch.sentinels {
-        let Ok(client) = (watch.sentinel_client)(sentinel) else {
-            continue;
+        let client = match (watch.sentinel_client)(sentinel) {
+            Ok(c) => c,
+            Err(e) => {
+                why.push(format!("sentinel {sentinel}: {e}"));
+                continue;
+            }
         };
         let ask = async {
             let mut conn = client.get_multiplexed_async_connection().await?;
@@ -252,43 +334,77 @@ async fn ask_sentinels(watch: &SentinelWatch) -> Option<Node> {
                 .await
         };
         let addr = match tokio::time::timeout(watch.timeout, ask).await {
-            Ok(Ok(Some((host, port)))) => format!("{host}:{port}"),
+            Ok(Ok(Some((host, port)))) => host_port(&host, port),
             Ok(Ok(None)) => {
-                tracing::warn!(%sentinel, master = %watch.master_name, "the sentinel does not know this master");
+                why.push(format!(
+                    "sentinel {sentinel} does not know master {}",
+                    watch.master_name
+                ));
                 continue;
             }
             Ok(Err(e)) => {
-                tracing::debug!(%sentinel, error = %e, "sentinel did not answer");
+                why.push(format!("sentinel {sentinel}: {e}"));
                 continue;
             }
-            Err(_) => continue,
+            Err(_) => {
+                why.push(format!(
+                    "sentinel {sentinel}: no answer in {:?}",
+                    watch.timeout
+                ));
+                continue;
+            }
         };
-        if let Some(node) = checked(watch, addr).await {
-            return Some(node);
+        match checked(watch, addr).await {
+            Ok(node) => return Some(node),
+            Err(e) => why.push(e),
         }
     }
     None
 }
 
 /// The node at `addr`, if it says it is a primary.
-async fn checked(watch: &SentinelWatch, addr: String) -> Option<Node> {
-    let client = (watch.node_client)(&addr).ok()?;
-    if role(&client, watch.timeout).await.as_deref() == Some("master") {
-        return Some(Node { addr, client });
+async fn checked(watch: &SentinelWatch, addr: String) -> Result<Node, String> {
+    let client = (watch.node_client)(&addr).map_err(|e| format!("node {addr}: {e}"))?;
+    match role(&client, watch.timeout).await {
+        Ok(r) if r == "master" => Ok(Node { addr, client }),
+        Ok(r) => Err(format!("node {addr} is named primary but says {r}")),
+        Err(e) => Err(format!("node {addr}: {e}")),
     }
-    tracing::debug!(node = %addr, "the node named as primary does not say so (yet)");
-    None
 }
 
-/// The node's `ROLE` (`master`, `slave`, ...), or `None` when it does not answer.
-async fn role(client: &redis::Client, timeout: Duration) -> Option<String> {
+/// The node's `ROLE` (`master`, `slave`, ...), or why it did not say.
+async fn role(client: &redis::Client, timeout: Duration) -> Result<String, String> {
     let ask = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         let reply: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
-        let first = reply.into_iter().next();
-        Ok::<_, redis::RedisError>(first.and_then(|v| redis::from_redis_value::<String>(v).ok()))
+        let first = reply.into_iter().next().unwrap_or(redis::Value::Nil);
+        Ok::<_, redis::RedisError>(redis::from_redis_value::<String>(first)?)
     };
-    tokio::time::timeout(timeout, ask).await.ok()?.ok()?
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer in {timeout:?}")),
+    }
+}
+
+/// Why no primary was found, logged at most every `QUIET` (a wrong password or name
+/// would otherwise be silent, or a line per second).
+#[derive(Default)]
+struct Quiet {
+    last: Option<tokio::time::Instant>,
+}
+
+const QUIET: Duration = Duration::from_secs(10);
+
+impl Quiet {
+    fn warn(&mut self, why: &[String]) {
+        let now = tokio::time::Instant::now();
+        if why.is_empty() || self.last.is_some_and(|t| now < t + QUIET) {
+            return;
+        }
+        self.last = Some(now);
+        tracing::warn!(reasons = %why.join("; "), "no sentinel names a usable Redis primary");
+    }
 }
 
 /// `+switch-master` messages from one sentinel at a time.
@@ -331,15 +447,18 @@ impl Announcements {
         };
         loop {
             let Some(msg) = stream.next().await else {
+                // A sentinel that drops the subscription at once must not make this a
+                // loop of connections.
                 self.stream = None;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 return None;
             };
             // `<master name> <old ip> <old port> <new ip> <new port>`
             let payload: String = msg.get_payload().unwrap_or_default();
             let parts: Vec<&str> = payload.split(' ').collect();
             if let [name, _, _, ip, port] = parts[..] {
-                if name == master {
-                    return Some(format!("{ip}:{port}"));
+                if let (true, Ok(port)) = (name == master, port.parse::<u16>()) {
+                    return Some(host_port(ip, port));
                 }
             }
         }

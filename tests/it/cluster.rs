@@ -74,16 +74,23 @@ async fn interrupted_creates_are_skipped_and_old_ones_repaired() {
     store.insert(&real).await.unwrap();
     // What a crash between insert's steps leaves: the tenant entry, no record.
     let mut conn = cluster.client();
-    let mut leftover = |created: u64| {
+    // The entry's last field is when it was written (the repair rule's clock).
+    let mut leftover = |created: u64, written: u64| {
         let r = crate::contract::record("t", created);
-        let entry = format!("{} {}", keygate::key::hex(&r.digest), r.created_at);
+        let entry = format!(
+            "{} {} {written}",
+            keygate::key::hex(&r.digest),
+            r.created_at
+        );
         let member = format!("{:016x}:{}", r.created_at, r.id);
         let _: i64 = direct(&mut conn, &["HSET", "crash:{crash.t.t}:ids", &r.id, &entry]);
         let _: i64 = direct(&mut conn, &["ZADD", "crash:{crash.t.t}:list", "0", &member]);
         (r, member)
     };
-    let (old, old_member) = leftover(now - 120_000);
-    let (young, young_member) = leftover(now);
+    let (old, old_member) = leftover(now - 120_000, now - 120_000);
+    let (young, young_member) = leftover(now, now);
+    // A migrated key is old but just written: its create may be in flight, so it stays.
+    let (imported, _) = leftover(now - 130_000, now);
 
     // Newest first: young, real, old. A page of one that holds only the young leftover
     // still leads on to the next.
@@ -138,6 +145,12 @@ async fn interrupted_creates_are_skipped_and_old_ones_repaired() {
     assert_eq!(score, None, "old leftover still listed");
     let ids: Option<String> = direct(&mut conn, &["HGET", "crash:{crash.t.t}:ids", &young.id]);
     assert!(ids.is_some(), "a young entry was removed");
+    assert_eq!(store.by_id("t", &imported.id).await.unwrap(), None);
+    let ids: Option<String> = direct(&mut conn, &["HGET", "crash:{crash.t.t}:ids", &imported.id]);
+    assert!(
+        ids.is_some(),
+        "an entry written just now (an old key being migrated) was removed"
+    );
     let score: Option<f64> = direct(
         &mut conn,
         &["ZSCORE", "crash:{crash.t.t}:list", &young_member],
@@ -150,9 +163,15 @@ async fn interrupted_creates_are_skipped_and_old_ones_repaired() {
         Some(young.clone())
     );
     assert_eq!(store.by_digest(&young.digest).await.unwrap(), Some(young));
-    // And the entries that remain are exactly the two keys.
+    // So does the migrated key's.
+    store.insert(&imported).await.unwrap();
+    assert_eq!(
+        store.by_id("t", &imported.id).await.unwrap(),
+        Some(imported)
+    );
+    // And the entries that remain are exactly the three keys.
     let n: i64 = direct(&mut conn, &["HLEN", "crash:{crash.t.t}:ids"]);
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
 }
 
 /// Every key of a tenant, through the store's paging.
