@@ -53,6 +53,7 @@ use super::{
     check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
 };
 use crate::key::{self, Digest};
+use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
@@ -62,9 +63,48 @@ use redis::cluster_routing::{
 use redis::{RedisError, Value};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::OnceCell;
+
+/// A cluster connection, made on first use and replaced (at most once a second) after a
+/// call on it timed out or lost its node: seen after a failover, an idle connection's
+/// view of the slots can keep leading to the old node for many seconds, while a new one
+/// reads the topology afresh.
+#[derive(Default)]
+struct Renewed {
+    conn: ArcSwapOption<ClusterConnection>,
+    renewed_ms: AtomicU64,
+}
+
+impl Renewed {
+    fn get(&self, make: impl FnOnce() -> ClusterConnection) -> ClusterConnection {
+        if let Some(c) = self.conn.load_full() {
+            return (*c).clone();
+        }
+        let c = make();
+        self.conn.store(Some(Arc::new(c.clone())));
+        c
+    }
+
+    /// After a failed call: drop the connection unless it is brand new.
+    fn failed(&self, e: &StoreError) {
+        if !matches!(e, StoreError::Timeout | StoreError::Unavailable(_)) {
+            return;
+        }
+        let now = crate::time::now_ms();
+        let last = self.renewed_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .renewed_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::debug!("replacing a Redis Cluster connection after a failed call");
+            self.conn.store(None);
+        }
+    }
+}
 
 /// Buckets of records (one hash slot each, by hash tag).
 pub const BUCKETS: usize = 16;
@@ -292,7 +332,10 @@ pub struct ClusterStore {
     client: ClusterClient,
     /// Created on first use (it spawns its task on the runtime that first needs it), or
     /// at `connect` when that runs inside a runtime. Connecting happens in the background.
-    conn: Arc<OnceCell<ClusterConnection>>,
+    conn: Arc<Renewed>,
+    /// Write steps: a `WAIT` blocks its connection to that node, so key reads (and the
+    /// readiness ping) never share one with it.
+    writes: Arc<Renewed>,
     settings: ClusterSettings,
     ns: String,
     /// Unconfirmed writes, for the metrics (a cluster has no single primary to report).
@@ -324,13 +367,15 @@ impl ClusterStore {
             .map_err(|e| StoreError::Unavailable(format!("redis cluster client: {e}")))?;
         let store = ClusterStore {
             client,
-            conn: Arc::new(OnceCell::new()),
+            conn: Arc::default(),
+            writes: Arc::default(),
             settings: s.clone(),
             ns: s.namespace.clone(),
             stats: Arc::default(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
-            let _ = store.conn.set(store.new_connection());
+            store.conn.get(|| store.new_connection());
+            store.writes.get(|| store.new_connection());
         }
         Ok(store)
     }
@@ -343,10 +388,7 @@ impl ClusterStore {
     }
 
     async fn conn(&self) -> ClusterConnection {
-        self.conn
-            .get_or_init(|| async { self.new_connection() })
-            .await
-            .clone()
+        self.conn.get(|| self.new_connection())
     }
 
     /// What the metrics report of this store.
@@ -404,6 +446,14 @@ impl ClusterStore {
     /// retries run out bouncing between the two nodes. Reads only (nothing ran when a
     /// redirection is answered) get two more tries within the time bound.
     async fn query(&self, cmd: redis::Cmd) -> Result<Value, StoreError> {
+        let r = self.query_once(cmd).await;
+        if let Err(e) = &r {
+            self.conn.failed(e);
+        }
+        r
+    }
+
+    async fn query_once(&self, cmd: redis::Cmd) -> Result<Value, StoreError> {
         self.bounded(async {
             let mut conn = self.conn().await;
             let mut tries = 0;
@@ -432,25 +482,32 @@ impl ClusterStore {
             .arg(args);
         let ack_ms = self.settings.ack_timeout.as_millis().max(1) as u64;
         if wanted > 0 {
+            // As in `redis.rs`: a write that always replicates, so `WAIT` covers this
+            // step even when the script changed nothing (Redis 7.2+). Same slot.
+            pipe.cmd("INCR").arg(fence_key(keys[0]));
             pipe.cmd("WAIT").arg(wanted).arg(ack_ms);
         }
-        let count = if wanted > 0 { 2 } else { 1 };
+        let count = if wanted > 0 { 3 } else { 1 };
         let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(keys[0], SlotAddr::Master));
         let budget = self.settings.timeout + self.settings.ack_timeout;
         let work = async {
-            let mut conn = self.conn().await;
+            let mut conn = self.writes.get(|| self.new_connection());
             conn.route_pipeline(pipe, 0, count, route)
                 .await
                 .map_err(map_err)
         };
-        let mut replies = match tokio::time::timeout(budget, work).await {
-            Err(_) => return Err(StoreError::Timeout),
-            Ok(r) => r?,
+        let sent = match tokio::time::timeout(budget, work).await {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(r) => r,
+        };
+        if let Err(e) = &sent {
+            self.writes.failed(e);
         }
-        .into_iter();
+        let mut replies = sent?.into_iter();
         let reply = replies.next().ok_or_else(|| shape("no script reply"))?;
         let reply = server_error(reply)?;
         if wanted > 0 {
+            replies.next().map(server_error).transpose()?;
             let acked = match replies.next().map(server_error).transpose()? {
                 Some(Value::Int(n)) => u32::try_from(n).unwrap_or(0),
                 _ => return Err(shape("WAIT did not answer a number")),
@@ -622,6 +679,14 @@ impl ClusterStore {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// The fence counter in `key`'s hash slot: `<ns>:{tag}:ack`.
+fn fence_key(key: &str) -> String {
+    match key.find('}') {
+        Some(end) => format!("{}:ack", &key[..=end]),
+        None => format!("{key}:ack"),
     }
 }
 
@@ -920,14 +985,19 @@ impl KeyStore for ClusterStore {
             MultipleNodeRoutingInfo::AllMasters,
             Some(ResponsePolicy::AllSucceeded),
         ));
-        self.bounded(async {
-            let mut conn = self.conn().await;
-            conn.route_command(redis::cmd("PING"), routing)
-                .await
-                .map_err(map_err)?;
-            Ok(())
-        })
-        .await
+        let r = self
+            .bounded(async {
+                let mut conn = self.conn().await;
+                conn.route_command(redis::cmd("PING"), routing)
+                    .await
+                    .map_err(map_err)?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = &r {
+            self.conn.failed(e);
+        }
+        r
     }
 
     fn kind(&self) -> &'static str {

@@ -174,19 +174,36 @@ async fn interrupted_creates_are_skipped_and_old_ones_repaired() {
     assert_eq!(n, 3);
 }
 
-/// Every key of a tenant, through the store's paging.
+/// Every key of a tenant, through the store's paging (retried for a while: just after a
+/// failover a connection may still lead to the old node).
 async fn listed_ids(store: &ClusterStore, tenant: &str) -> std::collections::HashSet<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match try_listed_ids(store, tenant).await {
+            Ok(ids) => return ids,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("listing failed ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("listing still fails: {e}"),
+        }
+    }
+}
+
+async fn try_listed_ids(
+    store: &ClusterStore,
+    tenant: &str,
+) -> Result<std::collections::HashSet<String>, keygate::store::StoreError> {
     let mut ids = std::collections::HashSet::new();
     let mut cursor = None;
     loop {
         let page = store
             .list(tenant, &keygate::store::PageRequest { limit: 100, cursor })
-            .await
-            .unwrap();
+            .await?;
         ids.extend(page.items.into_iter().map(|r| r.id));
         match page.next_cursor {
             Some(c) => cursor = Some(c),
-            None => return ids,
+            None => return Ok(ids),
         }
     }
 }
