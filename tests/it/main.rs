@@ -23,6 +23,7 @@ mod hostile;
 mod k8s;
 mod limits;
 mod metrics;
+mod migrate;
 mod paths;
 mod proxy_auth;
 mod proxy_forward;
