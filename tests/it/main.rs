@@ -21,6 +21,7 @@ mod feed;
 mod h2_tools;
 mod hostile;
 mod k8s;
+mod k8s_sentinel;
 mod limits;
 mod metrics;
 mod migrate;
