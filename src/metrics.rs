@@ -117,6 +117,7 @@ pub struct StoreMetrics {
     primary_changes: IntCounter,
     failovers: IntCounter,
     ack_failures: IntCounter,
+    topology_changes: IntCounter,
     stats: arc_swap::ArcSwapOption<StoreStats>,
 }
 
@@ -148,6 +149,10 @@ impl StoreMetrics {
                 "keygate_store_replication_ack_failures_total",
                 "Management writes answered replication_unconfirmed (too few replicas in time)",
             ),
+            topology_changes: b.counter(
+                "keygate_store_topology_changes_total",
+                "Redis Cluster: node connections lost or bucket slots moved, seen by the change feed",
+            ),
             stats: arc_swap::ArcSwapOption::empty(),
         }
     }
@@ -165,6 +170,7 @@ impl StoreMetrics {
         catch_up(&self.primary_changes, stats.primary_changes.load(Relaxed));
         catch_up(&self.failovers, stats.failovers.load(Relaxed));
         catch_up(&self.ack_failures, stats.ack_failures.load(Relaxed));
+        catch_up(&self.topology_changes, stats.topology_changes.load(Relaxed));
         self.primary.reset();
         if let Some(node) = stats.primary.load_full() {
             self.primary.with_label_values(&[node.as_str()]).set(1);

@@ -231,10 +231,18 @@ impl Session {
                 // The node no longer serves the channel's slot (it moved), or we were
                 // unsubscribed some other way: subscribe again, wherever it lives now.
                 if let Some(b) = p.data.first().and_then(|c| self.bucket(f, c)) {
+                    f.feed
+                        .stats
+                        .topology_changes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.lose(f, [b]);
                 }
             }
             PushKind::Disconnection => {
+                f.feed
+                    .stats
+                    .topology_changes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // One node's connection dropped; which channels it carried is not said.
                 self.lose(f, 0..f.feed.channels.len());
             }

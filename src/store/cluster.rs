@@ -295,6 +295,8 @@ pub struct ClusterFeed {
     pub settings: ClusterSettings,
     pub channels: Vec<String>,
     pub seq_keys: Vec<String>,
+    /// Where the feed counts the topology changes it sees.
+    pub stats: Arc<super::topology::StoreStats>,
 }
 
 impl ClusterFeed {
@@ -402,6 +404,7 @@ impl ClusterStore {
             settings: self.settings.clone(),
             channels: (0..BUCKETS).map(|b| self.channel(b)).collect(),
             seq_keys: (0..BUCKETS).map(|b| self.seq_key(b)).collect(),
+            stats: self.stats.clone(),
         }
     }
 

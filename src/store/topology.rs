@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 /// What the store has seen of its topology, read by the metrics at each scrape.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct StoreStats {
     /// Times keygate moved its connections to another primary.
     pub primary_changes: AtomicU64,
@@ -22,6 +22,8 @@ pub struct StoreStats {
     pub failovers: AtomicU64,
     /// Management writes answered `replication_unconfirmed`.
     pub ack_failures: AtomicU64,
+    /// Cluster: a node's connection lost or a bucket's slot moved (seen by the feed).
+    pub topology_changes: AtomicU64,
     /// The primary now in use (`host:port`), when one is known.
     pub primary: ArcSwapOption<String>,
 }

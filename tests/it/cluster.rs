@@ -601,6 +601,14 @@ async fn the_feed_follows_revocations_across_the_cluster() {
         resubscribed,
         "the feed did not resubscribe after the slot moved"
     );
+    let seen = reader
+        .stats()
+        .topology_changes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        seen >= 1,
+        "the slot move was not counted as a topology change"
+    );
     assert!(cached(k2.digest).await, "never served from the cache");
     let before = received("revoke");
     writer

@@ -24,6 +24,7 @@ mod k8s;
 mod k8s_sentinel;
 mod limits;
 mod metrics;
+mod migrate;
 mod paths;
 mod proxy_auth;
 mod proxy_forward;

@@ -813,6 +813,17 @@ async fn unconfirmed_write_is_503_and_retry_is_safe() {
             "{what} took {took:?} with ack_timeout {ACK_TIMEOUT:?}"
         );
     }
+    // Concurrent writes do not queue behind each other's WAIT (each has a connection
+    // of its own): every one is answered `replication_unconfirmed`, none times out.
+    let answers = futures_util::future::join_all((0..8).map(|_| create(&http, &kg))).await;
+    for r in &answers {
+        assert_eq!(
+            (r.status, r.code.as_str()),
+            (Some(503), "replication_unconfirmed"),
+            "concurrent create: {}",
+            r.body
+        );
+    }
     let m = metrics(&http, &kg).await;
     let failures = metric_sum(&m, "keygate_store_replication_ack_failures_total");
     assert!(failures.is_some_and(|n| n >= 4.0), "{m}");

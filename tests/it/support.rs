@@ -227,6 +227,8 @@ pub enum Store<'a> {
     Redis(&'a Redis),
     /// Redis with the given call timeout (for the tests that are about timeouts).
     RedisTimeout(&'a Redis, &'static str),
+    /// A Redis Cluster (`support_cluster`), writes confirmed by one replica.
+    Cluster(&'a crate::support_cluster::Cluster),
 }
 
 impl Store<'_> {
@@ -237,6 +239,10 @@ impl Store<'_> {
             Store::RedisTimeout(r, timeout) => format!(
                 "redis: {{ url: \"{}\", namespace: kgtest, timeout: {timeout} }}",
                 r.url
+            ),
+            Store::Cluster(c) => format!(
+                "redis: {{ cluster: {{ nodes: {:?} }}, namespace: kgtest, timeout: 1s }}",
+                c.seeds()
             ),
         }
     }
