@@ -70,6 +70,7 @@ fn verification(c: &mut Criterion) {
             revoked_at: None,
             successor_id: None,
             digest: hasher.digest(&new.text),
+            limits: Default::default(),
         };
         rt.block_on(store.insert(&record)).unwrap();
         let metrics = Arc::new(Metrics::new());

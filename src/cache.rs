@@ -523,6 +523,7 @@ mod tests {
             revoked_at: None,
             successor_id: None,
             digest: [3u8; 32],
+            limits: Default::default(),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod dev;
 pub mod error;
 pub mod feed;
 pub mod key;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

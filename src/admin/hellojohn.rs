@@ -209,6 +209,7 @@ pub async fn update(
             .map(|n| check_name("name", n))
             .transpose()?,
         scopes: b.scopes.map(|sc| check_scopes("scopes", sc)).transpose()?,
+        ..KeyUpdate::default()
     };
     if change.name.is_none() && change.scopes.is_none() {
         return Err(ApiError::bad_request(

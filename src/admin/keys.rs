@@ -233,6 +233,7 @@ fn mint(
         revoked_at: None,
         successor_id: None,
         digest: s.verifier.hasher.digest(&new.text),
+        limits: Default::default(),
     };
     Ok((record, new))
 }

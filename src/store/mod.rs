@@ -34,6 +34,53 @@ pub struct KeyRecord {
     /// Set on a rotated key: the id of the key that replaced it.
     pub successor_id: Option<String>,
     pub digest: Digest,
+    /// The key's own rate limits and credits (empty: none).
+    pub limits: KeyLimits,
+}
+
+/// A key's own rate limits and credits. Counted under `budget` (the key's own id, or for
+/// a key made by rotation the id of the first key of the chain), so old and new key share
+/// one budget during a rotation's grace period.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyLimits {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ratelimits: Vec<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<Credits>,
+    /// Whose counters this key spends; `None`: its own id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+}
+
+impl KeyLimits {
+    pub fn is_empty(&self) -> bool {
+        self.ratelimits.is_empty() && self.credits.is_none()
+    }
+}
+
+/// `limit` requests per `duration_ms`, counted in fixed windows aligned to the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateLimit {
+    pub name: String,
+    pub limit: u64,
+    pub duration_ms: u64,
+}
+
+/// Credits: `remaining` as of `set_at` (ms), spent by each admitted request's cost; with a
+/// refill, every `interval_ms` after `set_at` the remaining credits are `amount` again.
+/// Changing them (PATCH) sets a new `set_at`, which starts a new spent counter.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Credits {
+    pub remaining: u64,
+    pub set_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill: Option<Refill>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Refill {
+    pub amount: u64,
+    pub interval_ms: u64,
 }
 
 impl fmt::Debug for KeyRecord {
@@ -99,11 +146,16 @@ pub enum StoreError {
     Unconfirmed { acked: u32, wanted: u32 },
 }
 
-/// A change to a key's name and/or scopes.
+/// A change to a key's name, scopes, rate limits and/or credits.
 #[derive(Clone, Debug, Default)]
 pub struct KeyUpdate {
     pub name: Option<String>,
     pub scopes: Option<Vec<String>>,
+    /// Replaces the key's rate limits (a limit keeps its counter while its name and
+    /// duration stay the same).
+    pub ratelimits: Option<Vec<RateLimit>>,
+    /// `Some(None)`: unlimited from now on; `Some(Some(c))`: these credits from now on.
+    pub credits: Option<Option<Credits>>,
 }
 
 /// Storage of key records. Every write is atomic: a record is findable by digest
@@ -162,6 +214,24 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Short name for logs and metrics.
     fn kind(&self) -> &'static str;
+    /// Where rate-limit counters live in this store (`None`: in this process).
+    fn scripts(&self) -> Option<std::sync::Arc<dyn Scripts>> {
+        None
+    }
+}
+
+/// Runs a rate-limit script (`limits::redis`) on the node that owns its keys; every key
+/// of one call shares a hash tag, so one slot in Redis Cluster.
+#[async_trait]
+pub trait Scripts: Send + Sync + 'static {
+    async fn eval(
+        &self,
+        script: &::redis::Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<::redis::Value, StoreError>;
+    /// The key prefix of this keygate's data (`store.redis.namespace`).
+    fn namespace(&self) -> &str;
 }
 
 /// Sort key of the tenant index: creation time then id, fixed width, so byte order is

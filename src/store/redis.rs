@@ -688,6 +688,7 @@ pub(crate) fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, Store
             .map(|v| num("revoked_at", v))
             .transpose()?,
         successor_id: map.remove("successor_id"),
+        limits: Default::default(),
     };
     Ok(Some(record))
 }

@@ -26,6 +26,7 @@ pub fn record(tenant: &str, created_at: u64) -> KeyRecord {
         revoked_at: None,
         successor_id: None,
         digest: key::sha256(k.text.as_bytes()),
+        limits: Default::default(),
     }
 }
 
@@ -57,6 +58,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
     let change = KeyUpdate {
         name: Some("renamed".into()),
         scopes: Some(vec!["a:b".into()]),
+        ..KeyUpdate::default()
     };
     let updated = store
         .update("t-rot", &old.id, &change, 1)
@@ -78,6 +80,7 @@ async fn update_and_rotate(store: &dyn KeyStore) {
     let only_name = KeyUpdate {
         name: Some("again".into()),
         scopes: None,
+        ..KeyUpdate::default()
     };
     let r = store
         .update("t-rot", &old.id, &only_name, 1)
@@ -262,6 +265,7 @@ async fn update_refuses_a_revoked_key(store: &dyn KeyStore) {
     let change = KeyUpdate {
         name: Some("after".into()),
         scopes: Some(vec!["x:y".into()]),
+        ..KeyUpdate::default()
     };
     for now in [500, 501] {
         assert!(
@@ -293,6 +297,7 @@ async fn update_is_idempotent(store: &dyn KeyStore) {
     let change = KeyUpdate {
         name: Some("same".into()),
         scopes: Some(vec!["a:b".into(), "c".into()]),
+        ..KeyUpdate::default()
     };
     let first = store.update("t-idem", &r.id, &change, 1).await.unwrap();
     let second = store.update("t-idem", &r.id, &change, 2).await.unwrap();
