@@ -1211,7 +1211,7 @@ def main():
 
     if a.smoke:
         # The figures mean nothing here (debug builds, 1 s runs): no waiting for idle.
-        defaults = dict(rounds=1, duration=1, warmup=1, keys=1000, mem_keys=30000,
+        defaults = dict(rounds=1, duration=1, warmup=3, keys=1000, mem_keys=30000,
                         cold_duration=1, cold_reserve=20000, quiet_wait=0)
         a.no_write = True
         a.no_memory = True
