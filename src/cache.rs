@@ -45,6 +45,8 @@ pub struct Identity {
     pub last_used_ms: AtomicU64,
     /// When it was read from the store (`time::mono_ms`): the start of its positive TTL.
     pub cached_at_ms: u64,
+    /// The key's own rate limits and credits, `budget` filled in; `None` without any.
+    pub limits: Option<Box<crate::store::KeyLimits>>,
 }
 
 impl Identity {
@@ -79,7 +81,13 @@ impl Identity {
         let id_end = u32::try_from(record.id.len()).map_err(|_| corrupt("id too long"))?;
         let tenant_end = u32::try_from(record.id.len() + record.tenant.len())
             .map_err(|_| corrupt("tenant too long"))?;
+        let limits = (!record.limits.is_empty()).then(|| {
+            let mut l = record.limits.clone();
+            l.budget.get_or_insert_with(|| record.id.clone());
+            Box::new(l)
+        });
         Ok(Identity {
+            limits,
             text: Bytes::from(text),
             id_end,
             tenant_end,
@@ -218,8 +226,9 @@ impl Expiry<Digest, Cached> for FillTtl {
 /// (`KeyStore::worker_reader`), handed in by the caller.
 pub type Reader = Arc<dyn KeyStore>;
 
-// With the `Arc` counts, one 128-byte allocation per cached key.
-const _: () = assert!(std::mem::size_of::<Identity>() <= 112);
+// With the `Arc` counts, one allocation of at most 136 bytes per cached key (the key's
+// limits, when it has any, are a second one).
+const _: () = assert!(std::mem::size_of::<Identity>() <= 120);
 
 /// Entries each thread's local front holds at most; when full it starts over.
 const LOCAL_MAX: usize = 16_384;

@@ -18,6 +18,10 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// draft-ietf-httpapi-ratelimit-headers-11.
+pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+
 const CHALLENGE: HeaderValue = HeaderValue::from_static("Bearer realm=\"keygate\"");
 const INVALID_TOKEN: HeaderValue =
     HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\"");
@@ -49,6 +53,16 @@ impl Challenge {
     }
 }
 
+/// The headers of a 429: `Retry-After` (seconds) and the draft-ietf-httpapi-ratelimit-
+/// headers-11 `RateLimit-Policy` and `RateLimit` of the limit that refused. Empty in
+/// what `Deny::iter` yields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Throttle {
+    pub retry_after: Option<HeaderValue>,
+    pub policy: Option<HeaderValue>,
+    pub state: Option<HeaderValue>,
+}
+
 /// Every reason keygate answers a proxied request itself.
 #[derive(Debug, Clone, PartialEq, Eq, strum::EnumIter, strum::EnumCount)]
 pub enum Deny {
@@ -62,6 +76,10 @@ pub enum Deny {
     PublishableNotAllowed,
     /// Carries the route's prebuilt `WWW-Authenticate` value (with its `scope`).
     InsufficientScope(Challenge),
+    /// A rate limit (the key's or the route's) is exhausted for its window.
+    RateLimited(Throttle),
+    /// The key's credits do not cover this request's cost.
+    CreditsExhausted(Throttle),
     NoRoute,
     BadPath,
     /// HTTP/1.1 without `Host`, several `Host` headers, or an invalid host (RFC 9112 §3.2).
@@ -102,18 +120,20 @@ impl Deny {
             RevokedKey => 6,
             PublishableNotAllowed => 7,
             InsufficientScope(_) => 8,
-            NoRoute => 9,
-            BadPath => 10,
-            BadHost => 11,
-            BadRequestBody => 12,
-            TooManyHeaders => 13,
-            RequestTimeout => 14,
-            BadMethod => 15,
-            UriTooLong => 16,
-            BodyTooLarge => 17,
-            StoreUnavailable => 18,
-            UpstreamUnavailable => 19,
-            UpstreamTimeout => 20,
+            RateLimited(_) => 9,
+            CreditsExhausted(_) => 10,
+            NoRoute => 11,
+            BadPath => 12,
+            BadHost => 13,
+            BadRequestBody => 14,
+            TooManyHeaders => 15,
+            RequestTimeout => 16,
+            BadMethod => 17,
+            UriTooLong => 18,
+            BodyTooLarge => 19,
+            StoreUnavailable => 20,
+            UpstreamUnavailable => 21,
+            UpstreamTimeout => 22,
         }
     }
 
@@ -128,6 +148,7 @@ impl Deny {
                 StatusCode::BAD_REQUEST
             }
             NoRoute => StatusCode::NOT_FOUND,
+            RateLimited(_) | CreditsExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             UriTooLong => StatusCode::URI_TOO_LONG,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -151,6 +172,8 @@ impl Deny {
             RevokedKey => "revoked_key",
             PublishableNotAllowed => "publishable_key_not_allowed",
             InsufficientScope(_) => "insufficient_scope",
+            RateLimited(_) => "rate_limited",
+            CreditsExhausted(_) => "credits_exhausted",
             NoRoute => "no_route",
             BadPath => "bad_path",
             BadHost => "bad_host",
@@ -178,6 +201,10 @@ impl Deny {
             RevokedKey => "the API key has been revoked",
             PublishableNotAllowed => "publishable keys may not call this route",
             InsufficientScope(_) => "the API key lacks a scope this route requires",
+            RateLimited(_) => {
+                "a rate limit of this API key is exhausted; retry after Retry-After seconds"
+            }
+            CreditsExhausted(_) => "the API key has no credits left for this request",
             NoRoute => "no route matches this request",
             BadPath => "the request path is not acceptable",
             BadHost => "the request needs exactly one valid host (Host header or http(s) target)",
@@ -203,7 +230,7 @@ impl Deny {
             InsufficientScope(c) => Some(c.0.clone()),
             NoRoute | BadPath | BadHost | BadRequestBody | TooManyHeaders | RequestTimeout
             | BadMethod | UriTooLong | BodyTooLarge | StoreUnavailable | UpstreamUnavailable
-            | UpstreamTimeout => None,
+            | UpstreamTimeout | RateLimited(_) | CreditsExhausted(_) => None,
         }
     }
 
@@ -233,6 +260,18 @@ impl Deny {
         }
         if *self == Deny::StoreUnavailable {
             h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Deny::RateLimited(t) | Deny::CreditsExhausted(t) = self {
+            let named = [
+                (RETRY_AFTER, &t.retry_after),
+                (RATELIMIT_POLICY, &t.policy),
+                (RATELIMIT, &t.state),
+            ];
+            for (name, value) in named {
+                if let Some(v) = value {
+                    h.insert(name, v.clone());
+                }
+            }
         }
         if self.closes_connection() {
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -285,6 +324,8 @@ mod tests {
         ("revoked_key", 403, Some(TOKEN)),
         ("publishable_key_not_allowed", 403, Some(SCOPE)),
         ("insufficient_scope", 403, Some(SCOPE)),
+        ("rate_limited", 429, None),
+        ("credits_exhausted", 429, None),
         ("no_route", 404, None),
         ("bad_path", 400, None),
         ("bad_host", 400, None),

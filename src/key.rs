@@ -115,6 +115,19 @@ impl Prefixes {
     }
 }
 
+/// A rate limit's name (a key's or a route's): a metric label and the `RateLimit` headers'
+/// policy name, so 1-32 of `a-z 0-9 _ . -` starting with a letter or digit; `credits` is
+/// the credits' own policy name.
+pub fn valid_limit_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (1..=32).contains(&b.len())
+        && b[0].is_ascii_lowercase() | b[0].is_ascii_digit()
+        && b.iter().all(|&c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+        })
+        && name != "credits"
+}
+
 /// Why a token was refused before any lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KeyFormatError {

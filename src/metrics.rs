@@ -49,6 +49,8 @@ pub struct Metrics {
     log_lines_dropped: IntCounter,
     /// The store's topology: mode, primary, failovers, unconfirmed writes.
     pub store: StoreMetrics,
+    /// Rate-limit and credit decisions.
+    limits: LimitMetrics,
     /// Serialises scrapes while they bring hits and misses up to date (not a request path).
     #[allow(
         clippy::disallowed_types,
@@ -178,6 +180,66 @@ impl StoreMetrics {
     }
 }
 
+/// `keygate_ratelimit_decisions_total{limit, result}`. Route limit names come from the
+/// config, key limit names from the admin API: past `MAX_LIMIT_LABELS` distinct names,
+/// the rest count as `other`, so a client cannot grow the label set without bound.
+struct LimitMetrics {
+    decisions: IntCounterVec,
+    /// Handles by limit name, one per result; copied on the rare new name.
+    seen: arc_swap::ArcSwap<std::collections::HashMap<Box<str>, [IntCounter; 4]>>,
+}
+
+const LIMIT_RESULTS: [&str; 4] = ["admitted", "refused", "unchecked", "store_error_denied"];
+const MAX_LIMIT_LABELS: usize = 64;
+
+impl LimitMetrics {
+    fn new(b: &Builder) -> LimitMetrics {
+        let opts = Opts::new(
+            "keygate_ratelimit_decisions_total",
+            "Rate-limit and credit decisions, by limit name and result",
+        );
+        let decisions =
+            b.add(IntCounterVec::new(opts, &["limit", "result"]).expect("static definition"));
+        let m = LimitMetrics {
+            decisions,
+            seen: Default::default(),
+        };
+        m.handles("other");
+        m
+    }
+
+    fn handles(&self, limit: &str) -> [IntCounter; 4] {
+        if let Some(h) = self.seen.load().get(limit) {
+            return h.clone();
+        }
+        let label = if self.seen.load().len() >= MAX_LIMIT_LABELS {
+            "other"
+        } else {
+            limit
+        };
+        let made = LIMIT_RESULTS.map(|r| self.decisions.with_label_values(&[label, r]));
+        if label == limit {
+            self.seen.rcu(|m| {
+                let mut m = std::collections::HashMap::clone(m);
+                m.entry(limit.into()).or_insert_with(|| made.clone());
+                m
+            });
+        }
+        made
+    }
+
+    fn decision(&self, limit: &str, result: &str) {
+        let Some(i) = LIMIT_RESULTS.iter().position(|r| *r == result) else {
+            return;
+        };
+        if let Some(h) = self.seen.load().get(limit) {
+            h[i].inc();
+            return;
+        }
+        self.handles(limit)[i].inc();
+    }
+}
+
 /// The change feed: messages, reconnects, flushes, lag.
 pub struct FeedMetrics {
     pub received: IntCounterVec,
@@ -296,10 +358,17 @@ impl Metrics {
                 "Log lines (access log included) dropped because stderr could not keep up",
             ),
             store: StoreMetrics::new(&b),
+            limits: LimitMetrics::new(&b),
             #[allow(clippy::disallowed_types, reason = "see the field")]
             scrape: std::sync::Mutex::new(()),
             registry: b.0,
         }
+    }
+
+    /// One limit's part in a decision: `admitted`, `refused`, `unchecked` (the store could
+    /// not be asked; admitted) or `store_error_denied`.
+    pub fn ratelimit_decision(&self, limit: &str, result: &str) {
+        self.limits.decision(limit, result);
     }
 
     pub fn observe_auth(&self, outcome: AuthOutcome, source: Source, seconds: f64) {

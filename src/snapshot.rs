@@ -16,6 +16,7 @@ pub struct Snapshot {
     /// Handles for `policy`'s routes, in its order.
     pub metrics: RouteMetrics,
     pub auth: auth::Rules,
+    pub rate_limits: crate::config::RateLimitRules,
 }
 
 impl Snapshot {
@@ -31,6 +32,7 @@ impl Snapshot {
                 ttls: Ttls::new(live.cache.ttl, live.cache.negative_ttl),
                 deny_on_store_error: live.cache.on_store_error == OnStoreError::Deny,
             },
+            rate_limits: live.rate_limits,
         }
     }
 }

@@ -228,7 +228,8 @@ pub fn refusal(deny: Deny, scope: &str) -> ApiError {
             "the key store is unavailable; retry shortly",
         ),
         NoRoute | BadPath | BadHost | BadRequestBody | TooManyHeaders | RequestTimeout
-        | BadMethod | UriTooLong | BodyTooLarge | UpstreamUnavailable | UpstreamTimeout => {
+        | BadMethod | UriTooLong | BodyTooLarge | UpstreamUnavailable | UpstreamTimeout
+        | RateLimited(_) | CreditsExhausted(_) => {
             tracing::error!(
                 code = deny.code(),
                 "a key check gave a request-level refusal"

@@ -10,6 +10,8 @@ use crate::config::{Config, Fixed, StoreConfig};
 use crate::connection::{Deadlines, ServerSettings};
 use crate::feed::FeedSettings;
 use crate::key::{self, KeyHasher};
+use crate::limits::local::Joining;
+use crate::limits::{LimitStore, Limiter};
 use crate::metrics::Metrics;
 use crate::proxy::server;
 use crate::proxy::Proxy;
@@ -41,6 +43,8 @@ pub struct App {
     followers: Followers,
     usage_queue: UsageQueue,
     last_used_interval: Duration,
+    /// `local` rate-limit counters waiting to join the exchange, and where it goes.
+    limit_exchange: (Joining, Arc<dyn LimitStore>),
     config: Config,
     reload_from: Option<PathBuf>,
     tls: Option<Arc<CertResolver>>,
@@ -75,10 +79,14 @@ impl App {
             prefixes: fixed.prefixes.clone(),
         };
         let (usage, usage_queue) = UsageRecorder::new();
+        let (limit_store, namespace) = crate::limits::for_store(&*store);
+        let (local, joining) = crate::limits::local::Local::new();
+        let limiter = Limiter::new(limit_store.clone(), local, &namespace, metrics.clone());
         let (v, s, m) = (verifier.clone(), store.clone(), metrics.clone());
-        let proxy = Proxy::new(&config, live.clone(), v, s, m, usage)
+        let proxy = Proxy::new(&config, live.clone(), v, s, m, usage, Arc::new(limiter))
             .map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?;
         let admin = AdminState {
+            limits: limit_store.clone(),
             store,
             verifier,
             live,
@@ -103,6 +111,7 @@ impl App {
             followers,
             usage_queue,
             last_used_interval: fixed.last_used_interval,
+            limit_exchange: (joining, limit_store),
             reload_from: None,
             tls,
             admin_tls,
@@ -162,6 +171,13 @@ impl App {
             self.last_used_interval,
             usage_stopped,
         ));
+        let (joining, limit_store) = self.limit_exchange;
+        let exchange = tokio::spawn(crate::limits::local::run_exchange(
+            joining,
+            limit_store,
+            self.config.fixed.limit_sync_interval,
+            rx.clone(),
+        ));
         let admin_settings = ServerSettings {
             max_connections: self.config.fixed.limits.admin_max_connections,
             ..self.settings.clone()
@@ -191,6 +207,7 @@ impl App {
         // After the drain: the last requests' uses are in the queue; write them.
         let _ = stop_usage.send(());
         let _ = tokio::time::timeout(drain, flusher).await;
+        let _ = tokio::time::timeout(drain, exchange).await;
         let _ = tokio::time::timeout(drain, admin).await;
         served.map_err(|e| anyhow::anyhow!("the proxy stopped serving: {e}"))
     }

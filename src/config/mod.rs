@@ -143,6 +143,18 @@ pub struct Live {
     /// Routes and header policy.
     pub policy: Arc<Policy>,
     pub cache: CacheRules,
+    pub rate_limits: RateLimitRules,
+}
+
+/// `rate_limits`, the reloadable part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimitRules {
+    /// `mode: exact`: one atomic store script per limited request.
+    pub exact: bool,
+    /// `on_store_error: deny`: 503 while the store cannot be asked.
+    pub deny_on_store_error: bool,
+    /// `RateLimit` headers on admitted answers.
+    pub headers: bool,
 }
 
 /// How long cache entries are trusted, and what happens while the store fails.
@@ -176,6 +188,8 @@ pub struct Fixed {
     pub cache_max_entries: u64,
     pub prefixes: Prefixes,
     pub pepper: Option<SecretString>,
+    /// `rate_limits.sync_interval` (local mode).
+    pub limit_sync_interval: Duration,
 }
 
 impl Fixed {
@@ -199,6 +213,7 @@ impl Fixed {
             cache_max_entries,
             prefixes,
             pepper,
+            limit_sync_interval,
         } = self;
         let o = other;
         let (proxy_limits, admin_max) = limits.differ(&o.limits);
@@ -226,6 +241,10 @@ impl Fixed {
             ),
             ("keys.prefixes", *prefixes != o.prefixes),
             ("keys.pepper_env", !same_secret(pepper, &o.pepper)),
+            (
+                "rate_limits.sync_interval",
+                *limit_sync_interval != o.limit_sync_interval,
+            ),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))

@@ -31,6 +31,82 @@ pub struct RawConfig {
     /// What to do with a request no route matches: `deny` (404) or `require_key`.
     #[serde(default)]
     pub unmatched: Unmatched,
+    /// How rate limits and credits are counted.
+    #[serde(default)]
+    pub rate_limits: RawRateLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimits {
+    /// `local` (default: decided in this process, counts exchanged with the store every
+    /// `sync_interval`) or `exact` (one atomic store script per limited request).
+    #[serde(default)]
+    pub mode: LimitMode,
+    /// `local` mode: how often counts are exchanged with the store.
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: HumanDuration,
+    /// While the store cannot be asked: `allow` (admit, mark the request to the upstream
+    /// with `x-keygate-ratelimit: unchecked`, count it) or `deny` (503).
+    #[serde(default)]
+    pub on_store_error: LimitOnStoreError,
+    /// `RateLimit-Policy` and `RateLimit` headers on admitted answers (refusals always
+    /// carry them).
+    #[serde(default = "yes")]
+    pub headers: bool,
+}
+
+impl Default for RawRateLimits {
+    fn default() -> Self {
+        RawRateLimits {
+            mode: LimitMode::default(),
+            sync_interval: default_sync_interval(),
+            on_store_error: LimitOnStoreError::default(),
+            headers: true,
+        }
+    }
+}
+
+fn default_sync_interval() -> HumanDuration {
+    HumanDuration(Duration::from_millis(50))
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitMode {
+    #[default]
+    Local,
+    Exact,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitOnStoreError {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// A route's rate limit as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteLimit {
+    /// A metric label and the `RateLimit` headers' policy name: 1-32 of a-z 0-9 _ . -
+    pub name: String,
+    pub limit: u64,
+    /// Whole seconds, 1s to 366d.
+    pub window: HumanDuration,
+    /// `key` (default: each key's requests) or `tenant` (all keys of a tenant together).
+    #[serde(default)]
+    pub by: RawLimitBy,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawLimitBy {
+    #[default]
+    Key,
+    Tenant,
 }
 
 #[derive(Debug, Deserialize)]
@@ -463,6 +539,12 @@ pub struct RawRoute {
     /// Largest request body for this route (413 beyond); overrides the proxy default.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// Credits a request spends on a key that has credits (default 1; 0: free).
+    #[serde(default)]
+    pub cost: Option<u64>,
+    /// Limits on top of the key's own, counted per key or per tenant.
+    #[serde(default)]
+    pub rate_limits: Vec<RawRouteLimit>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -9,10 +9,12 @@
 use super::locate::FieldPath;
 use super::raw::{
     Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawKeys, RawLimits, RawPrefixes,
-    RawProxy, RawRoute, RawStore, RawTimeouts, RawTls, UnderscoreHeaders, Unmatched,
-    DEFAULT_PEPPER_ENV,
+    RawProxy, RawRateLimits, RawRoute, RawRouteLimit, RawStore, RawTimeouts, RawTls,
+    UnderscoreHeaders, Unmatched, DEFAULT_PEPPER_ENV,
 };
-use super::{CacheRules, Env, Fixed, Limits, Live, StoreConfig, Timeouts, Upstream};
+use super::{
+    CacheRules, Env, Fixed, Limits, Live, RateLimitRules, StoreConfig, Timeouts, Upstream,
+};
 use crate::key::Prefixes;
 use crate::policy::{self, HeaderPolicy, IdentityHeaders, Policy, PolicySpec, RouteSpec};
 use secrecy::SecretString;
@@ -77,6 +79,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
         keys,
         routes,
         unmatched,
+        rate_limits,
     } = raw;
     let (proxy_listen, admin_listen) = listen(&proxy, &admin, env)?;
     let upstream = upstream(&proxy, env)?;
@@ -90,6 +93,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
     let tls = tls_pair("proxy.tls", &proxy.tls)?;
     let admin_tls = tls_pair("admin.tls", &admin.tls)?;
     let policy = self::policy(&proxy, &routes, unmatched)?;
+    let (limit_rules, limit_sync_interval) = self::rate_limits(&rate_limits)?;
     let fixed = Fixed {
         proxy_listen,
         proxy_workers: proxy.workers.resolve(),
@@ -107,10 +111,12 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
         cache_max_entries,
         prefixes,
         pepper,
+        limit_sync_interval,
     };
     let live = Live {
         policy: Arc::new(policy),
         cache,
+        rate_limits: limit_rules,
     };
     Ok((fixed, live))
 }
@@ -455,7 +461,25 @@ fn route(i: usize, r: &RawRoute, seen: &mut HashSet<String>) -> Result<RouteSpec
             "empty list: omit it to match all methods",
         ));
     }
+    let cost = r.cost.unwrap_or(1);
+    if public && (r.cost.is_some() || !r.rate_limits.is_empty()) {
+        let f = if r.cost.is_some() {
+            "cost"
+        } else {
+            "rate_limits"
+        };
+        return Err(invalid(
+            field(f),
+            "a route with `auth: none` has no key to count against",
+        ));
+    }
+    if cost > 1_000_000 {
+        return Err(invalid(field("cost"), "must be between 0 and 1000000"));
+    }
+    let rate_limits = route_limits(i, &r.rate_limits)?;
     Ok(RouteSpec {
+        cost,
+        rate_limits,
         name: r.name.clone(),
         methods: r
             .methods
@@ -467,6 +491,78 @@ fn route(i: usize, r: &RawRoute, seen: &mut HashSet<String>) -> Result<RouteSpec
         allow_publishable: r.allow_publishable,
         max_body_bytes: r.max_body_bytes,
     })
+}
+
+/// `routes[i].rate_limits`: at most 8, unique names, whole-second windows.
+fn route_limits(i: usize, raw: &[RawRouteLimit]) -> Result<Vec<policy::RouteLimit>> {
+    if raw.len() > 8 {
+        return Err(invalid(
+            route_field(i, "rate_limits"),
+            "at most 8 limits a route",
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (j, l) in raw.iter().enumerate() {
+        let field = |f: &str| route_field(i, "rate_limits").index(j).key(f);
+        if !crate::key::valid_limit_name(&l.name) {
+            return Err(invalid(
+                field("name"),
+                format!(
+                    "invalid limit name {:?}: use 1-32 of a-z 0-9 _ . - (starting with a \
+                     letter or digit), not \"credits\"",
+                    l.name
+                ),
+            ));
+        }
+        if !seen.insert(l.name.as_str()) {
+            return Err(invalid(
+                field("name"),
+                format!("duplicate limit name {:?}", l.name),
+            ));
+        }
+        if !(1..=1_000_000_000_000).contains(&l.limit) {
+            return Err(invalid(
+                field("limit"),
+                "must be between 1 and 1000000000000",
+            ));
+        }
+        let ms = l.window.0.as_millis();
+        if ms % 1000 != 0 || !(1000..=366 * 86_400_000).contains(&ms) {
+            return Err(invalid(
+                field("window"),
+                "must be whole seconds, from 1s to 366d",
+            ));
+        }
+        out.push(policy::RouteLimit {
+            name: l.name.as_str().into(),
+            limit: l.limit,
+            window_ms: ms as u64,
+            by: match l.by {
+                super::raw::RawLimitBy::Key => policy::LimitBy::Key,
+                super::raw::RawLimitBy::Tenant => policy::LimitBy::Tenant,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// `rate_limits`: the reloadable rules, and the sync interval (fixed: the exchange task
+/// starts with it).
+fn rate_limits(raw: &RawRateLimits) -> Result<(RateLimitRules, Duration)> {
+    let interval = raw.sync_interval.0;
+    if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&interval) {
+        return Err(invalid(
+            "rate_limits.sync_interval",
+            "must be between 10ms and 10s",
+        ));
+    }
+    let rules = RateLimitRules {
+        exact: raw.mode == super::raw::LimitMode::Exact,
+        deny_on_store_error: raw.on_store_error == super::raw::LimitOnStoreError::Deny,
+        headers: raw.headers,
+    };
+    Ok((rules, interval))
 }
 
 /// `proxy.upgrades`: protocol names (RFC 9110 tokens), lower-cased; never `h2c`.

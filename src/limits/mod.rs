@@ -8,8 +8,12 @@
 //! refill period since `set_at` (one endless window without a refill), with the quota
 //! `remaining` in the first period and `refill.amount` after.
 
+pub mod limiter;
+pub mod local;
 pub mod memory;
 pub mod redis;
+
+pub use limiter::{Admission, Limiter};
 
 use crate::store::{KeyLimits, StoreError};
 use async_trait::async_trait;
@@ -106,9 +110,13 @@ pub struct Headroom {
 pub enum Decision {
     Admit,
     /// A rate limit refused: retry after this many milliseconds.
-    Limited { retry_after_ms: u64 },
+    Limited {
+        retry_after_ms: u64,
+    },
     /// Credits refused; `retry_after_ms` is the next refill (`None`: no refill).
-    NoCredits { retry_after_ms: Option<u64> },
+    NoCredits {
+        retry_after_ms: Option<u64>,
+    },
 }
 
 /// A decision with every counter's state (in `Ask::counters` order; after the request's
@@ -180,4 +188,15 @@ pub fn key_counters(key_id: &str, limits: &KeyLimits, cost: u64) -> Vec<Counter>
         });
     }
     out
+}
+
+/// The counters' home for `store`: Redis through its scripts, or this process.
+pub fn for_store(store: &dyn crate::store::KeyStore) -> (Arc<dyn LimitStore>, String) {
+    match store.scripts() {
+        Some(scripts) => {
+            let namespace = scripts.namespace().to_string();
+            (Arc::new(redis::RedisLimits::new(scripts)), namespace)
+        }
+        None => (Arc::new(memory::MemoryLimits::default()), "mem".into()),
+    }
 }

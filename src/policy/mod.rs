@@ -29,6 +29,29 @@ pub struct RouteSpec {
     pub scopes: Vec<String>,
     pub allow_publishable: bool,
     pub max_body_bytes: Option<u64>,
+    /// Credits a request on this route spends (default 1).
+    pub cost: u64,
+    /// The route's own rate limits, on top of the key's.
+    pub rate_limits: Vec<RouteLimit>,
+}
+
+/// A route's rate limit: `limit` requests per `window_ms`, counted per key or per tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLimit {
+    /// Unique in its route; a metric label and the `RateLimit` headers' policy name.
+    pub name: Arc<str>,
+    pub limit: u64,
+    pub window_ms: u64,
+    pub by: LimitBy,
+}
+
+/// Whose requests a route limit counts together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitBy {
+    /// Each key's (its budget: a rotated key shares it with its successor).
+    Key,
+    /// All keys of a tenant together.
+    Tenant,
 }
 
 /// A request no route matches: a 404, or served to any valid key.
@@ -75,6 +98,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     /// `WWW-Authenticate` for a key lacking this route's scopes, built once.
     pub scope_challenge: Challenge,
+    pub cost: u64,
+    pub rate_limits: Box<[RouteLimit]>,
 }
 
 impl Route {
@@ -93,6 +118,8 @@ impl Route {
             scopes,
             allow_publishable: spec.allow_publishable,
             max_body_bytes: spec.max_body_bytes,
+            cost: spec.cost,
+            rate_limits: spec.rate_limits.into_boxed_slice(),
         }
     }
 
@@ -169,6 +196,8 @@ impl Policy {
                 scopes: Vec::new(),
                 allow_publishable: false,
                 max_body_bytes: None,
+                cost: 1,
+                rate_limits: Vec::new(),
             })),
         };
         let (by_first, wild_first) = index(&routes);

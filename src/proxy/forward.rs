@@ -55,6 +55,9 @@ pub struct Outbound<'a> {
     pub identity: Option<&'a Identity>,
     /// The route's request body limit.
     pub body_limit: Option<u64>,
+    /// Admitted without asking the rate-limit store (`on_store_error: allow`): the
+    /// upstream is told with `x-keygate-ratelimit: unchecked`.
+    pub unchecked: bool,
 }
 
 pub struct Forwarder {
@@ -203,6 +206,7 @@ impl Forwarder {
             out.identity,
             out.host,
             upgrade.as_ref(),
+            out.unchecked,
         );
         if let Some(h) = default_host {
             req.headers_mut().insert(header::HOST, h.clone());

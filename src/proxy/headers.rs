@@ -15,6 +15,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+/// Set on a request admitted without its rate limits checked (the store was unavailable).
+pub const RATELIMIT_MARK: HeaderName = HeaderName::from_static("x-keygate-ratelimit");
 
 /// Headers by which an upstream framework would act on another method or path than the
 /// one keygate matched (Rails, Express, Symfony, IIS URL rewrite): never forwarded.
@@ -93,6 +95,7 @@ pub fn set_request_headers(
     identity: Option<&Identity>,
     host: Option<HeaderValue>,
     upgrade: Option<&HeaderValue>,
+    unchecked: bool,
 ) {
     // Room for what is added below at once, instead of the map growing insert by
     // insert (`try_`: a map already at http's size limit just grows as it can).
@@ -108,6 +111,11 @@ pub fn set_request_headers(
         headers.remove(header::AUTHORIZATION);
     }
     set_identity(headers, policy, identity);
+    // keygate's word only: a client's copy never reaches the upstream.
+    headers.remove(RATELIMIT_MARK);
+    if unchecked {
+        headers.insert(RATELIMIT_MARK, HeaderValue::from_static("unchecked"));
+    }
     set_forwarded(headers, conn, trusted, host.as_ref());
     if let Some(h) = host {
         headers.insert(header::HOST, h);
@@ -262,6 +270,7 @@ fn vouched(name: &str, policy: &Policy) -> bool {
             "proxy-authorization",
             "host",
             "content-length",
+            "x-keygate-ratelimit",
         ]
         .contains(&name)
 }

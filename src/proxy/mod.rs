@@ -10,6 +10,7 @@ use crate::auth::{self, Need, Rules, Verifier};
 use crate::cache::{Identity, Reader, Source};
 use crate::config::Config;
 use crate::error::{Body, Deny};
+use crate::limits::{Admission, Limiter};
 use crate::logging;
 use crate::metrics::{AuthOutcome, Metrics};
 use crate::policy::path::{normalize_request, Normalized};
@@ -69,6 +70,8 @@ pub struct Proxy {
     /// Header fields a request may carry (`connection::max_header_count`).
     pub max_header_count: usize,
     pub usage: UsageRecorder,
+    /// Rate limits and credits.
+    pub limiter: Arc<Limiter>,
 }
 
 impl Proxy {
@@ -79,6 +82,7 @@ impl Proxy {
         store: Reader,
         metrics: Arc<Metrics>,
         usage: UsageRecorder,
+        limiter: Arc<Limiter>,
     ) -> Result<Self, String> {
         let fixed = &config.fixed;
         // The CA file was checked at load, but it may have changed since: report, not panic.
@@ -98,6 +102,7 @@ impl Proxy {
             max_uri_bytes: fixed.limits.max_uri_bytes,
             max_header_count: crate::connection::max_header_count(fixed.limits.max_header_bytes),
             usage,
+            limiter,
         })
     }
 
@@ -178,13 +183,32 @@ impl Proxy {
         if declared_body_over(&req, limit) {
             return (index, Err(Deny::BodyTooLarge));
         }
+        let admission = match identity.as_deref() {
+            Some(id) if Limiter::applies(route, id) => {
+                let now = crate::time::now_ms();
+                match self.limiter.admit(snap.rate_limits, route, id, now).await {
+                    Ok(a) => a,
+                    Err(d) => {
+                        *who = identity;
+                        return (index, Err(d));
+                    }
+                }
+            }
+            _ => Admission::default(),
+        };
         let out = forward::Outbound {
             path: path.into_owned_if_changed(),
             host,
             identity: identity.as_deref(),
             body_limit: limit,
+            unchecked: admission.unchecked,
         };
-        let result = self.forwarder.forward(req, out, policy, conn).await;
+        let mut result = self.forwarder.forward(req, out, policy, conn).await;
+        if let (Ok((resp, _)), Some(h)) = (&mut result, &admission.tightest) {
+            if snap.rate_limits.headers {
+                crate::limits::limiter::add_headers(resp.headers_mut(), h);
+            }
+        }
         *who = identity;
         (index, result)
     }

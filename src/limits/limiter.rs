@@ -1,0 +1,428 @@
+//! The one rate-limit decision for a proxied request: every limit that applies (the key's,
+//! the route's) and the key's credits admit it, or it is refused and spends nothing.
+
+use super::local::{Local, Slot};
+use super::{Counter, Decision, Headroom, Kind, LimitStore};
+use crate::cache::Identity;
+use crate::config::RateLimitRules;
+use crate::error::{Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
+use crate::policy::{LimitBy, Route, RouteLimit};
+use crate::store::{Credits, RateLimit};
+use http::HeaderValue;
+use std::sync::Arc;
+use xxhash_rust::xxh3::Xxh3;
+
+/// What an admitted request takes along.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// The counter closest to exhaustion, for the answer's `RateLimit` headers.
+    pub tightest: Option<Headroom>,
+    /// The store could not be asked and `on_store_error: allow` let the request pass.
+    pub unchecked: bool,
+}
+
+/// Where a counter comes from (no allocation until its slot is new).
+enum Source<'a> {
+    Key(&'a RateLimit),
+    Credits(&'a Credits),
+    Route(&'a str, &'a RouteLimit),
+}
+
+/// One counter of one request, by reference.
+struct Spec<'a> {
+    source: Source<'a>,
+    budget: &'a str,
+    tenant: &'a str,
+    cost: u64,
+}
+
+impl Spec<'_> {
+    fn name(&self) -> &str {
+        match &self.source {
+            Source::Key(l) => &l.name,
+            Source::Credits(_) => "credits",
+            Source::Route(_, l) => &l.name,
+        }
+    }
+
+    /// (quota of window 0, quota after, anchor, period)
+    fn shape(&self) -> (u64, u64, u64, u64) {
+        match &self.source {
+            Source::Key(l) => (l.limit, l.limit, 0, l.duration_ms.max(1)),
+            Source::Credits(c) => match &c.refill {
+                Some(r) => (c.remaining, r.amount, c.set_at, r.interval_ms.max(1)),
+                None => (c.remaining, c.remaining, c.set_at, u64::MAX),
+            },
+            Source::Route(_, l) => (l.limit, l.limit, 0, l.window_ms.max(1)),
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self.source {
+            Source::Credits(_) => Kind::Credits,
+            _ => Kind::RateLimit,
+        }
+    }
+
+    /// The counter's id in the store (see `Counter::id`).
+    fn id(&self) -> String {
+        match &self.source {
+            Source::Key(l) => format!("k:{}:{}:{}", self.budget, l.name, l.duration_ms),
+            Source::Credits(c) => format!("c:{}:{}", self.budget, c.set_at),
+            Source::Route(route, l) => match l.by {
+                LimitBy::Key => format!("r:{route}:{}:{}:k:{}", l.name, l.window_ms, self.budget),
+                LimitBy::Tenant => {
+                    format!("r:{route}:{}:{}:t:{}", l.name, l.window_ms, self.tenant)
+                }
+            },
+        }
+    }
+
+    /// The id's hash: what `local` keys its slots by, computed without building the id.
+    fn hash(&self) -> u128 {
+        let mut h = Xxh3::new();
+        let mut part = |b: &[u8]| {
+            h.update(b);
+            h.update(&[0]);
+        };
+        match &self.source {
+            Source::Key(l) => {
+                part(b"k");
+                part(self.budget.as_bytes());
+                part(l.name.as_bytes());
+                part(&l.duration_ms.to_le_bytes());
+            }
+            Source::Credits(c) => {
+                part(b"c");
+                part(self.budget.as_bytes());
+                part(&c.set_at.to_le_bytes());
+            }
+            Source::Route(route, l) => {
+                part(b"r");
+                part(route.as_bytes());
+                part(l.name.as_bytes());
+                part(&l.window_ms.to_le_bytes());
+                match l.by {
+                    LimitBy::Key => part(self.budget.as_bytes()),
+                    LimitBy::Tenant => {
+                        part(b"t");
+                        part(self.tenant.as_bytes());
+                    }
+                }
+            }
+        }
+        h.digest128()
+    }
+
+    fn counter(&self) -> Counter {
+        let (first_quota, quota, anchor_ms, period_ms) = self.shape();
+        Counter {
+            id: self.id(),
+            name: self.name().into(),
+            first_quota,
+            quota,
+            anchor_ms,
+            period_ms,
+            cost: self.cost,
+            kind: self.kind(),
+        }
+    }
+}
+
+/// The counters one request touches: the key's limits, its credits, the route's limits.
+fn specs<'a>(route: &'a Route, id: &'a Identity) -> Vec<Spec<'a>> {
+    let budget = id
+        .limits
+        .as_ref()
+        .and_then(|l| l.budget.as_deref())
+        .unwrap_or(id.id());
+    let tenant = id.tenant();
+    let spec = |source, cost| Spec {
+        source,
+        budget,
+        tenant,
+        cost,
+    };
+    let mut out = Vec::with_capacity(8);
+    if let Some(l) = &id.limits {
+        out.extend(l.ratelimits.iter().map(|r| spec(Source::Key(r), 1)));
+        if let Some(c) = &l.credits {
+            if route.cost > 0 {
+                out.push(spec(Source::Credits(c), route.cost));
+            }
+        }
+    }
+    let routed = route.rate_limits.iter();
+    out.extend(routed.map(|l| spec(Source::Route(&route.name, l), 1)));
+    out
+}
+
+pub struct Limiter {
+    store: Arc<dyn LimitStore>,
+    local: Local,
+    namespace: Arc<str>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Limiter {
+    pub fn new(
+        store: Arc<dyn LimitStore>,
+        local: Local,
+        namespace: &str,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Limiter {
+        Limiter {
+            store,
+            local,
+            namespace: namespace.into(),
+            metrics,
+        }
+    }
+
+    /// Does anything limit this request? (The common case answers no without a lookup.)
+    pub fn applies(route: &Route, id: &Identity) -> bool {
+        !route.rate_limits.is_empty() || id.limits.is_some()
+    }
+
+    /// Admit or refuse a request on `route` by `id` (see the module doc).
+    pub async fn admit(
+        &self,
+        rules: RateLimitRules,
+        route: &Route,
+        id: &Identity,
+        now_ms: u64,
+    ) -> Result<Admission, Deny> {
+        let specs = specs(route, id);
+        if specs.is_empty() {
+            return Ok(Admission::default());
+        }
+        let tag = super::tag(id.tenant());
+        // In `local` mode a failing exchange means the counts are this replica's alone.
+        let unchecked = !rules.exact && !self.local.store_ok();
+        if unchecked && rules.deny_on_store_error {
+            return self.store_failed(rules, &specs);
+        }
+        let answer = if rules.exact {
+            self.exact(&specs, &tag, id.id(), now_ms).await
+        } else {
+            Ok(self.local(&specs, &tag, id, now_ms))
+        };
+        let (decision, states) = match answer {
+            Ok(done) => done,
+            Err(()) => return self.store_failed(rules, &specs),
+        };
+        self.count(&specs, &states, decision);
+        match decision {
+            Decision::Admit => Ok(Admission {
+                tightest: tightest(&states),
+                unchecked,
+            }),
+            Decision::Limited { retry_after_ms } => Err(Deny::RateLimited(throttle(
+                refusing(&states, Kind::RateLimit),
+                Some(retry_after_ms),
+            ))),
+            Decision::NoCredits { retry_after_ms } => Err(Deny::CreditsExhausted(throttle(
+                refusing(&states, Kind::Credits),
+                retry_after_ms,
+            ))),
+        }
+    }
+
+    /// `exact`: one script in the store.
+    async fn exact(
+        &self,
+        specs: &[Spec<'_>],
+        tag: &str,
+        key_id: &str,
+        now_ms: u64,
+    ) -> Result<(Decision, Vec<Headroom>), ()> {
+        let ask = super::Ask {
+            tag: tag.to_string(),
+            counters: specs.iter().map(Spec::counter).collect(),
+            key_id: key_id.to_string(),
+        };
+        match self.store.take(&ask, now_ms).await {
+            Ok(o) if o.counters.len() == specs.len() => Ok((o.decision, o.counters)),
+            Ok(_) => {
+                tracing::error!("the rate-limit store answered for other counters than asked");
+                Err(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rate-limit store unavailable");
+                Err(())
+            }
+        }
+    }
+
+    /// `local`: this process's counters; all are checked before any is spent.
+    fn local(
+        &self,
+        specs: &[Spec<'_>],
+        tag: &str,
+        id: &Identity,
+        now_ms: u64,
+    ) -> (Decision, Vec<Headroom>) {
+        let slots: Vec<Arc<Slot>> = specs
+            .iter()
+            .map(|s| {
+                self.local.slot(s.hash(), || {
+                    let c = s.counter();
+                    let key = format!("{}:{{{tag}}}:{}", self.namespace, c.id);
+                    (key, c)
+                })
+            })
+            .collect();
+        let mut states = Vec::with_capacity(specs.len());
+        let mut decision = Decision::Admit;
+        for (s, slot) in specs.iter().zip(&slots) {
+            let (window, used) = Local::used(slot, now_ms);
+            let (first, quota, anchor_ms, period_ms) = s.shape();
+            let quota = if window == 0 { first } else { quota };
+            let reset_ms = reset_in(anchor_ms, period_ms, now_ms);
+            if used.saturating_add(s.cost) > quota {
+                decision = worse(decision, refusal(s.kind(), period_ms, reset_ms));
+            }
+            states.push(Headroom {
+                name: slot.name().clone(),
+                kind: s.kind(),
+                quota,
+                remaining: quota.saturating_sub(used),
+                reset_ms,
+                period_ms,
+            });
+        }
+        let admitted = decision == Decision::Admit;
+        for ((s, slot), st) in specs.iter().zip(&slots).zip(states.iter_mut()) {
+            if admitted {
+                self.local.spend(slot, s.cost, now_ms);
+                st.remaining = st.remaining.saturating_sub(s.cost);
+            } else {
+                self.local.touch(slot, now_ms);
+            }
+        }
+        let mut h = Xxh3::new();
+        h.update(tag.as_bytes());
+        h.update(id.id().as_bytes());
+        self.local.count(h.digest128(), tag, id.id(), admitted);
+        (decision, states)
+    }
+
+    /// The store could not be asked: admit unchecked, or refuse, as configured.
+    fn store_failed(&self, rules: RateLimitRules, specs: &[Spec<'_>]) -> Result<Admission, Deny> {
+        for s in specs {
+            let result = if rules.deny_on_store_error {
+                "store_error_denied"
+            } else {
+                "unchecked"
+            };
+            self.metrics.ratelimit_decision(s.name(), result);
+        }
+        if rules.deny_on_store_error {
+            return Err(Deny::StoreUnavailable);
+        }
+        Ok(Admission {
+            tightest: None,
+            unchecked: true,
+        })
+    }
+
+    fn count(&self, specs: &[Spec<'_>], states: &[Headroom], decision: Decision) {
+        for (s, st) in specs.iter().zip(states) {
+            let result = match decision {
+                Decision::Admit => "admitted",
+                _ if st.remaining < s.cost => "refused",
+                _ => continue,
+            };
+            self.metrics.ratelimit_decision(s.name(), result);
+        }
+    }
+}
+
+/// Milliseconds from `now_ms` to the end of its window (`u64::MAX`: never).
+fn reset_in(anchor_ms: u64, period_ms: u64, now_ms: u64) -> u64 {
+    if period_ms == u64::MAX {
+        return u64::MAX;
+    }
+    let window = now_ms.saturating_sub(anchor_ms) / period_ms;
+    let end = anchor_ms.saturating_add((window + 1).saturating_mul(period_ms));
+    end.saturating_sub(now_ms)
+}
+
+/// What refusing on a counter answers.
+fn refusal(kind: Kind, period_ms: u64, reset_ms: u64) -> Decision {
+    match kind {
+        Kind::RateLimit => Decision::Limited {
+            retry_after_ms: reset_ms,
+        },
+        Kind::Credits => Decision::NoCredits {
+            retry_after_ms: (period_ms != u64::MAX).then_some(reset_ms),
+        },
+    }
+}
+
+/// Of two refusals, a rate limit wins (waiting for its window may help); of two rate
+/// limits, the later reset.
+fn worse(a: Decision, b: Decision) -> Decision {
+    match (a, b) {
+        (Decision::Admit, x) | (x, Decision::Admit) => x,
+        (Decision::Limited { retry_after_ms: x }, Decision::Limited { retry_after_ms: y }) => {
+            Decision::Limited {
+                retry_after_ms: x.max(y),
+            }
+        }
+        (l @ Decision::Limited { .. }, _) | (_, l @ Decision::Limited { .. }) => l,
+        (c, _) => c,
+    }
+}
+
+/// The counter nearest exhaustion: least remaining as a share of its quota.
+fn tightest(states: &[Headroom]) -> Option<Headroom> {
+    let share = |a: &Headroom, b: &Headroom| {
+        let left = u128::from(a.remaining) * u128::from(b.quota.max(1));
+        let right = u128::from(b.remaining) * u128::from(a.quota.max(1));
+        left.cmp(&right).then(a.remaining.cmp(&b.remaining))
+    };
+    states.iter().min_by(|a, b| share(a, b)).cloned()
+}
+
+/// The refusing counter of `kind` with nothing left, else the tightest.
+fn refusing(states: &[Headroom], kind: Kind) -> Option<Headroom> {
+    let empty = states.iter().filter(|h| h.kind == kind);
+    empty
+        .min_by_key(|h| h.remaining)
+        .cloned()
+        .or_else(|| tightest(states))
+}
+
+fn throttle(h: Option<Headroom>, retry_after_ms: Option<u64>) -> Throttle {
+    let (policy, state) = h.as_ref().map(headers).unzip();
+    Throttle {
+        retry_after: retry_after_ms.map(|ms| HeaderValue::from(ms.div_ceil(1000).max(1))),
+        policy,
+        state,
+    }
+}
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11) for one
+/// counter: `"name";q=100;w=60` and `"name";r=42;t=17` (no `w`/`t` for credits that never
+/// refill). Names are validated to a header-safe alphabet.
+pub fn headers(h: &Headroom) -> (HeaderValue, HeaderValue) {
+    let mut policy = format!("\"{}\";q={}", h.name, h.quota);
+    let mut state = format!("\"{}\";r={}", h.name, h.remaining);
+    if h.period_ms != u64::MAX {
+        policy.push_str(&format!(";w={}", h.period_ms.div_ceil(1000)));
+        state.push_str(&format!(";t={}", h.reset_ms.div_ceil(1000)));
+    }
+    let value = |s: String| {
+        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("\"limit\";q=0"))
+    };
+    (value(policy), value(state))
+}
+
+/// Put the admitted answer's `RateLimit` headers on `resp`, after any of the upstream's
+/// own (fields combine into one list).
+pub fn add_headers(resp: &mut http::HeaderMap, h: &Headroom) {
+    let (policy, state) = headers(h);
+    resp.append(RATELIMIT_POLICY, policy);
+    resp.append(RATELIMIT, state);
+}

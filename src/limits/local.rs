@@ -1,0 +1,341 @@
+//! `local` mode: each replica decides from its own counters (no I/O on the request path)
+//! and every `sync_interval` a background task sends the store what it spent and learns
+//! the total of every replica back. Between two exchanges a replica does not see what the
+//! others spent: that is the documented overshoot (README, "Rate limits and credits").
+
+use super::{Kind, LimitStore, Push};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Counters this process keeps at most (least recently used go first); with each counter
+/// a few dozen bytes, a hostile spread of keys costs bounded memory.
+const MAX_SLOTS: u64 = 1_000_000;
+/// Slots waiting to join the exchange; a slot that finds the queue full tries again on its
+/// next use.
+const QUEUE: usize = 65_536;
+/// A counter nobody here used for this long leaves the exchange (its window's count stays
+/// in the store).
+const IDLE_MS: u64 = 10_000;
+
+/// One counter as this process sees it, for the window it is in.
+pub struct Slot {
+    /// The store key without the window: `<ns>:{<tag>}:<counter id>`.
+    key: String,
+    /// The limit's name, for the `RateLimit` headers.
+    name: Arc<str>,
+    anchor_ms: u64,
+    period_ms: u64,
+    ttl_ms: u64,
+    kind: Kind,
+    window: AtomicU64,
+    /// The store's total for `window` at the last exchange (everyone's spending).
+    global: AtomicU64,
+    /// Spent here since the last exchange began.
+    pending: AtomicU64,
+    /// Sent to the store, answer not back yet.
+    inflight: AtomicU64,
+    /// In the exchange task's list.
+    registered: AtomicBool,
+    last_use_ms: AtomicU64,
+}
+
+impl Slot {
+    fn new(key: String, c: &super::Counter) -> Slot {
+        Slot {
+            key,
+            name: c.name.clone(),
+            anchor_ms: c.anchor_ms,
+            period_ms: c.period_ms,
+            ttl_ms: c.ttl_ms(),
+            kind: c.kind,
+            window: AtomicU64::new(0),
+            global: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+            registered: AtomicBool::new(false),
+            last_use_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn window_at(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.anchor_ms) / self.period_ms
+    }
+
+    /// Move to the window `now_ms` falls in; a new window starts from nothing.
+    fn enter(&self, now_ms: u64) -> u64 {
+        let w = self.window_at(now_ms);
+        let cur = self.window.load(Ordering::Acquire);
+        if cur < w
+            && self
+                .window
+                .compare_exchange(cur, w, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.global.store(0, Ordering::Release);
+            self.pending.store(0, Ordering::Release);
+        }
+        w.max(cur)
+    }
+
+    /// What this process believes the window has spent.
+    pub fn used(&self) -> u64 {
+        self.global
+            .load(Ordering::Acquire)
+            .saturating_add(self.pending.load(Ordering::Acquire))
+            .saturating_add(self.inflight.load(Ordering::Acquire))
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+}
+
+/// The admitted/refused totals of one key, waiting to be added in the store.
+pub struct Totals {
+    tag: String,
+    key_id: String,
+    admitted: AtomicU64,
+    refused: AtomicU64,
+    registered: AtomicBool,
+}
+
+pub struct Local {
+    slots: moka::sync::Cache<u128, Arc<Slot>>,
+    totals: moka::sync::Cache<u128, Arc<Totals>>,
+    new_slots: mpsc::Sender<Arc<Slot>>,
+    new_totals: mpsc::Sender<Arc<Totals>>,
+    /// Did the last exchange reach the store?
+    store_ok: Arc<AtomicBool>,
+}
+
+/// The receiving half, for `run_exchange`.
+pub struct Joining {
+    slots: mpsc::Receiver<Arc<Slot>>,
+    totals: mpsc::Receiver<Arc<Totals>>,
+    store_ok: Arc<AtomicBool>,
+}
+
+impl Local {
+    pub fn new() -> (Local, Joining) {
+        let (new_slots, slots) = mpsc::channel(QUEUE);
+        let (new_totals, totals) = mpsc::channel(QUEUE);
+        let store_ok = Arc::new(AtomicBool::new(true));
+        let local = Local {
+            slots: moka::sync::Cache::builder()
+                .max_capacity(MAX_SLOTS)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            totals: moka::sync::Cache::builder()
+                .max_capacity(MAX_SLOTS)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            new_slots,
+            new_totals,
+            store_ok: store_ok.clone(),
+        };
+        (
+            local,
+            Joining {
+                slots,
+                totals,
+                store_ok,
+            },
+        )
+    }
+
+    /// Whether the last exchange with the store worked.
+    pub fn store_ok(&self) -> bool {
+        self.store_ok.load(Ordering::Acquire)
+    }
+
+    /// The slot of a counter, identified by `hash`; `make` builds the store key and the
+    /// counter on first sight only.
+    pub fn slot(&self, hash: u128, make: impl FnOnce() -> (String, super::Counter)) -> Arc<Slot> {
+        self.slots.get_with(hash, || {
+            let (key, c) = make();
+            Arc::new(Slot::new(key, &c))
+        })
+    }
+
+    /// Enter `now_ms`'s window and say what it has spent.
+    pub fn used(slot: &Slot, now_ms: u64) -> (u64, u64) {
+        let w = slot.enter(now_ms);
+        (w, slot.used())
+    }
+
+    /// Spend `cost` on `slot`, and make sure the exchange knows it.
+    pub fn spend(&self, slot: &Arc<Slot>, cost: u64, now_ms: u64) {
+        slot.pending.fetch_add(cost, Ordering::AcqRel);
+        slot.last_use_ms.store(now_ms, Ordering::Relaxed);
+        if !slot.registered.swap(true, Ordering::AcqRel)
+            && self.new_slots.try_send(slot.clone()).is_err()
+        {
+            slot.registered.store(false, Ordering::Release);
+        }
+    }
+
+    /// Note that a slot was looked at (the exchange keeps learning its total).
+    pub fn touch(&self, slot: &Arc<Slot>, now_ms: u64) {
+        self.spend(slot, 0, now_ms);
+    }
+
+    /// Count one decision for the key's usage totals.
+    pub fn count(&self, hash: u128, tag: &str, key_id: &str, admitted: bool) {
+        let t = self.totals.get_with(hash, || {
+            Arc::new(Totals {
+                tag: tag.to_string(),
+                key_id: key_id.to_string(),
+                admitted: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                registered: AtomicBool::new(false),
+            })
+        });
+        let n = if admitted { &t.admitted } else { &t.refused };
+        n.fetch_add(1, Ordering::AcqRel);
+        if !t.registered.swap(true, Ordering::AcqRel)
+            && self.new_totals.try_send(t.clone()).is_err()
+        {
+            t.registered.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// One exchange's sends, to settle when the answer is back.
+struct Sent {
+    slot: Arc<Slot>,
+    window: u64,
+    delta: u64,
+}
+
+/// Exchange every `interval` until `stop` fires (one last exchange then).
+pub async fn run_exchange(
+    mut joining: Joining,
+    store: Arc<dyn LimitStore>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut active: Vec<Arc<Slot>> = Vec::new();
+    let mut totals: Vec<Arc<Totals>> = Vec::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.changed() => true,
+        };
+        while let Ok(s) = joining.slots.try_recv() {
+            active.push(s);
+        }
+        while let Ok(t) = joining.totals.try_recv() {
+            totals.push(t);
+        }
+        let now = crate::time::now_ms();
+        active.retain(|s| keep(s, now));
+        let ok = exchange(&*store, &active, now).await && add_totals(&*store, &mut totals).await;
+        joining.store_ok.store(ok, Ordering::Release);
+        if last || *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// Keep a slot in the exchange while it has something to send or was used lately.
+fn keep(s: &Slot, now_ms: u64) -> bool {
+    let busy = s.pending.load(Ordering::Acquire) > 0
+        || now_ms.saturating_sub(s.last_use_ms.load(Ordering::Relaxed)) < IDLE_MS;
+    if !busy {
+        s.registered.store(false, Ordering::Release);
+    }
+    busy
+}
+
+/// Send every active slot's spending (zero too: the answer tells what the others spent).
+async fn exchange(store: &dyn LimitStore, active: &[Arc<Slot>], now_ms: u64) -> bool {
+    if active.is_empty() {
+        return true;
+    }
+    let mut sent = Vec::with_capacity(active.len());
+    let mut pushes = Vec::with_capacity(active.len());
+    for s in active {
+        let window = s.enter(now_ms);
+        let delta = s.pending.swap(0, Ordering::AcqRel);
+        s.inflight.fetch_add(delta, Ordering::AcqRel);
+        pushes.push(Push {
+            key: format!("{}:{window}", s.key),
+            delta,
+            ttl_ms: s.ttl_ms,
+        });
+        sent.push(Sent {
+            slot: s.clone(),
+            window,
+            delta,
+        });
+    }
+    let answer = store.exchange(&pushes).await;
+    let ok = matches!(&answer, Ok(t) if t.len() == sent.len());
+    let totals = answer.unwrap_or_default();
+    for (i, s) in sent.iter().enumerate() {
+        s.slot.inflight.fetch_sub(s.delta, Ordering::AcqRel);
+        match totals.get(i).filter(|_| ok) {
+            Some(&total) if s.slot.window.load(Ordering::Acquire) == s.window => {
+                s.slot.global.store(total, Ordering::Release);
+            }
+            Some(_) => {}
+            // Not sent: spend it again next time (the window may have moved on: then
+            // it is dropped with the window).
+            None if s.slot.window.load(Ordering::Acquire) == s.window => {
+                s.slot.pending.fetch_add(s.delta, Ordering::AcqRel);
+            }
+            None => {}
+        }
+    }
+    if !ok {
+        tracing::warn!(
+            counters = sent.len(),
+            "could not exchange rate-limit counts with the store"
+        );
+    }
+    ok
+}
+
+/// Add the keys' admitted/refused totals; what could not be sent stays for next time.
+async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<Totals>>) -> bool {
+    let mut adds = Vec::new();
+    let mut taken = Vec::new();
+    for t in totals.iter() {
+        let a = t.admitted.swap(0, Ordering::AcqRel);
+        let r = t.refused.swap(0, Ordering::AcqRel);
+        if a + r > 0 {
+            adds.push((t.tag.clone(), t.key_id.clone(), a, r));
+            taken.push((t.clone(), a, r));
+        }
+    }
+    // Idle totals leave the list; the next decision registers them again.
+    totals.retain(|t| {
+        let gone = taken.iter().all(|(s, _, _)| !Arc::ptr_eq(s, t));
+        if gone {
+            t.registered.store(false, Ordering::Release);
+        }
+        !gone
+    });
+    if adds.is_empty() {
+        return true;
+    }
+    match store.add_totals(&adds).await {
+        Ok(()) => true,
+        Err(e) => {
+            for (t, a, r) in taken {
+                t.admitted.fetch_add(a, Ordering::AcqRel);
+                t.refused.fetch_add(r, Ordering::AcqRel);
+            }
+            tracing::warn!(error = %e, "could not add usage totals");
+            false
+        }
+    }
+}
