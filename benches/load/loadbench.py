@@ -18,6 +18,10 @@ Everything listens on 127.0.0.1, on free ports, with state in a temporary direct
                     each request carrying a random one of them (warm cache, scope check);
                     logging as shipped: access log on, level info, stderr to a file
   keygate-auth-nolog keygate-auth's setup with `proxy.access_log: false`
+  keygate-auth-limited keygate-auth with a per-key rate limit on every route (`local`
+                    mode, default settings, never reached)
+  keygate-auth-exact the same limit in `rate_limits.mode: exact` (one Redis script per
+                    request)
   keygate-auth-1w   keygate-auth's setup with `proxy.workers: 1` (opt-in: --one-worker)
   nginx             plain reverse proxy, upstream keepalive, access_log off
   haproxy           plain reverse proxy, http-reuse always (when installed)
@@ -290,7 +294,7 @@ def auth_routes():
 
 
 def keygate_config(proxy_port, admin_port, upstream_port, redis_port=None,
-                   last_used_interval=None, workers=None, access_log=True):
+                   last_used_interval=None, workers=None, access_log=True, limits=None):
     if redis_port is None:
         store = "store:\n  memory: {}\n"
         routes = '  - { name: all, path: "/**", auth: none }'
@@ -300,6 +304,14 @@ def keygate_config(proxy_port, admin_port, upstream_port, redis_port=None,
         if last_used_interval:
             store += f"  last_used_interval: {last_used_interval}\n"
         routes = auth_routes()
+    limits_section = ""
+    if limits:
+        # A per-key limit no run reaches, on every keyed route.
+        routes = "\n".join(
+            r[:-2] + ", rate_limits: [{ name: per-key, limit: 1000000000, window: 1s }] }"
+            if "auth: none" not in r else r
+            for r in routes.split("\n"))
+        limits_section = f"rate_limits: {{ mode: {limits} }}\n"
     workers_line = f"  workers: {workers}\n" if workers is not None else ""
     # ttl 1h: the memory fill must not see early entries expire; max_entries above the
     # largest key count so nothing is evicted.
@@ -315,7 +327,7 @@ proxy:
 routes:
 {routes}
 unmatched: deny
-"""
+{limits_section}"""
 
 
 # --------------------------------------------------------------------------- targets
@@ -594,6 +606,19 @@ def hot_phase(a, procs, workdir, binary, report):
                                       access_log=False), kq_admin)
     targets.append(Target("keygate-auth-nolog", kq_port, lambda: [kq.pid],
                           "keygate-auth with `proxy.access_log: false`"))
+    kl_port, kl_admin = free_port(), free_port()
+    kl = start_keygate(procs, workdir, "keygate-auth-limited", binary,
+                       keygate_config(kl_port, kl_admin, up_port, redis.port,
+                                      limits="local"), kl_admin)
+    targets.append(Target("keygate-auth-limited", kl_port, lambda: [kl.pid],
+                          "keygate-auth with a per-key rate limit on every route, never "
+                          "reached (`local` mode)"))
+    ke_port, ke_admin = free_port(), free_port()
+    ke = start_keygate(procs, workdir, "keygate-auth-exact", binary,
+                       keygate_config(ke_port, ke_admin, up_port, redis.port,
+                                      limits="exact"), ke_admin)
+    targets.append(Target("keygate-auth-exact", ke_port, lambda: [ke.pid],
+                          "the same limit in `exact` mode: one Redis script per request"))
     if a.one_worker:
         k1_port, k1_admin = free_port(), free_port()
         k1 = start_keygate(procs, workdir, "keygate-auth-1w", binary,
@@ -1001,6 +1026,16 @@ def write_report(a, report, machine, started):
         ka, ng, kn = med.get("keygate-auth"), med.get("nginx"), med.get("keygate-noauth")
         hp, bh, bp = med.get("haproxy"), med.get("bare-hyper"), med.get("bare-hyper-pooled")
         ratios = []
+        kl, ke = med.get("keygate-auth-limited"), med.get("keygate-auth-exact")
+        if ka and kl:
+            ratios.append(f"keygate-auth-limited / keygate-auth: req/s "
+                          f"**{kl['rps'] / ka['rps']:.2f}x** (target >= 0.95), p99 "
+                          f"{kl['p99_us'] / ka['p99_us']:.2f}x; per-round median: req/s "
+                          f"{per_round('keygate-auth-limited', 'keygate-auth', 'rps'):.2f}x")
+        if ka and ke:
+            ratios.append(f"keygate-auth-exact / keygate-auth: req/s "
+                          f"{ke['rps'] / ka['rps']:.2f}x, p99 {ke['p99_us']:.0f} us vs "
+                          f"{ka['p99_us']:.0f} us (+{ke['p99_us'] - ka['p99_us']:.0f} us)")
         if ka and bh:
             ratios.append(f"keygate-auth / bare-hyper: req/s **{ka['rps'] / bh['rps']:.2f}x** "
                           f"(target >= 0.9), p99 **{ka['p99_us'] / bh['p99_us']:.2f}x** "
