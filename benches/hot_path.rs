@@ -82,6 +82,7 @@ fn verification(c: &mut Criterion) {
         };
         let reader: Reader = store;
         let (usage, _queue) = keygate::usage::UsageRecorder::new();
+        let (limiter, _joining, _) = keygate::limits::Limiter::for_store(&*reader, metrics.clone());
         let proxy = Proxy::new(
             &config,
             live.clone(),
@@ -89,6 +90,7 @@ fn verification(c: &mut Criterion) {
             reader.clone(),
             metrics,
             usage,
+            Arc::new(limiter),
         )
         .unwrap();
         let rules = live.load().auth;

@@ -79,14 +79,11 @@ impl App {
             prefixes: fixed.prefixes.clone(),
         };
         let (usage, usage_queue) = UsageRecorder::new();
-        let (limit_store, namespace) = crate::limits::for_store(&*store);
-        let (local, joining) = crate::limits::local::Local::new();
-        let limiter = Limiter::new(limit_store.clone(), local, &namespace, metrics.clone());
+        let (limiter, joining, limit_store) = Limiter::for_store(&*store, metrics.clone());
         let (v, s, m) = (verifier.clone(), store.clone(), metrics.clone());
         let proxy = Proxy::new(&config, live.clone(), v, s, m, usage, Arc::new(limiter))
             .map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?;
         let admin = AdminState {
-            limits: limit_store.clone(),
             store,
             verifier,
             live,

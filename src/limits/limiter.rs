@@ -179,6 +179,18 @@ impl Limiter {
         }
     }
 
+    /// The limiter for `store` (its counters where `store` keeps them), the local
+    /// counters' exchange still to start (`local::run_exchange`), and the counter store.
+    pub fn for_store(
+        store: &dyn crate::store::KeyStore,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> (Limiter, super::local::Joining, Arc<dyn LimitStore>) {
+        let (limit_store, namespace) = super::for_store(store);
+        let (local, joining) = Local::new();
+        let limiter = Limiter::new(limit_store.clone(), local, &namespace, metrics);
+        (limiter, joining, limit_store)
+    }
+
     /// Does anything limit this request? (The common case answers no without a lookup.)
     pub fn applies(route: &Route, id: &Identity) -> bool {
         !route.rate_limits.is_empty() || id.limits.is_some()

@@ -332,6 +332,8 @@ mod tests {
             scopes: Vec::new(),
             allow_publishable: false,
             max_body_bytes: None,
+            cost: 1,
+            rate_limits: Vec::new(),
         }
     }
 
