@@ -208,16 +208,16 @@ impl Limiter {
         if specs.is_empty() {
             return Ok(Admission::default());
         }
-        let tag = super::tag(id.tenant());
         // In `local` mode a failing exchange means the counts are this replica's alone.
         let unchecked = !rules.exact && !self.local.store_ok();
         if unchecked && rules.deny_on_store_error {
             return self.store_failed(rules, &specs);
         }
         let answer = if rules.exact {
-            self.exact(&specs, &tag, id.id(), now_ms).await
+            self.exact(&specs, &super::tag(id.tenant()), id.id(), now_ms)
+                .await
         } else {
-            Ok(self.local(&specs, &tag, id, now_ms))
+            Ok(self.local(&specs, id, now_ms))
         };
         let (decision, states) = match answer {
             Ok(done) => done,
@@ -267,18 +267,13 @@ impl Limiter {
     }
 
     /// `local`: this process's counters; all are checked before any is spent.
-    fn local(
-        &self,
-        specs: &[Spec<'_>],
-        tag: &str,
-        id: &Identity,
-        now_ms: u64,
-    ) -> (Decision, Vec<Headroom>) {
+    fn local(&self, specs: &[Spec<'_>], id: &Identity, now_ms: u64) -> (Decision, Vec<Headroom>) {
         let slots: Vec<Arc<Slot>> = specs
             .iter()
             .map(|s| {
                 self.local.slot(s.hash(), || {
                     let c = s.counter();
+                    let tag = super::tag(id.tenant());
                     let key = format!("{}:{{{tag}}}:{}", self.namespace, c.id);
                     (key, c)
                 })
@@ -313,9 +308,11 @@ impl Limiter {
             }
         }
         let mut h = Xxh3::new();
-        h.update(tag.as_bytes());
+        h.update(id.tenant().as_bytes());
+        h.update(&[0]);
         h.update(id.id().as_bytes());
-        self.local.count(h.digest128(), tag, id.id(), admitted);
+        self.local
+            .count(h.digest128(), id.tenant(), id.id(), admitted);
         (decision, states)
     }
 

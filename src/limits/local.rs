@@ -185,11 +185,11 @@ impl Local {
         self.spend(slot, 0, now_ms);
     }
 
-    /// Count one decision for the key's usage totals.
-    pub fn count(&self, hash: u128, tag: &str, key_id: &str, admitted: bool) {
+    /// Count one decision for the key's usage totals (`hash` names tenant and key).
+    pub fn count(&self, hash: u128, tenant: &str, key_id: &str, admitted: bool) {
         let t = self.totals.get_with(hash, || {
             Arc::new(Totals {
-                tag: tag.to_string(),
+                tag: super::tag(tenant),
                 key_id: key_id.to_string(),
                 admitted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
