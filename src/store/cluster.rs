@@ -46,9 +46,12 @@
 //! replicas that have that step; fewer than wanted is `Unconfirmed` and later steps are
 //! not run.
 //!
+//! The record's fields, the limits fields (`ratelimits`, `credits`, `budget`, absent
+//! when empty) included, are the standalone record's (`redis.rs`).
+//!
 //! Data connections speak RESP2 (an `HGETALL` reply stays a flat array).
 
-use super::redis::{fields, parse_record};
+use super::redis::{fields, limit_changes, parse_record};
 use super::{
     check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
 };
@@ -190,7 +193,9 @@ return redis.call('HGETALL', KEYS[1])
 ";
 
 /// `{status, record}`: 0 not this tenant's key, 1 updated (or already so), 2 revoked at
-/// `now` (ARGV[5]), nothing written. An unchanged record is not published.
+/// `now` (ARGV[5]), nothing written. An unchanged record is not published. From ARGV[10]:
+/// pairs `field, value` of the limits fields that change (an empty value removes it),
+/// as in the standalone script.
 const UPDATE: &str = r"
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'id') ~= ARGV[2] then
   return {0, {}}
@@ -205,6 +210,18 @@ end
 if ARGV[8] == '1' and redis.call('HGET', KEYS[1], 'scopes') ~= ARGV[9] then
   redis.call('HSET', KEYS[1], 'scopes', ARGV[9])
   changed = true
+end
+for i = 10, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if ARGV[i + 1] == '' then
+    if cur then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      changed = true
+    end
+  elseif cur ~= ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    changed = true
+  end
 end
 if changed then
   local seq = redis.call('INCR', KEYS[2])
@@ -913,7 +930,8 @@ impl KeyStore for ClusterStore {
             .as_ref()
             .map(|s| s.join(" "))
             .unwrap_or_default();
-        let args = [
+        let limits = limit_changes(change);
+        let mut args = vec![
             tenant,
             id,
             &channel,
@@ -924,6 +942,10 @@ impl KeyStore for ClusterStore {
             flag(change.scopes.is_some()),
             &scopes,
         ];
+        for (field, value) in &limits {
+            args.push(field);
+            args.push(value);
+        }
         match status_record(self.step(UPDATE, &[&rec, &seq], &args).await?)? {
             (0, _) => Ok(None),
             (1, record) => parse_record(record),
