@@ -49,11 +49,14 @@
 //! The record's fields, the limits fields (`ratelimits`, `credits`, `budget`, absent
 //! when empty) included, are the standalone record's (`redis.rs`).
 //!
+//! `KeyStore::scripts` runs rate-limit scripts over the read connection (never behind
+//! a `WAIT`), routed by the first key's slot: every key of one call shares a hash tag.
+//!
 //! Data connections speak RESP2 (an `HGETALL` reply stays a flat array).
 
 use super::redis::{fields, limit_changes, parse_record};
 use super::{
-    check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
+    check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, Scripts, StoreError,
 };
 use crate::key::{self, Digest};
 use arc_swap::ArcSwapOption;
@@ -1027,6 +1030,62 @@ impl KeyStore for ClusterStore {
 
     fn kind(&self) -> &'static str {
         "redis-cluster"
+    }
+
+    fn scripts(&self) -> Option<Arc<dyn Scripts>> {
+        Some(Arc::new(ClusterScripts(self.clone())))
+    }
+}
+
+/// Rate-limit scripts on the primary of their keys' slot (`KeyStore::scripts`).
+struct ClusterScripts(ClusterStore);
+
+#[async_trait]
+impl Scripts for ClusterScripts {
+    async fn eval(
+        &self,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Value, StoreError> {
+        let store = &self.0;
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        // Over the read connection (never behind a `WAIT`); the client routes `EVALSHA`
+        // by its first key and follows MOVED and ASK, and on `NOSCRIPT` loads the script
+        // on every node. A redirection or TRYAGAIN that still comes back (see `query`)
+        // means the script did not run, so it is sent again within the time bound; any
+        // other failure is not: the script may have run.
+        let r = store
+            .bounded(async {
+                let mut conn = store.conn().await;
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match invocation.invoke_async::<Value>(&mut conn).await {
+                        Err(e)
+                            if tries < 3 && (e.redirect_node().is_some() || is_try_again(&e)) =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        other => return other.map_err(map_err),
+                    }
+                }
+            })
+            .await;
+        if let Err(e) = &r {
+            store.conn.failed(e);
+        }
+        r
+    }
+
+    fn namespace(&self) -> &str {
+        &self.0.ns
     }
 }
 

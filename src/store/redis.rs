@@ -20,11 +20,15 @@
 //! Separate fields make a PATCH of rate limits or credits a plain `HSET`/`HDEL` of its
 //! own field in the update script, so concurrent changes of different fields never
 //! overwrite each other. A field that does not decode is `StoreError::Corrupt`.
+//!
+//! `KeyStore::scripts` runs rate-limit scripts (`EVALSHA`, loading the script on
+//! `NOSCRIPT`) on the current primary, over the read connection (a proxy worker's own
+//! one for a `worker_reader`), never behind a management write's `WAIT`.
 
 use super::topology::{self, Link, Node, SentinelWatch, Target};
 use super::{
     check_cursor, order_key, Credits, KeyLimits, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest,
-    RateLimit, StoreError,
+    RateLimit, Scripts, StoreError,
 };
 use crate::key::{self, Digest, Environment, KeyType};
 use async_trait::async_trait;
@@ -1031,6 +1035,61 @@ impl KeyStore for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn scripts(&self) -> Option<Arc<dyn Scripts>> {
+        // A worker's own connection when this is a worker's reader, else the shared read
+        // connection: neither ever carries a management write's `WAIT`.
+        let link = self.reader.clone().unwrap_or_else(|| self.conn.clone());
+        Some(Arc::new(RedisScripts {
+            store: self.clone(),
+            link,
+        }))
+    }
+}
+
+/// Rate-limit scripts on the current primary (`KeyStore::scripts`).
+struct RedisScripts {
+    store: RedisStore,
+    link: Link,
+}
+
+#[async_trait]
+impl Scripts for RedisScripts {
+    async fn eval(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<redis::Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        let mut conn = self.link.get()?;
+        // Sent once: a script that met a dropped connection may have run, and a counter
+        // must not count twice. `EVALSHA`, then on `NOSCRIPT` (a new primary, a restart)
+        // `SCRIPT LOAD` and `EVALSHA` again.
+        self.store
+            .bounded(async {
+                let r = invocation.invoke_async::<redis::Value>(&mut conn).await;
+                if let Err(e) = &r {
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                        // The primary may be gone: ask the sentinels now (`bounded`
+                        // does the same for READONLY and MASTERDOWN).
+                        self.link.target().suspect();
+                    }
+                }
+                r
+            })
+            .await
+    }
+
+    fn namespace(&self) -> &str {
+        &self.store.ns
     }
 }
 
