@@ -1060,7 +1060,9 @@ impl Scripts for ClusterScripts {
         // by its first key and follows MOVED and ASK, and on `NOSCRIPT` loads the script
         // on every node. A redirection or TRYAGAIN that still comes back (see `query`)
         // means the script did not run, so it is sent again within the time bound; any
-        // other failure is not: the script may have run.
+        // other failure is not: the script may have run. (The client itself resends a
+        // request after a dropped connection, as for every call: see the module doc. A
+        // counter may then count that one request twice.)
         let r = store
             .bounded(async {
                 let mut conn = store.conn().await;
