@@ -46,11 +46,17 @@
 //! replicas that have that step; fewer than wanted is `Unconfirmed` and later steps are
 //! not run.
 //!
+//! The record's fields, the limits fields (`ratelimits`, `credits`, `budget`, absent
+//! when empty) included, are the standalone record's (`redis.rs`).
+//!
+//! `KeyStore::scripts` runs rate-limit scripts over the read connection (never behind
+//! a `WAIT`), routed by the first key's slot: every key of one call shares a hash tag.
+//!
 //! Data connections speak RESP2 (an `HGETALL` reply stays a flat array).
 
-use super::redis::{fields, parse_record};
+use super::redis::{fields, limit_changes, parse_record};
 use super::{
-    check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
+    check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, Scripts, StoreError,
 };
 use crate::key::{self, Digest};
 use arc_swap::ArcSwapOption;
@@ -190,7 +196,9 @@ return redis.call('HGETALL', KEYS[1])
 ";
 
 /// `{status, record}`: 0 not this tenant's key, 1 updated (or already so), 2 revoked at
-/// `now` (ARGV[5]), nothing written. An unchanged record is not published.
+/// `now` (ARGV[5]), nothing written. An unchanged record is not published. From ARGV[10]:
+/// pairs `field, value` of the limits fields that change (an empty value removes it),
+/// as in the standalone script.
 const UPDATE: &str = r"
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'id') ~= ARGV[2] then
   return {0, {}}
@@ -205,6 +213,18 @@ end
 if ARGV[8] == '1' and redis.call('HGET', KEYS[1], 'scopes') ~= ARGV[9] then
   redis.call('HSET', KEYS[1], 'scopes', ARGV[9])
   changed = true
+end
+for i = 10, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if ARGV[i + 1] == '' then
+    if cur then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      changed = true
+    end
+  elseif cur ~= ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    changed = true
+  end
 end
 if changed then
   local seq = redis.call('INCR', KEYS[2])
@@ -913,7 +933,8 @@ impl KeyStore for ClusterStore {
             .as_ref()
             .map(|s| s.join(" "))
             .unwrap_or_default();
-        let args = [
+        let limits = limit_changes(change);
+        let mut args = vec![
             tenant,
             id,
             &channel,
@@ -924,6 +945,10 @@ impl KeyStore for ClusterStore {
             flag(change.scopes.is_some()),
             &scopes,
         ];
+        for (field, value) in &limits {
+            args.push(field);
+            args.push(value);
+        }
         match status_record(self.step(UPDATE, &[&rec, &seq], &args).await?)? {
             (0, _) => Ok(None),
             (1, record) => parse_record(record),
@@ -1005,6 +1030,64 @@ impl KeyStore for ClusterStore {
 
     fn kind(&self) -> &'static str {
         "redis-cluster"
+    }
+
+    fn scripts(&self) -> Option<Arc<dyn Scripts>> {
+        Some(Arc::new(ClusterScripts(self.clone())))
+    }
+}
+
+/// Rate-limit scripts on the primary of their keys' slot (`KeyStore::scripts`).
+struct ClusterScripts(ClusterStore);
+
+#[async_trait]
+impl Scripts for ClusterScripts {
+    async fn eval(
+        &self,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Value, StoreError> {
+        let store = &self.0;
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        // Over the read connection (never behind a `WAIT`); the client routes `EVALSHA`
+        // by its first key and follows MOVED and ASK, and on `NOSCRIPT` loads the script
+        // on every node. A redirection or TRYAGAIN that still comes back (see `query`)
+        // means the script did not run, so it is sent again within the time bound; any
+        // other failure is not: the script may have run. (The client itself resends a
+        // request after a dropped connection, as for every call: see the module doc. A
+        // counter may then count that one request twice.)
+        let r = store
+            .bounded(async {
+                let mut conn = store.conn().await;
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match invocation.invoke_async::<Value>(&mut conn).await {
+                        Err(e)
+                            if tries < 3 && (e.redirect_node().is_some() || is_try_again(&e)) =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        other => return other.map_err(map_err),
+                    }
+                }
+            })
+            .await;
+        if let Err(e) = &r {
+            store.conn.failed(e);
+        }
+        r
+    }
+
+    fn namespace(&self) -> &str {
+        &self.0.ns
     }
 }
 

@@ -1,8 +1,8 @@
 //! `keygate migrate`: copy every record of a standalone (or Sentinel) dataset into
 //! another store, such as a Redis Cluster, whose layout differs. Records are copied as
-//! they are (revocations, expiry, successors and last use included); a record already in
-//! the target with the same id counts as present, so a rerun after an interruption is
-//! safe.
+//! they are (revocations, expiry, successors, last use, rate limits and credits
+//! included); a record already in the target with the same id counts as present, so a
+//! rerun after an interruption is safe.
 
 use super::redis::RedisStore;
 use super::{KeyRecord, KeyStore, StoreError};

@@ -128,6 +128,12 @@ impl KeyStore for MemoryStore {
                 if let Some(s) = &change.scopes {
                     r.scopes = s.clone();
                 }
+                if let Some(l) = &change.ratelimits {
+                    r.limits.ratelimits = l.clone();
+                }
+                if let Some(c) = &change.credits {
+                    r.limits.credits = c.clone();
+                }
                 Ok(Some(r.clone()))
             }
             _ => Ok(None),

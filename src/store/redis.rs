@@ -8,10 +8,27 @@
 //! - `ns:t:<tenant>`      sorted set (all scores 0, lexicographic): `<created hex16>:<id>`
 //! - `ns:seq`             counter bumped by every change, carried in the published message
 //! - `ns:events`          pub/sub channel: `<seq> <event> <digest hex> <commit ms>`
+//!
+//! The record hash holds one field per `KeyRecord` field (`fields`, `parse_record`).
+//! A key's own limits (issue 14) are three optional fields, each absent when empty, so
+//! a record without limits is stored exactly as before and an older record reads as
+//! having none:
+//! - `ratelimits`  JSON array of `{"name", "limit", "duration_ms"}` (`Vec<RateLimit>`)
+//! - `credits`     JSON object `{"remaining", "set_at", "refill"?: {"amount", "interval_ms"}}`
+//! - `budget`      text: the key id whose counters this key spends
+//!
+//! Separate fields make a PATCH of rate limits or credits a plain `HSET`/`HDEL` of its
+//! own field in the update script, so concurrent changes of different fields never
+//! overwrite each other. A field that does not decode is `StoreError::Corrupt`.
+//!
+//! `KeyStore::scripts` runs rate-limit scripts (`EVALSHA`, loading the script on
+//! `NOSCRIPT`) on the current primary, over the read connection (a proxy worker's own
+//! one for a `worker_reader`), never behind a management write's `WAIT`.
 
 use super::topology::{self, Link, Node, SentinelWatch, Target};
 use super::{
-    check_cursor, order_key, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest, StoreError,
+    check_cursor, order_key, Credits, KeyLimits, KeyRecord, KeyStore, KeyUpdate, Page, PageRequest,
+    RateLimit, Scripts, StoreError,
 };
 use crate::key::{self, Digest, Environment, KeyType};
 use async_trait::async_trait;
@@ -62,7 +79,9 @@ return redis.call('HGETALL', rk)
 
 /// Returns `{status, record}`: 1 updated (or already so), 2 revoked at `now` (ARGV[4]),
 /// nothing written; `false` when the key is not in the tenant. A change to what is
-/// already stored is not published: replicas have nothing to drop.
+/// already stored is not published: replicas have nothing to drop. After name and
+/// scopes, ARGV holds pairs `field, value` for the optional fields that change
+/// (`limit_changes`): an empty value removes the field.
 const UPDATE: &str = r"
 local d = redis.call('GET', KEYS[1])
 if not d then return false end
@@ -78,6 +97,18 @@ end
 if ARGV[7] == '1' and redis.call('HGET', rk, 'scopes') ~= ARGV[8] then
   redis.call('HSET', rk, 'scopes', ARGV[8])
   changed = true
+end
+for i = 9, #ARGV, 2 do
+  local cur = redis.call('HGET', rk, ARGV[i])
+  if ARGV[i + 1] == '' then
+    if cur then
+      redis.call('HDEL', rk, ARGV[i])
+      changed = true
+    end
+  elseif cur ~= ARGV[i + 1] then
+    redis.call('HSET', rk, ARGV[i], ARGV[i + 1])
+    changed = true
+  end
 end
 if changed then
   local seq = redis.call('INCR', KEYS[2])
@@ -634,7 +665,40 @@ pub(crate) fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
             f.push((name, v));
         }
     }
+    let limits = &record.limits;
+    if !limits.ratelimits.is_empty() {
+        f.push(("ratelimits", to_json(&limits.ratelimits)));
+    }
+    if let Some(c) = &limits.credits {
+        f.push(("credits", to_json(c)));
+    }
+    if let Some(b) = &limits.budget {
+        f.push(("budget", b.clone()));
+    }
     f
+}
+
+/// JSON of a limits field. The types are plain structs of strings and numbers.
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("limits serialize to JSON")
+}
+
+/// The optional record fields a `KeyUpdate` sets, as `(field, value)` pairs for the
+/// update scripts (here and in `cluster.rs`); an empty value removes the field.
+pub(crate) fn limit_changes(change: &KeyUpdate) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(r) = &change.ratelimits {
+        let value = if r.is_empty() {
+            String::new()
+        } else {
+            to_json(r)
+        };
+        out.push(("ratelimits", value));
+    }
+    if let Some(c) = &change.credits {
+        out.push(("credits", c.as_ref().map(to_json).unwrap_or_default()));
+    }
+    out
 }
 
 /// Parse an HGETALL reply strictly: a record that fails here is reported, never guessed.
@@ -660,6 +724,8 @@ pub(crate) fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, Store
         v.parse::<u64>()
             .map_err(|_| corrupt(format!("field {name} is not a number")))
     };
+    // The reason names the field only: serde's message may quote the stored text.
+    let malformed = |name: &str| corrupt(format!("field {name} is malformed"));
     let record = KeyRecord {
         id: take("id")?,
         tenant: take("tenant")?,
@@ -688,7 +754,20 @@ pub(crate) fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, Store
             .map(|v| num("revoked_at", v))
             .transpose()?,
         successor_id: map.remove("successor_id"),
-        limits: Default::default(),
+        limits: KeyLimits {
+            ratelimits: map
+                .remove("ratelimits")
+                .map(|v| {
+                    serde_json::from_str::<Vec<RateLimit>>(&v).map_err(|_| malformed("ratelimits"))
+                })
+                .transpose()?
+                .unwrap_or_default(),
+            credits: map
+                .remove("credits")
+                .map(|v| serde_json::from_str::<Credits>(&v).map_err(|_| malformed("credits")))
+                .transpose()?,
+            budget: map.remove("budget"),
+        },
     };
     Ok(Some(record))
 }
@@ -881,6 +960,9 @@ impl KeyStore for RedisStore {
                     .map(|s| s.join(" "))
                     .unwrap_or_default(),
             );
+        for (field, value) in limit_changes(change) {
+            cmd.arg(field).arg(value);
+        }
         let (reply, _): (Option<(i64, Vec<String>)>, _) = self.write(cmd).await?;
         match reply {
             None => Ok(None),
@@ -953,6 +1035,61 @@ impl KeyStore for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn scripts(&self) -> Option<Arc<dyn Scripts>> {
+        // A worker's own connection when this is a worker's reader, else the shared read
+        // connection: neither ever carries a management write's `WAIT`.
+        let link = self.reader.clone().unwrap_or_else(|| self.conn.clone());
+        Some(Arc::new(RedisScripts {
+            store: self.clone(),
+            link,
+        }))
+    }
+}
+
+/// Rate-limit scripts on the current primary (`KeyStore::scripts`).
+struct RedisScripts {
+    store: RedisStore,
+    link: Link,
+}
+
+#[async_trait]
+impl Scripts for RedisScripts {
+    async fn eval(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<redis::Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        let mut conn = self.link.get()?;
+        // Sent once: a script that met a dropped connection may have run, and a counter
+        // must not count twice. `EVALSHA`, then on `NOSCRIPT` (a new primary, a restart)
+        // `SCRIPT LOAD` and `EVALSHA` again.
+        self.store
+            .bounded(async {
+                let r = invocation.invoke_async::<redis::Value>(&mut conn).await;
+                if let Err(e) = &r {
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                        // The primary may be gone: ask the sentinels now (`bounded`
+                        // does the same for READONLY and MASTERDOWN).
+                        self.link.target().suspect();
+                    }
+                }
+                r
+            })
+            .await
+    }
+
+    fn namespace(&self) -> &str {
+        &self.store.ns
     }
 }
 

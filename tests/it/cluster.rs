@@ -627,3 +627,101 @@ async fn the_feed_follows_revocations_across_the_cluster() {
     let _ = stop.send(true);
     feed.await.unwrap();
 }
+
+/// Rate-limit scripts run on the primary of their hash tag's slot, with no `WAIT`, and
+/// keep running there after the slot moves (the client follows MOVED; `NOSCRIPT` on the
+/// new owner loads the script again). A record without limits has no limits fields here
+/// either, also after a PATCH set and removed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_run_where_their_slot_is() {
+    use keygate::store::cluster::bucket_of;
+    use keygate::store::{Credits, KeyUpdate, RateLimit};
+    use redis::Value;
+    let cluster = std::sync::Arc::new(tokio::task::spawn_blocking(Cluster::start).await.unwrap());
+    let store = ClusterStore::connect(&settings(&cluster, "lim", 1)).unwrap();
+    let scripts = store.scripts().expect("a cluster runs scripts");
+    assert_eq!(scripts.namespace(), "lim");
+    let waits = cluster.calls("wait");
+    let both = redis::Script::new(
+        "redis.call('INCRBY', KEYS[2], ARGV[1]) return redis.call('INCRBY', KEYS[1], ARGV[1])",
+    );
+    let keys = ["lim:{x}:a".to_string(), "lim:{x}:b".to_string()];
+    let by = |n: u64| [n.to_string()];
+    let slot = crate::support_cluster::slot(&keys[0]);
+    let owner = cluster.primary_for_slot(slot);
+    assert_eq!(
+        scripts.eval(&both, &keys, &by(3)).await.unwrap(),
+        Value::Int(3)
+    );
+    assert_eq!(
+        scripts.eval(&both, &keys, &by(3)).await.unwrap(),
+        Value::Int(6)
+    );
+    assert_eq!(cluster.nodes[owner].cmd::<String>(&["GET", &keys[1]]), "6");
+    assert_eq!(
+        cluster.calls("wait"),
+        waits,
+        "a script was followed by WAIT"
+    );
+
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .find(|&p| p != owner)
+        .unwrap();
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.move_slot(slot, owner, to, Duration::ZERO))
+        .await
+        .unwrap();
+    for i in cluster.primaries() {
+        let _: String = cluster.nodes[i].cmd(&["SCRIPT", "FLUSH"]);
+    }
+    assert_eq!(
+        scripts.eval(&both, &keys, &by(1)).await.unwrap(),
+        Value::Int(7)
+    );
+    assert_eq!(cluster.nodes[to].cmd::<String>(&["GET", &keys[0]]), "7");
+    assert_eq!(cluster.nodes[to].cmd::<String>(&["GET", &keys[1]]), "7");
+
+    // The record layout: no limits fields unless the key has limits.
+    let plain = ClusterStore::connect(&settings(&cluster, "lim", 0)).unwrap();
+    let r = crate::contract::record("t", keygate::time::now_ms());
+    plain.insert(&r).await.unwrap();
+    let rk = format!(
+        "lim:{{lim.{:x}}}:k:{}",
+        bucket_of(&r.digest),
+        keygate::key::hex(&r.digest)
+    );
+    let mut conn = cluster.client();
+    let hash = |conn: &mut redis::cluster::ClusterConnection| {
+        direct::<std::collections::BTreeMap<String, String>>(conn, &["HGETALL", &rk])
+    };
+    let original = hash(&mut conn);
+    assert_eq!(original.get("id"), Some(&r.id));
+    for field in ["limits", "ratelimits", "credits", "budget"] {
+        assert!(!original.contains_key(field), "{field} in {original:?}");
+    }
+    let set = KeyUpdate {
+        ratelimits: Some(vec![RateLimit {
+            name: "rps".into(),
+            limit: 1,
+            duration_ms: 1000,
+        }]),
+        credits: Some(Some(Credits {
+            remaining: 1,
+            set_at: 1,
+            refill: None,
+        })),
+        ..KeyUpdate::default()
+    };
+    let updated = plain.update("t", &r.id, &set, 1).await.unwrap().unwrap();
+    assert_eq!(updated.limits.ratelimits, set.ratelimits.clone().unwrap());
+    assert!(hash(&mut conn).contains_key("ratelimits"));
+    let unset = KeyUpdate {
+        ratelimits: Some(Vec::new()),
+        credits: Some(None),
+        ..KeyUpdate::default()
+    };
+    plain.update("t", &r.id, &unset, 2).await.unwrap().unwrap();
+    assert_eq!(hash(&mut conn), original);
+}

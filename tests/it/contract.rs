@@ -1,7 +1,9 @@
 //! The store contract: the same behaviour cases, run against the memory store here and
 //! against a real Redis in `redis_store.rs`.
 use keygate::key::{self, Environment, KeyType};
-use keygate::store::{KeyRecord, KeyStore, KeyUpdate, PageRequest, StoreError};
+use keygate::store::{
+    Credits, KeyLimits, KeyRecord, KeyStore, KeyUpdate, PageRequest, RateLimit, Refill, StoreError,
+};
 
 pub fn record(tenant: &str, created_at: u64) -> KeyRecord {
     let id = uuid::Uuid::now_v7().to_string();
@@ -41,6 +43,36 @@ pub async fn run_all(store: &dyn KeyStore) {
     update_is_idempotent(store).await;
     rotate_refuses_a_key_with_a_successor(store).await;
     concurrent_rotations_make_one_successor(store).await;
+    limits_round_trip(store).await;
+    update_sets_replaces_and_removes_limits(store).await;
+    update_of_limits_refuses_a_revoked_key(store).await;
+}
+
+/// Two rate limits, credits with a refill, and another key's budget.
+pub fn some_limits() -> KeyLimits {
+    KeyLimits {
+        ratelimits: vec![
+            RateLimit {
+                name: "per-second".into(),
+                limit: 10,
+                duration_ms: 1_000,
+            },
+            RateLimit {
+                name: "per-day".into(),
+                limit: 50_000,
+                duration_ms: 86_400_000,
+            },
+        ],
+        credits: Some(Credits {
+            remaining: 1_000,
+            set_at: 1_700_000_000_000,
+            refill: Some(Refill {
+                amount: 500,
+                interval_ms: 3_600_000,
+            }),
+        }),
+        budget: Some("0193aaaa-bbbb-7ccc-8ddd-eeeeffff0000".into()),
+    }
 }
 
 async fn insert_and_read_back(store: &dyn KeyStore) {
@@ -363,6 +395,195 @@ async fn concurrent_rotations_make_one_successor(store: &dyn KeyStore) {
     assert_eq!(ids, vec![winners[0].clone(), old.id.clone()]);
     let now_old = store.by_id("t-race", &old.id).await.unwrap().unwrap();
     assert_eq!(now_old.successor_id.as_ref(), Some(&winners[0]));
+}
+
+async fn limits_round_trip(store: &dyn KeyStore) {
+    let mut r = record("t-lim", 1_700_000_000_000);
+    r.limits = some_limits();
+    store.insert(&r).await.unwrap();
+    assert_eq!(store.by_digest(&r.digest).await.unwrap(), Some(r.clone()));
+    let by_id = store.by_id("t-lim", &r.id).await.unwrap().unwrap();
+    assert_eq!(by_id.limits, some_limits());
+    // Credits alone, no refill, no budget; and a key without limits next to them.
+    let mut credits_only = record("t-lim", 1_700_000_000_001);
+    credits_only.limits.credits = Some(Credits {
+        remaining: 3,
+        set_at: 5,
+        refill: None,
+    });
+    store.insert(&credits_only).await.unwrap();
+    let plain = record("t-lim", 1_700_000_000_002);
+    store.insert(&plain).await.unwrap();
+    let listed = store
+        .list(
+            "t-lim",
+            &PageRequest {
+                limit: 10,
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(listed, vec![plain.clone(), credits_only.clone(), r.clone()]);
+    assert!(listed[0].limits.is_empty() && listed[0].limits.budget.is_none());
+    // A rotation stores the new key's limits as given (the shared budget included).
+    let mut new = record("t-lim", 1_700_000_000_003);
+    new.limits = KeyLimits {
+        budget: Some(r.id.clone()),
+        ..some_limits()
+    };
+    let now = 1_700_000_000_100;
+    let old = store
+        .rotate("t-lim", &r.id, &new, now + 60_000, now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.limits, some_limits());
+    assert_eq!(
+        store.by_digest(&new.digest).await.unwrap(),
+        Some(new.clone())
+    );
+    assert_eq!(
+        store.by_id("t-lim", &new.id).await.unwrap().unwrap().limits,
+        new.limits
+    );
+}
+
+async fn update_sets_replaces_and_removes_limits(store: &dyn KeyStore) {
+    let r = record("t-limupd", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    let update = |change: KeyUpdate| update_twice(store, &r, change);
+    let limits = some_limits();
+    // Set both.
+    let set = update(KeyUpdate {
+        ratelimits: Some(limits.ratelimits.clone()),
+        credits: Some(limits.credits.clone()),
+        ..KeyUpdate::default()
+    })
+    .await;
+    assert_eq!(set.limits.ratelimits, limits.ratelimits);
+    assert_eq!(set.limits.credits, limits.credits);
+    assert_eq!(set.limits.budget, None);
+    assert_eq!(
+        (set.name.as_str(), set.scopes.clone()),
+        ("n", r.scopes.clone())
+    );
+    // Replace the rate limits only: the credits stay; with a name change in the same step.
+    let one = vec![RateLimit {
+        name: "burst".into(),
+        limit: 3,
+        duration_ms: 100,
+    }];
+    let replaced = update(KeyUpdate {
+        name: Some("limited".into()),
+        ratelimits: Some(one.clone()),
+        ..KeyUpdate::default()
+    })
+    .await;
+    assert_eq!(replaced.name, "limited");
+    assert_eq!(replaced.limits.ratelimits, one);
+    assert_eq!(replaced.limits.credits, limits.credits);
+    // New credits (a new set_at): the rate limits stay.
+    let fresh = Credits {
+        remaining: 7,
+        set_at: 1_700_000_009_000,
+        refill: None,
+    };
+    let recredited = update(KeyUpdate {
+        credits: Some(Some(fresh.clone())),
+        ..KeyUpdate::default()
+    })
+    .await;
+    assert_eq!(recredited.limits.credits, Some(fresh));
+    assert_eq!(recredited.limits.ratelimits, one);
+    // Remove the credits (Some(None)), then the rate limits (an empty list).
+    let uncredited = update(KeyUpdate {
+        credits: Some(None),
+        ..KeyUpdate::default()
+    })
+    .await;
+    assert_eq!(uncredited.limits.credits, None);
+    assert_eq!(uncredited.limits.ratelimits, one);
+    let unlimited = update(KeyUpdate {
+        ratelimits: Some(Vec::new()),
+        ..KeyUpdate::default()
+    })
+    .await;
+    assert_eq!(unlimited.limits, KeyLimits::default());
+    // Back where it started, but for the name.
+    assert_eq!(
+        unlimited,
+        KeyRecord {
+            name: "limited".into(),
+            ..r.clone()
+        }
+    );
+    // Another tenant's key is not found.
+    let change = KeyUpdate {
+        credits: Some(Some(Credits {
+            remaining: 1,
+            set_at: 1,
+            refill: None,
+        })),
+        ..KeyUpdate::default()
+    };
+    assert_eq!(
+        store.update("t-other", &r.id, &change, 3).await.unwrap(),
+        None
+    );
+    assert_eq!(store.by_digest(&r.digest).await.unwrap(), Some(unlimited));
+}
+
+/// Apply `change` to `r` twice: both answers and the record read back are the same.
+async fn update_twice(store: &dyn KeyStore, r: &KeyRecord, change: KeyUpdate) -> KeyRecord {
+    let once = store.update(&r.tenant, &r.id, &change, 1).await.unwrap();
+    let twice = store.update(&r.tenant, &r.id, &change, 2).await.unwrap();
+    assert_eq!(once, twice, "{change:?} applied twice");
+    let read = store.by_digest(&r.digest).await.unwrap();
+    assert_eq!(read, twice, "{change:?} as read back");
+    read.expect("the key exists")
+}
+
+async fn update_of_limits_refuses_a_revoked_key(store: &dyn KeyStore) {
+    let mut r = record("t-limrev", 1_700_000_000_000);
+    r.limits = some_limits();
+    store.insert(&r).await.unwrap();
+    store.revoke("t-limrev", &r.id, 500).await.unwrap().unwrap();
+    let before = store.by_digest(&r.digest).await.unwrap();
+    let changes = [
+        KeyUpdate {
+            ratelimits: Some(Vec::new()),
+            ..KeyUpdate::default()
+        },
+        KeyUpdate {
+            credits: Some(None),
+            ..KeyUpdate::default()
+        },
+        KeyUpdate {
+            ratelimits: Some(vec![RateLimit {
+                name: "x".into(),
+                limit: 1,
+                duration_ms: 1,
+            }]),
+            credits: Some(Some(Credits {
+                remaining: 1,
+                set_at: 501,
+                refill: None,
+            })),
+            ..KeyUpdate::default()
+        },
+    ];
+    for change in &changes {
+        assert!(
+            matches!(
+                store.update("t-limrev", &r.id, change, 501).await,
+                Err(StoreError::Revoked)
+            ),
+            "{change:?} of a revoked key"
+        );
+        assert_eq!(store.by_digest(&r.digest).await.unwrap(), before);
+    }
 }
 
 /// A tenant's key ids, newest first.

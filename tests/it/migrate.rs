@@ -5,6 +5,7 @@
 use crate::support::{assert_error, eventually, spawn_app, Redis, Store};
 use crate::support_cluster::Cluster;
 use keygate::store::cluster::{ClusterSettings, ClusterStore};
+use keygate::store::redis::{RedisSettings, RedisStore};
 use keygate::store::KeyStore;
 use std::process::Command;
 use std::time::Duration;
@@ -21,6 +22,16 @@ async fn a_standalone_dataset_moves_to_a_cluster_and_keeps_working() {
     }
     assert_eq!(old.revoke(&keys[0].id).await.status().as_u16(), 200);
     old.stop().await;
+    // And one with its own rate limits, credits and budget, written by the store.
+    let source = RedisStore::connect(&RedisSettings::standalone(
+        &redis.url,
+        "kgtest",
+        Duration::from_secs(1),
+    ))
+    .unwrap();
+    let mut limited = crate::contract::record("limited", keygate::time::now_ms());
+    limited.limits = crate::contract::some_limits();
+    source.insert(&limited).await.unwrap();
 
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -59,7 +70,7 @@ async fn a_standalone_dataset_moves_to_a_cluster_and_keeps_working() {
     assert!(copied, "{summary}");
     let again = migrate();
     assert!(
-        again.contains("0 copied, 6 already there, 0 failed"),
+        again.contains("0 copied, 7 already there, 0 failed"),
         "{again}"
     );
 
@@ -137,6 +148,11 @@ async fn a_standalone_dataset_moves_to_a_cluster_and_keeps_working() {
             "{metrics}"
         );
     }
+    assert_eq!(
+        other.by_digest(&limited.digest).await.unwrap().as_ref(),
+        Some(&limited),
+        "the limits were not carried over"
+    );
     let digest = keygate::key::sha256(keys[1].key.as_bytes());
     let record = other.by_digest(&digest).await.unwrap().expect("migrated");
     let now = keygate::time::now_ms();

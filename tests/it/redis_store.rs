@@ -571,3 +571,238 @@ async fn listing_pages_through_redis_newest_first() {
     let unique: HashSet<_> = seen.iter().collect();
     assert_eq!(unique.len(), 5);
 }
+
+/// The next change message on a subscription (within 2 s).
+async fn next_event(events: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin)) -> String {
+    use futures_util::StreamExt;
+    let msg = tokio::time::timeout(Duration::from_secs(2), events.next())
+        .await
+        .expect("a change event")
+        .expect("the subscription");
+    msg.get_payload::<String>().unwrap()
+}
+
+/// The field names of a record's hash, sorted.
+fn hash_fields(redis: &Redis, key: &str) -> Vec<String> {
+    let map: std::collections::BTreeMap<String, String> = redis.cmd(&["HGETALL", key]);
+    map.into_keys().collect()
+}
+
+fn limits_store(redis: &Redis) -> RedisStore {
+    RedisStore::connect(&RedisSettings::standalone(
+        &redis.url,
+        "lim",
+        Duration::from_millis(250),
+    ))
+    .unwrap()
+}
+
+/// A record without limits is the hash it always was (an existing dataset is unchanged,
+/// and a PATCH that sets and then removes limits leaves it as it was); limits are fields
+/// of their own, and a change to them is published like a name change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_hash_fields_of_their_own_absent_without_limits() {
+    use keygate::store::{Credits, KeyUpdate, RateLimit};
+    let redis = Redis::start();
+    let store = limits_store(&redis);
+    let r = crate::contract::record("t", 1_700_000_000_000);
+    store.insert(&r).await.unwrap();
+    let rk = format!("lim:k:{}", key::hex(&r.digest));
+    let original: std::collections::BTreeMap<String, String> = redis.cmd(&["HGETALL", &rk]);
+    assert_eq!(
+        hash_fields(&redis, &rk),
+        [
+            "created_at",
+            "digest",
+            "env",
+            "expires_at",
+            "id",
+            "last_four",
+            "name",
+            "prefix",
+            "scopes",
+            "tenant",
+            "type"
+        ],
+    );
+
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut events = client.get_async_pubsub().await.unwrap();
+    events.subscribe("lim:events").await.unwrap();
+    let mut events = events.into_on_message();
+    let seq = || redis.cmd::<u64>(&["GET", "lim:seq"]);
+    let seq_before = seq();
+
+    let set = KeyUpdate {
+        ratelimits: Some(vec![RateLimit {
+            name: "rps".into(),
+            limit: 10,
+            duration_ms: 1000,
+        }]),
+        credits: Some(Some(Credits {
+            remaining: 100,
+            set_at: 1_700_000_000_000,
+            refill: None,
+        })),
+        ..KeyUpdate::default()
+    };
+    store.update("t", &r.id, &set, 5).await.unwrap().unwrap();
+    let stored: std::collections::BTreeMap<String, String> = redis.cmd(&["HGETALL", &rk]);
+    assert_eq!(
+        stored.get("ratelimits").map(String::as_str),
+        Some(r#"[{"name":"rps","limit":10,"duration_ms":1000}]"#)
+    );
+    assert_eq!(
+        stored.get("credits").map(String::as_str),
+        Some(r#"{"remaining":100,"set_at":1700000000000}"#)
+    );
+    assert!(!stored.contains_key("limits") && !stored.contains_key("budget"));
+    assert_eq!(
+        next_event(&mut events).await,
+        format!("{} update {} 5", seq_before + 1, key::hex(&r.digest))
+    );
+    // The same change again writes and publishes nothing.
+    store.update("t", &r.id, &set, 6).await.unwrap().unwrap();
+    assert_eq!(seq(), seq_before + 1);
+
+    let unset = KeyUpdate {
+        ratelimits: Some(Vec::new()),
+        credits: Some(None),
+        ..KeyUpdate::default()
+    };
+    store.update("t", &r.id, &unset, 7).await.unwrap().unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        format!("{} update {} 7", seq_before + 2, key::hex(&r.digest))
+    );
+    let after: std::collections::BTreeMap<String, String> = redis.cmd(&["HGETALL", &rk]);
+    assert_eq!(after, original);
+
+    // Inserted with limits (and a budget): three fields, nothing else new.
+    let mut limited = crate::contract::record("t", 1_700_000_000_001);
+    limited.limits = crate::contract::some_limits();
+    store.insert(&limited).await.unwrap();
+    let fields = hash_fields(&redis, &format!("lim:k:{}", key::hex(&limited.digest)));
+    let extra: Vec<&String> = fields
+        .iter()
+        .filter(|f| !original.contains_key(*f))
+        .collect();
+    assert_eq!(extra, ["budget", "credits", "ratelimits"]);
+}
+
+/// A limits field that does not decode is a corrupt record (naming the field, never
+/// quoting it), on every read path; it is never read as "no limits".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_limits_field_is_corrupt() {
+    use keygate::store::{PageRequest, StoreError};
+    let redis = Redis::start();
+    let store = limits_store(&redis);
+    let bad = [
+        ("ratelimits", "not json at all"),
+        ("ratelimits", r#"{"name":"rps","limit":1,"duration_ms":1}"#),
+        (
+            "ratelimits",
+            r#"[{"name":"rps","limit":-1,"duration_ms":1}]"#,
+        ),
+        ("credits", r#"{"remaining":"plenty","set_at":1}"#),
+        ("credits", "[]"),
+        ("credits", ""),
+    ];
+    for (i, (field, value)) in bad.into_iter().enumerate() {
+        let tenant = format!("t{i}");
+        let r = crate::contract::record(&tenant, 1_700_000_000_000);
+        store.insert(&r).await.unwrap();
+        let rk = format!("lim:k:{}", key::hex(&r.digest));
+        let _: i64 = redis.cmd(&["HSET", &rk, field, value]);
+        let check = |got: Result<(), StoreError>, path: &str| {
+            let Err(e @ StoreError::Corrupt { .. }) = got else {
+                panic!("{path} of a record with {field} = {value:?}: {got:?}");
+            };
+            let text = e.to_string();
+            assert!(text.contains(field), "{text}");
+            assert!(value.len() < 3 || !text.contains(value), "{text}");
+            assert!(!text.contains(&key::hex(&r.digest)), "{text}");
+        };
+        check(store.by_digest(&r.digest).await.map(|_| ()), "by_digest");
+        check(store.by_id(&tenant, &r.id).await.map(|_| ()), "by_id");
+        let page = PageRequest {
+            limit: 10,
+            cursor: None,
+        };
+        check(store.list(&tenant, &page).await.map(|_| ()), "list");
+    }
+}
+
+/// Rate-limit scripts run on the server by `EVALSHA` (loaded again after `SCRIPT
+/// FLUSH`), through the shared store and a worker's reader, with no `WAIT` even when
+/// management writes want a replica's ack; a paused server is a timeout within the
+/// store's bound, and a node that became a replica refuses as unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_run_on_the_primary_without_waiting_for_replicas() {
+    use keygate::store::StoreError;
+    use redis::Value;
+    let redis = Redis::start();
+    let mut settings = RedisSettings::standalone(&redis.url, "lim", Duration::from_millis(250));
+    settings.min_replicas_ack = 1;
+    settings.ack_timeout = Duration::from_millis(100);
+    let store = RedisStore::connect(&settings).unwrap();
+    // Management writes cannot be confirmed (no replica)...
+    let r = crate::contract::record("t", 1_700_000_000_000);
+    assert!(matches!(
+        store.insert(&r).await,
+        Err(StoreError::Unconfirmed {
+            acked: 0,
+            wanted: 1
+        })
+    ));
+    let waits = redis.calls("wait");
+    // ...but counters do not wait for replicas.
+    let scripts = store.scripts().expect("Redis runs scripts");
+    assert_eq!(scripts.namespace(), "lim");
+    let incr = redis::Script::new("return redis.call('INCRBY', KEYS[1], ARGV[1])");
+    let keys = ["lim:{x}:c".to_string()];
+    let by = |n: u64| [n.to_string()];
+    assert_eq!(
+        scripts.eval(&incr, &keys, &by(5)).await.unwrap(),
+        Value::Int(5)
+    );
+    let worker = store.worker_reader().unwrap().scripts().unwrap();
+    assert_eq!(worker.namespace(), "lim");
+    assert_eq!(
+        worker.eval(&incr, &keys, &by(2)).await.unwrap(),
+        Value::Int(7)
+    );
+    let _: String = redis.cmd(&["SCRIPT", "FLUSH"]);
+    assert_eq!(
+        scripts.eval(&incr, &keys, &by(1)).await.unwrap(),
+        Value::Int(8)
+    );
+    assert_eq!(
+        worker.eval(&incr, &keys, &by(1)).await.unwrap(),
+        Value::Int(9)
+    );
+    assert_eq!(redis.cmd::<String>(&["GET", "lim:{x}:c"]), "9");
+    assert_eq!(redis.calls("wait"), waits, "a script was followed by WAIT");
+    assert!(redis.calls("evalsha") >= 4);
+    assert_eq!(
+        redis.calls("eval"),
+        1,
+        "only the insert sends its script text"
+    );
+
+    // Paused: a timeout, within the bound.
+    let _: String = redis.cmd(&["CLIENT", "PAUSE", "1500", "ALL"]);
+    let started = Instant::now();
+    let got = scripts.eval(&incr, &keys, &by(1)).await;
+    assert!(matches!(got, Err(StoreError::Timeout)), "{got:?}");
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    let _: String = redis.cmd(&["CLIENT", "UNPAUSE"]);
+
+    // No longer the primary: the write inside the script is refused.
+    let _: String = redis.cmd(&["REPLICAOF", "127.0.0.1", "1"]);
+    let got = scripts.eval(&incr, &keys, &by(1)).await;
+    assert!(
+        matches!(&got, Err(StoreError::Unavailable(m)) if m.contains("not the primary")),
+        "{got:?}"
+    );
+}
