@@ -39,6 +39,8 @@ pub struct Slot {
     /// In the exchange task's list.
     registered: AtomicBool,
     last_use_ms: AtomicU64,
+    /// `RateLimit-Policy` for the quota it was made for (a PATCH may change the quota).
+    policy: arc_swap::ArcSwapOption<(u64, http::HeaderValue)>,
 }
 
 impl Slot {
@@ -56,7 +58,20 @@ impl Slot {
             inflight: AtomicU64::new(0),
             registered: AtomicBool::new(false),
             last_use_ms: AtomicU64::new(0),
+            policy: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// The `RateLimit-Policy` value of `h` (this counter), made once per quota.
+    pub fn policy_header(&self, h: &super::Headroom) -> http::HeaderValue {
+        if let Some(p) = &*self.policy.load() {
+            if p.0 == h.quota {
+                return p.1.clone();
+            }
+        }
+        let v = super::limiter::policy_header(h);
+        self.policy.store(Some(Arc::new((h.quota, v.clone()))));
+        v
     }
 
     fn window_at(&self, now_ms: u64) -> u64 {

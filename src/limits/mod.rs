@@ -104,6 +104,8 @@ pub struct Headroom {
     pub reset_ms: u64,
     /// `u64::MAX` for endless windows.
     pub period_ms: u64,
+    /// The `RateLimit-Policy` value when already made (`local` keeps it per counter).
+    pub policy: Option<http::HeaderValue>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

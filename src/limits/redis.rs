@@ -337,6 +337,7 @@ pub(super) fn headroom(ask: &Ask, now_ms: u64, counts: &[u64]) -> Vec<Headroom> 
                 remaining: quota.saturating_sub(count),
                 reset_ms: c.reset_in(now_ms),
                 period_ms: c.period_ms,
+                policy: None,
             }
         })
         .collect()
