@@ -225,7 +225,7 @@ impl Limiter {
             Ok(done) => done,
             Err(()) => return self.store_failed(rules, &specs),
         };
-        self.count(&specs, &states, decision);
+        self.count(&specs, &states, decision, unchecked);
         match decision {
             Decision::Admit => Ok(Admission {
                 tightest: tightest(&states),
@@ -337,9 +337,10 @@ impl Limiter {
         })
     }
 
-    fn count(&self, specs: &[Spec<'_>], states: &[Headroom], decision: Decision) {
+    fn count(&self, specs: &[Spec<'_>], states: &[Headroom], decision: Decision, unchecked: bool) {
         for (s, st) in specs.iter().zip(states) {
             let result = match decision {
+                Decision::Admit if unchecked => "unchecked",
                 Decision::Admit => "admitted",
                 _ if st.remaining < s.cost => "refused",
                 _ => continue,
