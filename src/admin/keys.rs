@@ -5,7 +5,7 @@
 
 use super::{AdminState, ApiError, Caller};
 use crate::key::{self, Environment, KeyType, NewKey};
-use crate::store::{order_key, KeyRecord, KeyUpdate, Page, PageRequest, StoreError};
+use crate::store::{order_key, KeyLimits, KeyRecord, KeyUpdate, Page, PageRequest, StoreError};
 use crate::time::now_ms;
 use axum::http::StatusCode;
 use std::ops::RangeInclusive;
@@ -239,6 +239,9 @@ pub struct NewKeySpec {
     pub environment: Environment,
     pub scopes: Vec<String>,
     pub expires_at: Option<u64>,
+    /// Rate limits and credits (`admin::limits` checks them); on create, `credits.set_at`
+    /// is the creation time.
+    pub limits: KeyLimits,
 }
 
 pub fn escalation() -> ApiError {
@@ -280,21 +283,23 @@ fn mint(
         revoked_at: None,
         successor_id: None,
         digest: s.verifier.hasher.digest(&new.text),
-        limits: Default::default(),
+        limits: spec.limits,
     };
     Ok((record, new))
 }
 
-/// Create a key in the caller's tenant. The full key text leaves only in the result.
+/// Create a key in the caller's tenant at `now` (the credits' `set_at`). The full key
+/// text leaves only in the result.
 pub async fn create(
     s: &AdminState,
     caller: &Caller,
     spec: NewKeySpec,
+    now: u64,
 ) -> Result<(KeyRecord, NewKey), ApiError> {
     if !caller.may_grant(&spec.scopes) {
         return Err(escalation());
     }
-    let (record, new) = mint(s, &caller.tenant, spec, now_ms())?;
+    let (record, new) = mint(s, &caller.tenant, spec, now)?;
     s.store.insert(&record).await?;
     // A create must clear a cached "unknown" for this digest.
     s.verifier.cache.invalidate(&record.digest).await;
@@ -358,11 +363,11 @@ pub async fn scan(
     Ok(Page { items, next_cursor })
 }
 
-/// Change name and/or scopes. No separate read first: the store refuses a key revoked
-/// by `now` in the same atomic step as the write (a read-then-write let a revoke land
-/// in between and the change succeed for a revoked key). A revoke stamped after `now`
-/// orders after this change, so an answer built with the same `now` never shows
-/// `revoked`.
+/// Change name, scopes, rate limits and/or credits. No separate read first: the store
+/// refuses a key revoked by `now` in the same atomic step as the write (a read-then-write
+/// let a revoke land in between and the change succeed for a revoked key). A revoke
+/// stamped after `now` orders after this change, so an answer built with the same `now`
+/// never shows `revoked`.
 pub async fn update(
     s: &AdminState,
     caller: &Caller,
@@ -405,10 +410,14 @@ pub struct Rotation {
     pub key: NewKey,
     pub old_id: String,
     pub old_revokes_at: u64,
+    /// The credits the new key has left (`None`: no credits), read just before the rotation.
+    pub credits_remaining: Option<u64>,
 }
 
-/// A successor for key `id` now (same name, type, environment, scopes and lifetime);
-/// the old key is refused `grace_ms` from now.
+/// A successor for key `id` now (same name, type, environment, scopes, lifetime, rate
+/// limits and credits); the old key is refused `grace_ms` from now. The new key spends
+/// the old key's budget (the first key of the chain's id), so during the grace period
+/// both keys count against one set of limits and one balance of credits.
 pub async fn rotate(
     s: &AdminState,
     caller: &Caller,
@@ -429,6 +438,10 @@ pub async fn rotate(
     if old.successor_id.is_some() {
         return Err(StoreError::AlreadyRotated.into());
     }
+    // The credits left, read before anything is written: a limit store failure after
+    // the rotation would answer 503 and lose the new key's text. Old and new key share
+    // the counter, so this is the new key's balance too.
+    let credits_remaining = super::limits::credits_remaining(s, &old).await?;
     let spec = NewKeySpec {
         name: old.name.clone(),
         key_type: old.key_type,
@@ -438,6 +451,11 @@ pub async fn rotate(
         expires_at: old
             .expires_at
             .map(|e| now + e.saturating_sub(old.created_at)),
+        limits: KeyLimits {
+            ratelimits: old.limits.ratelimits.clone(),
+            credits: old.limits.credits.clone(),
+            budget: Some(old.limits.budget.clone().unwrap_or_else(|| old.id.clone())),
+        },
     };
     let (new, key) = mint(s, &old.tenant, spec, now)?;
     let revokes_at = now + grace_ms;
@@ -454,6 +472,7 @@ pub async fn rotate(
         key,
         old_id: old.id,
         old_revokes_at: updated_old.revoked_at.unwrap_or(revokes_at),
+        credits_remaining,
     })
 }
 
