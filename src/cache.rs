@@ -81,6 +81,9 @@ impl Identity {
         let id_end = u32::try_from(record.id.len()).map_err(|_| corrupt("id too long"))?;
         let tenant_end = u32::try_from(record.id.len() + record.tenant.len())
             .map_err(|_| corrupt("tenant too long"))?;
+        if !limits_in_range(&record.limits) {
+            return Err(corrupt("rate limits or credits out of range"));
+        }
         let limits = (!record.limits.is_empty()).then(|| {
             let mut l = record.limits.clone();
             l.budget.get_or_insert_with(|| record.id.clone());
@@ -220,6 +223,29 @@ impl Expiry<Digest, Cached> for FillTtl {
     fn expire_after_create(&self, _: &Digest, value: &Cached, _: Instant) -> Option<Duration> {
         Some(value.ttl)
     }
+}
+
+/// What the admin API accepts, checked again on a record from the store (input like any
+/// other): names that are header- and label-safe and unique, quotas and windows that
+/// keep the counters' arithmetic and expiries in range.
+fn limits_in_range(l: &crate::store::KeyLimits) -> bool {
+    const MAX_COUNT: u64 = 1_000_000_000_000_000;
+    const MAX_WINDOW_MS: u64 = 366 * 86_400_000;
+    let windows = l.ratelimits.iter().all(|r| {
+        crate::key::valid_limit_name(&r.name)
+            && (1..=MAX_COUNT).contains(&r.limit)
+            && (1..=MAX_WINDOW_MS).contains(&r.duration_ms)
+    });
+    let mut names: Vec<&str> = l.ratelimits.iter().map(|r| r.name.as_str()).collect();
+    names.sort_unstable();
+    let unique = names.windows(2).all(|w| w[0] != w[1]) && l.ratelimits.len() <= 16;
+    let credits = l.credits.as_ref().is_none_or(|c| {
+        c.remaining <= MAX_COUNT
+            && c.refill.as_ref().is_none_or(|r| {
+                (1..=MAX_COUNT).contains(&r.amount) && (1..=MAX_WINDOW_MS).contains(&r.interval_ms)
+            })
+    });
+    windows && unique && credits
 }
 
 /// The store a lookup reads on a miss: the shared one, or a proxy worker's own

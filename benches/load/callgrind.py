@@ -27,8 +27,14 @@ import loadbench as lb  # noqa: E402
 PATH = "/api/v1/items/42"
 
 
-def config(proxy, admin, upstream, mode, access_log=False):
+def config(proxy, admin, upstream, mode, access_log=False, limited=False):
     routes = lb.auth_routes() if mode == "auth" else '  - { name: all, path: "/**", auth: none }'
+    if limited:
+        # The load bench's keygate-auth-limited: a per-key limit no run reaches (local mode).
+        routes = "\n".join(
+            r[:-2] + ", rate_limits: [{ name: per-key, limit: 1000000000, window: 1s }] }"
+            if "auth: none" not in r else r
+            for r in routes.split("\n"))
     return f"""proxy:
   listen: 127.0.0.1:{proxy}
   upstream: http://127.0.0.1:{upstream}
@@ -94,7 +100,7 @@ def drive(port, key, n, conns=4):
 def one_run(a, workdir, up_port, n, tag):
     proxy, admin = lb.free_port(), lb.free_port()
     cfg = workdir / f"kg-{tag}.yaml"
-    cfg.write_text(config(proxy, admin, up_port, a.mode, a.access_log))
+    cfg.write_text(config(proxy, admin, up_port, a.mode, a.access_log, a.limited))
     out = workdir / f"callgrind-{tag}.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
     # With --access-log, logging as shipped (level info); else errors only.
@@ -119,6 +125,8 @@ def main():
     ap.add_argument("--mode", choices=["auth", "noauth"], default="auth")
     ap.add_argument("--access-log", action="store_true",
                     help="access log on and KEYGATE_LOG=info (as shipped); stderr to /dev/null")
+    ap.add_argument("--limited", action="store_true",
+                    help="a per-key rate limit on every keyed route (local mode, never reached)")
     ap.add_argument("--short", type=int, default=1000)
     ap.add_argument("--long", type=int, default=4000)
     ap.add_argument("--conns", type=int, default=4,
@@ -144,7 +152,7 @@ def main():
         finally:
             procs.stop_all()
     per = (long - short) / (a.long - a.short)
-    print(f"{a.mode}: {per:,.0f} instructions per request "
+    print(f"{a.mode}{' limited' if a.limited else ''}: {per:,.0f} instructions per request "
           f"({a.binary}; {short:,} for {a.short}, {long:,} for {a.long})")
 
 

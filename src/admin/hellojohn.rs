@@ -1,10 +1,12 @@
 //! The HelloJohn document's surface: `/v1/api-keys` list (filters `type`, `revoked`),
 //! create (201, key shown once), get, patch (name, scopes), delete (204) and
 //! `POST /v1/api-keys/rotate` (new key now, old key refused after the grace period).
-//! Additive: `environment` on create; `limit`/`cursor` on list with `next_cursor` in the
-//! body; `environment` and `revoked_at` on the key object.
+//! Additive: `environment`, `ratelimits` and `credits` on create, `ratelimits` and
+//! `credits` on patch; `limit`/`cursor` on list with `next_cursor` in the body;
+//! `environment`, `revoked_at`, `ratelimits` and `credits` on the key object.
 
 use super::keys::{self, check_name, check_scopes, KeyId, NewKeySpec};
+use super::limits::{self, CreditsBody, RateLimitBody, Shown};
 use super::{AdminState, ApiError, Auth, JsonBody, OnKey, QueryParams, Read, Write};
 use crate::key::{Environment, KeyType};
 use crate::store::{KeyRecord, KeyUpdate};
@@ -35,10 +37,12 @@ pub struct ApiKey {
     expires_at: Option<String>,
     revoked: bool,
     revoked_at: Option<String>,
+    #[serde(flatten)]
+    limits: Shown,
 }
 
 impl ApiKey {
-    fn new(r: &KeyRecord, now: u64) -> Self {
+    fn new(r: &KeyRecord, now: u64, limits: Shown) -> Self {
         ApiKey {
             id: r.id.clone(),
             name: r.name.clone(),
@@ -52,6 +56,7 @@ impl ApiKey {
             expires_at: r.expires_at.map(rfc3339),
             revoked: r.is_revoked_at(now),
             revoked_at: r.revoked_at.map(rfc3339),
+            limits,
         }
     }
 }
@@ -106,8 +111,11 @@ pub async fn list(
         type_filter.is_none_or(|t| r.key_type == t) && (include_revoked || !r.is_revoked_at(now))
     };
     let found = keys::scan(&s, &caller, page, keep).await?;
+    let shown = limits::shown_all(&s, &found.items).await?;
     Ok(Json(ListBody {
-        data: found.items.iter().map(|r| ApiKey::new(r, now)).collect(),
+        data: (found.items.iter().zip(shown))
+            .map(|(r, l)| ApiKey::new(r, now, l))
+            .collect(),
         next_cursor: found.next_cursor,
     }))
 }
@@ -124,6 +132,10 @@ pub struct CreateBody {
     expires_in: Option<String>,
     #[serde(default)]
     environment: Option<Environment>,
+    #[serde(default)]
+    ratelimits: Option<Vec<RateLimitBody>>,
+    #[serde(default)]
+    credits: Option<CreditsBody>,
 }
 
 #[derive(Serialize)]
@@ -139,6 +151,8 @@ pub struct Created {
     scopes: Vec<String>,
     expires_at: Option<String>,
     created_at: String,
+    #[serde(flatten)]
+    limits: Shown,
 }
 
 pub async fn create(
@@ -148,6 +162,8 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let name = check_name("name", &b.name)?;
     let (scopes, expires_at) = keys::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
+    let now = now_ms();
+    let limits = limits::from_body(b.ratelimits, b.credits, now)?;
     let (r, new) = keys::create(
         &s,
         &caller,
@@ -157,7 +173,9 @@ pub async fn create(
             environment: b.environment.unwrap_or(Environment::Live),
             scopes,
             expires_at,
+            limits,
         },
+        now,
     )
     .await?;
     let body = Created {
@@ -171,6 +189,8 @@ pub async fn create(
         scopes: r.scopes.clone(),
         expires_at: r.expires_at.map(rfc3339),
         created_at: rfc3339(r.created_at),
+        // A new key's credits counter has just started: nothing spent yet.
+        limits: Shown::new(&r.limits, None),
     };
     Ok((
         StatusCode::CREATED,
@@ -185,7 +205,8 @@ pub async fn get(
     OnKey { caller, id, .. }: OnKey<Read>,
 ) -> Result<Json<ApiKey>, ApiError> {
     let r = keys::get(&s, &caller, &id).await?;
-    Ok(Json(ApiKey::new(&r, now_ms())))
+    let shown = limits::shown(&s, &r).await?;
+    Ok(Json(ApiKey::new(&r, now_ms(), shown)))
 }
 
 #[derive(Deserialize)]
@@ -195,6 +216,13 @@ pub struct UpdateBody {
     name: Option<String>,
     #[serde(default)]
     scopes: Option<Vec<String>>,
+    /// Replaces the list (`[]`: none); `null` or absent: unchanged.
+    #[serde(default)]
+    ratelimits: Option<Vec<RateLimitBody>>,
+    /// An object: these credits from now on (a new balance); `null`: unlimited from now
+    /// on; absent: unchanged.
+    #[serde(default, deserialize_with = "limits::present")]
+    credits: Option<Option<CreditsBody>>,
 }
 
 pub async fn update(
@@ -202,6 +230,9 @@ pub async fn update(
     OnKey { caller, id, .. }: OnKey<Write>,
     JsonBody(b): JsonBody<UpdateBody>,
 ) -> Result<Json<ApiKey>, ApiError> {
+    // One `now`: the credits' `set_at`, and the answer is built with the `now` the store
+    // checked revocation at (see `keys::update`).
+    let now = now_ms();
     let change = KeyUpdate {
         name: b
             .name
@@ -209,18 +240,31 @@ pub async fn update(
             .map(|n| check_name("name", n))
             .transpose()?,
         scopes: b.scopes.map(|sc| check_scopes("scopes", sc)).transpose()?,
-        ..KeyUpdate::default()
+        ratelimits: b.ratelimits.map(limits::check_ratelimits).transpose()?,
+        credits: b
+            .credits
+            .map(|c| c.map(|c| limits::check_credits(c, now)).transpose())
+            .transpose()?,
     };
-    if change.name.is_none() && change.scopes.is_none() {
+    if change.name.is_none()
+        && change.scopes.is_none()
+        && change.ratelimits.is_none()
+        && change.credits.is_none()
+    {
         return Err(ApiError::bad_request(
             "invalid_body",
-            "give `name` and/or `scopes` to change",
+            "give at least one of `name`, `scopes`, `ratelimits` and `credits` to change",
         ));
     }
-    // The answer is built with the `now` the store checked revocation at (see `keys::update`).
-    let now = now_ms();
     let r = keys::update(&s, &caller, &id, &change, now).await?;
-    Ok(Json(ApiKey::new(&r, now)))
+    let shown = match &change.credits {
+        // Credits set just now: a new counter, nothing spent yet.
+        Some(Some(set)) if r.limits.credits.as_ref() == Some(set) => Shown::new(&r.limits, None),
+        // Read after the write: a 503 here leaves the change made (the same change
+        // again gives the same key).
+        _ => limits::shown(&s, &r).await?,
+    };
+    Ok(Json(ApiKey::new(&r, now, shown)))
 }
 
 pub async fn revoke(
@@ -253,6 +297,8 @@ pub struct Rotated {
     scopes: Vec<String>,
     created_at: String,
     expires_at: Option<String>,
+    #[serde(flatten)]
+    limits: Shown,
 }
 
 /// The document's default grace period: one hour.
@@ -273,7 +319,9 @@ pub async fn rotate(
         key,
         old_id,
         old_revokes_at,
+        credits_remaining,
     } = keys::rotate(&s, &caller, &id, grace_ms).await?;
+    let limits = Shown::new(&new.limits, credits_remaining);
     Ok(Json(Rotated {
         id: new.id,
         key: key.text,
@@ -286,5 +334,6 @@ pub async fn rotate(
         scopes: new.scopes,
         created_at: rfc3339(new.created_at),
         expires_at: new.expires_at.map(rfc3339),
+        limits,
     }))
 }

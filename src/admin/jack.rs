@@ -1,13 +1,15 @@
 //! The jack document's surface: `POST /v1/keys` (create; the key is shown once),
 //! `GET /v1/keys` (list, prefix only), `DELETE /v1/keys/{id}` (revoke, 200).
-//! Additive: `scopes` and `expires_in` on create; `limit` and `cursor` on list, with the
-//! next cursor in the `X-Next-Cursor` response header.
+//! Additive: `scopes`, `expires_in`, `ratelimits` and `credits` on create; `limit` and
+//! `cursor` on list, with the next cursor in the `X-Next-Cursor` response header;
+//! `ratelimits` and `credits` on the key object.
 
 use super::keys::{self, check_name, NewKeySpec};
+use super::limits::{self, CreditsBody, RateLimitBody, Shown};
 use super::{AdminState, ApiError, Auth, JsonBody, OnKey, QueryParams, Read, Write};
 use crate::key::{Environment, KeyType};
 use crate::store::KeyRecord;
-use crate::time::rfc3339;
+use crate::time::{now_ms, rfc3339};
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +28,10 @@ pub struct CreateBody {
     scopes: Option<Vec<String>>,
     #[serde(default)]
     expires_in: Option<String>,
+    #[serde(default)]
+    ratelimits: Option<Vec<RateLimitBody>>,
+    #[serde(default)]
+    credits: Option<CreditsBody>,
 }
 
 #[derive(Serialize)]
@@ -38,6 +44,8 @@ pub struct Created {
     scopes: Vec<String>,
     created_at: String,
     expires_at: Option<String>,
+    #[serde(flatten)]
+    limits: Shown,
 }
 
 #[derive(Serialize)]
@@ -53,11 +61,13 @@ pub struct JackKey {
     revoked_at: Option<String>,
     /// A revocation scheduled by a rotation (the key still works until then).
     revokes_at: Option<String>,
+    #[serde(flatten)]
+    limits: Shown,
 }
 
-impl From<&KeyRecord> for JackKey {
-    fn from(r: &KeyRecord) -> Self {
-        let now = crate::time::now_ms();
+impl JackKey {
+    fn new(r: &KeyRecord, limits: Shown) -> Self {
+        let now = now_ms();
         let (revoked_at, revokes_at) = match r.revoked_at {
             Some(t) if t <= now => (Some(rfc3339(t)), None),
             Some(t) => (None, Some(rfc3339(t))),
@@ -74,6 +84,7 @@ impl From<&KeyRecord> for JackKey {
             expires_at: r.expires_at.map(rfc3339),
             revoked_at,
             revokes_at,
+            limits,
         }
     }
 }
@@ -85,6 +96,8 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let name = check_name("label", &b.label)?;
     let (scopes, expires_at) = keys::scopes_and_expiry(&caller, b.scopes, b.expires_in.as_deref())?;
+    let now = now_ms();
+    let limits = limits::from_body(b.ratelimits, b.credits, now)?;
     let (r, new) = keys::create(
         &s,
         &caller,
@@ -94,7 +107,9 @@ pub async fn create(
             environment: Environment::Live,
             scopes,
             expires_at,
+            limits,
         },
+        now,
     )
     .await?;
     let body = Created {
@@ -106,6 +121,8 @@ pub async fn create(
         scopes: r.scopes.clone(),
         created_at: rfc3339(r.created_at),
         expires_at: r.expires_at.map(rfc3339),
+        // A new key's credits counter has just started: nothing spent yet.
+        limits: Shown::new(&r.limits, None),
     };
     Ok((
         StatusCode::CREATED,
@@ -131,7 +148,13 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let page = keys::page_request(q.limit.as_deref(), q.cursor, LIST_LIMIT)?;
     let page = keys::list(&s, &caller, &page).await?;
-    let items: Vec<JackKey> = page.items.iter().map(JackKey::from).collect();
+    let shown = limits::shown_all(&s, &page.items).await?;
+    let items: Vec<JackKey> = page
+        .items
+        .iter()
+        .zip(shown)
+        .map(|(r, l)| JackKey::new(r, l))
+        .collect();
     let mut resp = Json(items).into_response();
     if let Some(c) = page
         .next_cursor
@@ -147,5 +170,7 @@ pub async fn revoke(
     OnKey { caller, id, .. }: OnKey<Write>,
 ) -> Result<Json<JackKey>, ApiError> {
     let r = keys::revoke(&s, &caller, &id).await?;
-    Ok(Json(JackKey::from(&r)))
+    // Read after the revoke: a 503 here leaves it done (revoking again changes nothing).
+    let shown = limits::shown(&s, &r).await?;
+    Ok(Json(JackKey::new(&r, shown)))
 }

@@ -5,7 +5,7 @@
 
 use super::{AdminState, ApiError, Caller};
 use crate::key::{self, Environment, KeyType, NewKey};
-use crate::store::{order_key, KeyRecord, KeyUpdate, Page, PageRequest, StoreError};
+use crate::store::{order_key, KeyLimits, KeyRecord, KeyUpdate, Page, PageRequest, StoreError};
 use crate::time::now_ms;
 use axum::http::StatusCode;
 use std::ops::RangeInclusive;
@@ -16,6 +16,7 @@ pub const MAX_LIMIT: usize = 1000;
 /// cursor lets the client continue).
 const MAX_SCAN_PAGES: usize = 10;
 const DAY_MS: u64 = 86_400_000;
+const MINUTE_MS: u64 = 60_000;
 
 /// A key id from a path or body: one of our ids (a UUID), else simply not found.
 #[derive(Debug, Clone)]
@@ -79,6 +80,26 @@ pub fn check_scopes(field: &'static str, scopes: Vec<String>) -> Result<Vec<Stri
 /// `time::parse_duration` counts them).
 pub const DURATION_UNITS: [&str; 6] = ["s", "m", "h", "d", "w", "y"];
 
+/// A duration as the admin API shows it: a whole number of the largest unit that gives
+/// it exactly (`86400000` is `1d`, `90000` is `90s`), which `time::parse_duration` reads
+/// back as the same value; one of [`DURATION_UNITS`] for whole seconds (every duration a
+/// client can set), else milliseconds (`1500ms`).
+pub fn duration_text(ms: u64) -> String {
+    const UNITS: [(&str, u64); 6] = [
+        ("y", 31_557_600_000),
+        ("w", 7 * DAY_MS),
+        ("d", DAY_MS),
+        ("h", 3_600_000),
+        ("m", MINUTE_MS),
+        ("s", 1_000),
+    ];
+    match UNITS.iter().find(|(_, unit)| ms != 0 && ms % unit == 0) {
+        Some((name, unit)) => format!("{}{name}", ms / unit),
+        None if ms == 0 => "0s".to_string(),
+        None => format!("{ms}ms"),
+    }
+}
+
 /// A duration field of a request body: a whole number and one of [`DURATION_UNITS`]
 /// (`90d`, `0s`; no sign, space, fraction, leading zero or second unit) within a range,
 /// valued by `time::parse_duration`. Narrower than the config files' syntax (`1h 30m`,
@@ -93,6 +114,8 @@ pub struct DurationField {
     /// Said when the value is above the range; `None`: refused as an invalid duration
     /// like any other (the documents word this differently, and clients see it).
     pub above: Option<&'static str>,
+    /// Said when the value is below the range; `None`: refused as an invalid duration.
+    pub below: Option<&'static str>,
 }
 
 /// `expires_in` on create (both documents): `90d`, `12h`, `1y`, positive, at most 100 years.
@@ -101,6 +124,7 @@ pub const EXPIRES_IN: DurationField = DurationField {
     range_ms: 1..=100 * 366 * DAY_MS,
     examples: "12h, 90d, 1y",
     above: None,
+    below: None,
 };
 
 /// `grace_period` of a rotation (HelloJohn): `0s` (at once) to 366 days.
@@ -109,12 +133,35 @@ pub const GRACE_PERIOD: DurationField = DurationField {
     range_ms: 0..=366 * DAY_MS,
     examples: "0s, 1h, 24h",
     above: Some("at most 366d"),
+    below: None,
+};
+
+/// A rate limit's `duration` (both documents, `ratelimits[i].duration`): 1s to 366 days.
+pub const RATELIMIT_DURATION: DurationField = DurationField {
+    field: "duration",
+    range_ms: 1_000..=366 * DAY_MS,
+    examples: "1s, 1m, 1h, 1d",
+    above: Some("at most 366d"),
+    below: Some("at least 1s"),
+};
+
+/// The `interval` of a credits refill (`credits.refill.interval`): 1 minute to 366 days.
+pub const REFILL_INTERVAL: DurationField = DurationField {
+    field: "interval",
+    range_ms: MINUTE_MS..=366 * DAY_MS,
+    examples: "1h, 1d, 30d",
+    above: Some("at most 366d"),
+    below: Some("at least 1m"),
 };
 
 impl DurationField {
     /// The value in milliseconds, or `invalid_field` naming the field.
     pub fn parse(&self, text: &str) -> Result<u64, ApiError> {
-        let field = self.field;
+        self.parse_at(self.field, text)
+    }
+
+    /// `parse` for the field at `field` (a path such as `ratelimits[1].duration`).
+    pub fn parse_at(&self, field: &str, text: &str) -> Result<u64, ApiError> {
         let invalid = || {
             ApiError::bad_request(
                 "invalid_field",
@@ -135,12 +182,12 @@ impl DurationField {
         let ms = crate::time::parse_duration(text)
             .ok()
             .and_then(|d| u64::try_from(d.as_millis()).ok());
+        let said =
+            |what: &str| ApiError::bad_request("invalid_field", format!("field `{field}`: {what}"));
         match ms {
             Some(ms) if self.range_ms.contains(&ms) => Ok(ms),
-            Some(ms) if ms < *self.range_ms.start() => Err(invalid()),
-            _ => Err(self.above.map_or_else(invalid, |above| {
-                ApiError::bad_request("invalid_field", format!("field `{field}`: {above}"))
-            })),
+            Some(ms) if ms < *self.range_ms.start() => Err(self.below.map_or_else(invalid, said)),
+            _ => Err(self.above.map_or_else(invalid, said)),
         }
     }
 }
@@ -192,6 +239,9 @@ pub struct NewKeySpec {
     pub environment: Environment,
     pub scopes: Vec<String>,
     pub expires_at: Option<u64>,
+    /// Rate limits and credits (`admin::limits` checks them); on create, `credits.set_at`
+    /// is the creation time.
+    pub limits: KeyLimits,
 }
 
 pub fn escalation() -> ApiError {
@@ -233,21 +283,23 @@ fn mint(
         revoked_at: None,
         successor_id: None,
         digest: s.verifier.hasher.digest(&new.text),
-        limits: Default::default(),
+        limits: spec.limits,
     };
     Ok((record, new))
 }
 
-/// Create a key in the caller's tenant. The full key text leaves only in the result.
+/// Create a key in the caller's tenant at `now` (the credits' `set_at`). The full key
+/// text leaves only in the result.
 pub async fn create(
     s: &AdminState,
     caller: &Caller,
     spec: NewKeySpec,
+    now: u64,
 ) -> Result<(KeyRecord, NewKey), ApiError> {
     if !caller.may_grant(&spec.scopes) {
         return Err(escalation());
     }
-    let (record, new) = mint(s, &caller.tenant, spec, now_ms())?;
+    let (record, new) = mint(s, &caller.tenant, spec, now)?;
     s.store.insert(&record).await?;
     // A create must clear a cached "unknown" for this digest.
     s.verifier.cache.invalidate(&record.digest).await;
@@ -311,11 +363,11 @@ pub async fn scan(
     Ok(Page { items, next_cursor })
 }
 
-/// Change name and/or scopes. No separate read first: the store refuses a key revoked
-/// by `now` in the same atomic step as the write (a read-then-write let a revoke land
-/// in between and the change succeed for a revoked key). A revoke stamped after `now`
-/// orders after this change, so an answer built with the same `now` never shows
-/// `revoked`.
+/// Change name, scopes, rate limits and/or credits. No separate read first: the store
+/// refuses a key revoked by `now` in the same atomic step as the write (a read-then-write
+/// let a revoke land in between and the change succeed for a revoked key). A revoke
+/// stamped after `now` orders after this change, so an answer built with the same `now`
+/// never shows `revoked`.
 pub async fn update(
     s: &AdminState,
     caller: &Caller,
@@ -358,10 +410,14 @@ pub struct Rotation {
     pub key: NewKey,
     pub old_id: String,
     pub old_revokes_at: u64,
+    /// The credits the new key has left (`None`: no credits), read just before the rotation.
+    pub credits_remaining: Option<u64>,
 }
 
-/// A successor for key `id` now (same name, type, environment, scopes and lifetime);
-/// the old key is refused `grace_ms` from now.
+/// A successor for key `id` now (same name, type, environment, scopes, lifetime, rate
+/// limits and credits); the old key is refused `grace_ms` from now. The new key spends
+/// the old key's budget (the first key of the chain's id), so during the grace period
+/// both keys count against one set of limits and one balance of credits.
 pub async fn rotate(
     s: &AdminState,
     caller: &Caller,
@@ -382,6 +438,10 @@ pub async fn rotate(
     if old.successor_id.is_some() {
         return Err(StoreError::AlreadyRotated.into());
     }
+    // The credits left, read before anything is written: a limit store failure after
+    // the rotation would answer 503 and lose the new key's text. Old and new key share
+    // the counter, so this is the new key's balance too.
+    let credits_remaining = super::limits::credits_remaining(s, &old).await?;
     let spec = NewKeySpec {
         name: old.name.clone(),
         key_type: old.key_type,
@@ -391,6 +451,11 @@ pub async fn rotate(
         expires_at: old
             .expires_at
             .map(|e| now + e.saturating_sub(old.created_at)),
+        limits: KeyLimits {
+            ratelimits: old.limits.ratelimits.clone(),
+            credits: old.limits.credits.clone(),
+            budget: Some(old.limits.budget.clone().unwrap_or_else(|| old.id.clone())),
+        },
     };
     let (new, key) = mint(s, &old.tenant, spec, now)?;
     let revokes_at = now + grace_ms;
@@ -407,6 +472,7 @@ pub async fn rotate(
         key,
         old_id: old.id,
         old_revokes_at: updated_old.revoked_at.unwrap_or(revokes_at),
+        credits_remaining,
     })
 }
 
@@ -450,11 +516,69 @@ mod tests {
         assert_eq!(message(grace.parse("1 fortnight")), invalid);
     }
 
+    #[test]
+    fn limit_durations_keep_their_ranges_and_messages() {
+        let d = RATELIMIT_DURATION;
+        assert_eq!(d.parse("1s").ok(), Some(1_000));
+        assert_eq!(d.parse("366d").ok(), Some(366 * DAY_MS));
+        assert_eq!(
+            message(d.parse_at("ratelimits[2].duration", "0s")),
+            "field `ratelimits[2].duration`: at least 1s"
+        );
+        assert_eq!(message(d.parse("367d")), "field `duration`: at most 366d");
+        let r = REFILL_INTERVAL;
+        assert_eq!(r.parse("1m").ok(), Some(MINUTE_MS));
+        assert_eq!(r.parse("60s").ok(), Some(MINUTE_MS));
+        assert_eq!(message(r.parse("59s")), "field `interval`: at least 1m");
+        assert_eq!(message(r.parse("0m")), "field `interval`: at least 1m");
+        assert_eq!(r.parse("1y").ok(), Some(31_557_600_000));
+        assert_eq!(message(r.parse("53w")), "field `interval`: at most 366d");
+        let invalid = "field `credits.refill.interval`: invalid duration \"1.5h\"; use a whole \
+                       number and one unit of s, m, h, d, w, y, e.g. 1h, 1d, 30d";
+        assert_eq!(
+            message(r.parse_at("credits.refill.interval", "1.5h")),
+            invalid
+        );
+    }
+
+    /// What the API shows is the shortest text in one unit, and reads back as the same.
+    #[test]
+    fn durations_are_shown_in_their_largest_exact_unit() {
+        for (ms, text) in [
+            (1_000, "1s"),
+            (1_500, "1500ms"),
+            (90_000, "90s"),
+            (60_000, "1m"),
+            (3_600_000, "1h"),
+            (DAY_MS, "1d"),
+            (7 * DAY_MS, "1w"),
+            (8 * DAY_MS, "8d"),
+            (366 * DAY_MS, "366d"),
+            (31_557_600_000, "1y"),
+            (0, "0s"),
+        ] {
+            assert_eq!(duration_text(ms), text);
+            let back = crate::time::parse_duration(text).unwrap().as_millis();
+            assert_eq!(back, u128::from(ms), "{text}");
+        }
+        // Every whole-second duration a client can set comes back in a form it may send.
+        for s in (1..=200_000).chain((1..=366).map(|d| d * 86_400)) {
+            let text = duration_text(s * 1_000);
+            assert_eq!(
+                RATELIMIT_DURATION.parse(&text).ok(),
+                Some(s * 1_000),
+                "{text}"
+            );
+        }
+    }
+
     /// The duration fields of the OpenAPI document: (schema, property, parser).
-    const DOCUMENTED_DURATIONS: [(&str, &str, &DurationField); 3] = [
+    const DOCUMENTED_DURATIONS: [(&str, &str, &DurationField); 5] = [
         ("JackCreateRequest", "expires_in", &EXPIRES_IN),
         ("ApiKeyCreateRequest", "expires_in", &EXPIRES_IN),
         ("ApiKeyRotateRequest", "grace_period", &GRACE_PERIOD),
+        ("RateLimitRequest", "duration", &RATELIMIT_DURATION),
+        ("RefillRequest", "interval", &REFILL_INTERVAL),
     ];
 
     fn documented(schema: &str, property: &str) -> serde_json::Value {
@@ -500,6 +624,104 @@ mod tests {
         alternatives.join("|")
     }
 
+    /// `lo..=hi` (`lo` at least 1) in decimal without leading zeros, as alternatives: for
+    /// each length, digit by digit, as `one_to` does for 1.
+    fn between(lo: u64, hi: u64) -> String {
+        /// The numbers of `a..=b`, both of one length.
+        fn same_length(a: &[u8], b: &[u8]) -> Vec<String> {
+            let n = a.len();
+            let text = |d: &[u8]| String::from_utf8(d.to_vec()).unwrap();
+            if a == b {
+                return vec![text(a)];
+            }
+            if a[0] == b[0] {
+                let rest = same_length(&a[1..], &b[1..]);
+                return rest
+                    .into_iter()
+                    .map(|r| format!("{}{r}", a[0] as char))
+                    .collect();
+            }
+            let any = |n: usize| match n {
+                0 => String::new(),
+                1 => "[0-9]".to_string(),
+                n => format!("[0-9]{{{n}}}"),
+            };
+            let class = |lo: u8, hi: u8| match hi - lo {
+                0 => (lo as char).to_string(),
+                _ => format!("[{}-{}]", lo as char, hi as char),
+            };
+            let (lo_rest_zero, hi_rest_nine) = (
+                a[1..].iter().all(|&d| d == b'0'),
+                b[1..].iter().all(|&d| d == b'9'),
+            );
+            let mut out = Vec::new();
+            let mut first = a[0];
+            if !lo_rest_zero {
+                let nines = vec![b'9'; n - 1];
+                let low = same_length(&a[1..], &nines);
+                out.extend(low.into_iter().map(|r| format!("{}{r}", a[0] as char)));
+                first += 1;
+            }
+            let last = if hi_rest_nine { b[0] } else { b[0] - 1 };
+            if first <= last {
+                out.push(format!("{}{}", class(first, last), any(n - 1)));
+            }
+            if !hi_rest_nine {
+                let zeros = vec![b'0'; n - 1];
+                let high = same_length(&zeros, &b[1..]);
+                out.extend(high.into_iter().map(|r| format!("{}{r}", b[0] as char)));
+            }
+            out
+        }
+        assert!((1..=hi).contains(&lo));
+        let mut out = Vec::new();
+        let mut from = lo;
+        while from <= hi {
+            let len = from.to_string().len() as u32;
+            let to = hi.min(10u64.saturating_pow(len).saturating_sub(1));
+            out.extend(same_length(
+                from.to_string().as_bytes(),
+                to.to_string().as_bytes(),
+            ));
+            from = to + 1;
+        }
+        out.join("|")
+    }
+
+    #[test]
+    fn number_ranges_from_above_one_as_regexes() {
+        assert_eq!(between(60, 99), "[6-9][0-9]");
+        assert_eq!(between(65, 123), "6[5-9]|[7-9][0-9]|1[0-1][0-9]|12[0-3]");
+        for (lo, hi) in [
+            (2, 9),
+            (5, 5),
+            (10, 99),
+            (11, 98),
+            (60, 31_622_400),
+            (123, 456),
+            (199, 2_001),
+            (999, 1_000),
+            (1_000, 9_999),
+            (4_321, 98_765),
+        ] {
+            let re = regex::Regex::new(&format!("^({})$", between(lo, hi))).unwrap();
+            let mut numbers: Vec<u64> = (0..=3_000).collect();
+            numbers.extend(lo.saturating_sub(1_000)..=lo + 1_000);
+            numbers.extend(hi.saturating_sub(1_000)..=hi + 1_000);
+            for p in (1..=9).map(|k| 10u64.pow(k)) {
+                numbers.extend([p - 1, p, p + 1, hi / p * p, lo / p * p + p - 1]);
+            }
+            for n in numbers {
+                assert_eq!(
+                    re.is_match(&n.to_string()),
+                    (lo..=hi).contains(&n),
+                    "{lo}..={hi}: {n}"
+                );
+                assert!(!re.is_match(&format!("0{n}")), "{lo}..={hi}: 0{n}");
+            }
+        }
+    }
+
     fn unit_ms(unit: &str) -> u64 {
         let one = crate::time::parse_duration(&format!("1{unit}")).expect("a unit");
         u64::try_from(one.as_millis()).unwrap()
@@ -513,13 +735,16 @@ mod tests {
             .filter_map(|&unit| {
                 let ms = unit_ms(unit);
                 let (lo, hi) = (f.range_ms.start().div_ceil(ms), f.range_ms.end() / ms);
-                assert!(lo <= 1, "ranges start at 0 or 1 ms");
+                if lo > hi {
+                    return None;
+                }
                 let numbers = match (lo, hi) {
                     (0, 0) => "0".to_string(),
                     (0, hi) => format!("0|{}", one_to(hi)),
-                    (_, hi) => one_to(hi),
+                    (1, hi) => one_to(hi),
+                    (lo, hi) => between(lo, hi),
                 };
-                (lo <= hi).then(|| format!("({numbers}){unit}"))
+                Some(format!("({numbers}){unit}"))
             })
             .collect();
         format!("^({})$", units.join("|"))
@@ -661,15 +886,19 @@ mod tests {
         fn what_the_patterns_generate_parses(
             expires_in in proptest::string::string_regex(unanchored(&EXPIRES_IN)).unwrap(),
             grace in proptest::string::string_regex(unanchored(&GRACE_PERIOD)).unwrap(),
+            duration in proptest::string::string_regex(unanchored(&RATELIMIT_DURATION)).unwrap(),
+            interval in proptest::string::string_regex(unanchored(&REFILL_INTERVAL)).unwrap(),
         ) {
             proptest::prop_assert!(EXPIRES_IN.parse(&expires_in).is_ok(), "{expires_in:?}");
             proptest::prop_assert!(GRACE_PERIOD.parse(&grace).is_ok(), "{grace:?}");
+            proptest::prop_assert!(RATELIMIT_DURATION.parse(&duration).is_ok(), "{duration:?}");
+            proptest::prop_assert!(REFILL_INTERVAL.parse(&interval).is_ok(), "{interval:?}");
         }
 
         /// And any duration-like text is accepted exactly when the pattern matches it.
         #[test]
         fn parse_and_pattern_agree(text in "[0-9]{0,12}[smhdwyM .0-9]{0,3}") {
-            for f in [&EXPIRES_IN, &GRACE_PERIOD] {
+            for f in [&EXPIRES_IN, &GRACE_PERIOD, &RATELIMIT_DURATION, &REFILL_INTERVAL] {
                 let re = regex::Regex::new(&pattern(f)).unwrap();
                 proptest::prop_assert_eq!(re.is_match(&text), f.parse(&text).is_ok(), "{:?}", text);
             }

@@ -11,7 +11,8 @@
 //! Where things live: `router.rs` (the route table, health, metrics, fallbacks),
 //! `caller.rs` (authentication and the `Auth`/`OnKey` extractors), `body.rs` (the
 //! `JsonBody`/`QueryParams` extractors), `keys.rs` (the key service both documents
-//! call), `error.rs` (the error shape); `jack.rs` and `hellojohn.rs` translate shapes.
+//! call), `limits.rs` (a key's rate limits and credits, in and out), `error.rs` (the
+//! error shape); `jack.rs` and `hellojohn.rs` translate shapes.
 
 pub mod body;
 pub mod caller;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod hellojohn;
 pub mod jack;
 pub mod keys;
+pub mod limits;
 pub mod router;
 
 pub use body::{JsonBody, QueryParams, MAX_BODY_BYTES};
@@ -38,6 +40,9 @@ use std::sync::Arc;
 
 pub struct AdminState {
     pub store: Arc<dyn KeyStore>,
+    /// Where the keys' rate-limit and credits counters live (the one the proxy spends
+    /// from): read for credits' `remaining`, never spent.
+    pub limits: Arc<dyn crate::limits::LimitStore>,
     /// The proxy's key check (cache, digest, formats), for management keys.
     pub verifier: Verifier,
     /// The running snapshot: the cache rules a management key's check follows.

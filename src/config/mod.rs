@@ -449,6 +449,57 @@ routes:
     }
 
     #[test]
+    fn rate_limits_load_and_bad_ones_name_their_field() {
+        let limited = BASE.replace(
+            "scopes: [\"users:read\"] }",
+            "scopes: [\"users:read\"], cost: 5, rate_limits: [{ name: per-key, limit: 100, \
+             window: 1s }, { name: per-tenant, limit: 1000, window: 1m, by: tenant }] }",
+        );
+        let c = load(&format!("{limited}rate_limits: {{ mode: exact }}\n")).unwrap();
+        let route = &c.live.policy.routes()[1];
+        assert_eq!(route.cost, 5);
+        assert_eq!(route.rate_limits.len(), 2);
+        assert_eq!(route.rate_limits[1].by, crate::policy::LimitBy::Tenant);
+        assert_eq!(route.rate_limits[1].window_ms, 60_000);
+        assert!(c.live.rate_limits.exact && c.live.rate_limits.headers);
+        assert_eq!(c.fixed.limit_sync_interval, Duration::from_millis(50));
+        let cases = [
+            (
+                "window: 1s }",
+                "window: 1500ms }",
+                "routes[2].rate_limits[1].window",
+            ),
+            (
+                "name: per-tenant",
+                "name: per-key",
+                "routes[2].rate_limits[2].name",
+            ),
+            (
+                "name: per-key",
+                "name: credits",
+                "routes[2].rate_limits[1].name",
+            ),
+            (
+                "name: per-key",
+                "name: Per Key",
+                "routes[2].rate_limits[1].name",
+            ),
+            ("limit: 100,", "limit: 0,", "routes[2].rate_limits[1].limit"),
+            ("cost: 5", "cost: 1000001", "routes[2].cost"),
+            ("auth: none }", "auth: none, cost: 1 }", "routes[1].cost"),
+        ];
+        for (from, to, field) in cases {
+            let e = load(&limited.replacen(from, to, 1)).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.line.is_some(), "{e}");
+        }
+        let e = load(&format!("{BASE}rate_limits: {{ sync_interval: 1ms }}\n")).unwrap_err();
+        assert_eq!(e.field, "rate_limits.sync_interval", "{e}");
+        let e = load(&format!("{BASE}rate_limits: {{ mode: fast }}\n")).unwrap_err();
+        assert_eq!(e.field, "rate_limits.mode", "{e}");
+    }
+
+    #[test]
     fn errors_name_field_and_line() {
         let e = load(&BASE.replace(
             "listen: 127.0.0.1:8080",

@@ -9,8 +9,12 @@ use crate::error::{Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
 use crate::policy::{LimitBy, Route, RouteLimit};
 use crate::store::{Credits, RateLimit};
 use http::HeaderValue;
+use smallvec::SmallVec;
 use std::sync::Arc;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+/// The counters of one request, kept inline for the usual few.
+type Few<T> = SmallVec<[T; 4]>;
 
 /// What an admitted request takes along.
 #[derive(Debug, Default)]
@@ -78,13 +82,11 @@ impl Spec<'_> {
         }
     }
 
-    /// The id's hash: what `local` keys its slots by, computed without building the id.
+    /// The id's hash: what `local` keys its slots by, computed without building the id
+    /// (each part hashed with the previous hash as its seed).
     fn hash(&self) -> u128 {
-        let mut h = Xxh3::new();
-        let mut part = |b: &[u8]| {
-            h.update(b);
-            h.update(&[0]);
-        };
+        let mut h = 0u128;
+        let mut part = |b: &[u8]| h = xxh3_128_with_seed(b, h as u64 ^ (h >> 64) as u64);
         match &self.source {
             Source::Key(l) => {
                 part(b"k");
@@ -111,7 +113,7 @@ impl Spec<'_> {
                 }
             }
         }
-        h.digest128()
+        h
     }
 
     fn counter(&self) -> Counter {
@@ -130,7 +132,7 @@ impl Spec<'_> {
 }
 
 /// The counters one request touches: the key's limits, its credits, the route's limits.
-fn specs<'a>(route: &'a Route, id: &'a Identity) -> Vec<Spec<'a>> {
+fn specs<'a>(route: &'a Route, id: &'a Identity) -> Few<Spec<'a>> {
     let budget = id
         .limits
         .as_ref()
@@ -143,7 +145,7 @@ fn specs<'a>(route: &'a Route, id: &'a Identity) -> Vec<Spec<'a>> {
         tenant,
         cost,
     };
-    let mut out = Vec::with_capacity(8);
+    let mut out = Few::new();
     if let Some(l) = &id.limits {
         out.extend(l.ratelimits.iter().map(|r| spec(Source::Key(r), 1)));
         if let Some(c) = &l.credits {
@@ -223,7 +225,7 @@ impl Limiter {
             Ok(done) => done,
             Err(()) => return self.store_failed(rules, &specs),
         };
-        self.count(&specs, &states, decision);
+        self.count(&specs, &states, decision, unchecked);
         match decision {
             Decision::Admit => Ok(Admission {
                 tightest: tightest(&states),
@@ -289,14 +291,17 @@ impl Limiter {
             if used.saturating_add(s.cost) > quota {
                 decision = worse(decision, refusal(s.kind(), period_ms, reset_ms));
             }
-            states.push(Headroom {
+            let mut h = Headroom {
                 name: slot.name().clone(),
                 kind: s.kind(),
                 quota,
                 remaining: quota.saturating_sub(used),
                 reset_ms,
                 period_ms,
-            });
+                policy: None,
+            };
+            h.policy = Some(slot.policy_header(&h));
+            states.push(h);
         }
         let admitted = decision == Decision::Admit;
         for ((s, slot), st) in specs.iter().zip(&slots).zip(states.iter_mut()) {
@@ -307,12 +312,9 @@ impl Limiter {
                 self.local.touch(slot, now_ms);
             }
         }
-        let mut h = Xxh3::new();
-        h.update(id.tenant().as_bytes());
-        h.update(&[0]);
-        h.update(id.id().as_bytes());
-        self.local
-            .count(h.digest128(), id.tenant(), id.id(), admitted);
+        let seed = xxhash_rust::xxh3::xxh3_64(id.tenant().as_bytes());
+        let h = xxh3_128_with_seed(id.id().as_bytes(), seed);
+        self.local.count(h, id.tenant(), id.id(), admitted);
         (decision, states)
     }
 
@@ -335,9 +337,10 @@ impl Limiter {
         })
     }
 
-    fn count(&self, specs: &[Spec<'_>], states: &[Headroom], decision: Decision) {
+    fn count(&self, specs: &[Spec<'_>], states: &[Headroom], decision: Decision, unchecked: bool) {
         for (s, st) in specs.iter().zip(states) {
             let result = match decision {
+                Decision::Admit if unchecked => "unchecked",
                 Decision::Admit => "admitted",
                 _ if st.remaining < s.cost => "refused",
                 _ => continue,
@@ -416,16 +419,37 @@ fn throttle(h: Option<Headroom>, retry_after_ms: Option<u64>) -> Throttle {
 /// counter: `"name";q=100;w=60` and `"name";r=42;t=17` (no `w`/`t` for credits that never
 /// refill). Names are validated to a header-safe alphabet.
 pub fn headers(h: &Headroom) -> (HeaderValue, HeaderValue) {
-    let mut policy = format!("\"{}\";q={}", h.name, h.quota);
-    let mut state = format!("\"{}\";r={}", h.name, h.remaining);
-    if h.period_ms != u64::MAX {
-        policy.push_str(&format!(";w={}", h.period_ms.div_ceil(1000)));
-        state.push_str(&format!(";t={}", h.reset_ms.div_ceil(1000)));
+    let policy = h.policy.clone().unwrap_or_else(|| policy_header(h));
+    let endless = h.period_ms == u64::MAX;
+    let reset = (!endless).then(|| h.reset_ms.div_ceil(1000));
+    (
+        policy,
+        item(&h.name, ("r", h.remaining), reset.map(|t| ("t", t))),
+    )
+}
+
+/// The `RateLimit-Policy` value of a counter (fixed while its quota is).
+pub fn policy_header(h: &Headroom) -> HeaderValue {
+    let endless = h.period_ms == u64::MAX;
+    let window = (!endless).then(|| h.period_ms.div_ceil(1000));
+    item(&h.name, ("q", h.quota), window.map(|w| ("w", w)))
+}
+
+/// `"name";a=1;b=2` as a header value, in one allocation.
+fn item(name: &str, a: (&str, u64), b: Option<(&str, u64)>) -> HeaderValue {
+    let mut s = String::with_capacity(name.len() + 48);
+    let mut num = itoa::Buffer::new();
+    s.push('"');
+    s.push_str(name);
+    s.push('"');
+    for (k, v) in std::iter::once(a).chain(b) {
+        s.push(';');
+        s.push_str(k);
+        s.push('=');
+        s.push_str(num.format(v));
     }
-    let value = |s: String| {
-        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("\"limit\";q=0"))
-    };
-    (value(policy), value(state))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"limit\";q=0"))
 }
 
 /// Put the admitted answer's `RateLimit` headers on `resp`, after any of the upstream's

@@ -39,6 +39,8 @@ pub struct Slot {
     /// In the exchange task's list.
     registered: AtomicBool,
     last_use_ms: AtomicU64,
+    /// `RateLimit-Policy` for the quota it was made for (a PATCH may change the quota).
+    policy: arc_swap::ArcSwapOption<(u64, http::HeaderValue)>,
 }
 
 impl Slot {
@@ -56,7 +58,20 @@ impl Slot {
             inflight: AtomicU64::new(0),
             registered: AtomicBool::new(false),
             last_use_ms: AtomicU64::new(0),
+            policy: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// The `RateLimit-Policy` value of `h` (this counter), made once per quota.
+    pub fn policy_header(&self, h: &super::Headroom) -> http::HeaderValue {
+        if let Some(p) = &*self.policy.load() {
+            if p.0 == h.quota {
+                return p.1.clone();
+            }
+        }
+        let v = super::limiter::policy_header(h);
+        self.policy.store(Some(Arc::new((h.quota, v.clone()))));
+        v
     }
 
     fn window_at(&self, now_ms: u64) -> u64 {
@@ -105,6 +120,40 @@ pub struct Totals {
     registered: AtomicBool,
 }
 
+/// A slot is kept while idle for at least its window (and 10 minutes): one made afresh
+/// starts from nothing until its first exchange, so dropping it mid-window would let a
+/// long window admit again.
+struct SlotExpiry;
+
+impl moka::Expiry<u128, Arc<Slot>> for SlotExpiry {
+    fn expire_after_create(
+        &self,
+        _: &u128,
+        slot: &Arc<Slot>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(idle_for(slot))
+    }
+
+    fn expire_after_read(
+        &self,
+        _: &u128,
+        slot: &Arc<Slot>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(idle_for(slot))
+    }
+}
+
+/// How long an unused slot stays: its window, at least 10 minutes, at most 400 days
+/// (credits without a refill: one endless window).
+fn idle_for(slot: &Slot) -> Duration {
+    let window = slot.period_ms.clamp(600_000, 400 * 86_400_000);
+    Duration::from_millis(window)
+}
+
 pub struct Local {
     slots: moka::sync::Cache<u128, Arc<Slot>>,
     totals: moka::sync::Cache<u128, Arc<Totals>>,
@@ -129,7 +178,7 @@ impl Local {
         let local = Local {
             slots: moka::sync::Cache::builder()
                 .max_capacity(MAX_SLOTS)
-                .time_to_idle(Duration::from_secs(600))
+                .expire_after(SlotExpiry)
                 .build(),
             totals: moka::sync::Cache::builder()
                 .max_capacity(MAX_SLOTS)
@@ -247,12 +296,18 @@ pub async fn run_exchange(
 
 /// Keep a slot in the exchange while it has something to send or was used lately.
 fn keep(s: &Slot, now_ms: u64) -> bool {
-    let busy = s.pending.load(Ordering::Acquire) > 0
-        || now_ms.saturating_sub(s.last_use_ms.load(Ordering::Relaxed)) < IDLE_MS;
-    if !busy {
-        s.registered.store(false, Ordering::Release);
+    let idle = now_ms.saturating_sub(s.last_use_ms.load(Ordering::Relaxed)) >= IDLE_MS;
+    if !idle || s.pending.load(Ordering::Acquire) > 0 {
+        return true;
     }
-    busy
+    // Leave, then look again: a spend that saw `registered` still set before it was
+    // cleared left its count in `pending`, and the slot stays for it.
+    s.registered.store(false, Ordering::Release);
+    if s.pending.load(Ordering::Acquire) > 0 {
+        s.registered.store(true, Ordering::Release);
+        return true;
+    }
+    false
 }
 
 /// Send every active slot's spending (zero too: the answer tells what the others spent).
@@ -277,31 +332,37 @@ async fn exchange(store: &dyn LimitStore, active: &[Arc<Slot>], now_ms: u64) -> 
             delta,
         });
     }
-    let answer = store.exchange(&pushes).await;
-    let ok = matches!(&answer, Ok(t) if t.len() == sent.len());
-    let totals = answer.unwrap_or_default();
-    for (i, s) in sent.iter().enumerate() {
-        s.slot.inflight.fetch_sub(s.delta, Ordering::AcqRel);
-        match totals.get(i).filter(|_| ok) {
-            Some(&total) if s.slot.window.load(Ordering::Acquire) == s.window => {
+    let totals = store.exchange_each(&pushes).await;
+    let mut failed = 0;
+    for (s, total) in sent.iter().zip(totals) {
+        let same_window = s.slot.window.load(Ordering::Acquire) == s.window;
+        match total {
+            // The total first, then the in-flight part it includes: `used` never dips.
+            Some(total) if same_window => {
                 s.slot.global.store(total, Ordering::Release);
+                s.slot.inflight.fetch_sub(s.delta, Ordering::AcqRel);
             }
-            Some(_) => {}
-            // Not sent: spend it again next time (the window may have moved on: then
-            // it is dropped with the window).
-            None if s.slot.window.load(Ordering::Acquire) == s.window => {
-                s.slot.pending.fetch_add(s.delta, Ordering::AcqRel);
+            Some(_) => {
+                s.slot.inflight.fetch_sub(s.delta, Ordering::AcqRel);
             }
-            None => {}
+            // Not applied: send it again next time (unless its window is over).
+            None => {
+                failed += 1;
+                if same_window {
+                    s.slot.pending.fetch_add(s.delta, Ordering::AcqRel);
+                }
+                s.slot.inflight.fetch_sub(s.delta, Ordering::AcqRel);
+            }
         }
     }
-    if !ok {
+    if failed > 0 {
         tracing::warn!(
+            failed,
             counters = sent.len(),
             "could not exchange rate-limit counts with the store"
         );
     }
-    ok
+    failed == 0
 }
 
 /// Add the keys' admitted/refused totals; what could not be sent stays for next time.

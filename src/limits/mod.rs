@@ -104,6 +104,8 @@ pub struct Headroom {
     pub reset_ms: u64,
     /// `u64::MAX` for endless windows.
     pub period_ms: u64,
+    /// The `RateLimit-Policy` value when already made (`local` keeps it per counter).
+    pub policy: Option<http::HeaderValue>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +147,14 @@ pub trait LimitStore: Send + Sync + 'static {
     /// `local` mode's exchange: add each delta, return each total (same order). Keys of
     /// different tags may be mixed; the store groups them.
     async fn exchange(&self, pushes: &[Push]) -> Result<Vec<u64>, StoreError>;
+    /// `exchange`, told push by push: `None` for a push whose part of the exchange was
+    /// not applied (its hash tag's script failed), so that only those are sent again.
+    async fn exchange_each(&self, pushes: &[Push]) -> Vec<Option<u64>> {
+        match self.exchange(pushes).await {
+            Ok(totals) if totals.len() == pushes.len() => totals.into_iter().map(Some).collect(),
+            Ok(_) | Err(_) => vec![None; pushes.len()],
+        }
+    }
     /// The counters' states without spending (usage, the key object's credits).
     async fn peek(&self, ask: &Ask, now_ms: u64) -> Result<Outcome, StoreError>;
     /// The key's admitted and refused totals since creation.

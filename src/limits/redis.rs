@@ -30,6 +30,8 @@ use std::sync::{Arc, LazyLock};
 
 /// How many scripts of one `exchange` or `add_totals` run at the same time (one per tag).
 const PARALLEL: usize = 8;
+/// Keys one `ADD` script takes at most.
+const CHUNK: usize = 1000;
 
 /// `take`. KEYS: the request's counters, then its key's admitted and refused totals.
 /// ARGV: quota of the current window, cost, ttl_ms (0: never expires) per counter.
@@ -138,9 +140,13 @@ impl RedisLimits {
             .collect()
     }
 
-    /// Run `ADD` once per hash tag (at most `PARALLEL` at a time); the totals in input order.
-    /// On an error some groups may have been added and others not.
-    async fn add(&self, keys: &[String], deltas: &[(u64, u64)]) -> Result<Vec<u64>, StoreError> {
+    /// Run `ADD` once per hash tag (at most `CHUNK` keys a script, `PARALLEL` scripts at a
+    /// time); the totals in input order, `Err` for the pushes of a script that failed.
+    async fn add_each(
+        &self,
+        keys: &[String],
+        deltas: &[(u64, u64)],
+    ) -> Vec<Result<u64, Arc<StoreError>>> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut by_slot: HashMap<&str, usize> = HashMap::new();
         for (i, k) in keys.iter().enumerate() {
@@ -149,6 +155,10 @@ impl RedisLimits {
                 groups.len() - 1
             });
             groups[g].push(i);
+            // Lua's `unpack` stops at about 8,000 values: a busy tag takes several scripts.
+            if groups[g].len() == CHUNK {
+                by_slot.remove(hashed_part(k));
+            }
         }
         let runs = groups.into_iter().map(|members| async move {
             let ks: Vec<String> = members.iter().map(|&i| keys[i].clone()).collect();
@@ -156,22 +166,59 @@ impl RedisLimits {
                 .iter()
                 .flat_map(|&i| [deltas[i].0.to_string(), deltas[i].1.to_string()])
                 .collect();
-            let reply = self.scripts.eval(&ADD, &ks, &args).await?;
-            let (_, totals) = parse(reply, &ks, ks.len())?;
-            Ok::<_, StoreError>((members, totals))
+            let result = match self.scripts.eval(&ADD, &ks, &args).await {
+                Ok(reply) => parse(reply, &ks, ks.len()).map(|(_, totals)| totals),
+                Err(e) => Err(e),
+            };
+            (members, result.map_err(Arc::new))
         });
         let done: Vec<_> = futures_util::stream::iter(runs)
             .buffer_unordered(PARALLEL)
             .collect()
             .await;
-        let mut out = vec![0; keys.len()];
-        for r in done {
-            let (members, totals) = r?;
-            for (i, t) in members.into_iter().zip(totals) {
-                out[i] = t;
+        let mut out: Vec<Result<u64, Arc<StoreError>>> =
+            vec![Err(Arc::new(StoreError::Timeout)); keys.len()];
+        for (members, result) in done {
+            match result {
+                Ok(totals) if totals.len() == members.len() => {
+                    for (i, t) in members.into_iter().zip(totals) {
+                        out[i] = Ok(t);
+                    }
+                }
+                Ok(_) => {
+                    let e = Arc::new(corrupt(keys, "a total for each key"));
+                    members.into_iter().for_each(|i| out[i] = Err(e.clone()));
+                }
+                Err(e) => members.into_iter().for_each(|i| out[i] = Err(e.clone())),
+            }
+        }
+        out
+    }
+
+    /// `add_each`, all or nothing: the first error when any script failed (some others
+    /// may have been applied).
+    async fn add(&self, keys: &[String], deltas: &[(u64, u64)]) -> Result<Vec<u64>, StoreError> {
+        let each = self.add_each(keys, deltas).await;
+        let mut out = Vec::with_capacity(each.len());
+        for r in each {
+            match r {
+                Ok(t) => out.push(t),
+                Err(e) => return Err(Arc::try_unwrap(e).unwrap_or_else(|e| copy_error(&e))),
             }
         }
         Ok(out)
+    }
+}
+
+/// A `StoreError` shared by several pushes, as one of its own.
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Timeout => StoreError::Timeout,
+        StoreError::Corrupt { key, reason } => StoreError::Corrupt {
+            key: key.clone(),
+            reason: reason.clone(),
+        },
+        other => StoreError::Unavailable(other.to_string()),
     }
 }
 
@@ -221,6 +268,16 @@ impl LimitStore for RedisLimits {
         let keys: Vec<String> = pushes.iter().map(|p| p.key.clone()).collect();
         let deltas: Vec<(u64, u64)> = pushes.iter().map(|p| (p.delta, p.ttl_ms)).collect();
         self.add(&keys, &deltas).await
+    }
+
+    async fn exchange_each(&self, pushes: &[Push]) -> Vec<Option<u64>> {
+        let keys: Vec<String> = pushes.iter().map(|p| p.key.clone()).collect();
+        let deltas: Vec<(u64, u64)> = pushes.iter().map(|p| (p.delta, p.ttl_ms)).collect();
+        let each = self.add_each(&keys, &deltas).await;
+        if let Some(Err(e)) = each.iter().find(|r| r.is_err()) {
+            tracing::warn!(error = %e, "part of a rate-limit exchange failed");
+        }
+        each.into_iter().map(Result::ok).collect()
     }
 
     async fn peek(&self, ask: &Ask, now_ms: u64) -> Result<Outcome, StoreError> {
@@ -337,6 +394,7 @@ pub(super) fn headroom(ask: &Ask, now_ms: u64, counts: &[u64]) -> Vec<Headroom> 
                 remaining: quota.saturating_sub(count),
                 reset_ms: c.reset_in(now_ms),
                 period_ms: c.period_ms,
+                policy: None,
             }
         })
         .collect()

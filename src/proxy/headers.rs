@@ -19,14 +19,16 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 pub const RATELIMIT_MARK: HeaderName = HeaderName::from_static("x-keygate-ratelimit");
 
 /// Headers by which an upstream framework would act on another method or path than the
-/// one keygate matched (Rails, Express, Symfony, IIS URL rewrite): never forwarded.
-const OVERRIDES: [&str; 6] = [
+/// one keygate matched (Rails, Express, Symfony, IIS URL rewrite), and keygate's own
+/// `x-keygate-ratelimit` (set only by keygate): never forwarded from a client.
+const OVERRIDES: [&str; 7] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
     "x-original-url",
     "x-rewrite-url",
     "x-original-method",
+    "x-keygate-ratelimit",
 ];
 
 /// Client address, host, scheme and original-URL claims besides
@@ -111,8 +113,7 @@ pub fn set_request_headers(
         headers.remove(header::AUTHORIZATION);
     }
     set_identity(headers, policy, identity);
-    // keygate's word only: a client's copy never reaches the upstream.
-    headers.remove(RATELIMIT_MARK);
+    // keygate's word only: a client's copy was stripped with the overrides above.
     if unchecked {
         headers.insert(RATELIMIT_MARK, HeaderValue::from_static("unchecked"));
     }
@@ -270,7 +271,6 @@ fn vouched(name: &str, policy: &Policy) -> bool {
             "proxy-authorization",
             "host",
             "content-length",
-            "x-keygate-ratelimit",
         ]
         .contains(&name)
 }
