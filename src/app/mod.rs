@@ -84,6 +84,7 @@ impl App {
         let proxy = Proxy::new(&config, live.clone(), v, s, m, usage, Arc::new(limiter))
             .map_err(|e| anyhow::anyhow!("proxy.upstream_ca: {e}"))?;
         let admin = AdminState {
+            limits: limit_store.clone(),
             store,
             verifier,
             live,

@@ -78,6 +78,7 @@ impl LimitStore for TestLimits {
                     remaining: quota.saturating_sub(used),
                     reset_ms: c.reset_in(now_ms),
                     period_ms: c.period_ms,
+                    policy: None,
                 }
             })
             .collect();
