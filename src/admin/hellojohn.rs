@@ -3,10 +3,11 @@
 //! `POST /v1/api-keys/rotate` (new key now, old key refused after the grace period).
 //! Additive: `environment`, `ratelimits` and `credits` on create, `ratelimits` and
 //! `credits` on patch; `limit`/`cursor` on list with `next_cursor` in the body;
-//! `environment`, `revoked_at`, `ratelimits` and `credits` on the key object.
+//! `environment`, `revoked_at`, `ratelimits` and `credits` on the key object;
+//! `GET /v1/api-keys/{id}/usage`.
 
 use super::keys::{self, check_name, check_scopes, KeyId, NewKeySpec};
-use super::limits::{self, CreditsBody, RateLimitBody, Shown};
+use super::limits::{self, CreditsBody, RateLimitBody, Shown, Usage};
 use super::{AdminState, ApiError, Auth, JsonBody, OnKey, QueryParams, Read, Write};
 use crate::key::{Environment, KeyType};
 use crate::store::{KeyRecord, KeyUpdate};
@@ -207,6 +208,16 @@ pub async fn get(
     let r = keys::get(&s, &caller, &id).await?;
     let shown = limits::shown(&s, &r).await?;
     Ok(Json(ApiKey::new(&r, now_ms(), shown)))
+}
+
+/// `GET /v1/api-keys/{id}/usage`: the key's limits and credits as they stand now, and
+/// its admitted and refused requests.
+pub async fn usage(
+    State(s): State<Arc<AdminState>>,
+    OnKey { caller, id, .. }: OnKey<Read>,
+) -> Result<Json<Usage>, ApiError> {
+    let r = keys::get(&s, &caller, &id).await?;
+    Ok(Json(limits::usage(&s, &r).await?))
 }
 
 #[derive(Deserialize)]

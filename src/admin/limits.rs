@@ -1,13 +1,13 @@
 //! A key's own rate limits and credits on the admin port (issue 14), the same on both
-//! documents: the request shapes of create and PATCH and their checks, and the shape
-//! every key object shows them in (credits' `remaining` as of now, read from the limit
-//! store).
+//! documents: the request shapes of create and PATCH and their checks, the shape every
+//! key object shows them in (credits' `remaining` as of now, read from the limit store),
+//! and the answer of `GET /v1/api-keys/{id}/usage`.
 
 use super::keys::{duration_text, RATELIMIT_DURATION, REFILL_INTERVAL};
 use super::{AdminState, ApiError};
 use crate::limits::{self as counters, Ask, Headroom};
 use crate::store::{Credits, KeyLimits, KeyRecord, RateLimit, Refill, StoreError};
-use crate::time::now_ms;
+use crate::time::{now_ms, rfc3339};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt::Display;
 
@@ -19,6 +19,9 @@ pub const MAX_LIMIT: u64 = 1_000_000_000_000;
 pub const MAX_CREDITS: u64 = 1_000_000_000_000_000;
 /// The name the `RateLimit` headers give the credits policy: no rate limit may take it.
 pub const RESERVED_NAME: &str = "credits";
+/// The latest instant shown (9999-12-31T23:59:59Z): RFC 3339 has four year digits.
+const LAST_SHOWN_MS: u64 = 253_402_300_799_000;
+
 /// One entry of `ratelimits` in a create or PATCH body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,6 +308,93 @@ pub async fn shown_all(s: &AdminState, records: &[KeyRecord]) -> Result<Vec<Show
         .collect()
 }
 
+#[derive(Serialize, Debug)]
+pub struct Usage {
+    id: String,
+    ratelimits: Vec<RateLimitUsage>,
+    credits: Option<CreditsUsage>,
+    requests: Requests,
+}
+
+#[derive(Serialize, Debug)]
+struct RateLimitUsage {
+    name: String,
+    limit: u64,
+    duration: String,
+    /// Requests left in the current window.
+    remaining: u64,
+    /// When the current window ends (and `remaining` is `limit` again).
+    reset_at: String,
+}
+
+#[derive(Serialize, Debug)]
+struct CreditsUsage {
+    remaining: u64,
+    refill: Option<RefillView>,
+    /// When `remaining` is the refill's `amount` again (`null`: no refill).
+    refills_at: Option<String>,
+}
+
+#[derive(Serialize, Debug)]
+struct Requests {
+    admitted: u64,
+    refused: u64,
+}
+
+/// `now + in_ms` in RFC 3339, rounded up to the second (by then it has happened).
+fn instant(now: u64, in_ms: u64) -> String {
+    let at = now
+        .saturating_add(in_ms)
+        .div_ceil(1000)
+        .saturating_mul(1000);
+    rfc3339(at.min(LAST_SHOWN_MS))
+}
+
+/// The usage of key `r`: each rate limit's window and credits as they are now, and the
+/// requests admitted and refused under the key's own id since it was created.
+pub async fn usage(s: &AdminState, r: &KeyRecord) -> Result<Usage, ApiError> {
+    let now = now_ms();
+    let tag = counters::tag(&r.tenant);
+    let ask = Ask {
+        tag: tag.clone(),
+        counters: counters::key_counters(&r.id, &r.limits, 1),
+        key_id: r.id.clone(),
+    };
+    let (states, totals) = tokio::join!(peek(s, &ask, now), s.limits.totals(&tag, &r.id));
+    let (states, (admitted, refused)) = (states?, totals?);
+    let (limit_states, credit_states) = states.split_at(r.limits.ratelimits.len());
+    let ratelimits = r
+        .limits
+        .ratelimits
+        .iter()
+        .zip(limit_states)
+        .map(|(l, h)| RateLimitUsage {
+            name: l.name.clone(),
+            limit: l.limit,
+            duration: duration_text(l.duration_ms),
+            remaining: h.remaining,
+            // A window is at most the limit's duration long.
+            reset_at: instant(now, h.reset_ms.min(l.duration_ms)),
+        })
+        .collect();
+    let credits = r
+        .limits
+        .credits
+        .as_ref()
+        .zip(credit_states.first())
+        .map(|(c, h)| CreditsUsage {
+            remaining: h.remaining,
+            refill: c.refill.as_ref().map(refill_view),
+            refills_at: c.refill.as_ref().map(|_| instant(now, h.reset_ms)),
+        });
+    Ok(Usage {
+        id: r.id.clone(),
+        ratelimits,
+        credits,
+        requests: Requests { admitted, refused },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +446,12 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_instant_is_rounded_up_to_the_second_and_bounded() {
+        assert_eq!(instant(1_000, 0), "1970-01-01T00:00:01Z");
+        assert_eq!(instant(1_000, 1), "1970-01-01T00:00:02Z");
+        assert_eq!(instant(0, u64::MAX), "9999-12-31T23:59:59Z");
     }
 }

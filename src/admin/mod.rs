@@ -2,7 +2,8 @@
 //! - `GET /healthz` (alive), `GET /readyz` (config loaded, store answering), `GET /metrics`
 //! - `POST /v1/keys`, `GET /v1/keys`, `DELETE /v1/keys/{id}`: the jack document (`jack.rs`)
 //! - `GET|POST /v1/api-keys`, `GET|PATCH|DELETE /v1/api-keys/{id}`,
-//!   `POST /v1/api-keys/rotate`: the HelloJohn document (`hellojohn.rs`)
+//!   `POST /v1/api-keys/rotate`, `GET /v1/api-keys/{id}/usage`: the HelloJohn document
+//!   (`hellojohn.rs`)
 //! - `GET /openapi.json`: the OpenAPI 3.1 document of all of the above
 //!
 //! Management calls authenticate with the root token or a secret key holding
@@ -11,8 +12,8 @@
 //! Where things live: `router.rs` (the route table, health, metrics, fallbacks),
 //! `caller.rs` (authentication and the `Auth`/`OnKey` extractors), `body.rs` (the
 //! `JsonBody`/`QueryParams` extractors), `keys.rs` (the key service both documents
-//! call), `limits.rs` (a key's rate limits and credits, in and out), `error.rs` (the
-//! error shape); `jack.rs` and `hellojohn.rs` translate shapes.
+//! call), `limits.rs` (a key's rate limits and credits, in and out, and its usage),
+//! `error.rs` (the error shape); `jack.rs` and `hellojohn.rs` translate shapes.
 
 pub mod body;
 pub mod caller;
@@ -41,7 +42,7 @@ use std::sync::Arc;
 pub struct AdminState {
     pub store: Arc<dyn KeyStore>,
     /// Where the keys' rate-limit and credits counters live (the one the proxy spends
-    /// from): read for credits' `remaining`, never spent.
+    /// from): read for credits' `remaining` and the usage endpoint, never spent.
     pub limits: Arc<dyn crate::limits::LimitStore>,
     /// The proxy's key check (cache, digest, formats), for management keys.
     pub verifier: Verifier,

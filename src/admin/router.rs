@@ -41,6 +41,7 @@ fn routes() -> Table {
         .add(Method::GET, "/v1/api-keys/{id}", hellojohn::get)
         .add(Method::PATCH, "/v1/api-keys/{id}", hellojohn::update)
         .add(Method::DELETE, "/v1/api-keys/{id}", hellojohn::revoke)
+        .add(Method::GET, "/v1/api-keys/{id}/usage", hellojohn::usage)
 }
 
 /// A router under construction that remembers what it serves.

@@ -12,6 +12,7 @@ mod support_ha;
 
 mod admin_hellojohn;
 mod admin_jack;
+mod admin_limits;
 mod cli;
 mod cluster;
 mod code_map;

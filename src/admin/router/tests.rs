@@ -707,6 +707,7 @@ async fn an_unreadable_limit_store_is_503_and_a_rotation_changes_nothing() {
     limits.down.store(true, Ordering::Relaxed);
     for uri in [
         format!("/v1/api-keys/{id}"),
+        format!("/v1/api-keys/{id}/usage"),
         "/v1/api-keys".into(),
         "/v1/keys".into(),
     ] {
@@ -777,4 +778,73 @@ async fn a_rotated_key_keeps_the_limits_and_the_balance() {
     )
     .await;
     assert_eq!(got.json()["credits"]["remaining"], 30);
+}
+
+/// The usage answer: each window's state from the limit store, the credits, and the
+/// key's totals under its tenant's tag; a key without limits still answers.
+#[tokio::test]
+async fn usage_shows_each_window_the_credits_and_the_totals() {
+    let limits = Arc::new(TestLimits::default());
+    let s = state_with(limits.clone());
+    let body = json!({
+        "name": "metered", "type": "secret",
+        "ratelimits": [
+            {"name": "requests", "limit": 100, "duration": "60s"},
+            {"name": "daily", "limit": 5000, "duration": "24h"},
+        ],
+        "credits": {"remaining": 1000, "refill": {"amount": 500, "interval": "168h"}},
+    });
+    let id = root_json(&s, "POST", "/v1/api-keys", body).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    limits.spend(&format!("c:{id}:"), 300);
+    limits.spend(&format!("k:{id}:requests:"), 7);
+    limits.totals.lock().unwrap().insert(id.clone(), (9, 2));
+    let usage = send(
+        &s,
+        "GET",
+        &format!("/v1/api-keys/{id}/usage"),
+        Some(ROOT),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(usage.status, StatusCode::OK, "{}", usage.text);
+    let u = usage.json();
+    assert_eq!(u["id"], id.as_str());
+    assert_eq!(u["requests"], json!({"admitted": 9, "refused": 2}));
+    assert_eq!(
+        (
+            u["ratelimits"][0]["remaining"].clone(),
+            u["ratelimits"][1]["remaining"].clone()
+        ),
+        (json!(93), json!(5000))
+    );
+    // Windows aligned to the epoch: a minute's ends on a whole minute.
+    let reset = u["ratelimits"][0]["reset_at"].as_str().unwrap();
+    assert!(reset.ends_with(":00Z"), "{reset}");
+    assert_eq!(u["credits"]["remaining"], 700);
+    assert!(u["credits"]["refills_at"].is_string(), "{u}");
+
+    let plain = root_json(&s, "POST", "/v1/keys", json!({"label": "plain"}))
+        .await
+        .json();
+    let pid = plain["id"].as_str().unwrap();
+    let u = send(
+        &s,
+        "GET",
+        &format!("/v1/api-keys/{pid}/usage"),
+        Some(ROOT),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(
+        u.json(),
+        json!({
+            "id": pid, "ratelimits": [], "credits": null,
+            "requests": {"admitted": 0, "refused": 0},
+        })
+    );
 }
