@@ -332,6 +332,15 @@ impl Gate {
 
     /// `keygate_ratelimit_decisions_total{limit, result}` on the admin port (0 if absent).
     async fn decisions(&self, limit: &str, result: &str) -> u64 {
+        self.metric(
+            "keygate_ratelimit_decisions_total",
+            &[("limit", limit), ("result", result)],
+        )
+        .await
+    }
+
+    /// The sum of metric `name`'s samples with these labels (others: any) on the admin port.
+    async fn metric(&self, name: &str, want: &[(&str, &str)]) -> u64 {
         let text = self
             .http
             .get(format!("{}/metrics", self.admin))
@@ -342,21 +351,36 @@ impl Gate {
             .await
             .unwrap();
         let mut total = 0;
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix("keygate_ratelimit_decisions_total{") else {
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').expect("a sample line");
+            let (metric, labels) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
                 continue;
-            };
-            let (labels, value) = rest.split_once("} ").expect("a sample line");
+            }
             let labels: BTreeMap<&str, &str> = labels
+                .trim_end_matches('}')
                 .split(',')
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k, v.trim_matches('"')))
                 .collect();
-            if labels.get("limit") == Some(&limit) && labels.get("result") == Some(&result) {
+            if want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
                 total += value.trim().parse::<f64>().expect("a number") as u64;
             }
         }
         total
+    }
+
+    /// Wait (up to 5 s) until this keygate has applied `n` key change messages: a create's
+    /// message evicts the new key's digest, so a key cached before it arrived would be
+    /// gone from the cache again (and not served while the store is down).
+    async fn feed_applied(&self, n: u64) {
+        let applied = crate::support::eventually(Duration::from_secs(5), || async {
+            self.metric("keygate_invalidations_received_total", &[])
+                .await
+                >= n
+        })
+        .await;
+        assert!(applied, "{n} change messages not applied within 5 s");
     }
 }
 
@@ -1374,6 +1398,16 @@ async fn until(
     }
 }
 
+/// `200 unchecked`, `200`, `429 rate_limited`: what each answer was.
+fn labels(seen: &[Answer]) -> Vec<String> {
+    seen.iter()
+        .map(|a| match a.status {
+            200 if unchecked(a) => "200 unchecked".to_string(),
+            _ => a.label(),
+        })
+        .collect()
+}
+
 fn unchecked(a: &Answer) -> bool {
     a.status == 200 && a.mark_seen_upstream() == ["unchecked"]
 }
@@ -1393,6 +1427,10 @@ async fn exact_mode_without_the_store_admits_unchecked_or_denies_and_recovers() 
     let limit = json!({"ratelimits": [{"name": "requests", "limit": 3, "duration": HOUR}]});
     let ka = allow.create(limit.clone()).await;
     let kd = deny.create(limit).await;
+    let unlimited = allow.create(json!({})).await;
+    for g in [&allow, &deny] {
+        g.feed_applied(3).await;
+    }
 
     // Store up: checked, and a client's own mark never reaches the upstream.
     let forged = [("x-keygate-ratelimit", "unchecked")];
@@ -1400,7 +1438,6 @@ async fn exact_mode_without_the_store_admits_unchecked_or_denies_and_recovers() 
     assert!(checked(&a), "{a:?}");
     let a = deny.get_with("/open/x", &kd.key, &forged).await;
     assert!(checked(&a), "{a:?}");
-    let unlimited = allow.create(json!({})).await;
     let a = allow.get_with("/open/x", &unlimited.key, &forged).await;
     assert!(checked(&a), "a key without limits: {a:?}");
 
@@ -1423,9 +1460,18 @@ async fn exact_mode_without_the_store_admits_unchecked_or_denies_and_recovers() 
     // Back on the same port: both decide again, counting from where the store was (1 of 3).
     redis.restart();
     let within = Duration::from_secs(10);
-    let seen = until(&allow, &ka.key, within, |a| !unchecked(a)).await;
+    // The re-subscription flushes the key cache: until the store answers reads again a
+    // request may be 503 (the key cannot be read), which is "not yet".
+    let seen = until(&allow, &ka.key, within, |a| {
+        !unchecked(a) && a.status != 503
+    })
+    .await;
     let first = seen.last().unwrap();
-    assert!(checked(first), "allow: not checked again: {first:?}");
+    assert!(
+        checked(first),
+        "allow: not checked again: {first:?}; answers after the restart: {:?}",
+        labels(&seen)
+    );
     let more = [
         allow.get("/open/x", &ka.key).await,
         allow.get("/open/x", &ka.key).await,
@@ -1435,7 +1481,11 @@ async fn exact_mode_without_the_store_admits_unchecked_or_denies_and_recovers() 
 
     let seen = until(&deny, &kd.key, within, |a| a.status != 503).await;
     let first = seen.last().unwrap();
-    assert!(checked(first), "deny: not admitted again: {first:?}");
+    assert!(
+        checked(first),
+        "deny: not admitted again: {first:?}; answers after the restart: {:?}",
+        labels(&seen)
+    );
     let more = [
         deny.get("/open/x", &kd.key).await,
         deny.get("/open/x", &kd.key).await,
@@ -1463,6 +1513,9 @@ async fn local_mode_without_the_store_admits_unchecked_or_denies_and_recovers() 
     let limit = json!({"ratelimits": [{"name": "requests", "limit": 1000, "duration": HOUR}]});
     let ka = allow.create(limit.clone()).await;
     let kd = deny.create(limit).await;
+    for g in [&allow, &deny] {
+        g.feed_applied(2).await;
+    }
     let forged = [("x-keygate-ratelimit", "unchecked")];
     assert!(checked(&allow.get_with("/open/x", &ka.key, &forged).await));
     assert!(checked(&deny.get_with("/open/x", &kd.key, &forged).await));
