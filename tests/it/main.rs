@@ -29,6 +29,7 @@ mod migrate;
 mod paths;
 mod proxy_auth;
 mod proxy_forward;
+mod ratelimit;
 mod ratelimit_store;
 mod raw;
 mod redis_store;
