@@ -97,16 +97,10 @@ fn invalid(field: impl Display, what: impl Display) -> ApiError {
     ApiError::bad_request("invalid_field", format!("field `{field}`: {what}"))
 }
 
-/// `^[a-z0-9][a-z0-9_.-]{0,31}$`: a limit's name, as metrics and the `RateLimit` headers
-/// show it.
+/// `^[a-z0-9][a-z0-9_.-]{0,31}$`, not `credits`: a limit's name, as metrics and the
+/// `RateLimit` headers show it (the same rule as a route limit's, `key::valid_limit_name`).
 pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    let first = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    (1..=32).contains(&b.len())
-        && first(&b[0])
-        && b[1..]
-            .iter()
-            .all(|c| first(c) || matches!(c, b'_' | b'.' | b'-'))
+    crate::key::valid_limit_name(name)
 }
 
 /// Check `ratelimits`: at most [`MAX_RATELIMITS`], each named uniquely (not `credits`),
@@ -122,16 +116,16 @@ pub fn check_ratelimits(list: Vec<RateLimitBody>) -> Result<Vec<RateLimit>, ApiE
     let mut out: Vec<RateLimit> = Vec::with_capacity(list.len());
     for (i, l) in list.into_iter().enumerate() {
         let at = |f: &str| format!("ratelimits[{i}].{f}");
-        if !valid_name(&l.name) {
-            return Err(invalid(
-                at("name"),
-                "use 1 to 32 of a-z 0-9 _ . -, starting with a letter or digit",
-            ));
-        }
         if l.name == RESERVED_NAME {
             return Err(invalid(
                 at("name"),
                 "`credits` is reserved: it names the credits in the RateLimit headers",
+            ));
+        }
+        if !valid_name(&l.name) {
+            return Err(invalid(
+                at("name"),
+                "use 1 to 32 of a-z 0-9 _ . -, starting with a letter or digit",
             ));
         }
         if out.iter().any(|o| o.name == l.name) {
@@ -423,7 +417,8 @@ mod tests {
         .map(String::from)
         .chain(["x".repeat(32), "x".repeat(33)])
         {
-            assert_eq!(valid_name(&name), re.is_match(&name), "{name:?}");
+            let want = re.is_match(&name) && name != RESERVED_NAME;
+            assert_eq!(valid_name(&name), want, "{name:?}");
         }
     }
 

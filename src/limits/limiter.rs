@@ -205,6 +205,7 @@ impl Limiter {
         route: &Route,
         id: &Identity,
         now_ms: u64,
+        worker: Option<&Arc<dyn LimitStore>>,
     ) -> Result<Admission, Deny> {
         let specs = specs(route, id);
         if specs.is_empty() {
@@ -216,8 +217,9 @@ impl Limiter {
             return self.store_failed(rules, &specs);
         }
         let answer = if rules.exact {
-            self.exact(&specs, &super::tag(id.tenant()), id.id(), now_ms)
-                .await
+            let store = worker.unwrap_or(&self.store);
+            let tag = super::tag(id.tenant());
+            Self::exact(&**store, &specs, &tag, id.id(), now_ms).await
         } else {
             Ok(self.local(&specs, id, now_ms))
         };
@@ -244,7 +246,7 @@ impl Limiter {
 
     /// `exact`: one script in the store.
     async fn exact(
-        &self,
+        store: &dyn LimitStore,
         specs: &[Spec<'_>],
         tag: &str,
         key_id: &str,
@@ -255,7 +257,7 @@ impl Limiter {
             counters: specs.iter().map(Spec::counter).collect(),
             key_id: key_id.to_string(),
         };
-        match self.store.take(&ask, now_ms).await {
+        match store.take(&ask, now_ms).await {
             Ok(o) if o.counters.len() == specs.len() => Ok((o.decision, o.counters)),
             Ok(_) => {
                 tracing::error!("the rate-limit store answered for other counters than asked");

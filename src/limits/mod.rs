@@ -210,3 +210,10 @@ pub fn for_store(store: &dyn crate::store::KeyStore) -> (Arc<dyn LimitStore>, St
         None => (Arc::new(memory::MemoryLimits::default()), "mem".into()),
     }
 }
+
+/// A proxy worker's own way to the counters, over its own store connection
+/// (`KeyStore::worker_reader`); `None` when the store has no such thing.
+pub fn worker_store(reader: &dyn crate::store::KeyStore) -> Option<Arc<dyn LimitStore>> {
+    let scripts = reader.scripts()?;
+    Some(Arc::new(redis::RedisLimits::new(scripts)))
+}

@@ -10,7 +10,7 @@ use crate::auth::{self, Need, Rules, Verifier};
 use crate::cache::{Identity, Reader, Source};
 use crate::config::Config;
 use crate::error::{Body, Deny};
-use crate::limits::{Admission, Limiter};
+use crate::limits::{Admission, LimitStore, Limiter};
 use crate::logging;
 use crate::metrics::{AuthOutcome, Metrics};
 use crate::policy::path::{normalize_request, Normalized};
@@ -40,10 +40,19 @@ pub struct Conn {
     /// Where this connection's key lookups read on a miss: its worker's own store
     /// connection (`KeyStore::worker_reader`), or the shared store.
     pub reader: Reader,
+    /// Its worker's way to the rate-limit counters, when the store has one of its own
+    /// per worker (`exact` mode's scripts then skip the shared connection).
+    pub limits: Option<Arc<dyn LimitStore>>,
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, tls: bool, slot: Slot, reader: Reader) -> Conn {
+    pub fn new(
+        peer: SocketAddr,
+        tls: bool,
+        slot: Slot,
+        reader: Reader,
+        limits: Option<Arc<dyn LimitStore>>,
+    ) -> Conn {
         // An IP address always makes a valid value; the fallback only avoids a panic path.
         let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
@@ -54,6 +63,7 @@ impl Conn {
             upstream: forward::UpstreamSlot::default(),
             slot,
             reader,
+            limits,
         }
     }
 }
@@ -186,7 +196,12 @@ impl Proxy {
         let admission = match identity.as_deref() {
             Some(id) if Limiter::applies(route, id) => {
                 let now = crate::time::now_ms();
-                match self.limiter.admit(snap.rate_limits, route, id, now).await {
+                let store = conn.limits.as_ref();
+                match self
+                    .limiter
+                    .admit(snap.rate_limits, route, id, now, store)
+                    .await
+                {
                     Ok(a) => a,
                     Err(d) => {
                         *who = identity;

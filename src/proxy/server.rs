@@ -163,6 +163,8 @@ async fn worker(
         .store
         .worker_reader()
         .unwrap_or_else(|| proxy.store.clone());
+    // And its own way to the rate-limit counters (exact mode), over that connection.
+    let limits = crate::limits::worker_store(&*reader);
 
     loop {
         let (stream, peer, permit, accepted) = tokio::select! {
@@ -183,7 +185,7 @@ async fn worker(
             }
         };
         let (proxy, port, open) = (proxy.clone(), port.clone(), open.clone());
-        let reader = reader.clone();
+        let (reader, limits) = (reader.clone(), limits.clone());
         // Freed when the connection and any tunnel it became are gone.
         let slot: Slot = Arc::new(OpenSlot {
             _permit: permit,
@@ -193,7 +195,7 @@ async fn worker(
             let handler = move |tls| {
                 let ctx = Arc::new(ConnCtx {
                     proxy,
-                    conn: Conn::new(peer, tls, slot, reader),
+                    conn: Conn::new(peer, tls, slot, reader, limits),
                 });
                 move |req| {
                     let ctx = ctx.clone();
