@@ -245,7 +245,14 @@ fn limits_in_range(l: &crate::store::KeyLimits) -> bool {
                 (1..=MAX_COUNT).contains(&r.amount) && (1..=MAX_WINDOW_MS).contains(&r.interval_ms)
             })
     });
-    windows && unique && credits
+    // The budget names counters (`k:<budget>:…`): a key id's alphabet, so no `:` or `{`
+    // can make it name another key's.
+    let budget = l.budget.as_deref().is_none_or(|b| {
+        (1..=64).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
+    });
+    windows && unique && credits && budget
 }
 
 /// The store a lookup reads on a miss: the shared one, or a proxy worker's own
@@ -651,6 +658,70 @@ mod tests {
         assert_eq!(none.scopes().count(), 0);
         assert!(none.grants_all::<&str>(&[]) && !none.grants_all(&["users:read"]));
         assert_eq!(none.scopes_header(), "");
+    }
+
+    /// Limits read from the store are input: out-of-range ones, duplicate names and a
+    /// budget that could name another key's counters make the record corrupt.
+    #[test]
+    fn limits_from_the_store_are_checked() {
+        use crate::store::{KeyLimits, RateLimit};
+        let with = |limits: KeyLimits| {
+            Identity::new(KeyRecord {
+                limits,
+                ..record("acme", 1)
+            })
+        };
+        let limit = |name: &str, duration_ms| RateLimit {
+            name: name.into(),
+            limit: 5,
+            duration_ms,
+        };
+        let ok = KeyLimits {
+            ratelimits: vec![limit("requests", 1000)],
+            budget: Some("01900000-0000-7000-8000-000000000002".into()),
+            ..KeyLimits::default()
+        };
+        let id = with(ok.clone()).unwrap();
+        assert_eq!(id.limits.as_deref(), Some(&ok));
+        let own = with(KeyLimits {
+            budget: None,
+            ..ok.clone()
+        })
+        .unwrap();
+        let budget = own.limits.as_ref().and_then(|l| l.budget.clone());
+        assert_eq!(
+            budget.as_deref(),
+            Some("01900000-0000-7000-8000-000000000001")
+        );
+        let bad = [
+            KeyLimits {
+                budget: Some("x:requests:1000".into()),
+                ..ok.clone()
+            },
+            KeyLimits {
+                budget: Some("{tag}".into()),
+                ..ok.clone()
+            },
+            KeyLimits {
+                ratelimits: vec![limit("requests", 1000), limit("requests", 2000)],
+                ..ok.clone()
+            },
+            KeyLimits {
+                ratelimits: vec![limit("requests", u64::MAX - 1)],
+                ..ok.clone()
+            },
+            KeyLimits {
+                ratelimits: vec![limit("a\"b", 1000)],
+                ..ok.clone()
+            },
+            KeyLimits {
+                ratelimits: vec![limit("requests", 0)],
+                ..ok.clone()
+            },
+        ];
+        for limits in bad {
+            assert!(with(limits.clone()).is_err(), "{limits:?}");
+        }
     }
 
     fn revoked_at(entry: Entry) -> Option<u64> {

@@ -2,12 +2,12 @@
 //! the route's) and the key's credits admit it, or it is refused and spends nothing.
 
 use super::local::{Local, Slot};
-use super::{Counter, Decision, Headroom, Kind, LimitStore};
+use super::{reset_in, Counter, Decision, Headroom, Kind, LimitStore};
 use crate::cache::Identity;
 use crate::config::RateLimitRules;
 use crate::error::{Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
 use crate::policy::{LimitBy, Route, RouteLimit};
-use crate::store::{Credits, RateLimit};
+use crate::store::{Credits, KeyLimits, RateLimit};
 use http::HeaderValue;
 use smallvec::SmallVec;
 use std::sync::Arc;
@@ -156,6 +156,27 @@ fn specs<'a>(route: &'a Route, id: &'a Identity) -> Few<Spec<'a>> {
     }
     let routed = route.rate_limits.iter();
     out.extend(routed.map(|l| spec(Source::Route(&route.name, l), 1)));
+    out
+}
+
+/// The counters of a key's own limits and credits (`cost` credits a request), as the
+/// decision above builds them: what the admin API peeks at.
+pub fn key_counters(key_id: &str, limits: &KeyLimits, cost: u64) -> Vec<Counter> {
+    let budget = limits.budget.as_deref().unwrap_or(key_id);
+    let spec = |source| Spec {
+        source,
+        budget,
+        tenant: "",
+        cost: 1,
+    };
+    let mut out: Vec<Counter> = (limits.ratelimits.iter())
+        .map(|l| spec(Source::Key(l)).counter())
+        .collect();
+    if let Some(c) = &limits.credits {
+        let mut s = spec(Source::Credits(c));
+        s.cost = cost;
+        out.push(s.counter());
+    }
     out
 }
 
@@ -352,16 +373,6 @@ impl Limiter {
     }
 }
 
-/// Milliseconds from `now_ms` to the end of its window (`u64::MAX`: never).
-fn reset_in(anchor_ms: u64, period_ms: u64, now_ms: u64) -> u64 {
-    if period_ms == u64::MAX {
-        return u64::MAX;
-    }
-    let window = now_ms.saturating_sub(anchor_ms) / period_ms;
-    let end = anchor_ms.saturating_add((window + 1).saturating_mul(period_ms));
-    end.saturating_sub(now_ms)
-}
-
 /// What refusing on a counter answers.
 fn refusal(kind: Kind, period_ms: u64, reset_ms: u64) -> Decision {
     match kind {
@@ -400,10 +411,15 @@ fn tightest(states: &[Headroom]) -> Option<Headroom> {
 }
 
 /// The refusing counter of `kind` with nothing left, else the tightest.
+/// Of several spent ones, the one whose window ends last: the one `Retry-After` names.
 fn refusing(states: &[Headroom], kind: Kind) -> Option<Headroom> {
     let empty = states.iter().filter(|h| h.kind == kind);
     empty
-        .min_by_key(|h| h.remaining)
+        .min_by(|a, b| {
+            a.remaining
+                .cmp(&b.remaining)
+                .then(b.reset_ms.cmp(&a.reset_ms))
+        })
         .cloned()
         .or_else(|| tightest(states))
 }

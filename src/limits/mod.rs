@@ -58,13 +58,7 @@ impl Counter {
     }
     /// Milliseconds from `now_ms` to the end of its window (`u64::MAX`: never).
     pub fn reset_in(&self, now_ms: u64) -> u64 {
-        if self.period_ms == u64::MAX {
-            return u64::MAX;
-        }
-        let end = self
-            .anchor_ms
-            .saturating_add((self.window(now_ms) + 1).saturating_mul(self.period_ms));
-        end.saturating_sub(now_ms)
+        reset_in(self.anchor_ms, self.period_ms, now_ms)
     }
     /// The store key of the window `now_ms` falls in, under `namespace` and `tag` (one
     /// hash slot for every counter of one request: see `Ask::tag`).
@@ -163,6 +157,17 @@ pub trait LimitStore: Send + Sync + 'static {
     async fn add_totals(&self, adds: &[(String, String, u64, u64)]) -> Result<(), StoreError>;
 }
 
+/// Milliseconds from `now_ms` to the end of the window of `period_ms` (from `anchor_ms`)
+/// it falls in; `u64::MAX` for an endless window.
+pub fn reset_in(anchor_ms: u64, period_ms: u64, now_ms: u64) -> u64 {
+    if period_ms == u64::MAX {
+        return u64::MAX;
+    }
+    let window = now_ms.saturating_sub(anchor_ms) / period_ms.max(1);
+    let end = anchor_ms.saturating_add((window + 1).saturating_mul(period_ms));
+    end.saturating_sub(now_ms)
+}
+
 /// The tag of a tenant's counters.
 pub fn tag(tenant: &str) -> String {
     format!("rl.{:016x}", xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()))
@@ -170,34 +175,9 @@ pub fn tag(tenant: &str) -> String {
 
 /// The counters of a key's own limits and credits (`cost` credits per request).
 pub fn key_counters(key_id: &str, limits: &KeyLimits, cost: u64) -> Vec<Counter> {
-    let budget = limits.budget.as_deref().unwrap_or(key_id);
-    let mut out: Vec<Counter> = limits
-        .ratelimits
-        .iter()
-        .map(|l| Counter {
-            id: format!("k:{budget}:{}:{}", l.name, l.duration_ms),
-            name: l.name.as_str().into(),
-            first_quota: l.limit,
-            quota: l.limit,
-            anchor_ms: 0,
-            period_ms: l.duration_ms.max(1),
-            cost: 1,
-            kind: Kind::RateLimit,
-        })
-        .collect();
-    if let Some(c) = &limits.credits {
-        out.push(Counter {
-            id: format!("c:{budget}:{}", c.set_at),
-            name: "credits".into(),
-            first_quota: c.remaining,
-            quota: c.refill.as_ref().map_or(c.remaining, |r| r.amount),
-            anchor_ms: c.set_at,
-            period_ms: c.refill.as_ref().map_or(u64::MAX, |r| r.interval_ms.max(1)),
-            cost,
-            kind: Kind::Credits,
-        });
-    }
-    out
+    // The very counters the proxy's decision spends (`limiter::key_counters`), so that the
+    // admin API's peek and usage read the same Redis keys.
+    limiter::key_counters(key_id, limits, cost)
 }
 
 /// The counters' home for `store`: Redis through its scripts, or this process.

@@ -785,11 +785,10 @@ fn strings(v: Value) -> Result<Vec<String>, StoreError> {
 /// `{status, record}` script replies.
 fn status_record(v: Value) -> Result<(i64, Vec<String>), StoreError> {
     match v {
-        Value::Array(items) if items.len() == 2 => {
-            let mut it = items.into_iter();
-            let status = int(it.next().expect("two items"))?;
-            Ok((status, strings(it.next().expect("two items"))?))
-        }
+        Value::Array(items) => match <[Value; 2]>::try_from(items) {
+            Ok([status, record]) => Ok((int(status)?, strings(record)?)),
+            Err(_) => Err(shape("expected {status, record}")),
+        },
         _ => Err(shape("expected {status, record}")),
     }
 }
