@@ -106,8 +106,12 @@ args=(
 )
 if [ -n "${ST_SEED:-}" ]; then args+=(--seed "$ST_SEED"); fi
 
+# tests/schemathesis_hooks.py leaves out the one rule JSON Schema cannot state (unique
+# rate-limit names); see its docstring.
 status=0
-( cd "$WORK" && timeout 600 "$PYTHON" -m schemathesis.cli "${args[@]}" ) || status=$?
+HOOKS_DIR="$PWD/tests"
+( cd "$WORK" && PYTHONPATH="$HOOKS_DIR" SCHEMATHESIS_HOOKS=schemathesis_hooks \
+    timeout 600 "$PYTHON" -m schemathesis.cli "${args[@]}" ) || status=$?
 if [ "$status" -ne 0 ]; then
     echo "schemathesis: FAILED (exit $status); keygate's log follows" >&2
     tail -n 50 "$WORK/keygate.log" >&2 || true
