@@ -8,7 +8,6 @@
 use crate::key::Digest;
 use crate::key::KeyType;
 use crate::store::{KeyRecord, KeyStore, StoreError};
-use bytes::Bytes;
 use http::HeaderValue;
 use moka::future::Cache;
 use moka::Expiry;
@@ -29,7 +28,7 @@ pub struct Identity {
     /// The key's id, tenant and space-separated scopes, back to back (visible ASCII,
     /// checked when built): the header values are slices of it, so sending them costs a
     /// reference count each, not a copy.
-    text: Bytes,
+    text: bytestring::ByteString,
     id_end: u32,
     tenant_end: u32,
     pub key_type: KeyType,
@@ -91,7 +90,7 @@ impl Identity {
         });
         Ok(Identity {
             limits,
-            text: Bytes::from(text),
+            text: bytestring::ByteString::from(text),
             id_end,
             tenant_end,
             key_type: record.key_type,
@@ -106,13 +105,13 @@ impl Identity {
 
     fn part(&self, range: std::ops::Range<usize>) -> &str {
         // ASCII, checked in `new`: never the fallback.
-        std::str::from_utf8(&self.text[range]).unwrap_or("-")
+        self.text.get(range).unwrap_or("-")
     }
 
     fn header(&self, range: std::ops::Range<usize>) -> HeaderValue {
         // Checked in `new` (visible ASCII and spaces), so this never fails; the fallback
         // only avoids a panic path.
-        HeaderValue::from_maybe_shared(self.text.slice(range))
+        HeaderValue::from_maybe_shared(self.text.as_bytes().slice(range))
             .unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 

@@ -186,8 +186,13 @@ impl StoreMetrics {
 struct LimitMetrics {
     decisions: IntCounterVec,
     /// Handles by limit name, one per result; copied on the rare new name.
-    seen: arc_swap::ArcSwap<std::collections::HashMap<Box<str>, [IntCounter; 4]>>,
+    seen: arc_swap::ArcSwap<LimitHandles>,
 }
+
+/// At most `MAX_LIMIT_LABELS` names, all from the config or the admin API: a fast hash
+/// is enough (it runs once per limit per limited request).
+type LimitHandles =
+    std::collections::HashMap<Box<str>, [IntCounter; 4], xxhash_rust::xxh3::Xxh3DefaultBuilder>;
 
 const LIMIT_RESULTS: [&str; 4] = ["admitted", "refused", "unchecked", "store_error_denied"];
 const MAX_LIMIT_LABELS: usize = 64;
@@ -220,7 +225,7 @@ impl LimitMetrics {
         let made = LIMIT_RESULTS.map(|r| self.decisions.with_label_values(&[label, r]));
         if label == limit {
             self.seen.rcu(|m| {
-                let mut m = std::collections::HashMap::clone(m);
+                let mut m = LimitHandles::clone(m);
                 m.entry(limit.into()).or_insert_with(|| made.clone());
                 m
             });

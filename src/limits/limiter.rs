@@ -307,9 +307,10 @@ impl Limiter {
         let mut states = Vec::with_capacity(specs.len());
         let mut decision = Decision::Admit;
         for (s, slot) in specs.iter().zip(&slots) {
-            let (window, used) = Local::used(slot, now_ms);
             let (first, quota, anchor_ms, period_ms) = s.shape();
-            let quota = if window == 0 { first } else { quota };
+            let quota_of = |window| if window == 0 { first } else { quota };
+            let (window, used) = Local::used(slot, now_ms, quota_of);
+            let quota = quota_of(window);
             let reset_ms = reset_in(anchor_ms, period_ms, now_ms);
             if used.saturating_add(s.cost) > quota {
                 decision = worse(decision, refusal(s.kind(), period_ms, reset_ms));

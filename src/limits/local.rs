@@ -18,6 +18,20 @@ const QUEUE: usize = 65_536;
 /// A counter nobody here used for this long leaves the exchange (its window's count stays
 /// in the store).
 const IDLE_MS: u64 = 10_000;
+/// A rate-limit counter stays out of the exchange while what this replica holds back of it,
+/// times this and the number of replicas, is less than what its window has left: all
+/// replicas together hold back at most 1/`DEFER` of a limit (README, the overshoot bound).
+/// A limit far from its quota then costs no store traffic at all.
+const DEFER: u64 = 20;
+/// How often a replica tells the store it is there, and learns how many are.
+const HEARTBEAT_MS: u64 = 1_000;
+/// A replica is counted this long after its last heartbeat.
+const REPLICA_TTL_MS: u64 = 10_000;
+/// Heartbeats a replica makes before it defers: by then every other replica that defers
+/// made its first heartbeat before this one's last, so this one counts it.
+const TRUSTED_BEATS: u32 = 3;
+/// The admitted/refused totals (usage, not decisions) are added this often.
+const TOTALS_MS: u64 = 1_000;
 
 /// One counter as this process sees it, for the window it is in.
 pub struct Slot {
@@ -29,6 +43,8 @@ pub struct Slot {
     period_ms: u64,
     ttl_ms: u64,
     kind: Kind,
+    /// The quota of the window, as the last decision saw it.
+    quota: AtomicU64,
     window: AtomicU64,
     /// The store's total for `window` at the last exchange (everyone's spending).
     global: AtomicU64,
@@ -52,6 +68,7 @@ impl Slot {
             period_ms: c.period_ms,
             ttl_ms: c.ttl_ms(),
             kind: c.kind,
+            quota: AtomicU64::new(0),
             window: AtomicU64::new(0),
             global: AtomicU64::new(0),
             pending: AtomicU64::new(0),
@@ -106,6 +123,22 @@ impl Slot {
         self.kind
     }
 
+    /// Whether this replica may keep what it spent to itself a while longer (`DEFER`);
+    /// `share` is `DEFER` times the replicas, `None` while their number is not known.
+    /// Credits are always sent: the key object shows them current within an interval.
+    fn held_back(&self, share: Option<u64>) -> bool {
+        let Some(share) = share else {
+            return false;
+        };
+        if self.kind == Kind::Credits {
+            return false;
+        }
+        let known = (self.global.load(Ordering::Acquire))
+            .saturating_add(self.inflight.load(Ordering::Acquire));
+        let left = self.quota.load(Ordering::Relaxed).saturating_sub(known);
+        self.pending.load(Ordering::Acquire).saturating_mul(share) < left
+    }
+
     pub fn name(&self) -> &Arc<str> {
         &self.name
     }
@@ -154,9 +187,38 @@ fn idle_for(slot: &Slot) -> Duration {
     Duration::from_millis(window)
 }
 
+/// The caches' keys are xxh3 hashes of ids keygate made (key ids, budgets, names from the
+/// config), not of client bytes: hashing them again would only cost time.
+#[derive(Clone, Default)]
+struct Prehashed;
+
+#[derive(Default)]
+struct Folded(u64);
+
+impl std::hash::BuildHasher for Prehashed {
+    type Hasher = Folded;
+    fn build_hasher(&self) -> Folded {
+        Folded::default()
+    }
+}
+
+impl std::hash::Hasher for Folded {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 ^= n as u64 ^ (n >> 64) as u64;
+    }
+}
+
+type Slots<V> = moka::sync::Cache<u128, Arc<V>, Prehashed>;
+
 pub struct Local {
-    slots: moka::sync::Cache<u128, Arc<Slot>>,
-    totals: moka::sync::Cache<u128, Arc<Totals>>,
+    slots: Slots<Slot>,
+    totals: Slots<Totals>,
     new_slots: mpsc::Sender<Arc<Slot>>,
     new_totals: mpsc::Sender<Arc<Totals>>,
     /// Did the last exchange reach the store?
@@ -179,11 +241,11 @@ impl Local {
             slots: moka::sync::Cache::builder()
                 .max_capacity(MAX_SLOTS)
                 .expire_after(SlotExpiry)
-                .build(),
+                .build_with_hasher(Prehashed),
             totals: moka::sync::Cache::builder()
                 .max_capacity(MAX_SLOTS)
                 .time_to_idle(Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(Prehashed),
             new_slots,
             new_totals,
             store_ok: store_ok.clone(),
@@ -212,9 +274,10 @@ impl Local {
         })
     }
 
-    /// Enter `now_ms`'s window and say what it has spent.
-    pub fn used(slot: &Slot, now_ms: u64) -> (u64, u64) {
+    /// Enter `now_ms`'s window and say what it has spent; `quota` is its quota now.
+    pub fn used(slot: &Slot, now_ms: u64, quota: impl FnOnce(u64) -> u64) -> (u64, u64) {
         let w = slot.enter(now_ms);
+        slot.quota.store(quota(w), Ordering::Relaxed);
         (w, slot.used())
     }
 
@@ -262,7 +325,54 @@ struct Sent {
     delta: u64,
 }
 
-/// Exchange every `interval` until `stop` fires (one last exchange then).
+/// What this replica knows of the others: how many exchange with the store.
+struct Peers {
+    id: String,
+    count: u64,
+    beats: u32,
+    next_ms: u64,
+}
+
+impl Peers {
+    fn new() -> Peers {
+        let mut id = [0u8; 8];
+        // Without randomness two replicas may share an id: counted as one, they would
+        // defer too much, so this one does not defer at all.
+        let random = getrandom::fill(&mut id).is_ok();
+        Peers {
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            count: 1,
+            beats: 0,
+            // Never beats, so never trusted.
+            next_ms: if random { 0 } else { u64::MAX },
+        }
+    }
+
+    /// Tell the store this replica is there, once a `HEARTBEAT_MS`.
+    async fn beat(&mut self, store: &dyn LimitStore, now_ms: u64) {
+        if now_ms < self.next_ms {
+            return;
+        }
+        self.next_ms = now_ms.saturating_add(HEARTBEAT_MS);
+        match store.replicas(&self.id, REPLICA_TTL_MS).await {
+            Ok(n) => {
+                self.count = n.max(1);
+                self.beats = self.beats.saturating_add(1);
+            }
+            Err(e) => {
+                self.beats = 0;
+                tracing::warn!(error = %e, "could not count the replicas sharing rate limits");
+            }
+        }
+    }
+
+    /// `DEFER` times the replicas, once their number can be trusted.
+    fn share(&self) -> Option<u64> {
+        (self.beats >= TRUSTED_BEATS).then(|| DEFER.saturating_mul(self.count))
+    }
+}
+
+/// Exchange every `interval` until `stop` fires (one last exchange then, of everything).
 pub async fn run_exchange(
     mut joining: Joining,
     store: Arc<dyn LimitStore>,
@@ -271,13 +381,15 @@ pub async fn run_exchange(
 ) {
     let mut active: Vec<Arc<Slot>> = Vec::new();
     let mut totals: Vec<Arc<Totals>> = Vec::new();
+    let mut peers = Peers::new();
+    let mut totals_due = 0;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let last = tokio::select! {
             _ = tick.tick() => false,
             _ = stop.changed() => true,
-        };
+        } || *stop.borrow();
         while let Ok(s) = joining.slots.try_recv() {
             active.push(s);
         }
@@ -285,10 +397,16 @@ pub async fn run_exchange(
             totals.push(t);
         }
         let now = crate::time::now_ms();
+        peers.beat(&*store, now).await;
         active.retain(|s| keep(s, now));
-        let ok = exchange(&*store, &active, now).await && add_totals(&*store, &mut totals).await;
+        let share = if last { None } else { peers.share() };
+        let mut ok = exchange(&*store, &active, now, share).await;
+        if last || now >= totals_due {
+            totals_due = now.saturating_add(TOTALS_MS);
+            ok &= add_totals(&*store, &mut totals).await;
+        }
         joining.store_ok.store(ok, Ordering::Release);
-        if last || *stop.borrow() {
+        if last {
             return;
         }
     }
@@ -310,15 +428,28 @@ fn keep(s: &Slot, now_ms: u64) -> bool {
     false
 }
 
-/// Send every active slot's spending (zero too: the answer tells what the others spent).
-async fn exchange(store: &dyn LimitStore, active: &[Arc<Slot>], now_ms: u64) -> bool {
-    if active.is_empty() {
-        return true;
-    }
-    let mut sent = Vec::with_capacity(active.len());
-    let mut pushes = Vec::with_capacity(active.len());
+/// Send what each active slot spent since the last exchange; the answer is every
+/// replica's total. A slot that spent nothing here stays out: its total can only be behind
+/// the store's (a window's count only grows), which matters only once this replica spends
+/// on it again, and that spending goes out with the next exchange. A slot whose spending
+/// is small next to what its window has left stays out too (`Slot::held_back`). With many
+/// keys far from their limits this sends next to nothing.
+async fn exchange(
+    store: &dyn LimitStore,
+    active: &[Arc<Slot>],
+    now_ms: u64,
+    share: Option<u64>,
+) -> bool {
+    let mut sent = Vec::new();
+    let mut pushes = Vec::new();
     for s in active {
+        if s.pending.load(Ordering::Acquire) == 0 {
+            continue;
+        }
         let window = s.enter(now_ms);
+        if s.held_back(share) {
+            continue;
+        }
         let delta = s.pending.swap(0, Ordering::AcqRel);
         s.inflight.fetch_add(delta, Ordering::AcqRel);
         pushes.push(Push {
@@ -331,6 +462,9 @@ async fn exchange(store: &dyn LimitStore, active: &[Arc<Slot>], now_ms: u64) -> 
             window,
             delta,
         });
+    }
+    if pushes.is_empty() {
+        return true;
     }
     let totals = store.exchange_each(&pushes).await;
     let mut failed = 0;

@@ -165,6 +165,11 @@ impl LimitStore for MemoryLimits {
         g.prune(now_ms);
         Ok(())
     }
+
+    /// One process: its replicas are itself.
+    async fn replicas(&self, _: &str, _: u64) -> Result<u64, StoreError> {
+        Ok(1)
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 //!   (never for credits without refill)
 //! - `ns:{rl.<tenant hash>}:u:<key id>:admitted`  string: the key's admitted requests
 //! - `ns:{rl.<tenant hash>}:u:<key id>:refused`   string: the key's refused requests
+//! - `ns:{rl.replicas}:replicas`  sorted set: the replicas exchanging in `local` mode, by
+//!   the time of their last heartbeat (`local` defers a counter's exchange by their number)
 //!
 //! Why one tag per tenant: a request is decided all or nothing (admitted only if every
 //! limit and the credits admit it, and then it spends on all of them), which one Lua script
@@ -118,6 +120,22 @@ for i = 1, #KEYS do
   end
 end
 return {0, unpack(totals)}
+",
+    )
+});
+
+/// `replicas`. KEYS: the replicas' set. ARGV: this replica's id, how long (ms) a replica
+/// counts after its last call. Returns how many count, this one included. Redis' clock,
+/// not the replicas': theirs may disagree.
+static REPLICAS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
 ",
     )
 });
@@ -317,6 +335,18 @@ impl LimitStore for RedisLimits {
             self.add(&keys, &deltas).await?;
         }
         Ok(())
+    }
+
+    async fn replicas(&self, me: &str, within_ms: u64) -> Result<u64, StoreError> {
+        let key = [format!(
+            "{}:{{rl.replicas}}:replicas",
+            self.scripts.namespace()
+        )];
+        let args = [me.to_string(), within_ms.to_string()];
+        match self.scripts.eval(&REPLICAS, &key, &args).await? {
+            Value::Int(n) if n >= 1 => Ok(n as u64),
+            _ => Err(corrupt(&key, "expected a replica count")),
+        }
     }
 }
 

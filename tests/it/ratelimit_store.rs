@@ -712,6 +712,30 @@ async fn garbage_is_an_error(t: &Target) {
     assert_eq!(refused, None);
 }
 
+/// `replicas` counts the replicas that called it lately, each once; one process's memory
+/// store is one replica.
+async fn replicas_are_counted(t: &Target) {
+    if t.conn.is_none() {
+        assert_eq!(t.store.replicas("a", 10_000).await.unwrap(), 1);
+        assert_eq!(t.other.replicas("b", 10_000).await.unwrap(), 1);
+        return;
+    }
+    assert_eq!(t.store.replicas("a", 10_000).await.unwrap(), 1);
+    assert_eq!(t.other.replicas("b", 10_000).await.unwrap(), 2);
+    assert_eq!(
+        t.store.replicas("a", 10_000).await.unwrap(),
+        2,
+        "a counted twice"
+    );
+    // A replica that stopped calling is no longer counted once `within_ms` passed.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        t.other.replicas("b", 200).await.unwrap(),
+        1,
+        "a still counted"
+    );
+}
+
 macro_rules! cases {
     ($($case:ident),* $(,)?) => {
         mod memory_store {
@@ -759,4 +783,5 @@ cases!(
     exchange_sums_replicas,
     totals_count,
     garbage_is_an_error,
+    replicas_are_counted,
 );
