@@ -293,7 +293,7 @@ impl Limiter {
 
     /// `local`: this process's counters; all are checked before any is spent.
     fn local(&self, specs: &[Spec<'_>], id: &Identity, now_ms: u64) -> (Decision, Vec<Headroom>) {
-        let slots: Vec<Arc<Slot>> = specs
+        let slots: Few<Arc<Slot>> = specs
             .iter()
             .map(|s| {
                 self.local.slot(s.hash(), || {

@@ -328,7 +328,8 @@ struct Sent {
 /// What this replica knows of the others: how many exchange with the store.
 struct Peers {
     id: String,
-    count: u64,
+    /// `None`: the store is this process's own.
+    count: Option<u64>,
     beats: u32,
     next_ms: u64,
 }
@@ -341,7 +342,7 @@ impl Peers {
         let random = getrandom::fill(&mut id).is_ok();
         Peers {
             id: id.iter().map(|b| format!("{b:02x}")).collect(),
-            count: 1,
+            count: Some(1),
             beats: 0,
             // Never beats, so never trusted.
             next_ms: if random { 0 } else { u64::MAX },
@@ -356,7 +357,7 @@ impl Peers {
         self.next_ms = now_ms.saturating_add(HEARTBEAT_MS);
         match store.replicas(&self.id, REPLICA_TTL_MS).await {
             Ok(n) => {
-                self.count = n.max(1);
+                self.count = n.map(|n| n.max(1));
                 self.beats = self.beats.saturating_add(1);
             }
             Err(e) => {
@@ -368,7 +369,8 @@ impl Peers {
 
     /// `DEFER` times the replicas, once their number can be trusted.
     fn share(&self) -> Option<u64> {
-        (self.beats >= TRUSTED_BEATS).then(|| DEFER.saturating_mul(self.count))
+        let count = self.count?;
+        (self.beats >= TRUSTED_BEATS).then(|| DEFER.saturating_mul(count))
     }
 }
 
@@ -397,8 +399,14 @@ pub async fn run_exchange(
             totals.push(t);
         }
         let now = crate::time::now_ms();
-        peers.beat(&*store, now).await;
         active.retain(|s| keep(s, now));
+        // No counters in use, no heartbeat (a keygate without limits never asks), and the
+        // count starts over: the others stop counting this replica after a while.
+        if active.is_empty() {
+            peers.beats = 0;
+        } else {
+            peers.beat(&*store, now).await;
+        }
         let share = if last { None } else { peers.share() };
         let mut ok = exchange(&*store, &active, now, share).await;
         if last || now >= totals_due {

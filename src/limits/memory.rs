@@ -166,9 +166,9 @@ impl LimitStore for MemoryLimits {
         Ok(())
     }
 
-    /// One process: its replicas are itself.
-    async fn replicas(&self, _: &str, _: u64) -> Result<u64, StoreError> {
-        Ok(1)
+    /// This process's own: its exchange costs nothing worth holding back.
+    async fn replicas(&self, _: &str, _: u64) -> Result<Option<u64>, StoreError> {
+        Ok(None)
     }
 }
 

@@ -156,8 +156,9 @@ pub trait LimitStore: Send + Sync + 'static {
     /// Add to the key's admitted and refused totals (`local` mode, in the background).
     async fn add_totals(&self, adds: &[(String, String, u64, u64)]) -> Result<(), StoreError>;
     /// `local` mode: note that replica `me` exchanges with this store, and say how many
-    /// replicas did within the last `within_ms` (by the store's clock), `me` included.
-    async fn replicas(&self, me: &str, within_ms: u64) -> Result<u64, StoreError>;
+    /// replicas did within the last `within_ms` (by the store's clock), `me` included;
+    /// `None` for a store only this process uses (nothing to hold back from others).
+    async fn replicas(&self, me: &str, within_ms: u64) -> Result<Option<u64>, StoreError>;
 }
 
 /// Milliseconds from `now_ms` to the end of the window of `period_ms` (from `anchor_ms`)

@@ -337,14 +337,14 @@ impl LimitStore for RedisLimits {
         Ok(())
     }
 
-    async fn replicas(&self, me: &str, within_ms: u64) -> Result<u64, StoreError> {
+    async fn replicas(&self, me: &str, within_ms: u64) -> Result<Option<u64>, StoreError> {
         let key = [format!(
             "{}:{{rl.replicas}}:replicas",
             self.scripts.namespace()
         )];
         let args = [me.to_string(), within_ms.to_string()];
         match self.scripts.eval(&REPLICAS, &key, &args).await? {
-            Value::Int(n) if n >= 1 => Ok(n as u64),
+            Value::Int(n) if n >= 1 => Ok(Some(n as u64)),
             _ => Err(corrupt(&key, "expected a replica count")),
         }
     }

@@ -567,10 +567,11 @@ async fn what_the_proxy_spends_shows_in_credits_and_usage_and_a_rotation_shares_
     for _ in 0..3 {
         assert_eq!(app.get_with("/users/1", old_key).await.status(), 200);
     }
-    // `local` mode may report its counts a little later.
+    // `local` mode may report its counts a little later (the totals once a second).
     let within = Duration::from_secs(10);
     let spent = eventually(within, || async {
         get_key(&app, old_id).await["credits"]["remaining"] == 7
+            && usage(&app, old_id).await["requests"]["admitted"] == 3
     })
     .await;
     assert!(
@@ -603,8 +604,12 @@ async fn what_the_proxy_spends_shows_in_credits_and_usage_and_a_rotation_shares_
     })
     .await;
     assert!(shared, "the old key sees what the new one spent");
-    // Each key's own requests.
-    assert_eq!(usage(&app, new_id).await["requests"]["admitted"], 1);
+    // Each key's own requests (the totals once a second).
+    let counted = eventually(within, || async {
+        usage(&app, new_id).await["requests"]["admitted"] == 1
+    })
+    .await;
+    assert!(counted, "{}", usage(&app, new_id).await);
     assert_eq!(usage(&app, old_id).await["requests"]["admitted"], 3);
     app.stop().await;
 }

@@ -1036,7 +1036,10 @@ async fn local_mode_holds_back_spending_far_from_the_limit_and_sends_it_on_stop(
         .create(json!({"ratelimits": [{"name": "requests", "limit": LIMIT, "duration": HOUR}]}))
         .await;
     // A replica holds back only once it has counted the replicas three times (one
-    // heartbeat a second): until then each exchange sends everything.
+    // heartbeat a second while it has counters in use): until then it sends everything.
+    for g in &gates {
+        assert_eq!(g.get("/open/far", &k.key).await.status, 200, "warm-up");
+    }
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     redis.reset_stats();
     for i in 0..PER_REPLICA * REPLICAS as u64 {

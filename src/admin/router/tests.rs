@@ -101,7 +101,7 @@ impl LimitStore for TestLimits {
     async fn add_totals(&self, _: &[(String, String, u64, u64)]) -> Result<(), StoreError> {
         unreachable!("the admin API never spends")
     }
-    async fn replicas(&self, _: &str, _: u64) -> Result<u64, StoreError> {
+    async fn replicas(&self, _: &str, _: u64) -> Result<Option<u64>, StoreError> {
         unreachable!("the admin API never exchanges")
     }
 }
