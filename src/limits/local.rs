@@ -30,8 +30,10 @@ const REPLICA_TTL_MS: u64 = 10_000;
 /// Heartbeats a replica makes before it defers: by then every other replica that defers
 /// made its first heartbeat before this one's last, so this one counts it.
 const TRUSTED_BEATS: u32 = 3;
-/// The admitted/refused totals (usage, not decisions) are added this often.
-const TOTALS_MS: u64 = 1_000;
+/// The admitted/refused totals (usage, not decisions) are added to a shared store this
+/// often (to one only this process uses, at every exchange): with many busy keys they are
+/// most of the exchange's work.
+const TOTALS_MS: u64 = 10_000;
 
 /// One counter as this process sees it, for the window it is in.
 pub struct Slot {
@@ -367,6 +369,11 @@ impl Peers {
         }
     }
 
+    /// Whether the store is this process's own (known after the first heartbeat).
+    fn own_store(&self) -> bool {
+        self.beats > 0 && self.count.is_none()
+    }
+
     /// `DEFER` times the replicas, once their number can be trusted.
     fn share(&self) -> Option<u64> {
         let count = self.count?;
@@ -384,7 +391,7 @@ pub async fn run_exchange(
     let mut active: Vec<Arc<Slot>> = Vec::new();
     let mut totals: Vec<Arc<Totals>> = Vec::new();
     let mut peers = Peers::new();
-    let mut totals_due = 0;
+    let mut totals_sent = 0u64;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -409,8 +416,9 @@ pub async fn run_exchange(
         }
         let share = if last { None } else { peers.share() };
         let mut ok = exchange(&*store, &active, now, share).await;
-        if last || now >= totals_due {
-            totals_due = now.saturating_add(TOTALS_MS);
+        let every = if peers.own_store() { 0 } else { TOTALS_MS };
+        if last || now >= totals_sent.saturating_add(every) {
+            totals_sent = now;
             ok &= add_totals(&*store, &mut totals).await;
         }
         joining.store_ok.store(ok, Ordering::Release);

@@ -325,11 +325,13 @@ impl LimitStore for RedisLimits {
         let mut keys = Vec::new();
         let mut deltas = Vec::new();
         for (tag, key_id, admitted, refused) in adds {
-            if *admitted == 0 && *refused == 0 {
-                continue;
+            let [a, r] = totals_keys(ns, tag, key_id);
+            for (key, n) in [(a, *admitted), (r, *refused)] {
+                if n > 0 {
+                    keys.push(key);
+                    deltas.push((n, 0));
+                }
             }
-            keys.extend(totals_keys(ns, tag, key_id));
-            deltas.extend([(*admitted, 0), (*refused, 0)]);
         }
         if !keys.is_empty() {
             self.add(&keys, &deltas).await?;
