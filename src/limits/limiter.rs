@@ -327,13 +327,13 @@ impl Limiter {
             h.policy = Some(slot.policy_header(&h));
             states.push(h);
         }
+        // A refusal spends nothing and needs no exchange: within a window the store's
+        // count only grows, so what made this replica refuse stays true.
         let admitted = decision == Decision::Admit;
-        for ((s, slot), st) in specs.iter().zip(&slots).zip(states.iter_mut()) {
-            if admitted {
+        if admitted {
+            for ((s, slot), st) in specs.iter().zip(&slots).zip(states.iter_mut()) {
                 self.local.spend(slot, s.cost, now_ms);
                 st.remaining = st.remaining.saturating_sub(s.cost);
-            } else {
-                self.local.touch(slot, now_ms);
             }
         }
         let seed = xxhash_rust::xxh3::xxh3_64(id.tenant().as_bytes());

@@ -294,11 +294,6 @@ impl Local {
         }
     }
 
-    /// Note that a slot was looked at (the exchange keeps learning its total).
-    pub fn touch(&self, slot: &Arc<Slot>, now_ms: u64) {
-        self.spend(slot, 0, now_ms);
-    }
-
     /// Count one decision for the key's usage totals (`hash` names tenant and key).
     pub fn count(&self, hash: u128, tenant: &str, key_id: &str, admitted: bool) {
         let t = self.totals.get_with(hash, || {
@@ -343,7 +338,7 @@ impl Peers {
         // defer too much, so this one does not defer at all.
         let random = getrandom::fill(&mut id).is_ok();
         Peers {
-            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            id: format!("{:016x}", u64::from_le_bytes(id)),
             count: Some(1),
             beats: 0,
             // Never beats, so never trusted.
