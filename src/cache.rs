@@ -29,8 +29,8 @@ pub struct Identity {
     /// checked when built): the header values are slices of it, so sending them costs a
     /// reference count each, not a copy.
     text: bytestring::ByteString,
-    id_end: u32,
-    tenant_end: u32,
+    id_end: u16,
+    tenant_end: u16,
     pub key_type: KeyType,
     /// Whether this identity waits in the usage queue.
     pub usage_queued: AtomicBool,
@@ -46,7 +46,13 @@ pub struct Identity {
     pub cached_at_ms: u64,
     /// The key's own rate limits and credits, `budget` filled in; `None` without any.
     pub limits: Option<Box<crate::store::KeyLimits>>,
+    /// State a module above the cache keeps for this key while it is cached (the rate
+    /// limiter's counters for it), made on first use: the cache only holds it.
+    pub attached: Attached,
 }
+
+/// See `Identity::attached`: one pointer while unused.
+pub type Attached = once_cell::race::OnceBox<Box<dyn std::any::Any + Send + Sync>>;
 
 impl Identity {
     pub fn new(record: KeyRecord) -> Result<Self, StoreError> {
@@ -77,8 +83,8 @@ impl Identity {
             }
             text.push_str(s);
         }
-        let id_end = u32::try_from(record.id.len()).map_err(|_| corrupt("id too long"))?;
-        let tenant_end = u32::try_from(record.id.len() + record.tenant.len())
+        let id_end = u16::try_from(record.id.len()).map_err(|_| corrupt("id too long"))?;
+        let tenant_end = u16::try_from(record.id.len() + record.tenant.len())
             .map_err(|_| corrupt("tenant too long"))?;
         if !limits_in_range(&record.limits) {
             return Err(corrupt("rate limits or credits out of range"));
@@ -100,6 +106,7 @@ impl Identity {
             revoked_at: record.revoked_at.unwrap_or(u64::MAX),
             last_used_ms: AtomicU64::new(record.last_used_at.unwrap_or(0)),
             cached_at_ms: crate::time::mono_ms(),
+            attached: Attached::new(),
         })
     }
 

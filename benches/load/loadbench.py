@@ -702,7 +702,7 @@ def hot_phase(a, procs, workdir, binary, report):
         for t in targets:
             if t.name != "upstream-direct":
                 report["perfstat"][t.name] = perf_stat(a, t, keyfile)
-        report["perf"] = profile(a, ka, next(t for t in targets if t.name == "keygate-auth"),
+        report["perf"] = profile(a, next(t for t in targets if t.name == a.perf_target),
                                  keyfile, workdir)
 
     # Misses during the measured runs (both keygate-auth instances share this Redis): 0
@@ -736,11 +736,12 @@ def perf_stat(a, target, keyfile):
     return out
 
 
-def profile(a, ka, target, keyfile, workdir):
+def profile(a, target, keyfile, workdir):
     """perf record (no call graphs: the release build has no frame pointers) of keygate
-    during one extra keygate-auth run; the top symbols."""
+    during one extra run of `--perf-target`; the top symbols."""
     data = workdir / "perf.data"
-    rec = subprocess.Popen(["perf", "record", "-F", "1999", "-p", str(ka.pid), "-o", str(data),
+    rec = subprocess.Popen(["perf", "record", "-F", "1999", "-p", ",".join(map(str, target.pids())),
+                            "-o", str(data),
                             "--", "sleep", str(a.duration)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.3)
@@ -762,7 +763,7 @@ def profile(a, ka, target, keyfile, workdir):
     by_sym = report("dso,symbol", "0.6")[:40]
     text = "by binary:\n" + "\n".join(by_dso) + "\n\ntop symbols:\n" + "\n".join(by_sym)
     (workdir / "perf-top.txt").write_text(text)
-    log("perf profile of keygate-auth:\n" + text)
+    log(f"perf profile of {target.name}:\n" + text)
     return text
 
 
@@ -1235,6 +1236,8 @@ def main():
                          "keygate's own, 10s), e.g. 1h to keep the write-behind out of it")
     ap.add_argument("--perf", action="store_true",
                     help="perf-record keygate-auth during one extra run, print top symbols")
+    ap.add_argument("--perf-target", default="keygate-auth",
+                    help="the target --perf records (default keygate-auth)")
     ap.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--results", default=str(ROOT / "benches" / "RESULTS.md"))
     ap.add_argument("--binary", default=str(ROOT / "target" / "dist" / "keygate"))

@@ -1,7 +1,7 @@
 //! The one rate-limit decision for a proxied request: every limit that applies (the key's,
 //! the route's) and the key's credits admit it, or it is refused and spends nothing.
 
-use super::local::{Local, Slot};
+use super::local::{Few, KeyRun, Local, Slot};
 use super::{reset_in, Counter, Decision, Headroom, Kind, LimitStore};
 use crate::cache::Identity;
 use crate::config::RateLimitRules;
@@ -9,12 +9,8 @@ use crate::error::{Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
 use crate::policy::{LimitBy, Route, RouteLimit};
 use crate::store::{Credits, KeyLimits, RateLimit};
 use http::HeaderValue;
-use smallvec::SmallVec;
 use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_128_with_seed;
-
-/// The counters of one request, kept inline for the usual few.
-type Few<T> = SmallVec<[T; 4]>;
 
 /// What an admitted request takes along.
 #[derive(Debug, Default)]
@@ -242,7 +238,7 @@ impl Limiter {
             let tag = super::tag(id.tenant());
             Self::exact(&**store, &specs, &tag, id.id(), now_ms).await
         } else {
-            Ok(self.local(&specs, id, now_ms))
+            Ok(self.local(route, &specs, id, now_ms))
         };
         let (decision, states) = match answer {
             Ok(done) => done,
@@ -272,14 +268,16 @@ impl Limiter {
         tag: &str,
         key_id: &str,
         now_ms: u64,
-    ) -> Result<(Decision, Vec<Headroom>), ()> {
+    ) -> Result<(Decision, Few<Headroom>), ()> {
         let ask = super::Ask {
             tag: tag.to_string(),
             counters: specs.iter().map(Spec::counter).collect(),
             key_id: key_id.to_string(),
         };
         match store.take(&ask, now_ms).await {
-            Ok(o) if o.counters.len() == specs.len() => Ok((o.decision, o.counters)),
+            Ok(o) if o.counters.len() == specs.len() => {
+                Ok((o.decision, Few::from_vec(o.counters)))
+            }
             Ok(_) => {
                 tracing::error!("the rate-limit store answered for other counters than asked");
                 Err(())
@@ -292,8 +290,52 @@ impl Limiter {
     }
 
     /// `local`: this process's counters; all are checked before any is spent.
-    fn local(&self, specs: &[Spec<'_>], id: &Identity, now_ms: u64) -> (Decision, Vec<Headroom>) {
-        let slots: Few<Arc<Slot>> = specs
+    fn local(
+        &self,
+        route: &Route,
+        specs: &[Spec<'_>],
+        id: &Identity,
+        now_ms: u64,
+    ) -> (Decision, Few<Headroom>) {
+        let spare;
+        let run = match self.local.run(&id.attached, id.tenant(), id.id()) {
+            Some(run) => run,
+            None => {
+                spare = KeyRun::new(id.tenant(), id.id());
+                &spare
+            }
+        };
+        let made;
+        let slots: &[Arc<Slot>] = match run.route(route.uid, || self.slots(specs, id)) {
+            Some(kept) => {
+                if kept.touch_due(now_ms) {
+                    for (s, slot) in specs.iter().zip(&kept.slots) {
+                        self.local.touch(s.hash(), slot);
+                    }
+                }
+                &kept.slots
+            }
+            None => {
+                made = self.slots(specs, id);
+                &made
+            }
+        };
+        let (decision, mut states) = Self::decide(specs, slots, now_ms);
+        // A refusal spends nothing and needs no exchange: within a window the store's
+        // count only grows, so what made this replica refuse stays true.
+        if decision == Decision::Admit {
+            for ((s, slot), st) in specs.iter().zip(slots).zip(states.iter_mut()) {
+                self.local.spend(slot, s.cost, now_ms);
+                st.remaining = st.remaining.saturating_sub(s.cost);
+            }
+        }
+        self.local.count(run, decision == Decision::Admit);
+        (decision, states)
+    }
+
+    /// The shared map's slots for `specs`.
+    fn slots(&self, specs: &[Spec<'_>], id: &Identity) -> Few<Arc<Slot>> {
+        specs
             .iter()
             .map(|s| {
                 self.local.slot(s.hash(), || {
@@ -303,10 +345,14 @@ impl Limiter {
                     (key, c)
                 })
             })
-            .collect();
-        let mut states = Vec::with_capacity(specs.len());
+            .collect()
+    }
+
+    /// What the slots say of each counter, and whether they admit the request.
+    fn decide(specs: &[Spec<'_>], slots: &[Arc<Slot>], now_ms: u64) -> (Decision, Few<Headroom>) {
+        let mut states = Few::new();
         let mut decision = Decision::Admit;
-        for (s, slot) in specs.iter().zip(&slots) {
+        for (s, slot) in specs.iter().zip(slots) {
             let (first, quota, anchor_ms, period_ms) = s.shape();
             let quota_of = |window| if window == 0 { first } else { quota };
             let (window, used) = Local::used(slot, now_ms, quota_of);
@@ -327,18 +373,6 @@ impl Limiter {
             h.policy = Some(slot.policy_header(&h));
             states.push(h);
         }
-        // A refusal spends nothing and needs no exchange: within a window the store's
-        // count only grows, so what made this replica refuse stays true.
-        let admitted = decision == Decision::Admit;
-        if admitted {
-            for ((s, slot), st) in specs.iter().zip(&slots).zip(states.iter_mut()) {
-                self.local.spend(slot, s.cost, now_ms);
-                st.remaining = st.remaining.saturating_sub(s.cost);
-            }
-        }
-        let seed = xxhash_rust::xxh3::xxh3_64(id.tenant().as_bytes());
-        let h = xxh3_128_with_seed(id.id().as_bytes(), seed);
-        self.local.count(h, id.tenant(), id.id(), admitted);
         (decision, states)
     }
 

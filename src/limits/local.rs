@@ -4,8 +4,10 @@
 //! others spent: that is the documented overshoot (README, "Rate limits and credits").
 
 use super::{Kind, LimitStore, Push};
+use crate::cache::Attached;
+use smallvec::SmallVec;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -34,6 +36,16 @@ const TRUSTED_BEATS: u32 = 3;
 /// often (to one only this process uses, at every exchange): with many busy keys they are
 /// most of the exchange's work.
 const TOTALS_MS: u64 = 10_000;
+/// Routes per key whose counters are kept beside the cached key (`KeyRun`); a key used on
+/// more routes finds the others' in the shared map on every request.
+const ROUTES_PER_KEY: usize = 4;
+/// How often counters kept beside a key are looked up in the shared map anyway: it drops
+/// those it has not seen for a while (`SlotExpiry`), and another identity of the same
+/// budget (after a PATCH, a rotation) must find the same slot there.
+const TOUCH_MS: u64 = 60_000;
+
+/// The counters of one request, kept inline for the usual few.
+pub type Few<T> = SmallVec<[T; 4]>;
 
 /// One counter as this process sees it, for the window it is in.
 pub struct Slot {
@@ -220,7 +232,6 @@ type Slots<V> = moka::sync::Cache<u128, Arc<V>, Prehashed>;
 
 pub struct Local {
     slots: Slots<Slot>,
-    totals: Slots<Totals>,
     new_slots: mpsc::Sender<Arc<Slot>>,
     new_totals: mpsc::Sender<Arc<Totals>>,
     /// Did the last exchange reach the store?
@@ -243,10 +254,6 @@ impl Local {
             slots: moka::sync::Cache::builder()
                 .max_capacity(MAX_SLOTS)
                 .expire_after(SlotExpiry)
-                .build_with_hasher(Prehashed),
-            totals: moka::sync::Cache::builder()
-                .max_capacity(MAX_SLOTS)
-                .time_to_idle(Duration::from_secs(600))
                 .build_with_hasher(Prehashed),
             new_slots,
             new_totals,
@@ -285,33 +292,107 @@ impl Local {
 
     /// Spend `cost` on `slot`, and make sure the exchange knows it.
     pub fn spend(&self, slot: &Arc<Slot>, cost: u64, now_ms: u64) {
-        slot.pending.fetch_add(cost, Ordering::AcqRel);
+        // SeqCst, with `keep`'s: either this sees the slot leave, or `keep` sees this
+        // spend and keeps it. (Reading first spares the common case a write.)
+        slot.pending.fetch_add(cost, Ordering::SeqCst);
         slot.last_use_ms.store(now_ms, Ordering::Relaxed);
-        if !slot.registered.swap(true, Ordering::AcqRel)
+        if !slot.registered.load(Ordering::SeqCst)
+            && !slot.registered.swap(true, Ordering::AcqRel)
             && self.new_slots.try_send(slot.clone()).is_err()
         {
             slot.registered.store(false, Ordering::Release);
         }
     }
 
-    /// Count one decision for the key's usage totals (`hash` names tenant and key).
-    pub fn count(&self, hash: u128, tenant: &str, key_id: &str, admitted: bool) {
-        let t = self.totals.get_with(hash, || {
-            Arc::new(Totals {
+    /// Look `slot` up in the shared map again (`TOUCH_MS`), putting it back if it left.
+    pub fn touch(&self, hash: u128, slot: &Arc<Slot>) {
+        self.slots.get_with(hash, || slot.clone());
+    }
+
+    /// The state kept beside a cached key (see `KeyRun`), made on its first limited request.
+    pub fn run<'a>(&self, attached: &'a Attached, tenant: &str, key_id: &str) -> Option<&'a KeyRun> {
+        let any = attached.get_or_init(|| Box::new(Box::new(KeyRun::new(tenant, key_id))));
+        any.downcast_ref::<KeyRun>()
+    }
+
+    /// Count one decision for the key's usage totals.
+    pub fn count(&self, run: &KeyRun, admitted: bool) {
+        let t = &run.totals;
+        let n = if admitted { &t.admitted } else { &t.refused };
+        n.fetch_add(1, Ordering::SeqCst);
+        if !t.registered.load(Ordering::SeqCst)
+            && !t.registered.swap(true, Ordering::AcqRel)
+            && self.new_totals.try_send(t.clone()).is_err()
+        {
+            t.registered.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// What a cached key's limited requests reuse, kept beside its identity: its usage totals
+/// and, for the first few routes it is used on, that route's slots in the decision's
+/// order. A repeat request then reads no shared map: every read of one (moka) is a write
+/// to a queue all threads share.
+pub struct KeyRun {
+    totals: Arc<Totals>,
+    routes: [OnceLock<RouteRun>; ROUTES_PER_KEY],
+}
+
+/// The slots of one route's requests by one key.
+pub struct RouteRun {
+    route: u64,
+    pub slots: Few<Arc<Slot>>,
+    touched_ms: AtomicU64,
+}
+
+impl KeyRun {
+    /// A new key's: totals from nothing (they are deltas: two runs of one key add up).
+    pub fn new(tenant: &str, key_id: &str) -> KeyRun {
+        KeyRun {
+            totals: Arc::new(Totals {
                 tag: super::tag(tenant),
                 key_id: key_id.to_string(),
                 admitted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
                 registered: AtomicBool::new(false),
-            })
-        });
-        let n = if admitted { &t.admitted } else { &t.refused };
-        n.fetch_add(1, Ordering::AcqRel);
-        if !t.registered.swap(true, Ordering::AcqRel)
-            && self.new_totals.try_send(t.clone()).is_err()
-        {
-            t.registered.store(false, Ordering::Release);
+            }),
+            routes: Default::default(),
         }
+    }
+
+    /// The slots kept for the route `uid`, made with `make` if it is among the first few
+    /// routes; `None` past those.
+    pub fn route(&self, uid: u64, make: impl FnOnce() -> Few<Arc<Slot>>) -> Option<&RouteRun> {
+        let mut make = Some(make);
+        for cell in &self.routes {
+            let run = match cell.get() {
+                Some(run) => run,
+                None => {
+                    let m = make.take()?;
+                    cell.get_or_init(|| RouteRun {
+                        route: uid,
+                        slots: m(),
+                        touched_ms: AtomicU64::new(0),
+                    })
+                }
+            };
+            if run.route == uid {
+                return Some(run);
+            }
+        }
+        None
+    }
+}
+
+impl RouteRun {
+    /// Whether these slots are due to be looked up in the shared map (`TOUCH_MS`); one
+    /// caller in a period is told yes.
+    pub fn touch_due(&self, now_ms: u64) -> bool {
+        let t = self.touched_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(t) >= TOUCH_MS
+            && (self.touched_ms)
+                .compare_exchange(t, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -431,8 +512,8 @@ fn keep(s: &Slot, now_ms: u64) -> bool {
     }
     // Leave, then look again: a spend that saw `registered` still set before it was
     // cleared left its count in `pending`, and the slot stays for it.
-    s.registered.store(false, Ordering::Release);
-    if s.pending.load(Ordering::Acquire) > 0 {
+    s.registered.store(false, Ordering::SeqCst);
+    if s.pending.load(Ordering::SeqCst) > 0 {
         s.registered.store(true, Ordering::Release);
         return true;
     }
@@ -522,13 +603,18 @@ async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<Totals>>) -> bo
             taken.push((t.clone(), a, r));
         }
     }
-    // Idle totals leave the list; the next decision registers them again.
+    // Idle totals leave the list; the next decision registers them again. Leave, then
+    // look again, as `keep` does: a count that saw `registered` still set stays here.
     totals.retain(|t| {
-        let gone = taken.iter().all(|(s, _, _)| !Arc::ptr_eq(s, t));
-        if gone {
-            t.registered.store(false, Ordering::Release);
+        if taken.iter().any(|(s, _, _)| Arc::ptr_eq(s, t)) {
+            return true;
         }
-        !gone
+        t.registered.store(false, Ordering::SeqCst);
+        let counted = t.admitted.load(Ordering::SeqCst) + t.refused.load(Ordering::SeqCst) > 0;
+        if counted {
+            t.registered.store(true, Ordering::Release);
+        }
+        counted
     });
     if adds.is_empty() {
         return true;

@@ -100,7 +100,12 @@ pub struct Route {
     pub scope_challenge: Challenge,
     pub cost: u64,
     pub rate_limits: Box<[RouteLimit]>,
+    /// Unique in the process, never reused (a reload makes new routes): what per-key state
+    /// made for this route (the rate limiter's) recognises it by.
+    pub uid: u64,
 }
+
+static ROUTE_UIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Route {
     fn new(spec: RouteSpec) -> Route {
@@ -120,6 +125,7 @@ impl Route {
             max_body_bytes: spec.max_body_bytes,
             cost: spec.cost,
             rate_limits: spec.rate_limits.into_boxed_slice(),
+            uid: ROUTE_UIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
