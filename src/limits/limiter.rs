@@ -325,7 +325,7 @@ impl Limiter {
         // count only grows, so what made this replica refuse stays true.
         if decision == Decision::Admit {
             for ((s, slot), st) in specs.iter().zip(slots).zip(states.iter_mut()) {
-                self.local.spend(slot, s.cost, now_ms);
+                self.local.spend(slot, s.cost);
                 st.remaining = st.remaining.saturating_sub(s.cost);
             }
         }

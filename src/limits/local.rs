@@ -14,12 +14,9 @@ use tokio::sync::mpsc;
 /// Counters this process keeps at most (least recently used go first); with each counter
 /// a few dozen bytes, a hostile spread of keys costs bounded memory.
 const MAX_SLOTS: u64 = 1_000_000;
-/// Slots waiting to join the exchange; a slot that finds the queue full tries again on its
-/// next use.
+/// Slots due to be sent at the next exchange; a slot that finds the queue full tries again
+/// on its next use.
 const QUEUE: usize = 65_536;
-/// A counter nobody here used for this long leaves the exchange (its window's count stays
-/// in the store).
-const IDLE_MS: u64 = 10_000;
 /// A rate-limit counter stays out of the exchange while what this replica holds back of it,
 /// times this and the number of replicas, is less than what its window has left: all
 /// replicas together hold back at most 1/`DEFER` of a limit (README, the overshoot bound).
@@ -66,9 +63,8 @@ pub struct Slot {
     pending: AtomicU64,
     /// Sent to the store, answer not back yet.
     inflight: AtomicU64,
-    /// In the exchange task's list.
+    /// Queued for the next exchange.
     registered: AtomicBool,
-    last_use_ms: AtomicU64,
     /// `RateLimit-Policy` for the quota it was made for (a PATCH may change the quota).
     policy: arc_swap::ArcSwapOption<(u64, http::HeaderValue)>,
 }
@@ -88,7 +84,6 @@ impl Slot {
             pending: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             registered: AtomicBool::new(false),
-            last_use_ms: AtomicU64::new(0),
             policy: arc_swap::ArcSwapOption::empty(),
         }
     }
@@ -236,6 +231,9 @@ pub struct Local {
     new_totals: mpsc::Sender<Arc<Totals>>,
     /// Did the last exchange reach the store?
     store_ok: Arc<AtomicBool>,
+    /// `DEFER` times the replicas, 0 while not known (`Peers::share`): what `spend` needs
+    /// to tell a slot due to be sent.
+    share: Arc<AtomicU64>,
 }
 
 /// The receiving half, for `run_exchange`.
@@ -243,6 +241,9 @@ pub struct Joining {
     slots: mpsc::Receiver<Arc<Slot>>,
     totals: mpsc::Receiver<Arc<Totals>>,
     store_ok: Arc<AtomicBool>,
+    share: Arc<AtomicU64>,
+    /// Every slot, for the last exchange (which sends what was held back too).
+    all: Slots<Slot>,
 }
 
 impl Local {
@@ -250,6 +251,7 @@ impl Local {
         let (new_slots, slots) = mpsc::channel(QUEUE);
         let (new_totals, totals) = mpsc::channel(QUEUE);
         let store_ok = Arc::new(AtomicBool::new(true));
+        let share = Arc::new(AtomicU64::new(0));
         let local = Local {
             slots: moka::sync::Cache::builder()
                 .max_capacity(MAX_SLOTS)
@@ -258,13 +260,17 @@ impl Local {
             new_slots,
             new_totals,
             store_ok: store_ok.clone(),
+            share: share.clone(),
         };
+        let all = local.slots.clone();
         (
             local,
             Joining {
                 slots,
                 totals,
                 store_ok,
+                share,
+                all,
             },
         )
     }
@@ -290,13 +296,15 @@ impl Local {
         (w, slot.used())
     }
 
-    /// Spend `cost` on `slot`, and make sure the exchange knows it.
-    pub fn spend(&self, slot: &Arc<Slot>, cost: u64, now_ms: u64) {
-        // SeqCst, with `keep`'s: either this sees the slot leave, or `keep` sees this
-        // spend and keeps it. (Reading first spares the common case a write.)
+    /// Spend `cost` on `slot`, and queue it for the exchange once what it holds is due to
+    /// be sent (`Slot::held_back`): a counter far from its limit costs the exchange nothing.
+    pub fn spend(&self, slot: &Arc<Slot>, cost: u64) {
+        // SeqCst, with the exchange's unqueueing: either this sees the slot unqueued, or
+        // the exchange sees this spend. (Reading first spares the common case a write.)
         slot.pending.fetch_add(cost, Ordering::SeqCst);
-        slot.last_use_ms.store(now_ms, Ordering::Relaxed);
+        let share = self.share.load(Ordering::Relaxed);
         if !slot.registered.load(Ordering::SeqCst)
+            && !slot.held_back((share > 0).then_some(share))
             && !slot.registered.swap(true, Ordering::AcqRel)
             && self.new_slots.try_send(slot.clone()).is_err()
         {
@@ -464,7 +472,7 @@ pub async fn run_exchange(
     interval: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut active: Vec<Arc<Slot>> = Vec::new();
+    let mut due: Vec<Arc<Slot>> = Vec::new();
     let mut totals: Vec<Arc<Totals>> = Vec::new();
     let mut peers = Peers::new();
     let mut totals_sent = 0u64;
@@ -476,22 +484,28 @@ pub async fn run_exchange(
             _ = stop.changed() => true,
         } || *stop.borrow();
         while let Ok(s) = joining.slots.try_recv() {
-            active.push(s);
+            due.push(s);
         }
         while let Ok(t) = joining.totals.try_recv() {
             totals.push(t);
         }
+        if last {
+            // Everything, held back or not: the others must learn what this one spent.
+            due = joining.all.iter().map(|(_, s)| s).collect();
+        }
         let now = crate::time::now_ms();
-        active.retain(|s| keep(s, now));
-        // No counters in use, no heartbeat (a keygate without limits never asks), and the
-        // count starts over: the others stop counting this replica after a while.
-        if active.is_empty() {
+        // No decisions lately (their totals left the list), no heartbeat (a keygate
+        // without limits never asks), and the count starts over: the others stop counting
+        // this replica after a while.
+        if totals.is_empty() && due.is_empty() {
             peers.beats = 0;
         } else {
             peers.beat(&*store, now).await;
         }
         let share = if last { None } else { peers.share() };
-        let mut ok = exchange(&*store, &active, now, share).await;
+        joining.share.store(share.unwrap_or(0), Ordering::Relaxed);
+        let (mut ok, failed) = exchange(&*store, std::mem::take(&mut due), now, share).await;
+        due = failed;
         let every = if peers.own_store() { 0 } else { TOTALS_MS };
         if last || now >= totals_sent.saturating_add(every) {
             totals_sent = now;
@@ -504,38 +518,25 @@ pub async fn run_exchange(
     }
 }
 
-/// Keep a slot in the exchange while it has something to send or was used lately.
-fn keep(s: &Slot, now_ms: u64) -> bool {
-    let idle = now_ms.saturating_sub(s.last_use_ms.load(Ordering::Relaxed)) >= IDLE_MS;
-    if !idle || s.pending.load(Ordering::Acquire) > 0 {
-        return true;
-    }
-    // Leave, then look again: a spend that saw `registered` still set before it was
-    // cleared left its count in `pending`, and the slot stays for it.
-    s.registered.store(false, Ordering::SeqCst);
-    if s.pending.load(Ordering::SeqCst) > 0 {
-        s.registered.store(true, Ordering::Release);
-        return true;
-    }
-    false
-}
-
-/// Send what each active slot spent since the last exchange; the answer is every
-/// replica's total. A slot that spent nothing here stays out: its total can only be behind
-/// the store's (a window's count only grows), which matters only once this replica spends
-/// on it again, and that spending goes out with the next exchange. A slot whose spending
-/// is small next to what its window has left stays out too (`Slot::held_back`). With many
-/// keys far from their limits this sends next to nothing.
+/// Send what each queued slot spent since the last exchange; the answer is every
+/// replica's total. A slot is queued only once what it holds is due (`Local::spend`): one
+/// that spent nothing here stays out, as its total can only be behind the store's (a
+/// window's count only grows), which matters only once this replica spends on it again;
+/// one whose spending is small next to what its window has left stays out too
+/// (`Slot::held_back`). With many keys far from their limits this sends next to nothing.
+/// Returns whether all went through, and the slots to send again.
 async fn exchange(
     store: &dyn LimitStore,
-    active: &[Arc<Slot>],
+    due: Vec<Arc<Slot>>,
     now_ms: u64,
     share: Option<u64>,
-) -> bool {
+) -> (bool, Vec<Arc<Slot>>) {
     let mut sent = Vec::new();
     let mut pushes = Vec::new();
-    for s in active {
-        if s.pending.load(Ordering::Acquire) == 0 {
+    for s in due {
+        // Unqueue first: a spend from here on queues the slot again (see `spend`).
+        s.registered.store(false, Ordering::SeqCst);
+        if s.pending.load(Ordering::SeqCst) == 0 {
             continue;
         }
         let window = s.enter(now_ms);
@@ -550,16 +551,17 @@ async fn exchange(
             ttl_ms: s.ttl_ms,
         });
         sent.push(Sent {
-            slot: s.clone(),
+            slot: s,
             window,
             delta,
         });
     }
     if pushes.is_empty() {
-        return true;
+        return (true, Vec::new());
     }
     let totals = store.exchange_each(&pushes).await;
-    let mut failed = 0;
+    let mut failed = Vec::new();
+    let mut errors = 0;
     for (s, total) in sent.iter().zip(totals) {
         let same_window = s.slot.window.load(Ordering::Acquire) == s.window;
         match total {
@@ -573,22 +575,24 @@ async fn exchange(
             }
             // Not applied: send it again next time (unless its window is over).
             None => {
-                failed += 1;
+                errors += 1;
                 if same_window {
                     s.slot.pending.fetch_add(s.delta, Ordering::AcqRel);
+                    s.slot.registered.store(true, Ordering::SeqCst);
+                    failed.push(s.slot.clone());
                 }
                 s.slot.inflight.fetch_sub(s.delta, Ordering::AcqRel);
             }
         }
     }
-    if failed > 0 {
+    if errors > 0 {
         tracing::warn!(
-            failed,
+            failed = errors,
             counters = sent.len(),
             "could not exchange rate-limit counts with the store"
         );
     }
-    failed == 0
+    (errors == 0, failed)
 }
 
 /// Add the keys' admitted/refused totals; what could not be sent stays for next time.
