@@ -15,6 +15,7 @@ mod admin_jack;
 mod admin_limits;
 mod cli;
 mod cluster;
+mod explain;
 mod code_map;
 mod contract;
 mod crash;
