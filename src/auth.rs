@@ -175,6 +175,12 @@ pub struct Admitted<'p, 'r> {
     pub identity: Option<Arc<Identity>>,
 }
 
+/// What the proxy does with a request: forward it, or answer the refusal.
+pub enum Outcome<'p, 'r> {
+    Admitted(Admitted<'p, 'r>),
+    Refused(Refused),
+}
+
 /// A request the decision refuses, with its route and key as far as they were found.
 pub struct Refused {
     pub index: Option<usize>,
@@ -209,7 +215,7 @@ impl Decision<'_, '_> {
 
 impl<'p, 'r> Decision<'p, 'r> {
     /// The proxy's view: forward, or answer the refusal.
-    pub fn into_outcome(self) -> Result<Admitted<'p, 'r>, Refused> {
+    pub fn into_outcome(self) -> Outcome<'p, 'r> {
         let index = self.route.and_then(|(i, _)| i);
         let (result, identity) = match self.key {
             Some(KeyCheck { verdict, .. }) => match (verdict.result, verdict.identity) {
@@ -220,13 +226,13 @@ impl<'p, 'r> Decision<'p, 'r> {
         };
         let deny = self.refused.or(result.err());
         match (deny, self.route, self.path) {
-            (None, Some((index, route)), Some(Ok(path))) => Ok(Admitted {
+            (None, Some((index, route)), Some(Ok(path))) => Outcome::Admitted(Admitted {
                 index,
                 route,
                 path,
                 identity,
             }),
-            (deny, ..) => Err(Refused {
+            (deny, ..) => Outcome::Refused(Refused {
                 index,
                 // Every step that sets no route or path refuses: never the fallback.
                 deny: deny.unwrap_or(Deny::NoRoute),

@@ -48,8 +48,9 @@ pub fn parse_method(text: &str) -> Result<Method, String> {
     if text.is_empty() || text.len() > MAX_METHOD_LEN {
         return Err(format!("use 1 to {MAX_METHOD_LEN} characters"));
     }
-    Method::from_bytes(text.as_bytes())
-        .map_err(|_| format!("{text:?} is not an HTTP method (letters, digits and !#$%&'*+-.^_`|~)"))
+    Method::from_bytes(text.as_bytes()).map_err(|_| {
+        format!("{text:?} is not an HTTP method (letters, digits and !#$%&'*+-.^_`|~)")
+    })
 }
 
 /// The path part of what was given: a query string is never looked at by the proxy.
@@ -148,12 +149,17 @@ fn path_reasons(method: &Method, raw: &str, d: &Decision<'_, '_>, out: &mut Vec<
 
 fn route_reasons(method: &Method, index: Option<usize>, route: &Route, out: &mut Vec<String>) {
     match index {
-        Some(_) => out.push(format!("route {} matches {method} {}", route.name, route.pattern)),
+        Some(_) => out.push(format!(
+            "route {} matches {method} {}",
+            route.name, route.pattern
+        )),
         None => out.push("no route matches; unmatched: require_key asks for any valid key".into()),
     }
     let name = &route.name;
     if route.public {
-        out.push(format!("route {name} is public (auth: none): no key is checked"));
+        out.push(format!(
+            "route {name} is public (auth: none): no key is checked"
+        ));
         return;
     }
     if route.scopes.is_empty() {

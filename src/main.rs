@@ -195,7 +195,11 @@ fn explain(file: &std::path::Path, method: &str, path: &str) -> ExitCode {
             r.name,
             r.auth,
             r.scopes.join(" "),
-            if r.allow_publishable { "allowed" } else { "refused" }
+            if r.allow_publishable {
+                "allowed"
+            } else {
+                "refused"
+            }
         ),
         None => println!("route: -"),
     }

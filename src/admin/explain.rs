@@ -75,12 +75,22 @@ pub async fn explain(
         credential,
         transport: None,
     };
-    let decision = s.verifier.decide(&snap.policy, ask, snap.auth, &s.store).await;
-    if let Some(e) = decision.key.as_ref().and_then(|k| k.verdict.store_error.as_ref()) {
+    let decision = s
+        .verifier
+        .decide(&snap.policy, ask, snap.auth, &s.store)
+        .await;
+    if let Some(e) = decision
+        .key
+        .as_ref()
+        .and_then(|k| k.verdict.store_error.as_ref())
+    {
         tracing::warn!(error = %e, "key store read failed (explain)");
     }
     // A key of another tenant is not the caller's to explain: as if it did not exist.
-    let identity = decision.key.as_ref().and_then(|k| k.verdict.identity.as_ref());
+    let identity = decision
+        .key
+        .as_ref()
+        .and_then(|k| k.verdict.identity.as_ref());
     if identity.is_some_and(|id| id.tenant() != caller.tenant) {
         return Err(ApiError::key_not_found());
     }

@@ -6,7 +6,7 @@ pub mod headers;
 pub mod host;
 pub mod server;
 
-use crate::auth::{Admitted, Ask, Credential, Need, Refused, Rules, Verdict, Verifier};
+use crate::auth::{Admitted, Ask, Credential, Need, Outcome, Refused, Rules, Verdict, Verifier};
 use crate::cache::{Identity, Reader, Source};
 use crate::config::Config;
 use crate::error::{Body, Deny};
@@ -183,8 +183,8 @@ impl Proxy {
             path,
             identity,
         } = match decision.into_outcome() {
-            Ok(admitted) => admitted,
-            Err(Refused {
+            Outcome::Admitted(admitted) => admitted,
+            Outcome::Refused(Refused {
                 index,
                 deny,
                 identity,

@@ -16,14 +16,22 @@ use tokio::net::TcpStream;
 /// One request written by hand on a fresh connection (no client library rewrites the
 /// method or the path): the status and keygate's `error.code`, or `allowed` when the
 /// request reached the upstream. A HEAD answer has no body: its code is not known.
-async fn proxy_answer(addr: SocketAddr, method: &str, target: &str, key: Option<&str>) -> (u16, String) {
+async fn proxy_answer(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    key: Option<&str>,
+) -> (u16, String) {
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: kg.test\r\nConnection: close\r\n");
     if let Some(k) = key {
         req.push_str(&format!("Authorization: Bearer {k}\r\n"));
     }
     req.push_str("\r\n");
     let mut stream = TcpStream::connect(addr).await.expect("connect to proxy");
-    stream.write_all(req.as_bytes()).await.expect("write request");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("write request");
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
         .await
@@ -78,7 +86,11 @@ fn decided(v: &Value, method: &str) -> (u16, String) {
         None if d["allowed"] == true && code == "allowed" => 200,
         None => 0,
     };
-    let code = if method == "HEAD" && status != 200 { "?".into() } else { code };
+    let code = if method == "HEAD" && status != 200 {
+        "?".into()
+    } else {
+        code
+    };
     (status, code)
 }
 
@@ -101,7 +113,10 @@ async fn create_api_key(app: &TestApp, tenant: Option<&str>, body: Value) -> (St
     let resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 201, "create {body}");
     let v: Value = resp.json().await.unwrap();
-    (v["id"].as_str().unwrap().into(), v["key"].as_str().unwrap().into())
+    (
+        v["id"].as_str().unwrap().into(),
+        v["key"].as_str().unwrap().into(),
+    )
 }
 
 /// The methods and targets of the proxy's decision tests: scopes per method, public and
@@ -171,7 +186,10 @@ async fn explain_agrees_with_the_proxy_on_the_whole_decision_matrix() {
         let k = app.create_key(scopes).await;
         keys.push((kind, k.key, Some(k.id)));
     }
-    for (kind, scopes) in [("publishable *", json!(["*"])), ("publishable users:read", json!(["users:read"]))] {
+    for (kind, scopes) in [
+        ("publishable *", json!(["*"])),
+        ("publishable users:read", json!(["users:read"])),
+    ] {
         let body = json!({"name": "pk", "type": "publishable", "scopes": scopes});
         let (id, key) = create_api_key(&app, None, body).await;
         keys.push((kind, key, Some(id)));
@@ -180,7 +198,10 @@ async fn explain_agrees_with_the_proxy_on_the_whole_decision_matrix() {
     assert_eq!(app.revoke(&revoked.id).await.status(), 200);
     keys.push(("revoked", revoked.key, Some(revoked.id)));
     let gone = eventually(Duration::from_secs(5), || async {
-        proxy_answer(app.proxy, "GET", "/users/1", Some(&expired)).await.0 == 401
+        proxy_answer(app.proxy, "GET", "/users/1", Some(&expired))
+            .await
+            .0
+            == 401
     })
     .await;
     assert!(gone, "the 1 s key did not expire");
@@ -195,8 +216,11 @@ async fn explain_agrees_with_the_proxy_on_the_whole_decision_matrix() {
             let by_key = explain(&app, json!({"method": method, "path": target, "key": key})).await;
             let mut answers = vec![("key", decided(&by_key, method))];
             if let Some(id) = id {
-                let by_id =
-                    explain(&app, json!({"method": method, "path": target, "key_id": id})).await;
+                let by_id = explain(
+                    &app,
+                    json!({"method": method, "path": target, "key_id": id}),
+                )
+                .await;
                 answers.push(("key_id", decided(&by_id, method)));
             }
             for (how, got) in answers {
@@ -208,7 +232,11 @@ async fn explain_agrees_with_the_proxy_on_the_whole_decision_matrix() {
             }
         }
     }
-    assert!(wrong.is_empty(), "explain disagrees with the proxy:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "explain disagrees with the proxy:\n{}",
+        wrong.join("\n")
+    );
     // The matrix covers every refusal explain can give, and admissions.
     for code in [
         "allowed",
@@ -244,7 +272,12 @@ async fn explain_shows_the_normalized_path_the_route_and_the_reasons() {
         v["decision"],
         json!({"allowed": false, "status": 403, "code": "insufficient_scope"})
     );
-    let reasons: Vec<&str> = v["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    let reasons: Vec<&str> = v["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
     for want in [
         "path normalized from /users//1/./x/.. to /users/1/",
         "route users-write requires scopes [users:write]",
@@ -252,20 +285,48 @@ async fn explain_shows_the_normalized_path_the_route_and_the_reasons() {
     ] {
         assert!(reasons.contains(&want), "no reason {want:?} in {reasons:?}");
     }
-    let v = explain(&app, json!({"method": "GET", "path": "/users/%2e%2e/admin", "key": reader.key})).await;
+    let v = explain(
+        &app,
+        json!({"method": "GET", "path": "/users/%2e%2e/admin", "key": reader.key}),
+    )
+    .await;
     assert_eq!(v["normalized_path"], "/admin");
     assert_eq!(v["route"]["name"], "admin-area", "{v}");
     assert_eq!(v["decision"]["code"], "insufficient_scope");
-    assert!(v["reasons"].as_array().unwrap().contains(&json!("key lacks scope admin")), "{v}");
-    let v = explain(&app, json!({"method": "GET", "path": "/users/%2e%2e/nowhere", "key": reader.key})).await;
+    assert!(
+        v["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("key lacks scope admin")),
+        "{v}"
+    );
+    let v = explain(
+        &app,
+        json!({"method": "GET", "path": "/users/%2e%2e/nowhere", "key": reader.key}),
+    )
+    .await;
     assert_eq!(v["normalized_path"], "/nowhere");
     assert_eq!(v["route"], Value::Null);
-    assert_eq!(v["decision"], json!({"allowed": false, "status": 404, "code": "no_route"}));
-    let v = explain(&app, json!({"method": "GET", "path": "/users/%2F", "key": reader.key})).await;
+    assert_eq!(
+        v["decision"],
+        json!({"allowed": false, "status": 404, "code": "no_route"})
+    );
+    let v = explain(
+        &app,
+        json!({"method": "GET", "path": "/users/%2F", "key": reader.key}),
+    )
+    .await;
     assert_eq!(v["normalized_path"], Value::Null);
     assert_eq!(v["decision"]["code"], "bad_path");
-    let v = explain(&app, json!({"method": "GET", "path": "/users/7", "key_id": reader.id})).await;
-    assert_eq!(v["decision"], json!({"allowed": true, "status": null, "code": "allowed"}));
+    let v = explain(
+        &app,
+        json!({"method": "GET", "path": "/users/7", "key_id": reader.id}),
+    )
+    .await;
+    assert_eq!(
+        v["decision"],
+        json!({"allowed": true, "status": null, "code": "allowed"})
+    );
 }
 
 /// `keygate_auth_duration_seconds`' observations, over all labels.
@@ -304,16 +365,30 @@ async fn explain_spends_no_rate_limit_and_notes_no_use() {
         "ratelimits": [{"name": "per-minute", "limit": 1, "duration": "1m"}]});
     let (id, key) = create_api_key(&app, None, body).await;
     let before = auth_observations(&app).await;
-    for ask in [json!({"key": key}), json!({"key_id": id}), json!({"key": key})] {
+    for ask in [
+        json!({"key": key}),
+        json!({"key_id": id}),
+        json!({"key": key}),
+    ] {
         let mut body = json!({"method": "GET", "path": "/users/1"});
-        body.as_object_mut().unwrap().extend(ask.as_object().unwrap().clone());
+        body.as_object_mut()
+            .unwrap()
+            .extend(ask.as_object().unwrap().clone());
         let v = explain(&app, body).await;
         assert_eq!(v["decision"]["code"], "allowed", "{v}");
     }
-    assert_eq!(auth_observations(&app).await, before, "explain was counted as a proxy decision");
+    assert_eq!(
+        auth_observations(&app).await,
+        before,
+        "explain was counted as a proxy decision"
+    );
     // Well past `last_used_interval` (200 ms): a noted use would be written by now.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(last_used_at(&app, &id).await, Value::Null, "explain noted a use");
+    assert_eq!(
+        last_used_at(&app, &id).await,
+        Value::Null,
+        "explain noted a use"
+    );
     // The minute's one request is still there.
     let (status, code) = proxy_answer(app.proxy, "GET", "/users/1", Some(&key)).await;
     assert_eq!((status, code.as_str()), (200, "allowed"));
@@ -336,19 +411,39 @@ async fn explain_follows_the_caller_and_tenant_rules() {
     let ask_id = |id: &str| json!({"method": "GET", "path": "/users/1", "key_id": id});
 
     let (status, v) = explain_as(&app, &manager.key, None, ask(&acme_key.key)).await;
-    assert_eq!((status, &v["decision"]["code"]), (200, &json!("allowed")), "{v}");
+    assert_eq!(
+        (status, &v["decision"]["code"]),
+        (200, &json!("allowed")),
+        "{v}"
+    );
     let (status, v) = explain_as(&app, &manager.key, None, ask_id(&acme_key.id)).await;
-    assert_eq!((status, &v["decision"]["code"]), (200, &json!("allowed")), "{v}");
+    assert_eq!(
+        (status, &v["decision"]["code"]),
+        (200, &json!("allowed")),
+        "{v}"
+    );
     // Another tenant's key, by text or by id: as if it did not exist.
     for body in [ask(&other.key), ask_id(&other.id)] {
         let (status, v) = explain_as(&app, &manager.key, None, body).await;
-        assert_eq!((status, &v["error"]["code"]), (404, &json!("key_not_found")), "{v}");
+        assert_eq!(
+            (status, &v["error"]["code"]),
+            (404, &json!("key_not_found")),
+            "{v}"
+        );
     }
     // Keys that tell nothing about any tenant are explained.
     let (status, v) = explain_as(&app, &manager.key, None, ask("junk")).await;
-    assert_eq!((status, &v["decision"]["code"]), (200, &json!("malformed_key")), "{v}");
+    assert_eq!(
+        (status, &v["decision"]["code"]),
+        (200, &json!("malformed_key")),
+        "{v}"
+    );
     let (status, v) = explain_as(&app, &manager.key, Some("default"), ask(&acme_key.key)).await;
-    assert_eq!((status, &v["error"]["code"]), (403, &json!("tenant_mismatch")), "{v}");
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (403, &json!("tenant_mismatch")),
+        "{v}"
+    );
     // The root token explains in the tenant it names.
     let (status, _) = explain_as(&app, ROOT, Some("acme"), ask(&acme_key.key)).await;
     assert_eq!(status, 200);
@@ -356,8 +451,18 @@ async fn explain_follows_the_caller_and_tenant_rules() {
     assert_eq!(status, 404);
     // Needs keys:read; a key without it, or none, is refused.
     let (status, v) = explain_as(&app, &acme_key.key, None, ask(&acme_key.key)).await;
-    assert_eq!((status, &v["error"]["code"]), (403, &json!("insufficient_scope")), "{v}");
-    let resp = app.http.post(app.admin_url("/v1/explain")).json(&ask("junk")).send().await.unwrap();
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (403, &json!("insufficient_scope")),
+        "{v}"
+    );
+    let resp = app
+        .http
+        .post(app.admin_url("/v1/explain"))
+        .json(&ask("junk"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401);
 }
 
@@ -367,21 +472,59 @@ async fn bad_explain_bodies_are_the_admin_apis_400s() {
     let k = app.create_key(&["users:read"]).await;
     for (body, code) in [
         (json!({"method": "GET", "path": "/"}), "invalid_body"),
-        (json!({"method": "GET", "path": "/", "key": k.key, "key_id": k.id}), "invalid_body"),
-        (json!({"method": "GET", "path": "/", "key": null}), "invalid_body"),
-        (json!({"method": "GET", "path": "/", "key_id": null, "key": k.key}), "invalid_body"),
-        (json!({"method": "GET", "path": "/", "key": k.key, "headers": {}}), "invalid_body"),
+        (
+            json!({"method": "GET", "path": "/", "key": k.key, "key_id": k.id}),
+            "invalid_body",
+        ),
+        (
+            json!({"method": "GET", "path": "/", "key": null}),
+            "invalid_body",
+        ),
+        (
+            json!({"method": "GET", "path": "/", "key_id": null, "key": k.key}),
+            "invalid_body",
+        ),
+        (
+            json!({"method": "GET", "path": "/", "key": k.key, "headers": {}}),
+            "invalid_body",
+        ),
         (json!({"path": "/", "key": k.key}), "invalid_body"),
-        (json!({"method": "GET", "path": 5, "key": k.key}), "invalid_body"),
-        (json!({"method": "G T", "path": "/", "key": k.key}), "invalid_field"),
-        (json!({"method": "", "path": "/", "key": k.key}), "invalid_field"),
-        (json!({"method": "A".repeat(65), "path": "/", "key": k.key}), "invalid_field"),
+        (
+            json!({"method": "GET", "path": 5, "key": k.key}),
+            "invalid_body",
+        ),
+        (
+            json!({"method": "G T", "path": "/", "key": k.key}),
+            "invalid_field",
+        ),
+        (
+            json!({"method": "", "path": "/", "key": k.key}),
+            "invalid_field",
+        ),
+        (
+            json!({"method": "A".repeat(65), "path": "/", "key": k.key}),
+            "invalid_field",
+        ),
     ] {
         let (status, v) = explain_as(&app, ROOT, None, body.clone()).await;
-        assert_eq!((status, &v["error"]["code"]), (400, &json!(code)), "{body}: {v}");
+        assert_eq!(
+            (status, &v["error"]["code"]),
+            (400, &json!(code)),
+            "{body}: {v}"
+        );
     }
-    let (status, v) = explain_as(&app, ROOT, None, json!({"method": "GET", "path": "/", "key_id": "nope"})).await;
-    assert_eq!((status, &v["error"]["code"]), (404, &json!("key_not_found")), "{v}");
+    let (status, v) = explain_as(
+        &app,
+        ROOT,
+        None,
+        json!({"method": "GET", "path": "/", "key_id": "nope"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (404, &json!("key_not_found")),
+        "{v}"
+    );
     let resp = app
         .http
         .post(app.admin_url("/v1/explain"))
@@ -410,7 +553,13 @@ fn keygate() -> tokio::process::Command {
 async fn run_explain(config: &Path, method: &str, path: &str) -> (Option<i32>, String, String) {
     let out = tokio::time::timeout(
         Duration::from_secs(15),
-        keygate().arg("explain").arg("--config").arg(config).arg(method).arg(path).output(),
+        keygate()
+            .arg("explain")
+            .arg("--config")
+            .arg(config)
+            .arg(method)
+            .arg(path)
+            .output(),
     )
     .await
     .expect("keygate explain did not exit within 15 s")
@@ -434,7 +583,11 @@ async fn the_cli_explains_a_route_offline() {
     // The store is never contacted (nothing listens on port 1).
     let (code, out, err) = run_explain(&config, "GET", "/search/%2e/a/../b").await;
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
-    for want in ["normalized path: /search/b", "route: search", "requires scopes [search:read]"] {
+    for want in [
+        "normalized path: /search/b",
+        "route: search",
+        "requires scopes [search:read]",
+    ] {
         assert!(out.contains(want), "stdout lacks {want:?}: {out}");
     }
     let (code, out, _) = run_explain(&config, "GET", "/healthz").await;
@@ -448,12 +601,18 @@ async fn the_cli_explains_a_route_offline() {
     ] {
         let (code, out, err) = run_explain(&config, method, path).await;
         assert_eq!(code, Some(1), "{method} {path}: stdout {out}\nstderr {err}");
-        assert!(err.contains(want), "{method} {path}: stderr lacks {want}: {err}");
+        assert!(
+            err.contains(want),
+            "{method} {path}: stderr lacks {want}: {err}"
+        );
     }
     let (code, _, err) = run_explain(&config, "G T", "/").await;
     assert_eq!(code, Some(2), "{err}");
     std::fs::write(&config, "proxy:\n  listen: 127.0.0.1:0\n  upstreem: x\n").unwrap();
     let (code, _, err) = run_explain(&config, "GET", "/").await;
     assert_eq!(code, Some(64), "{err}");
-    assert!(err.contains("keygate.yaml") && err.contains("upstreem"), "{err}");
+    assert!(
+        err.contains("keygate.yaml") && err.contains("upstreem"),
+        "{err}"
+    );
 }
