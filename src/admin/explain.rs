@@ -58,15 +58,14 @@ pub async fn explain(
     let method = explain::parse_method(&b.method)
         .map_err(|e| ApiError::bad_request("invalid_field", format!("field `method`: {e}")))?;
     let given = given(b.key, b.key_id)?;
-    // Another tenant's key id is 404 here, before anything is decided.
-    let record = match &given {
-        Given::Id(id) => Some(keys::get(&s, &caller, id).await?),
-        Given::Text(_) => None,
-    };
-    let credential = match (&given, &record) {
-        (_, Some(r)) => Credential::Digest(&r.digest),
-        (Given::Text(t), None) => Credential::Token(t),
-        (Given::Id(_), None) => return Err(ApiError::key_not_found()),
+    let record;
+    let credential = match &given {
+        Given::Text(t) => Credential::Token(t),
+        // Another tenant's key id is 404 here, before anything is decided.
+        Given::Id(id) => {
+            record = keys::get(&s, &caller, id).await?;
+            Credential::Digest(&record.digest)
+        }
     };
     let snap = s.live.load();
     let ask = Ask {
