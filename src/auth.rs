@@ -1,13 +1,18 @@
-//! The one decision on a bearer key, for the proxy port and the admin API alike: take
-//! the token from `Authorization`, check its format (no I/O), look its digest up in the
-//! cache, then apply the record's rules. Side effects (metrics, last-used) are the
-//! caller's: `verify` only decides.
+//! The one decision, for the proxy port, `POST /v1/explain` and the admin API's own
+//! keys alike. `Verifier::decide` takes a request (method, path, key) through the method
+//! check, path normalisation and the route table, then `verify` the key: take the token
+//! from `Authorization`, check its format (no I/O), look its digest up in the cache, then
+//! apply the record's rules. Side effects (metrics, last-used, rate limits) are the
+//! caller's: these only decide.
 
 use crate::cache::{Entry, Identity, KeyCache, Reader, Source, Ttls};
 use crate::error::{Challenge, Deny};
 use crate::key::{self, KeyHasher, KeyType, Prefixes};
+use crate::policy::path::{normalize_request, Normalized, PathError};
+use crate::policy::{Policy, Route};
 use crate::store::StoreError;
 use http::header::AUTHORIZATION;
+use http::Method;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -82,9 +87,23 @@ impl Verifier {
             return Verdict::refused(Deny::MalformedKey);
         }
         let digest = self.hasher.digest(token);
+        self.verify_digest(&digest, need, rules, reader, started)
+            .await
+    }
+
+    /// `verify` from the digest on: a stored key named by its id (`POST /v1/explain`)
+    /// has no text to check.
+    pub async fn verify_digest<S: AsRef<str>>(
+        &self,
+        digest: &key::Digest,
+        need: &Need<'_, S>,
+        rules: Rules,
+        reader: &Reader,
+        started: Instant,
+    ) -> Verdict {
         let (entry, source) = match self
             .cache
-            .lookup_at(&digest, started, rules.ttls, reader)
+            .lookup_at(digest, started, rules.ttls, reader)
             .await
         {
             Ok(found) => found,
@@ -102,10 +121,211 @@ impl Verifier {
         verdict.source = Some(source);
         if let Entry::Known(id) = entry {
             verdict.at_ms = crate::time::now_ms();
-            verdict.result = check_record(&id, &digest, need, verdict.at_ms);
+            verdict.result = check_record(&id, digest, need, verdict.at_ms);
             verdict.identity = Some(id);
         }
         verdict
+    }
+}
+
+/// The key a decision checks: the request's `Authorization` (the proxy), or one given
+/// directly (`POST /v1/explain`: a key's text, or a stored key's digest found by its id).
+#[derive(Clone, Copy)]
+pub enum Credential<'a> {
+    Headers(&'a http::HeaderMap),
+    Token(&'a str),
+    Digest(&'a key::Digest),
+}
+
+/// One request as the decision sees it.
+pub struct Ask<'a> {
+    pub method: &'a Method,
+    /// The request's path, as sent (no query).
+    pub path: &'a str,
+    pub credential: Credential<'a>,
+    /// What the proxy's transport refused after the method's check and before the
+    /// path's (the Host rules); `None` for `explain`, which has no transport.
+    pub transport: Option<Deny>,
+}
+
+/// A key check and when it started (the proxy times it from there).
+pub struct KeyCheck {
+    pub verdict: Verdict,
+    pub started: Instant,
+}
+
+/// Everything `decide` found, step by step: each field is set once its step ran.
+pub struct Decision<'p, 'r> {
+    /// The path as normalised, or why it was refused; `None` when refused before.
+    pub path: Option<Result<Normalized<'r>, PathError>>,
+    /// The route matched (its index; `None` for the `unmatched` pseudo-route).
+    pub route: Option<(Option<usize>, &'p Route)>,
+    /// The key check, on a route that needs a key once a token was found.
+    pub key: Option<KeyCheck>,
+    /// A refusal made before any key check (method, Host, path, route, `Authorization`).
+    pub refused: Option<Deny>,
+}
+
+/// A request the decision lets through: where it goes, and who sends it.
+pub struct Admitted<'p, 'r> {
+    pub index: Option<usize>,
+    pub route: &'p Route,
+    pub path: Normalized<'r>,
+    /// `None` on a public route.
+    pub identity: Option<Arc<Identity>>,
+}
+
+/// What the proxy does with a request: forward it, or answer the refusal.
+pub enum Outcome<'p, 'r> {
+    Admitted(Admitted<'p, 'r>),
+    Refused(Refused),
+}
+
+/// A request the decision refuses, with its route and key as far as they were found.
+pub struct Refused {
+    pub index: Option<usize>,
+    pub deny: Deny,
+    pub identity: Option<Arc<Identity>>,
+}
+
+impl Decision<'_, '_> {
+    fn refused(deny: Deny) -> Self {
+        Decision {
+            path: None,
+            route: None,
+            key: None,
+            refused: Some(deny),
+        }
+    }
+
+    /// Allowed, or the refusal (`Deny::status` and `Deny::code` give its answer).
+    pub fn result(&self) -> Result<(), &Deny> {
+        match (&self.refused, &self.key) {
+            (Some(d), _) => Err(d),
+            (None, Some(k)) => match (&k.verdict.result, &k.verdict.identity) {
+                (Err(d), _) => Err(d),
+                (Ok(()), Some(_)) => Ok(()),
+                // `verify` allows only a key it found; refuse rather than trust an empty answer.
+                (Ok(()), None) => Err(&Deny::UnknownKey),
+            },
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+impl<'p, 'r> Decision<'p, 'r> {
+    /// The proxy's view: forward, or answer the refusal.
+    pub fn into_outcome(self) -> Outcome<'p, 'r> {
+        let index = self.route.and_then(|(i, _)| i);
+        let (result, identity) = match self.key {
+            Some(KeyCheck { verdict, .. }) => match (verdict.result, verdict.identity) {
+                (Ok(()), None) => (Err(Deny::UnknownKey), None),
+                (r, id) => (r, id),
+            },
+            None => (Ok(()), None),
+        };
+        let deny = self.refused.or(result.err());
+        match (deny, self.route, self.path) {
+            (None, Some((index, route)), Some(Ok(path))) => Outcome::Admitted(Admitted {
+                index,
+                route,
+                path,
+                identity,
+            }),
+            (deny, ..) => Outcome::Refused(Refused {
+                index,
+                // Every step that sets no route or path refuses: never the fallback.
+                deny: deny.unwrap_or(Deny::NoRoute),
+                identity,
+            }),
+        }
+    }
+}
+
+/// The method's rule: a method with lower-case letters is refused, since WSGI and Rack
+/// upper-case it and `delete` would be matched as one method and run as another.
+fn check_method(method: &Method) -> Result<(), Deny> {
+    if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(Deny::BadMethod);
+    }
+    Ok(())
+}
+
+/// The decision's first steps, without a key (also `keygate explain`, offline): the
+/// method, the transport's refusal, the path normalised, then the route table.
+pub fn route<'p, 'r>(policy: &'p Policy, ask: &Ask<'r>) -> Decision<'p, 'r> {
+    if let Err(d) = check_method(ask.method) {
+        return Decision::refused(d);
+    }
+    if let Some(d) = &ask.transport {
+        return Decision::refused(d.clone());
+    }
+    let path = match normalize_request(ask.path) {
+        Ok(p) => p,
+        Err(e) => {
+            let mut d = Decision::refused(Deny::BadPath);
+            d.path = Some(Err(e));
+            return d;
+        }
+    };
+    // Forwarded as it is, params kept: refused unless its route does not depend on them.
+    let found = policy.find_unambiguous(ask.method, &path.path, path.has_params);
+    let mut d = Decision::refused(Deny::NoRoute);
+    d.path = Some(Ok(path));
+    match found {
+        Err(_) => d.refused = Some(Deny::BadPath),
+        Ok(None) => {}
+        Ok(Some(found)) => {
+            d.route = Some(found);
+            d.refused = None;
+        }
+    }
+    d
+}
+
+impl Verifier {
+    /// The whole decision on one request: `route`, then, on a route that needs a key,
+    /// the key (`verify`). No side effects (metrics, last-used and rate limits are the
+    /// caller's); a cache miss fills the cache as any lookup does.
+    pub async fn decide<'p, 'r>(
+        &self,
+        policy: &'p Policy,
+        ask: Ask<'r>,
+        rules: Rules,
+        reader: &Reader,
+    ) -> Decision<'p, 'r> {
+        let mut d = route(policy, &ask);
+        let route = match d.route {
+            Some((_, r)) if d.refused.is_none() && !r.public => r,
+            _ => return d,
+        };
+        let need = Need {
+            scopes: &route.scopes,
+            allow_publishable: route.allow_publishable,
+            challenge: &route.scope_challenge,
+        };
+        let token = match ask.credential {
+            Credential::Headers(h) => match bearer(h) {
+                Ok(t) => Some(t),
+                Err(deny) => {
+                    d.refused = Some(deny);
+                    return d;
+                }
+            },
+            Credential::Token(t) => Some(t),
+            Credential::Digest(_) => None,
+        };
+        let started = Instant::now();
+        let verdict = match (token, ask.credential) {
+            (Some(t), _) => self.verify(t, &need, rules, reader, started).await,
+            (None, Credential::Digest(digest)) => {
+                self.verify_digest(digest, &need, rules, reader, started)
+                    .await
+            }
+            (None, _) => Verdict::refused(Deny::MissingKey),
+        };
+        d.key = Some(KeyCheck { verdict, started });
+        d
     }
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod connection;
 pub mod dev;
 pub mod error;
+pub mod explain;
 pub mod feed;
 pub mod key;
 pub mod limits;

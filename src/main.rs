@@ -1,5 +1,5 @@
 //! The `keygate` command: `serve --config FILE`, `serve --dev [--upstream URL]`,
-//! `check-config FILE`. Config errors print on stderr and exit 64 before anything starts;
+//! `check-config FILE`, `migrate`, `explain --config FILE METHOD PATH`. Config errors print on stderr and exit 64 before anything starts;
 //! `--help` lists the environment variables and exit codes.
 
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
@@ -35,9 +35,11 @@ Environment:
   KEYGATE_LOG_FORMAT    json for one JSON object per line (default text)
 
 Exit codes:
-  0   stopped by SIGTERM or Ctrl-C after draining; check-config: the file is valid
+  0   stopped by SIGTERM or Ctrl-C after draining; check-config: the file is valid;
+      explain: a route matches
   1   could not start (a port in use, an unreadable certificate, ...) or the proxy
-      stopped serving without being asked to
+      stopped serving without being asked to; explain: no route matches, or the
+      method or path is refused
   2   bad command line
   64  the config file is invalid (the message names file, line and field)";
 
@@ -90,6 +92,17 @@ enum Command {
         /// The YAML config file.
         file: PathBuf,
     },
+    /// Show how a config routes a request, offline (no key is checked, no store read):
+    /// the normalised path, the route it matches and what that route requires.
+    Explain {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The request's method, as sent (`GET`).
+        method: String,
+        /// The request's path, as sent (`/users/%2e%2e/admin`).
+        path: String,
+    },
 }
 
 const EX_CONFIG: u8 = 64;
@@ -129,6 +142,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
+        Command::Explain {
+            config,
+            method,
+            path,
+        } => explain(&config, &method, &path),
         Command::Serve {
             config,
             dev,
@@ -146,6 +164,57 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
     }
+}
+
+/// `keygate explain`: exit 0 when a route matches, 1 when none does or the method or
+/// path is refused, 2 for a method that is no HTTP method, 64 for a bad config.
+fn explain(file: &std::path::Path, method: &str, path: &str) -> ExitCode {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let method = match keygate::explain::parse_method(method) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: METHOD: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let e = keygate::explain::route_only(&config.live.policy, &method, path);
+    println!("{method} {path}");
+    println!(
+        "normalized path: {}",
+        e.normalized_path.as_deref().unwrap_or("-")
+    );
+    match &e.route {
+        Some(r) => println!(
+            "route: {} (auth: {}, scopes: [{}], publishable keys: {})",
+            r.name,
+            r.auth,
+            r.scopes.join(" "),
+            if r.allow_publishable {
+                "allowed"
+            } else {
+                "refused"
+            }
+        ),
+        None => println!("route: -"),
+    }
+    for reason in &e.reasons {
+        println!("  - {reason}");
+    }
+    if e.decision.allowed {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "error: the proxy answers {} {} to this request, before any key is looked at",
+        e.decision.status.unwrap_or(0),
+        e.decision.code
+    );
+    ExitCode::FAILURE
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {

@@ -4,6 +4,8 @@
 //! - `GET|POST /v1/api-keys`, `GET|PATCH|DELETE /v1/api-keys/{id}`,
 //!   `POST /v1/api-keys/rotate`, `GET /v1/api-keys/{id}/usage`: the HelloJohn document
 //!   (`hellojohn.rs`)
+//! - `POST /v1/explain`: what the proxy would decide on a method, path and key
+//!   (`explain.rs`), by the proxy's own decision and without its side effects
 //! - `GET /openapi.json`: the OpenAPI 3.1 document of all of the above
 //!
 //! Management calls authenticate with the root token or a secret key holding
@@ -18,6 +20,7 @@
 pub mod body;
 pub mod caller;
 pub mod error;
+pub mod explain;
 pub mod hellojohn;
 pub mod jack;
 pub mod keys;

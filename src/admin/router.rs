@@ -2,7 +2,7 @@
 //! is served), with the health, metrics and OpenAPI endpoints and keygate's JSON
 //! 404/405 fallbacks.
 
-use super::{hellojohn, jack, AdminState, ApiError};
+use super::{explain, hellojohn, jack, AdminState, ApiError};
 use axum::extract::State;
 use axum::handler::Handler;
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -42,6 +42,7 @@ fn routes() -> Table {
         .add(Method::PATCH, "/v1/api-keys/{id}", hellojohn::update)
         .add(Method::DELETE, "/v1/api-keys/{id}", hellojohn::revoke)
         .add(Method::GET, "/v1/api-keys/{id}/usage", hellojohn::usage)
+        .add(Method::POST, "/v1/explain", explain::explain)
 }
 
 /// A router under construction that remembers what it serves.

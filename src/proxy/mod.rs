@@ -6,14 +6,13 @@ pub mod headers;
 pub mod host;
 pub mod server;
 
-use crate::auth::{self, Need, Rules, Verifier};
+use crate::auth::{Admitted, Ask, Credential, Need, Outcome, Refused, Rules, Verdict, Verifier};
 use crate::cache::{Identity, Reader, Source};
 use crate::config::Config;
 use crate::error::{Body, Deny};
 use crate::limits::{Admission, LimitStore, Limiter};
 use crate::logging;
 use crate::metrics::{AuthOutcome, Metrics};
-use crate::policy::path::{normalize_request, Normalized};
 use crate::policy::Route;
 use crate::snapshot::{Live, Snapshot};
 use crate::usage::UsageRecorder;
@@ -161,36 +160,46 @@ impl Proxy {
         who: &mut Option<Arc<Identity>>,
     ) -> (Option<usize>, Result<(Response<Body>, Duration), Deny>) {
         let policy = &*snap.policy;
-        let (host, Normalized { path, has_params }) = match self.screen(&req) {
-            Ok(screened) => screened,
-            Err(d) => return (None, Err(d)),
+        if let Err(d) = self.screen(&req) {
+            return (None, Err(d));
+        }
+        let host = host::request_host(&req);
+        let ask = Ask {
+            method: req.method(),
+            path: req.uri().path(),
+            credential: Credential::Headers(req.headers()),
+            transport: host.as_ref().err().cloned(),
         };
-        // Forwarded as it is, params kept: refused unless its route does not depend on them.
-        let Ok(found) = policy.find_unambiguous(req.method(), &path, has_params) else {
-            return (None, Err(Deny::BadPath));
-        };
-        let Some((index, route)) = found else {
-            return (None, Err(Deny::NoRoute));
-        };
-        let identity = if route.public {
-            None
-        } else {
-            let token = match auth::bearer(req.headers()) {
-                Ok(t) => t,
-                Err(d) => return (index, Err(d)),
-            };
-            match self
-                .check_token(token, route, snap.auth, &conn.reader, who)
-                .await
-            {
-                Ok(id) => Some(id),
-                Err(d) => return (index, Err(d)),
+        let decision = self
+            .verifier
+            .decide(policy, ask, snap.auth, &conn.reader)
+            .await;
+        if let Some(check) = &decision.key {
+            self.record(&check.verdict, check.started);
+        }
+        let Admitted {
+            index,
+            route,
+            path,
+            identity,
+        } = match decision.into_outcome() {
+            Outcome::Admitted(admitted) => admitted,
+            Outcome::Refused(Refused {
+                index,
+                deny,
+                identity,
+            }) => {
+                *who = identity;
+                return (index, Err(deny));
             }
         };
+        // The decision refused any other host answer already.
+        let host = host.ok().flatten();
         let limit = route
             .max_body_bytes
             .or(policy.headers.default_max_body_bytes);
         if declared_body_over(&req, limit) {
+            *who = identity;
             return (index, Err(Deny::BodyTooLarge));
         }
         let admission = match identity.as_deref() {
@@ -212,7 +221,7 @@ impl Proxy {
             _ => Admission::default(),
         };
         let out = forward::Outbound {
-            path: path.into_owned_if_changed(),
+            path: path.path.into_owned_if_changed(),
             host,
             identity: identity.as_deref(),
             body_limit: limit,
@@ -228,12 +237,9 @@ impl Proxy {
         (index, result)
     }
 
-    /// What is refused before any route is looked at: the target's length, the number
-    /// of header fields, the method's case, the host; then the path, normalised.
-    fn screen<'r>(
-        &self,
-        req: &'r Request<Incoming>,
-    ) -> Result<(Option<http::HeaderValue>, Normalized<'r>), Deny> {
+    /// What is refused before the method is looked at: the target's length and the
+    /// number of header fields (the rest is the decision's, `auth::Verifier::decide`).
+    fn screen(&self, req: &Request<Incoming>) -> Result<(), Deny> {
         let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target_len > self.max_uri_bytes {
             return Err(Deny::UriTooLong);
@@ -242,19 +248,14 @@ impl Proxy {
         if req.headers().len() > self.max_header_count {
             return Err(Deny::TooManyHeaders);
         }
-        let method = req.method().as_str();
-        if method.bytes().any(|b| b.is_ascii_lowercase()) {
-            return Err(Deny::BadMethod);
-        }
-        let host = host::request_host(req)?;
         // Content-Length with Transfer-Encoding needs no check here: hyper's HTTP/1
         // parser keeps only the chunked framing and closes the connection afterwards,
         // and the forwarder re-frames the body, so the upstream sees one request.
-        let path = normalize_request(req.uri().path()).map_err(|_| Deny::BadPath)?;
-        Ok((host, path))
+        Ok(())
     }
 
-    /// Everything after extraction: what the criterion bench measures on a cache hit.
+    /// A key check alone, with the proxy's side effects: what the criterion bench
+    /// measures on a cache hit (the request path runs it inside `Verifier::decide`).
     pub async fn check_token(
         &self,
         token: &str,
@@ -273,6 +274,24 @@ impl Proxy {
             .verifier
             .verify(token, &need, rules, reader, started)
             .await;
+        self.record(&verdict, started);
+        match (verdict.result, verdict.identity) {
+            (Ok(()), Some(id)) => {
+                *who = Some(id.clone());
+                Ok(id)
+            }
+            (Err(d), id) => {
+                *who = id;
+                Err(d)
+            }
+            // `verify` allows only a key it found; refuse rather than trust an empty answer.
+            (Ok(()), None) => Err(Deny::UnknownKey),
+        }
+    }
+
+    /// The proxy's side effects of a key check: store errors logged and counted, the
+    /// check timed, an allowed key's use noted (`explain` does none of these).
+    fn record(&self, verdict: &Verdict, started: Instant) {
         if let Some(e) = &verdict.store_error {
             tracing::warn!(error = %e, "key store read failed");
             self.metrics.store_errors.with_label_values(&["read"]).inc();
@@ -289,18 +308,6 @@ impl Proxy {
         if let Some((outcome, source)) = observed {
             let seconds = started.elapsed().as_secs_f64();
             self.metrics.observe_auth(outcome, source, seconds);
-        }
-        match (verdict.result, verdict.identity) {
-            (Ok(()), Some(id)) => {
-                *who = Some(id.clone());
-                Ok(id)
-            }
-            (Err(d), id) => {
-                *who = id;
-                Err(d)
-            }
-            // `verify` allows only a key it found; refuse rather than trust an empty answer.
-            (Ok(()), None) => Err(Deny::UnknownKey),
         }
     }
 }
