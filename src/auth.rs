@@ -1,11 +1,12 @@
 //! The one decision on a bearer key, for the proxy port and the admin API alike: take
 //! the token from `Authorization`, check its format (no I/O), look its digest up in the
 //! cache, then apply the record's rules. Side effects (metrics, last-used) are the
-//! caller's: `verify` only decides.
+//! caller's: `verify` only decides. Imported keys of a configured legacy format
+//! (`keys.legacy`) take the same path, by their digest.
 
 use crate::cache::{Entry, Identity, KeyCache, Reader, Source, Ttls};
 use crate::error::{Challenge, Deny};
-use crate::key::{self, KeyHasher, KeyType, Prefixes};
+use crate::key::{self, KeyHasher, KeyType, LegacyFormats, Prefixes, TokenKind};
 use crate::store::StoreError;
 use http::header::AUTHORIZATION;
 use std::sync::Arc;
@@ -65,11 +66,26 @@ pub struct Verifier {
     pub cache: Arc<KeyCache>,
     pub hasher: KeyHasher,
     pub prefixes: Prefixes,
+    /// Formats of imported keys accepted besides keygate's own (`keys.legacy`).
+    pub legacy: LegacyFormats,
+}
+
+/// Which digest of a token a record was found under.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Candidate {
+    /// `KeyHasher::digest` (peppered when a pepper is configured).
+    Hasher,
+    /// Plain SHA-256 of a legacy-format token, tried second when a pepper is configured.
+    PlainSha256,
 }
 
 impl Verifier {
     /// Format, digest, cache (reading `reader` on a miss), record. `started` is the time
     /// the caller already read.
+    ///
+    /// A legacy-format token is looked up by its peppered digest and, with a pepper, then
+    /// by plain SHA-256 (where keys imported by hash are); the record must say which
+    /// kind of digest it has, so a keygate key never matches an unpeppered one.
     pub async fn verify<S: AsRef<str>>(
         &self,
         token: &str,
@@ -78,22 +94,33 @@ impl Verifier {
         reader: &Reader,
         started: Instant,
     ) -> Verdict {
-        if key::parse(&self.prefixes, token).is_err() {
+        let Ok(kind) = key::classify(&self.prefixes, &self.legacy, token) else {
             return Verdict::refused(Deny::MalformedKey);
-        }
-        let digest = self.hasher.digest(token);
-        let (entry, source) = match self
-            .cache
-            .lookup_at(&digest, started, rules.ttls, reader)
-            .await
-        {
-            Ok(found) => found,
-            Err(e) => {
-                let mut v = Verdict::refused(Deny::StoreUnavailable);
-                v.store_error = Some(e);
-                return v;
-            }
         };
+        let mut digest = self.hasher.digest(token);
+        let (mut entry, mut source) = match self.lookup(&digest, started, rules, reader).await {
+            Ok(found) => found,
+            Err(refused) => return refused,
+        };
+        let mut candidate = Candidate::Hasher;
+        if kind == TokenKind::Legacy
+            && self.hasher.is_peppered()
+            && matches!(entry, Entry::Unknown)
+        {
+            let first = (digest, source);
+            digest = key::sha256(token.as_bytes());
+            candidate = Candidate::PlainSha256;
+            let (e, s) = match self.lookup(&digest, started, rules, reader).await {
+                Ok(found) => found,
+                Err(refused) => return refused,
+            };
+            if first.1 == Source::Store && matches!(e, Entry::Known(_)) {
+                // The peppered miss was just read: hold it as long as the record found
+                // instead, so the key's requests do not re-read it every negative TTL.
+                self.cache.hold_unknown(&first.0, rules.ttls).await;
+            }
+            (entry, source) = (e, if first.1 == Source::Store { first.1 } else { s });
+        }
         if rules.deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
             // Refused as if the read had not happened: no source, nothing to time.
             return Verdict::refused(Deny::StoreUnavailable);
@@ -101,11 +128,46 @@ impl Verifier {
         let mut verdict = Verdict::refused(Deny::UnknownKey);
         verdict.source = Some(source);
         if let Entry::Known(id) = entry {
+            if !self.digest_kind_fits(&id, kind, candidate) {
+                return verdict;
+            }
             verdict.at_ms = crate::time::now_ms();
             verdict.result = check_record(&id, &digest, need, verdict.at_ms);
             verdict.identity = Some(id);
         }
         verdict
+    }
+
+    /// One cache lookup; a store failure is the verdict.
+    async fn lookup(
+        &self,
+        digest: &key::Digest,
+        started: Instant,
+        rules: Rules,
+        reader: &Reader,
+    ) -> Result<(Entry, Source), Verdict> {
+        self.cache
+            .lookup_at(digest, started, rules.ttls, reader)
+            .await
+            .map_err(|e| {
+                let mut v = Verdict::refused(Deny::StoreUnavailable);
+                v.store_error = Some(e);
+                v
+            })
+    }
+
+    /// May a record with this kind of digest answer this token? A keygate key only
+    /// matches keygate-made digests; a legacy token's peppered digest likewise (without a
+    /// pepper both kinds are plain SHA-256, so either); its plain SHA-256 only a record
+    /// imported by hash.
+    fn digest_kind_fits(&self, id: &Identity, kind: TokenKind, candidate: Candidate) -> bool {
+        match (kind, candidate) {
+            (TokenKind::Keygate, _) => !id.plain_sha256,
+            (TokenKind::Legacy, Candidate::Hasher) => {
+                !id.plain_sha256 || !self.hasher.is_peppered()
+            }
+            (TokenKind::Legacy, Candidate::PlainSha256) => id.plain_sha256,
+        }
     }
 }
 

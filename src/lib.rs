@@ -14,6 +14,7 @@ pub mod error;
 pub mod feed;
 pub mod key;
 pub mod limits;
+pub mod loader;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -4,6 +4,7 @@
 //! - `GET|POST /v1/api-keys`, `GET|PATCH|DELETE /v1/api-keys/{id}`,
 //!   `POST /v1/api-keys/rotate`, `GET /v1/api-keys/{id}/usage`: the HelloJohn document
 //!   (`hellojohn.rs`)
+//! - `POST /v1/api-keys/import`: keys made before keygate, by text or SHA-256 (`import.rs`)
 //! - `GET /openapi.json`: the OpenAPI 3.1 document of all of the above
 //!
 //! Management calls authenticate with the root token or a secret key holding
@@ -19,6 +20,7 @@ pub mod body;
 pub mod caller;
 pub mod error;
 pub mod hellojohn;
+pub mod import;
 pub mod jack;
 pub mod keys;
 pub mod limits;
