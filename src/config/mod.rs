@@ -878,7 +878,7 @@ routes:
         let c = load(&ok).unwrap();
         let acme = c.fixed.legacy.find(&format!("acme_{}", "0".repeat(32))).unwrap();
         assert_eq!((acme.name.as_str(), acme.charset), ("acme", crate::key::Charset::Hex));
-        assert_eq!(c.fixed.legacy.find("any+token/of=length16").unwrap().name, "any");
+        assert_eq!(c.fixed.legacy.find("any+token/oflength16==").unwrap().name, "any");
         assert!(load(BASE).unwrap().fixed.legacy.is_empty());
         let line = |entry: &str| with(&format!("    - {{ name: ok, min_length: 16, max_length: 20, charset: hex }}\n    - {entry}\n"));
         for (entry, field, said) in [
@@ -891,10 +891,10 @@ routes:
             ("{ name: b, prefix: sk_live_x, min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].prefix", "keys.prefixes"),
             ("{ name: b, prefix: \"a b\", min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].prefix", "visible"),
             ("{ name: b, min_length: 16, max_length: 20, charset: base64 }", "keys.legacy[2].charset", "base64url"),
-            ("{ name: b, min_length: 16, max_length: 20 }", "keys.legacy[2]", "charset"),
+            ("{ name: b, min_length: 16, max_length: 20 }", "keys.legacy[2].charset", "missing"),
         ] {
             let e = load(&line(entry)).unwrap_err();
-            assert_eq!((e.field.as_str(), e.line), (field, Some(14)), "{entry}: {e}");
+            assert_eq!((e.field.as_str(), e.line), (field, Some(13)), "{entry}: {e}");
             assert!(e.message.contains(said), "{entry}: {e}");
             assert!(e.to_string().starts_with("test.yaml"), "{e}");
         }
