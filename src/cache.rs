@@ -226,6 +226,17 @@ impl Expiry<Digest, Cached> for FillTtl {
     fn expire_after_create(&self, _: &Digest, value: &Cached, _: Instant) -> Option<Duration> {
         Some(value.ttl)
     }
+    // A value replaced in place (`hold_unknown`) lives for its own TTL, not the rest of
+    // the one it replaced (moka's default).
+    fn expire_after_update(
+        &self,
+        _: &Digest,
+        value: &Cached,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
 }
 
 /// What the admin API accepts, checked again on a record from the store (input like any

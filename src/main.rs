@@ -102,9 +102,8 @@ enum Command {
         #[arg(long)]
         tenant: Option<String>,
         /// Entries per call (1 to 1000).
-        #[arg(long, default_value_t = keygate::loader::MAX_BATCH,
-              value_parser = clap::value_parser!(u16).range(1..=1000).map(usize::from))]
-        batch: usize,
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        batch: u16,
     },
     /// Validate a config file and print its compiled route table.
     CheckConfig {
@@ -172,7 +171,7 @@ fn main() -> ExitCode {
             tenant,
             batch,
         } => match runtime() {
-            Ok(r) => r.block_on(import(admin, file, tenant, batch)),
+            Ok(r) => r.block_on(import(admin, file, tenant, batch.into())),
             Err(code) => code,
         },
     }

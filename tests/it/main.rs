@@ -21,6 +21,7 @@ mod crash;
 mod feed;
 mod h2_tools;
 mod hostile;
+mod import;
 mod k8s;
 mod k8s_sentinel;
 mod limits;
