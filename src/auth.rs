@@ -103,9 +103,7 @@ impl Verifier {
             Err(refused) => return refused,
         };
         let mut candidate = Candidate::Hasher;
-        if kind == TokenKind::Legacy
-            && self.hasher.is_peppered()
-            && matches!(entry, Entry::Unknown)
+        if kind == TokenKind::Legacy && self.hasher.is_peppered() && matches!(entry, Entry::Unknown)
         {
             let first = (digest, source);
             digest = key::sha256(token.as_bytes());

@@ -222,7 +222,8 @@ impl Charset {
                 let end = body.len() - body.iter().rev().take_while(|&&b| b == b'=').count();
                 end > 0
                     && body[..end].iter().all(|&b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+                        b.is_ascii_alphanumeric()
+                            || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
                     })
             }
         }
@@ -564,14 +565,8 @@ mod tests {
         );
         // A keygate prefix with a bad checksum stays malformed, whatever the formats say.
         let bad = format!("sk_live_{}", "a".repeat(BODY_LEN + CHECKSUM_LEN));
-        assert_eq!(
-            classify(&p, &legacy, &bad),
-            Err(KeyFormatError::Checksum)
-        );
-        assert_eq!(
-            classify(&p, &legacy, "short"),
-            Err(KeyFormatError::Prefix)
-        );
+        assert_eq!(classify(&p, &legacy, &bad), Err(KeyFormatError::Checksum));
+        assert_eq!(classify(&p, &legacy, "short"), Err(KeyFormatError::Prefix));
         assert_eq!(
             classify(&p, &LegacyFormats::default(), "legacy_0123456789abcdef"),
             Err(KeyFormatError::Prefix)

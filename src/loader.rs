@@ -123,11 +123,15 @@ pub async fn run(
     let mut sent = 0;
     for batch in batches(entries, job.batch.clamp(1, MAX_BATCH)) {
         let lines: Vec<usize> = batch.iter().map(|(l, _)| *l).collect();
-        let body = serde_json::json!({"keys": batch.into_iter().map(|(_, v)| v).collect::<Vec<_>>()});
+        let body =
+            serde_json::json!({"keys": batch.into_iter().map(|(_, v)| v).collect::<Vec<_>>()});
         match call(&client, &uri, job, body.to_string()).await {
             Ok((200, answer)) => merge(&mut report, &lines, &answer),
             Ok((status @ (401 | 403), answer)) => {
-                let message = format!("the admin API refused the call ({status}): {}", said(&answer));
+                let message = format!(
+                    "the admin API refused the call ({status}): {}",
+                    said(&answer)
+                );
                 return Err(LoadError::Stopped { message, report });
             }
             Ok((status, answer)) => {
@@ -159,7 +163,10 @@ fn said(answer: &Value) -> String {
 fn merge(report: &mut Report, lines: &[usize], answer: &Value) {
     report.imported += answer["imported"].as_u64().unwrap_or(0) as usize;
     let at = |list: &str| -> Vec<LineError> {
-        let items = answer[list].as_array().map(Vec::as_slice).unwrap_or_default();
+        let items = answer[list]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         items
             .iter()
             .map(|e| LineError {
@@ -209,14 +216,20 @@ async fn call(
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| format!("--admin {uri}: {e}"))?;
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| format!("{uri}: {e}"))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("{uri}: {e}"))?;
         let status = resp.status().as_u16();
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
             .collect()
             .await
             .map_err(|e| format!("{uri}: reading the answer: {e}"))?
             .to_bytes();
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     };
     tokio::time::timeout(CALL_TIMEOUT, exchange)
         .await
@@ -239,13 +252,26 @@ mod tests {
 
     #[test]
     fn batches_keep_order_within_count_and_size() {
-        let entries: Vec<_> = (1..=2500).map(|l| (l, serde_json::json!({"n": l}))).collect();
+        let entries: Vec<_> = (1..=2500)
+            .map(|l| (l, serde_json::json!({"n": l})))
+            .collect();
         let b = batches(entries, MAX_BATCH);
-        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [1000, 1000, 500]);
+        assert_eq!(
+            b.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1000, 1000, 500]
+        );
         assert_eq!(b[1][0].0, 1001);
         let big = "x".repeat(300_000);
-        let entries: Vec<_> = (1..=7).map(|l| (l, serde_json::json!({"k": big}))).collect();
-        assert_eq!(batches(entries, MAX_BATCH).iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 1]);
+        let entries: Vec<_> = (1..=7)
+            .map(|l| (l, serde_json::json!({"k": big})))
+            .collect();
+        assert_eq!(
+            batches(entries, MAX_BATCH)
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            [3, 3, 1]
+        );
     }
 
     #[test]
@@ -258,7 +284,10 @@ mod tests {
         });
         merge(&mut r, &[7, 9], &answer);
         assert_eq!(r.imported, 1);
-        assert_eq!((r.failed[0].line, r.failed[0].code.as_str()), (9, "duplicate_key"));
+        assert_eq!(
+            (r.failed[0].line, r.failed[0].code.as_str()),
+            (9, "duplicate_key")
+        );
         assert_eq!(r.warnings[0].line, 7);
     }
 }

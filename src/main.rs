@@ -184,9 +184,15 @@ async fn import(admin: String, file: PathBuf, tenant: Option<String>, batch: usi
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|t| !t.is_empty()))
     else {
-        eprintln!("error: set KEYGATE_ADMIN_TOKEN (or KEYGATE_ROOT_TOKEN) to a token with keys:write");
+        eprintln!(
+            "error: set KEYGATE_ADMIN_TOKEN (or KEYGATE_ROOT_TOKEN) to a token with keys:write"
+        );
         return ExitCode::from(2);
     };
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a one-shot CLI reading its input file once"
+    )]
     let read = std::fs::read_to_string(&file)
         .map_err(|e| LoadError::Setup(format!("{}: {e}", file.display())))
         .and_then(|text| loader::read_lines(&text));
@@ -204,7 +210,12 @@ async fn import(admin: String, file: PathBuf, tenant: Option<String>, batch: usi
             return ExitCode::FAILURE;
         }
     };
-    let job = Job { admin, token, tenant, batch };
+    let job = Job {
+        admin,
+        token,
+        tenant,
+        batch,
+    };
     let summary = |r: &Report| {
         for w in &r.warnings {
             eprintln!("line {}: warning {}: {}", w.line, w.code, w.message);
@@ -215,7 +226,11 @@ async fn import(admin: String, file: PathBuf, tenant: Option<String>, batch: usi
         println!("{} imported, {} failed", r.imported, r.failed.len());
     };
     let ran = loader::run(&job, entries, |sent, total, r| {
-        eprintln!("import: {sent}/{total} lines sent, {} imported, {} failed", r.imported, r.failed.len());
+        eprintln!(
+            "import: {sent}/{total} lines sent, {} imported, {} failed",
+            r.imported,
+            r.failed.len()
+        );
     })
     .await;
     match ran {

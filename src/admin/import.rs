@@ -132,13 +132,14 @@ struct Shaped {
 }
 
 fn shaped(index: usize, mut entry: Entry, now: u64) -> Result<(usize, Shaped), ApiError> {
-    let limits = limits::from_body(entry.ratelimits.take(), entry.credits.take(), now)
-        .map_err(|mut e| {
+    let limits = limits::from_body(entry.ratelimits.take(), entry.credits.take(), now).map_err(
+        |mut e| {
             e.message = e
                 .message
                 .replacen("field `", &format!("field `keys[{index}]."), 1);
             e
-        })?;
+        },
+    )?;
     Ok((index, Shaped { entry, limits }))
 }
 

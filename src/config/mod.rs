@@ -876,11 +876,23 @@ routes:
              - { name: any, min_length: 16, max_length: 512, charset: token68 }\n",
         );
         let c = load(&ok).unwrap();
-        let acme = c.fixed.legacy.find(&format!("acme_{}", "0".repeat(32))).unwrap();
-        assert_eq!((acme.name.as_str(), acme.charset), ("acme", crate::key::Charset::Hex));
-        assert_eq!(c.fixed.legacy.find("any+token/oflength16==").unwrap().name, "any");
+        let acme = c
+            .fixed
+            .legacy
+            .find(&format!("acme_{}", "0".repeat(32)))
+            .unwrap();
+        assert_eq!(
+            (acme.name.as_str(), acme.charset),
+            ("acme", crate::key::Charset::Hex)
+        );
+        assert_eq!(
+            c.fixed.legacy.find("any+token/oflength16==").unwrap().name,
+            "any"
+        );
         assert!(load(BASE).unwrap().fixed.legacy.is_empty());
-        let line = |entry: &str| with(&format!("    - {{ name: ok, min_length: 16, max_length: 20, charset: hex }}\n    - {entry}\n"));
+        let line = |entry: &str| {
+            with(&format!("    - {{ name: ok, min_length: 16, max_length: 20, charset: hex }}\n    - {entry}\n"))
+        };
         for (entry, field, said) in [
             ("{ name: Bad, min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].name", "a-z"),
             ("{ name: ok, min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].name", "twice"),

@@ -9,8 +9,7 @@
 use super::locate::FieldPath;
 use super::raw::{
     Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawKeys, RawLegacyFormat, RawLimits,
-    RawPrefixes,
-    RawProxy, RawRateLimits, RawRoute, RawRouteLimit, RawStore, RawTimeouts, RawTls,
+    RawPrefixes, RawProxy, RawRateLimits, RawRoute, RawRouteLimit, RawStore, RawTimeouts, RawTls,
     UnderscoreHeaders, Unmatched, DEFAULT_PEPPER_ENV,
 };
 use super::{
@@ -301,7 +300,10 @@ fn legacy(keys: Option<&RawKeys>, prefixes: &Prefixes) -> Result<LegacyFormats> 
         let field = |name: &str| FieldPath::keys("keys.legacy").index(i).key(name);
         let format = legacy_format(f, prefixes, field)?;
         if !names.insert(format.name.clone()) {
-            return Err(invalid(field("name"), format!("{:?} is used twice", f.name)));
+            return Err(invalid(
+                field("name"),
+                format!("{:?} is used twice", f.name),
+            ));
         }
         formats.push(format);
     }
@@ -314,9 +316,9 @@ fn legacy_format(
     field: impl Fn(&str) -> FieldPath,
 ) -> Result<LegacyFormat> {
     let name_ok = (1..=32).contains(&f.name.len())
-        && f.name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-')
-        });
+        && f.name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
     if !name_ok {
         return Err(invalid(field("name"), "use 1-32 characters of a-z 0-9 _ -"));
     }
@@ -335,7 +337,10 @@ fn legacy_format(
             ),
         ));
     }
-    let (lo, hi) = (*crate::key::LEGACY_LENGTHS.start(), *crate::key::LEGACY_LENGTHS.end());
+    let (lo, hi) = (
+        *crate::key::LEGACY_LENGTHS.start(),
+        *crate::key::LEGACY_LENGTHS.end(),
+    );
     if f.min_length < lo.max(f.prefix.len() + 1) {
         return Err(invalid(
             field("min_length"),

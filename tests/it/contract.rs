@@ -61,16 +61,28 @@ async fn a_hash_import_keeps_its_mark_and_its_digest(store: &dyn KeyStore) {
     };
     store.insert(&r).await.unwrap();
     assert_eq!(store.by_digest(&r.digest).await.unwrap().as_ref(), Some(&r));
-    assert_eq!(store.by_id("t-import", &r.id).await.unwrap().as_ref(), Some(&r));
-    let page = PageRequest { limit: 10, cursor: None };
-    assert_eq!(store.list("t-import", &page).await.unwrap().items, vec![r.clone()]);
+    assert_eq!(
+        store.by_id("t-import", &r.id).await.unwrap().as_ref(),
+        Some(&r)
+    );
+    let page = PageRequest {
+        limit: 10,
+        cursor: None,
+    };
+    assert_eq!(
+        store.list("t-import", &page).await.unwrap().items,
+        vec![r.clone()]
+    );
     let again = KeyRecord {
         id: uuid::Uuid::now_v7().to_string(),
         name: "again".into(),
         plain_sha256: false,
         ..r.clone()
     };
-    assert!(matches!(store.insert(&again).await, Err(StoreError::Conflict)));
+    assert!(matches!(
+        store.insert(&again).await,
+        Err(StoreError::Conflict)
+    ));
     assert_eq!(store.by_digest(&r.digest).await.unwrap().as_ref(), Some(&r));
 }
 

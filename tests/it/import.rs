@@ -47,7 +47,12 @@ fn sha256_hex(text: &str) -> String {
         .collect()
 }
 
-async fn import(app: &TestApp, token: &str, tenant: Option<&str>, body: Value) -> reqwest::Response {
+async fn import(
+    app: &TestApp,
+    token: &str,
+    tenant: Option<&str>,
+    body: Value,
+) -> reqwest::Response {
     let mut req = app
         .http
         .post(app.admin_url("/v1/api-keys/import"))
@@ -87,10 +92,14 @@ async fn the_cli_imports_a_thousand_keys_that_authenticate_with_their_scopes() {
     let mut tokens = Vec::new();
     for i in 0..500 {
         let (text, legacy) = (hex_key(i), b64_key(i));
-        lines.push(json!({"key": text, "name": format!("acme {i}"), "type": "secret",
-                          "scopes": ["users:read"], "expires_at": null}));
-        lines.push(json!({"sha256": sha256_hex(&legacy), "name": format!("old {i}"),
-                          "scopes": ["users:read"]}));
+        lines.push(
+            json!({"key": text, "name": format!("acme {i}"), "type": "secret",
+                          "scopes": ["users:read"], "expires_at": null}),
+        );
+        lines.push(
+            json!({"sha256": sha256_hex(&legacy), "name": format!("old {i}"),
+                          "scopes": ["users:read"]}),
+        );
         tokens.extend([text, legacy]);
     }
     // Line 3 repeats line 1 (same batch); line 1002 repeats line 2 (a later batch).
@@ -101,7 +110,14 @@ async fn the_cli_imports_a_thousand_keys_that_authenticate_with_their_scopes() {
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&file, text).unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["import", "--admin", &app.admin_url(""), "--batch", "500", "--file"])
+        .args([
+            "import",
+            "--admin",
+            &app.admin_url(""),
+            "--batch",
+            "500",
+            "--file",
+        ])
         .arg(&file)
         .env("KEYGATE_ADMIN_TOKEN", ROOT)
         .env_remove("KEYGATE_ROOT_TOKEN")
@@ -110,13 +126,23 @@ async fn the_cli_imports_a_thousand_keys_that_authenticate_with_their_scopes() {
         .await
         .expect("import finished within 60 s")
         .expect("run keygate import");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(1), "a line failed: {stdout}\n{stderr}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a line failed: {stdout}\n{stderr}"
+    );
     assert!(stdout.contains("1000 imported, 2 failed"), "{stdout}");
     assert!(stdout.contains("line 3: duplicate_key"), "{stdout}");
     assert!(stdout.contains("line 1002: duplicate_key"), "{stdout}");
     assert!(stderr.contains("import: 500/1002 lines sent"), "{stderr}");
-    assert!(stderr.contains("import: 1002/1002 lines sent, 1000 imported, 2 failed"), "{stderr}");
+    assert!(
+        stderr.contains("import: 1002/1002 lines sent, 1000 imported, 2 failed"),
+        "{stderr}"
+    );
 
     for t in &tokens {
         assert_eq!(status(&app, reqwest::Method::GET, t).await, 200, "{t}");
@@ -139,7 +165,10 @@ async fn the_cli_imports_a_thousand_keys_that_authenticate_with_their_scopes() {
     assert_eq!(data.len(), 1000);
     let hashed = data.iter().find(|k| k["name"] == "old 7").unwrap();
     let texted = data.iter().find(|k| k["name"] == "acme 7").unwrap();
-    assert_eq!((hashed["prefix"].as_str(), hashed["last_four"].as_str()), (Some(""), Some("")));
+    assert_eq!(
+        (hashed["prefix"].as_str(), hashed["last_four"].as_str()),
+        (Some(""), Some(""))
+    );
     assert_eq!(texted["prefix"], "acme_0000");
 
     // Rotation of an imported key issues a keygate key; revocation stops the old one.
@@ -170,7 +199,8 @@ async fn tokens_outside_every_format_cost_no_redis_command() {
     let redis = Redis::start();
     let app = spawn(&redis, None, "2s").await;
     assert!(app.becomes_ready().await);
-    let reads = |redis: &Redis| redis.calls("hgetall") + redis.calls("eval") + redis.calls("evalsha");
+    let reads =
+        |redis: &Redis| redis.calls("hgetall") + redis.calls("eval") + redis.calls("evalsha");
     for junk in [
         "acme_0123456789abcdef0123456789abcdeg", // not hex
         "acme_0123",                             // short
@@ -183,8 +213,17 @@ async fn tokens_outside_every_format_cost_no_redis_command() {
         assert_eq!(reads(&redis), 0, "{junk} read the store");
     }
     redis.reset_stats();
-    assert_error(app.get_with("/users/1", &hex_key(9)).await, 401, "unknown_key").await;
-    assert_eq!(redis.calls("hgetall"), 1, "one read for a well-formed unknown key");
+    assert_error(
+        app.get_with("/users/1", &hex_key(9)).await,
+        401,
+        "unknown_key",
+    )
+    .await;
+    assert_eq!(
+        redis.calls("hgetall"),
+        1,
+        "one read for a well-formed unknown key"
+    );
 
     // The plain SHA-256 of a keygate key, imported by hash: that record is marked, and a
     // keygate-format token never matches it (without a pepper the digests are equal).
@@ -194,11 +233,19 @@ async fn tokens_outside_every_format_cost_no_redis_command() {
         keygate::key::Environment::Live,
     )
     .unwrap();
-    let answer = import_ok(&app, json!({"keys": [
-        {"sha256": sha256_hex(&made.text), "name": "keygate key by hash", "scopes": ["*"]}]}))
+    let answer = import_ok(
+        &app,
+        json!({"keys": [
+        {"sha256": sha256_hex(&made.text), "name": "keygate key by hash", "scopes": ["*"]}]}),
+    )
     .await;
     assert_eq!(answer["imported"], 1, "{answer}");
-    assert_error(app.get_with("/users/1", &made.text).await, 401, "unknown_key").await;
+    assert_error(
+        app.get_with("/users/1", &made.text).await,
+        401,
+        "unknown_key",
+    )
+    .await;
     app.stop().await;
 }
 
@@ -211,10 +258,13 @@ async fn with_a_pepper_both_kinds_and_keygate_keys_authenticate() {
     let redis = Redis::start();
     let app = spawn(&redis, Some("pepper-for-the-import-test"), "200ms").await;
     let (text, legacy) = (hex_key(1), b64_key(1));
-    let answer = import_ok(&app, json!({"keys": [
+    let answer = import_ok(
+        &app,
+        json!({"keys": [
         {"key": text, "name": "by text", "scopes": ["users:read"]},
         {"sha256": sha256_hex(&legacy).to_uppercase(), "name": "by hash", "scopes": ["users:read"]},
-        {"key": legacy, "name": "again by text", "scopes": ["users:read"]}]}))
+        {"key": legacy, "name": "again by text", "scopes": ["users:read"]}]}),
+    )
     .await;
     assert_eq!(answer["imported"], 2, "{answer}");
     // The text of a key imported by hash is a duplicate too.
@@ -232,15 +282,28 @@ async fn with_a_pepper_both_kinds_and_keygate_keys_authenticate() {
         keygate::key::Environment::Live,
     )
     .unwrap();
-    import_ok(&app, json!({"keys": [{"sha256": sha256_hex(&plain.text), "name": "x"}]})).await;
-    assert_error(app.get_with("/users/1", &plain.text).await, 401, "unknown_key").await;
+    import_ok(
+        &app,
+        json!({"keys": [{"sha256": sha256_hex(&plain.text), "name": "x"}]}),
+    )
+    .await;
+    assert_error(
+        app.get_with("/users/1", &plain.text).await,
+        401,
+        "unknown_key",
+    )
+    .await;
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.reset_stats();
     for _ in 0..3 {
         assert_eq!(status(&app, reqwest::Method::GET, &legacy).await, 200);
     }
-    assert_eq!(redis.calls("hgetall"), 0, "a cached hash-imported key read the store");
+    assert_eq!(
+        redis.calls("hgetall"),
+        0,
+        "a cached hash-imported key read the store"
+    );
     app.stop().await;
 }
 
@@ -256,18 +319,33 @@ async fn more_than_a_thousand_entries_are_refused() {
     let resp = import(&app, ROOT, None, json!({"keys": []})).await;
     assert_error(resp, 400, "invalid_field").await;
     // A shape error anywhere refuses the call, naming the entry.
-    let resp = import(&app, ROOT, None, json!({"keys": [{"key": hex_key(1), "name": "n", "colour": 1}]})).await;
+    let resp = import(
+        &app,
+        ROOT,
+        None,
+        json!({"keys": [{"key": hex_key(1), "name": "n", "colour": 1}]}),
+    )
+    .await;
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("keys[0]"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("keys[0]"),
+        "{body}"
+    );
     // Per-entry rules fail alone.
-    let answer = import_ok(&app, json!({"keys": [
+    let answer = import_ok(
+        &app,
+        json!({"keys": [
         {"key": "too-short", "name": "n"},
         {"key": hex_key(1), "sha256": sha256_hex("x"), "name": "n"},
         {"sha256": "abc", "name": "n"},
         {"key": hex_key(2), "name": ""},
         {"key": hex_key(3), "name": "n", "expires_at": "2001-01-01T00:00:00Z"},
         {"key": "no-format-matches-this-one", "name": "warned"},
-        {"key": hex_key(4), "name": "fine", "expires_at": "2999-01-01T00:00:00Z"}]}))
+        {"key": hex_key(4), "name": "fine", "expires_at": "2999-01-01T00:00:00Z"}]}),
+    )
     .await;
     let codes: Vec<(u64, &str)> = answer["errors"]
         .as_array()
@@ -277,12 +355,21 @@ async fn more_than_a_thousand_entries_are_refused() {
         .collect();
     assert_eq!(
         codes,
-        [(0, "invalid_field"), (1, "invalid_field"), (2, "invalid_field"), (3, "invalid_field"), (4, "invalid_field")],
+        [
+            (0, "invalid_field"),
+            (1, "invalid_field"),
+            (2, "invalid_field"),
+            (3, "invalid_field"),
+            (4, "invalid_field")
+        ],
         "{answer}"
     );
     assert_eq!(answer["imported"], 2, "{answer}");
     assert_eq!(answer["warnings"][0]["index"], 5, "{answer}");
-    assert_eq!(answer["warnings"][0]["code"], "format_not_accepted", "{answer}");
+    assert_eq!(
+        answer["warnings"][0]["code"], "format_not_accepted",
+        "{answer}"
+    );
     app.stop().await;
 }
 
@@ -291,7 +378,9 @@ async fn more_than_a_thousand_entries_are_refused() {
 #[tokio::test]
 async fn a_tenant_bound_key_cannot_import_into_another_tenant() {
     let app = spawn_app_with(&(TEST_CONFIG.to_string() + LEGACY), Store::Memory).await;
-    let manager = app.create_key_in(Some("acme"), &["keys:*", "users:read"]).await;
+    let manager = app
+        .create_key_in(Some("acme"), &["keys:*", "users:read"])
+        .await;
     let one = |tenant: Option<&str>, scopes: &[&str]| {
         let mut e = json!({"key": hex_key(7), "name": "n", "scopes": scopes});
         if let Some(t) = tenant {
@@ -299,7 +388,13 @@ async fn a_tenant_bound_key_cannot_import_into_another_tenant() {
         }
         json!({"keys": [e]})
     };
-    let resp = import(&app, &manager.key, Some("other"), one(None, &["users:read"])).await;
+    let resp = import(
+        &app,
+        &manager.key,
+        Some("other"),
+        one(None, &["users:read"]),
+    )
+    .await;
     assert_error(resp, 403, "tenant_mismatch").await;
     for (tenant, scopes, code) in [
         (Some("other"), &["users:read"][..], "tenant_mismatch"),
@@ -321,9 +416,18 @@ async fn a_tenant_bound_key_cannot_import_into_another_tenant() {
             .send()
     };
     assert_eq!(get(&manager.key).await.unwrap().status(), 200);
-    assert_eq!(get(ROOT).await.unwrap().status(), 404, "not in the default tenant");
-    let answer: Value = import(&app, ROOT, None, json!({"keys": [
-        {"key": hex_key(8), "name": "n", "tenant": "other"}]}))
+    assert_eq!(
+        get(ROOT).await.unwrap().status(),
+        404,
+        "not in the default tenant"
+    );
+    let answer: Value = import(
+        &app,
+        ROOT,
+        None,
+        json!({"keys": [
+        {"key": hex_key(8), "name": "n", "tenant": "other"}]}),
+    )
     .await
     .json()
     .await
