@@ -709,6 +709,24 @@ mod props {
         }
 
         #[test]
+        fn a_legacy_format_accepts_only_its_length_prefix_and_alphabet(
+            text in prop_oneof![any::<String>(), near_key(), "[0-9a-f]{10,40}", "acme_[A-Za-z0-9+/=_~.-]{8,40}"],
+            charset in prop::sample::select(vec![Charset::Base64url, Charset::Hex, Charset::Alnum, Charset::Token68]),
+            prefix in prop::sample::select(vec!["", "acme_", "sk_live_"]),
+            (lo, hi) in (16..40usize, 0..10usize).prop_map(|(lo, d)| (lo, lo + d)),
+        ) {
+            let f = LegacyFormat { name: "p".into(), prefix: prefix.into(), min_length: lo, max_length: hi, charset };
+            if f.fits(&text) {
+                prop_assert!((lo..=hi).contains(&text.len()) && text.starts_with(prefix));
+                let body = &text.as_bytes()[prefix.len()..];
+                prop_assert!(body.iter().all(|b| b.is_ascii_graphic()));
+                if charset == Charset::Hex {
+                    prop_assert!(body.iter().all(u8::is_ascii_hexdigit));
+                }
+            }
+        }
+
+        #[test]
         fn every_key_generation_can_make_parses(key in valid_key()) {
             let (set, kind, text) = key;
             let p = &prefix_sets()[set];
