@@ -71,6 +71,7 @@ fn verification(c: &mut Criterion) {
             successor_id: None,
             digest: hasher.digest(&new.text),
             limits: Default::default(),
+            plain_sha256: false,
         };
         rt.block_on(store.insert(&record)).unwrap();
         let metrics = Arc::new(Metrics::new());
@@ -79,6 +80,7 @@ fn verification(c: &mut Criterion) {
             cache: Arc::new(KeyCache::new(1_000_000)),
             hasher: hasher.clone(),
             prefixes: prefixes.clone(),
+            legacy: Default::default(),
         };
         let reader: Reader = store;
         let (usage, _queue) = keygate::usage::UsageRecorder::new();

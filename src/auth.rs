@@ -2,12 +2,13 @@
 //! keys alike. `Verifier::decide` takes a request (method, path, key) through the method
 //! check, path normalisation and the route table, then `verify` the key: take the token
 //! from `Authorization`, check its format (no I/O), look its digest up in the cache, then
-//! apply the record's rules. Side effects (metrics, last-used, rate limits) are the
-//! caller's: these only decide.
+//! apply the record's rules. Imported keys of a configured legacy format (`keys.legacy`)
+//! take the same path, by their digest. Side effects (metrics, last-used, rate limits)
+//! are the caller's: these only decide.
 
 use crate::cache::{Entry, Identity, KeyCache, Reader, Source, Ttls};
 use crate::error::{Challenge, Deny};
-use crate::key::{self, KeyHasher, KeyType, Prefixes};
+use crate::key::{self, KeyHasher, KeyType, LegacyFormats, Prefixes, TokenKind};
 use crate::policy::path::{normalize_request, Normalized, PathError};
 use crate::policy::{Policy, Route};
 use crate::store::StoreError;
@@ -70,11 +71,26 @@ pub struct Verifier {
     pub cache: Arc<KeyCache>,
     pub hasher: KeyHasher,
     pub prefixes: Prefixes,
+    /// Formats of imported keys accepted besides keygate's own (`keys.legacy`).
+    pub legacy: LegacyFormats,
+}
+
+/// Which digest of a token a record was found under.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Candidate {
+    /// `KeyHasher::digest` (peppered when a pepper is configured).
+    Hasher,
+    /// Plain SHA-256 of a legacy-format token, tried second when a pepper is configured.
+    PlainSha256,
 }
 
 impl Verifier {
     /// Format, digest, cache (reading `reader` on a miss), record. `started` is the time
     /// the caller already read.
+    ///
+    /// A legacy-format token is looked up by its peppered digest and, with a pepper, then
+    /// by plain SHA-256 (where keys imported by hash are); the record must say which
+    /// kind of digest it has, so a keygate key never matches an unpeppered one.
     pub async fn verify<S: AsRef<str>>(
         &self,
         token: &str,
@@ -83,16 +99,37 @@ impl Verifier {
         reader: &Reader,
         started: Instant,
     ) -> Verdict {
-        if key::parse(&self.prefixes, token).is_err() {
+        let Ok(kind) = key::classify(&self.prefixes, &self.legacy, token) else {
             return Verdict::refused(Deny::MalformedKey);
+        };
+        let mut digest = self.hasher.digest(token);
+        let (mut entry, mut source) = match self.lookup(&digest, started, rules, reader).await {
+            Ok(found) => found,
+            Err(refused) => return refused,
+        };
+        let mut candidate = Candidate::Hasher;
+        if kind == TokenKind::Legacy && self.hasher.is_peppered() && matches!(entry, Entry::Unknown)
+        {
+            let first = (digest, source);
+            digest = key::sha256(token.as_bytes());
+            candidate = Candidate::PlainSha256;
+            let (e, s) = match self.lookup(&digest, started, rules, reader).await {
+                Ok(found) => found,
+                Err(refused) => return refused,
+            };
+            if first.1 == Source::Store && matches!(e, Entry::Known(_)) {
+                // The peppered miss was just read: hold it as long as the record found
+                // instead, so the key's requests do not re-read it every negative TTL.
+                self.cache.hold_unknown(&first.0, rules.ttls).await;
+            }
+            (entry, source) = (e, if first.1 == Source::Store { first.1 } else { s });
         }
-        let digest = self.hasher.digest(token);
-        self.verify_digest(&digest, need, rules, reader, started)
-            .await
+        let fits = |id: &Identity| self.digest_kind_fits(id, kind, candidate);
+        self.judge(entry, source, &digest, need, rules, fits)
     }
 
     /// `verify` from the digest on: a stored key named by its id (`POST /v1/explain`)
-    /// has no text to check.
+    /// has no text to check, and is the record named whatever its digest's kind.
     pub async fn verify_digest<S: AsRef<str>>(
         &self,
         digest: &key::Digest,
@@ -101,18 +138,22 @@ impl Verifier {
         reader: &Reader,
         started: Instant,
     ) -> Verdict {
-        let (entry, source) = match self
-            .cache
-            .lookup_at(digest, started, rules.ttls, reader)
-            .await
-        {
-            Ok(found) => found,
-            Err(e) => {
-                let mut v = Verdict::refused(Deny::StoreUnavailable);
-                v.store_error = Some(e);
-                return v;
-            }
-        };
+        match self.lookup(digest, started, rules, reader).await {
+            Ok((entry, source)) => self.judge(entry, source, digest, need, rules, |_| true),
+            Err(refused) => refused,
+        }
+    }
+
+    /// The verdict on what the lookup found; `fits` says whether a record may answer.
+    fn judge<S: AsRef<str>>(
+        &self,
+        entry: Entry,
+        source: Source,
+        digest: &key::Digest,
+        need: &Need<'_, S>,
+        rules: Rules,
+        fits: impl Fn(&Identity) -> bool,
+    ) -> Verdict {
         if rules.deny_on_store_error && source == Source::Cache && !self.cache.store_ok() {
             // Refused as if the read had not happened: no source, nothing to time.
             return Verdict::refused(Deny::StoreUnavailable);
@@ -120,11 +161,46 @@ impl Verifier {
         let mut verdict = Verdict::refused(Deny::UnknownKey);
         verdict.source = Some(source);
         if let Entry::Known(id) = entry {
+            if !fits(&id) {
+                return verdict;
+            }
             verdict.at_ms = crate::time::now_ms();
             verdict.result = check_record(&id, digest, need, verdict.at_ms);
             verdict.identity = Some(id);
         }
         verdict
+    }
+
+    /// One cache lookup; a store failure is the verdict.
+    async fn lookup(
+        &self,
+        digest: &key::Digest,
+        started: Instant,
+        rules: Rules,
+        reader: &Reader,
+    ) -> Result<(Entry, Source), Verdict> {
+        self.cache
+            .lookup_at(digest, started, rules.ttls, reader)
+            .await
+            .map_err(|e| {
+                let mut v = Verdict::refused(Deny::StoreUnavailable);
+                v.store_error = Some(e);
+                v
+            })
+    }
+
+    /// May a record with this kind of digest answer this token? A keygate key only
+    /// matches keygate-made digests; a legacy token's peppered digest likewise (without a
+    /// pepper both kinds are plain SHA-256, so either); its plain SHA-256 only a record
+    /// imported by hash.
+    fn digest_kind_fits(&self, id: &Identity, kind: TokenKind, candidate: Candidate) -> bool {
+        match (kind, candidate) {
+            (TokenKind::Keygate, _) => !id.plain_sha256,
+            (TokenKind::Legacy, Candidate::Hasher) => {
+                !id.plain_sha256 || !self.hasher.is_peppered()
+            }
+            (TokenKind::Legacy, Candidate::PlainSha256) => id.plain_sha256,
+        }
     }
 }
 

@@ -32,6 +32,9 @@ pub struct Identity {
     id_end: u16,
     tenant_end: u16,
     pub key_type: KeyType,
+    /// The record's digest is plain SHA-256 (a key imported by hash): `auth` lets only a
+    /// legacy-format token match it.
+    pub plain_sha256: bool,
     /// Whether this identity waits in the usage queue.
     pub usage_queued: AtomicBool,
     pub digest: Digest,
@@ -100,6 +103,7 @@ impl Identity {
             id_end,
             tenant_end,
             key_type: record.key_type,
+            plain_sha256: record.plain_sha256,
             usage_queued: AtomicBool::new(false),
             digest: record.digest,
             expires_at: record.expires_at.unwrap_or(u64::MAX),
@@ -227,6 +231,17 @@ struct FillTtl;
 
 impl Expiry<Digest, Cached> for FillTtl {
     fn expire_after_create(&self, _: &Digest, value: &Cached, _: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+    // A value replaced in place (`hold_unknown`) lives for its own TTL, not the rest of
+    // the one it replaced (moka's default).
+    fn expire_after_update(
+        &self,
+        _: &Digest,
+        value: &Cached,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(value.ttl)
     }
 }
@@ -475,6 +490,27 @@ impl KeyCache {
         }
     }
 
+    /// Keep `digest`'s fresh "unknown" for the positive TTL instead of the negative one
+    /// (a legacy token whose key was found under its second digest, see `auth`). Safe as
+    /// long: the digest can only become known by a create, whose invalidation removes it
+    /// (one that ran meanwhile moves the generation, and the entry is dropped again).
+    pub async fn hold_unknown(&self, digest: &Digest, ttls: Ttls) {
+        let before = self.generation.load(Ordering::Acquire);
+        let ttl = Duration::from_millis(ttls.positive_ms);
+        match self.cache.get(digest).await {
+            Some(c) if matches!(c.entry, Entry::Unknown) && c.ttl < ttl => {}
+            _ => return,
+        }
+        let held = Cached {
+            entry: Entry::Unknown,
+            ttl,
+        };
+        self.cache.insert(*digest, held).await;
+        if self.generation.load(Ordering::Acquire) != before {
+            self.cache.invalidate(digest).await;
+        }
+    }
+
     /// Drop one key's entry (after a change to it, or a create that must clear "unknown").
     /// The generation moves before (fencing fills that are reading) and after (so that a
     /// thread that read the old entry just before its eviction cannot keep it locally).
@@ -572,6 +608,7 @@ mod tests {
             successor_id: None,
             digest: [3u8; 32],
             limits: Default::default(),
+            plain_sha256: false,
         }
     }
 

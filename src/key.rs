@@ -196,6 +196,112 @@ fn checksum(signed: &[u8]) -> [u8; CHECKSUM_LEN] {
     out
 }
 
+/// The alphabet of a legacy key's text after its prefix (`keys.legacy[].charset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Charset {
+    /// `A-Z a-z 0-9 - _` (RFC 4648 §5, no padding).
+    Base64url,
+    /// `0-9 a-f A-F`.
+    Hex,
+    /// `A-Z a-z 0-9`.
+    Alnum,
+    /// RFC 9110's token68: `A-Z a-z 0-9 - . _ ~ + /`, then any number of `=`.
+    Token68,
+}
+
+impl Charset {
+    fn fits(self, body: &[u8]) -> bool {
+        match self {
+            Charset::Base64url => body
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_')),
+            Charset::Hex => body.iter().all(u8::is_ascii_hexdigit),
+            Charset::Alnum => body.iter().all(u8::is_ascii_alphanumeric),
+            Charset::Token68 => {
+                let end = body.len() - body.iter().rev().take_while(|&&b| b == b'=').count();
+                end > 0
+                    && body[..end].iter().all(|&b| {
+                        b.is_ascii_alphanumeric()
+                            || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+                    })
+            }
+        }
+    }
+}
+
+/// Shortest and longest key text import accepts, and so any legacy format (`keys.legacy`).
+pub const LEGACY_LENGTHS: std::ops::RangeInclusive<usize> = 16..=512;
+
+/// One accepted format of keys made before keygate (`keys.legacy[]`): the whole token's
+/// length (prefix included) and the alphabet of what follows the prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LegacyFormat {
+    pub name: String,
+    pub prefix: String,
+    pub min_length: usize,
+    pub max_length: usize,
+    pub charset: Charset,
+}
+
+impl LegacyFormat {
+    /// Does `token` have this format? No I/O, no allocation.
+    pub fn fits(&self, token: &str) -> bool {
+        (self.min_length..=self.max_length).contains(&token.len())
+            && token.starts_with(self.prefix.as_str())
+            && self.charset.fits(&token.as_bytes()[self.prefix.len()..])
+    }
+}
+
+/// The configured legacy formats (empty: only keygate's own keys are accepted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LegacyFormats(std::sync::Arc<[LegacyFormat]>);
+
+impl LegacyFormats {
+    pub fn new(formats: Vec<LegacyFormat>) -> Self {
+        LegacyFormats(formats.into())
+    }
+
+    /// The first format `token` fits, if any. Checked only for tokens that start with no
+    /// keygate prefix.
+    pub fn find(&self, token: &str) -> Option<&LegacyFormat> {
+        self.0.iter().find(|f| f.fits(token))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// How a token is looked up, decided without I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A keygate key (prefix, length, alphabet and checksum hold).
+    Keygate,
+    /// A key of a configured legacy format (imported).
+    Legacy,
+}
+
+/// Classify `token`: a keygate key, one of `legacy`'s formats (only when it starts with
+/// no keygate prefix), or malformed.
+pub fn classify(
+    prefixes: &Prefixes,
+    legacy: &LegacyFormats,
+    token: &str,
+) -> Result<TokenKind, KeyFormatError> {
+    match parse(prefixes, token) {
+        Ok(_) => Ok(TokenKind::Keygate),
+        Err(KeyFormatError::Prefix) if legacy.find(token).is_some() => Ok(TokenKind::Legacy),
+        Err(e) => Err(e),
+    }
+}
+
+/// Does `token` start with one of keygate's own prefixes? (Such a token is read as a
+/// keygate key, never as a legacy one.)
+pub fn has_keygate_prefix(prefixes: &Prefixes, token: &str) -> bool {
+    prefixes.all().iter().any(|(p, _, _)| token.starts_with(p))
+}
+
 /// A freshly generated key. Its `Debug` shows only the display prefix.
 pub struct NewKey {
     pub text: String,
@@ -277,6 +383,11 @@ impl KeyHasher {
                 <Hmac<Sha256> as Mac>::new_from_slice(p).expect("HMAC accepts keys of any length")
             }),
         }
+    }
+
+    /// With a pepper, `digest` differs from plain SHA-256.
+    pub fn is_peppered(&self) -> bool {
+        self.pepper.is_some()
     }
 
     pub fn digest(&self, key_text: &str) -> Digest {
@@ -402,6 +513,65 @@ mod tests {
         );
         let bad = format!("sk_live_{}", "!".repeat(BODY_LEN + CHECKSUM_LEN));
         assert_eq!(parse(&p, &bad).unwrap_err(), KeyFormatError::Charset);
+    }
+
+    fn format(prefix: &str, min: usize, max: usize, charset: Charset) -> LegacyFormat {
+        LegacyFormat {
+            name: "old".into(),
+            prefix: prefix.into(),
+            min_length: min,
+            max_length: max,
+            charset,
+        }
+    }
+
+    #[test]
+    fn legacy_formats_check_length_prefix_and_alphabet() {
+        let hex = format("acme_", 21, 37, Charset::Hex);
+        assert!(hex.fits(&format!("acme_{}", "0a".repeat(8))));
+        assert!(hex.fits(&format!("acme_{}", "F".repeat(32))));
+        assert!(!hex.fits(&format!("acme_{}", "0".repeat(15))), "short");
+        assert!(!hex.fits(&format!("acme_{}", "0".repeat(33))), "long");
+        assert!(!hex.fits(&format!("acmf_{}", "0".repeat(16))), "prefix");
+        assert!(!hex.fits(&format!("acme_{}g", "0".repeat(16))), "alphabet");
+        let b64 = format("", 16, 64, Charset::Base64url);
+        assert!(b64.fits("abcDEF0123456789-_xy"));
+        assert!(!b64.fits("abcDEF0123456789+/xy"));
+        assert!(!b64.fits("abcDEF0123456789==xy"));
+        let alnum = format("", 16, 16, Charset::Alnum);
+        assert!(alnum.fits("abcDEF0123456789"));
+        assert!(!alnum.fits("abcDEF012345678-"));
+        assert!(!alnum.fits("abcDEF0123456789x"));
+        let t68 = format("t.", 16, 40, Charset::Token68);
+        assert!(t68.fits("t.abc+/~-._0123456=="));
+        assert!(t68.fits("t.abcdefghijklmnop"));
+        assert!(!t68.fits("t.abc=def0123456789"), "= only at the end");
+        assert!(!t68.fits("t.================"), "= alone");
+        assert!(!t68.fits("t.abc def0123456789"));
+        // Multi-byte text: lengths are bytes, and nothing panics on a char boundary.
+        assert!(!b64.fits("ééééééééééééééééé"));
+        assert!(!t68.fits("tééééééééééééééé"));
+    }
+
+    #[test]
+    fn classification_prefers_keygate_prefixes() {
+        let p = Prefixes::default();
+        let legacy = LegacyFormats::new(vec![format("", 16, 64, Charset::Base64url)]);
+        let k = generate(&p, KeyType::Secret, Environment::Live).unwrap();
+        assert_eq!(classify(&p, &legacy, &k.text), Ok(TokenKind::Keygate));
+        assert_eq!(
+            classify(&p, &legacy, "legacy_0123456789abcdef"),
+            Ok(TokenKind::Legacy)
+        );
+        // A keygate prefix with a bad checksum stays malformed, whatever the formats say.
+        let bad = format!("sk_live_{}", "a".repeat(BODY_LEN + CHECKSUM_LEN));
+        assert_eq!(classify(&p, &legacy, &bad), Err(KeyFormatError::Checksum));
+        assert_eq!(classify(&p, &legacy, "short"), Err(KeyFormatError::Prefix));
+        assert_eq!(
+            classify(&p, &LegacyFormats::default(), "legacy_0123456789abcdef"),
+            Err(KeyFormatError::Prefix)
+        );
+        assert!(has_keygate_prefix(&p, "pk_test_x") && !has_keygate_prefix(&p, "pk_x"));
     }
 
     #[test]
@@ -534,6 +704,24 @@ mod props {
                     prop_assert!(text[prefix.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
                     let (signed, sum) = text.as_bytes().split_at(text.len() - CHECKSUM_LEN);
                     prop_assert_eq!(&checksum(signed)[..], sum);
+                }
+            }
+        }
+
+        #[test]
+        fn a_legacy_format_accepts_only_its_length_prefix_and_alphabet(
+            text in prop_oneof![any::<String>(), near_key(), "[0-9a-f]{10,40}", "acme_[A-Za-z0-9+/=_~.-]{8,40}"],
+            charset in prop::sample::select(vec![Charset::Base64url, Charset::Hex, Charset::Alnum, Charset::Token68]),
+            prefix in prop::sample::select(vec!["", "acme_", "sk_live_"]),
+            (lo, hi) in (16..40usize, 0..10usize).prop_map(|(lo, d)| (lo, lo + d)),
+        ) {
+            let f = LegacyFormat { name: "p".into(), prefix: prefix.into(), min_length: lo, max_length: hi, charset };
+            if f.fits(&text) {
+                prop_assert!((lo..=hi).contains(&text.len()) && text.starts_with(prefix));
+                let body = &text.as_bytes()[prefix.len()..];
+                prop_assert!(body.iter().all(|b| b.is_ascii_graphic()));
+                if charset == Charset::Hex {
+                    prop_assert!(body.iter().all(u8::is_ascii_hexdigit));
                 }
             }
         }

@@ -15,6 +15,7 @@ pub mod explain;
 pub mod feed;
 pub mod key;
 pub mod limits;
+pub mod loader;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -1,5 +1,6 @@
 //! The `keygate` command: `serve --config FILE`, `serve --dev [--upstream URL]`,
-//! `check-config FILE`, `migrate`, `explain --config FILE METHOD PATH`. Config errors print on stderr and exit 64 before anything starts;
+//! `check-config FILE`, `migrate`, `explain --config FILE METHOD PATH`,
+//! `import --admin URL --file FILE`. Config errors print on stderr and exit 64 before anything starts;
 //! `--help` lists the environment variables and exit codes.
 
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
@@ -22,6 +23,7 @@ Environment:
   KEYGATE_ROOT_TOKEN    the admin API's root token, >= 16 characters (the variable is
                         named by admin.root_token_env; else admin.root_token_file)
   KEYGATE_PEPPER        HMAC pepper for key digests (named by keys.pepper_env)
+  KEYGATE_ADMIN_TOKEN   import: the admin token sent (else KEYGATE_ROOT_TOKEN)
   KEYGATE_REDIS_URL     one Redis server, replacing store.redis's mode
   KEYGATE_REDIS_SENTINEL_NODES, KEYGATE_REDIS_SENTINEL_MASTER
                         sentinels (host:port, comma-separated) and the master name
@@ -41,6 +43,7 @@ Exit codes:
       stopped serving without being asked to; explain: no route matches, or the
       method or path is refused
   2   bad command line
+  1   import: a line failed, the file is bad, or the admin API refused or was unreachable
   64  the config file is invalid (the message names file, line and field)";
 
 #[derive(Parser)]
@@ -86,6 +89,24 @@ enum Command {
         /// The config whose store receives the keys.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Import keys made before keygate from a JSON-lines file (one entry of
+    /// `POST /v1/api-keys/import` a line) through a running keygate's admin API. The
+    /// token is KEYGATE_ADMIN_TOKEN (else KEYGATE_ROOT_TOKEN): root, or a key with
+    /// `keys:write`.
+    Import {
+        /// The admin API, e.g. http://127.0.0.1:9901.
+        #[arg(long)]
+        admin: String,
+        /// The keys, one JSON object a line.
+        #[arg(long)]
+        file: PathBuf,
+        /// Import into this tenant (X-Tenant-ID; the root token only, or a key's own).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Entries per call (1 to 1000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        batch: u16,
     },
     /// Validate a config file and print its compiled route table.
     CheckConfig {
@@ -163,6 +184,92 @@ fn main() -> ExitCode {
             Ok(r) => r.block_on(migrate(from, from_namespace, config)),
             Err(code) => code,
         },
+        Command::Import {
+            admin,
+            file,
+            tenant,
+            batch,
+        } => match runtime() {
+            Ok(r) => r.block_on(import(admin, file, tenant, batch.into())),
+            Err(code) => code,
+        },
+    }
+}
+
+/// `keygate import`: exit 0 when every line imported, 1 otherwise, 2 without a token.
+async fn import(admin: String, file: PathBuf, tenant: Option<String>, batch: usize) -> ExitCode {
+    use keygate::loader::{self, Job, LoadError, Report};
+    let Some(token) = ["KEYGATE_ADMIN_TOKEN", "KEYGATE_ROOT_TOKEN"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|t| !t.is_empty()))
+    else {
+        eprintln!(
+            "error: set KEYGATE_ADMIN_TOKEN (or KEYGATE_ROOT_TOKEN) to a token with keys:write"
+        );
+        return ExitCode::from(2);
+    };
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a one-shot CLI reading its input file once"
+    )]
+    let read = std::fs::read_to_string(&file)
+        .map_err(|e| LoadError::Setup(format!("{}: {e}", file.display())))
+        .and_then(|text| loader::read_lines(&text));
+    let entries = match read {
+        Ok(entries) => entries,
+        Err(LoadError::BadLines(bad)) => {
+            for b in &bad {
+                eprintln!("{}:{}: {}", file.display(), b.line, b.message);
+            }
+            eprintln!("error: {} bad line(s); nothing was imported", bad.len());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let job = Job {
+        admin,
+        token,
+        tenant,
+        batch,
+    };
+    let summary = |r: &Report| {
+        for w in &r.warnings {
+            eprintln!("line {}: warning {}: {}", w.line, w.code, w.message);
+        }
+        for f in &r.failed {
+            println!("line {}: {}: {}", f.line, f.code, f.message);
+        }
+        println!("{} imported, {} failed", r.imported, r.failed.len());
+    };
+    let ran = loader::run(&job, entries, |sent, total, r| {
+        eprintln!(
+            "import: {sent}/{total} lines sent, {} imported, {} failed",
+            r.imported,
+            r.failed.len()
+        );
+    })
+    .await;
+    match ran {
+        Ok(r) => {
+            summary(&r);
+            if r.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(LoadError::Stopped { message, report }) => {
+            summary(&report);
+            eprintln!("error: {message}; the lines after the last progress line were not imported");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

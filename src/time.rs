@@ -44,6 +44,14 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// `2026-06-12T14:24:37Z` (fractions of a second allowed, UTC only) as Unix ms; `None`
+/// for anything else or a time before 1970.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339(text).ok()?;
+    let since = t.duration_since(UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_millis()).ok()
+}
+
 /// `250ms`, `30s`, `12h`, `90d`, `1h 30m`: the one duration parser, of config files
 /// (surrounding spaces ignored) and of both API documents, which first narrow the syntax
 /// to a whole number and one unit (`admin::keys::DurationField`). The caller names the

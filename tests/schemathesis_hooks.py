@@ -5,7 +5,8 @@ One rule of the admin API cannot be written in JSON Schema: the names in a key's
 differ only in `limit` or `duration` are still a conflict). keygate refuses such a body
 with 400 `invalid_field`, which positive_data_acceptance would take for a schema-valid
 request rejected. So cases carrying duplicate limit names are not generated; the rule
-itself is tested in src/admin/router/tests.rs.
+itself is tested in src/admin/router/tests.rs. The entries of an import
+(`POST /v1/api-keys/import`, `keys[i].ratelimits`) follow the same rule.
 """
 
 import schemathesis
@@ -14,6 +15,10 @@ import schemathesis
 def _duplicate_limit_names(body):
     if not isinstance(body, dict):
         return False
+    # An import carries a create body per entry.
+    entries = body.get("keys")
+    if isinstance(entries, list) and any(_duplicate_limit_names(e) for e in entries):
+        return True
     limits = body.get("ratelimits")
     if not isinstance(limits, list):
         return False

@@ -13,13 +13,16 @@ use serde::de::DeserializeOwned;
 /// Largest admin request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// A JSON body read strictly: JSON content type, at most [`MAX_BODY_BYTES`] (413, and the
-/// connection is closed), unknown fields refused (the body types say
-/// `deny_unknown_fields`), errors naming the field. Put it last among a handler's
-/// arguments: it consumes the body, and credentials and path are checked before it.
-pub struct JsonBody<T>(pub T);
+/// A JSON body read strictly: JSON content type, at most `LIMIT` bytes (413, and the
+/// connection is closed; [`MAX_BODY_BYTES`] unless the endpoint needs more), unknown
+/// fields refused (the body types say `deny_unknown_fields`), errors naming the field.
+/// Put it last among a handler's arguments: it consumes the body, and credentials and
+/// path are checked before it.
+pub struct JsonBody<T, const LIMIT: usize = MAX_BODY_BYTES>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned, S: Send + Sync, const LIMIT: usize> FromRequest<S>
+    for JsonBody<T, LIMIT>
+{
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
@@ -30,7 +33,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 "send the body as Content-Type: application/json",
             ));
         }
-        parse(&collect(body).await?).map(JsonBody)
+        parse(&collect(body, LIMIT).await?).map(JsonBody)
     }
 }
 
@@ -48,8 +51,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// The whole body, refused as soon as it grows past the limit (the rest is never read).
-async fn collect(body: axum::body::Body) -> Result<Bytes, ApiError> {
-    let collected = http_body_util::Limited::new(body, MAX_BODY_BYTES)
+async fn collect(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    let collected = http_body_util::Limited::new(body, limit)
         .collect()
         .await
         .map_err(|e| {
@@ -57,7 +60,7 @@ async fn collect(body: axum::body::Body) -> Result<Bytes, ApiError> {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
-                    format!("the body exceeds {MAX_BODY_BYTES} bytes"),
+                    format!("the body exceeds {limit} bytes"),
                 )
             } else {
                 ApiError::bad_request("bad_body", "the request body could not be read")

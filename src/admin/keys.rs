@@ -1,5 +1,5 @@
-//! The one key service behind both admin documents: create, get, list, update, revoke
-//! and rotate a key in the caller's tenant (store write, cache invalidation, log line),
+//! The one key service behind both admin documents: create, import, get, list, update,
+//! revoke and rotate a key in the caller's tenant (store write, cache invalidation, log line),
 //! plus the field checks both documents share. `jack.rs` and `hellojohn.rs` only
 //! translate their document's shapes into these calls.
 
@@ -284,6 +284,7 @@ fn mint(
         successor_id: None,
         digest: s.verifier.hasher.digest(&new.text),
         limits: spec.limits,
+        plain_sha256: false,
     };
     Ok((record, new))
 }
@@ -305,6 +306,106 @@ pub async fn create(
     s.verifier.cache.invalidate(&record.digest).await;
     tracing::info!(id = %record.id, tenant = %record.tenant, prefix = %record.prefix, "key created");
     Ok((record, new))
+}
+
+/// An imported key's secret: its text, or only the SHA-256 of its text.
+pub enum Imported {
+    Text(String),
+    Sha256(key::Digest),
+}
+
+/// What an imported key's entry asks for; `tenant` `None` is the caller's.
+pub struct ImportSpec {
+    pub secret: Imported,
+    pub tenant: Option<String>,
+    pub key: NewKeySpec,
+}
+
+/// The refusal of an entry whose key is stored already.
+pub fn duplicate_key() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "duplicate_key",
+        "a key with this text (digest) exists already; it was left unchanged",
+    )
+}
+
+/// Import a key made elsewhere, with the create path's checks (scopes the caller holds,
+/// the caller's tenant: only the root token names another). The store's insert creates
+/// the record only if its digest is new (atomically), so a duplicate never overwrites.
+/// A key given as text gets the usual (peppered) digest; one given by SHA-256 keeps it,
+/// marked `plain_sha256`. With a pepper, a text whose plain SHA-256 was imported before
+/// is refused too (two records of one key; checked before the insert, not atomically).
+pub async fn import(
+    s: &AdminState,
+    caller: &Caller,
+    spec: ImportSpec,
+    now: u64,
+) -> Result<KeyRecord, ApiError> {
+    if !caller.may_grant(&spec.key.scopes) {
+        return Err(escalation());
+    }
+    let tenant = match spec.tenant {
+        Some(t) if caller.key_scopes.is_some() && t != caller.tenant => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "tenant_mismatch",
+                "field `tenant`: a key imports only into its own tenant",
+            ))
+        }
+        Some(t) => t,
+        None => caller.tenant.clone(),
+    };
+    let hasher = &s.verifier.hasher;
+    let (digest, plain_sha256, (prefix, last_four)) = match &spec.secret {
+        Imported::Text(text) => {
+            if hasher.is_peppered() {
+                let plain = s.store.by_digest(&key::sha256(text.as_bytes())).await?;
+                if plain.is_some_and(|r| r.plain_sha256) {
+                    return Err(duplicate_key());
+                }
+            }
+            (hasher.digest(text), false, shown(text, &s.verifier.legacy))
+        }
+        Imported::Sha256(d) => (*d, true, (String::new(), String::new())),
+    };
+    let record = KeyRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant,
+        name: spec.key.name,
+        key_type: spec.key.key_type,
+        environment: spec.key.environment,
+        prefix,
+        last_four,
+        scopes: spec.key.scopes,
+        created_at: now,
+        last_used_at: None,
+        expires_at: spec.key.expires_at,
+        revoked_at: None,
+        successor_id: None,
+        digest,
+        limits: spec.key.limits,
+        plain_sha256,
+    };
+    match s.store.insert(&record).await {
+        Err(StoreError::Conflict) => return Err(duplicate_key()),
+        other => other?,
+    }
+    // As for a create: clear a cached "unknown" for this digest.
+    s.verifier.cache.invalidate(&record.digest).await;
+    tracing::info!(id = %record.id, tenant = %record.tenant, prefix = %record.prefix, by_hash = plain_sha256, "key imported");
+    Ok(record)
+}
+
+/// The display prefix and last characters of an imported key's (visible ASCII) text:
+/// its legacy format's prefix, and of the rest at most an eighth (up to 4) at each end,
+/// so a short key is never mostly shown.
+fn shown(text: &str, legacy: &key::LegacyFormats) -> (String, String) {
+    let prefix = legacy.find(text).map_or(0, |f| f.prefix.len());
+    let n = ((text.len() - prefix) / 8).min(key::DISPLAY_BODY_CHARS);
+    let head = text.get(..prefix + n).unwrap_or_default();
+    let tail = text.get(text.len() - n..).unwrap_or_default();
+    (head.to_string(), tail.to_string())
 }
 
 /// Get one key of the caller's tenant.

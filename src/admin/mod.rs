@@ -6,6 +6,7 @@
 //!   (`hellojohn.rs`)
 //! - `POST /v1/explain`: what the proxy would decide on a method, path and key
 //!   (`explain.rs`), by the proxy's own decision and without its side effects
+//! - `POST /v1/api-keys/import`: keys made before keygate, by text or SHA-256 (`import.rs`)
 //! - `GET /openapi.json`: the OpenAPI 3.1 document of all of the above
 //!
 //! Management calls authenticate with the root token or a secret key holding
@@ -22,6 +23,7 @@ pub mod caller;
 pub mod error;
 pub mod explain;
 pub mod hellojohn;
+pub mod import;
 pub mod jack;
 pub mod keys;
 pub mod limits;

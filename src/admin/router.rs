@@ -2,7 +2,7 @@
 //! is served), with the health, metrics and OpenAPI endpoints and keygate's JSON
 //! 404/405 fallbacks.
 
-use super::{explain, hellojohn, jack, AdminState, ApiError};
+use super::{explain, hellojohn, import, jack, AdminState, ApiError};
 use axum::extract::State;
 use axum::handler::Handler;
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -38,6 +38,7 @@ fn routes() -> Table {
         .add(Method::GET, "/v1/api-keys", hellojohn::list)
         .add(Method::POST, "/v1/api-keys", hellojohn::create)
         .add(Method::POST, "/v1/api-keys/rotate", hellojohn::rotate)
+        .add(Method::POST, "/v1/api-keys/import", import::import)
         .add(Method::GET, "/v1/api-keys/{id}", hellojohn::get)
         .add(Method::PATCH, "/v1/api-keys/{id}", hellojohn::update)
         .add(Method::DELETE, "/v1/api-keys/{id}", hellojohn::revoke)

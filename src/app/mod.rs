@@ -77,6 +77,7 @@ impl App {
             cache: Arc::new(KeyCache::new(fixed.cache_max_entries)),
             hasher: KeyHasher::new(pepper),
             prefixes: fixed.prefixes.clone(),
+            legacy: fixed.legacy.clone(),
         };
         let (usage, usage_queue) = UsageRecorder::new();
         let (limiter, joining, limit_store) = Limiter::for_store(&*store, metrics.clone());

@@ -188,6 +188,8 @@ pub struct Fixed {
     pub cache_max_entries: u64,
     pub prefixes: Prefixes,
     pub pepper: Option<SecretString>,
+    /// `keys.legacy`: accepted formats of imported keys.
+    pub legacy: crate::key::LegacyFormats,
     /// `rate_limits.sync_interval` (local mode).
     pub limit_sync_interval: Duration,
 }
@@ -213,6 +215,7 @@ impl Fixed {
             cache_max_entries,
             prefixes,
             pepper,
+            legacy,
             limit_sync_interval,
         } = self;
         let o = other;
@@ -241,6 +244,7 @@ impl Fixed {
             ),
             ("keys.prefixes", *prefixes != o.prefixes),
             ("keys.pepper_env", !same_secret(pepper, &o.pepper)),
+            ("keys.legacy", *legacy != o.legacy),
             (
                 "rate_limits.sync_interval",
                 *limit_sync_interval != o.limit_sync_interval,
@@ -861,6 +865,51 @@ routes:
         assert_eq!((e.field.as_str(), e.line), ("keys", Some(2)), "{e}");
         assert!(e.message.contains("no `keys:` section"), "{e}");
         assert!(load(BASE).unwrap().fixed.pepper.is_none());
+    }
+
+    /// `keys.legacy`: formats load as written; each mistake names the entry's field and line.
+    #[test]
+    fn legacy_formats_are_validated_with_their_line() {
+        let with = |legacy: &str| format!("{BASE}keys:\n  legacy:\n{legacy}");
+        let ok = with(
+            "    - { name: acme, prefix: acme_, min_length: 37, max_length: 37, charset: hex }\n    \
+             - { name: any, min_length: 16, max_length: 512, charset: token68 }\n",
+        );
+        let c = load(&ok).unwrap();
+        let acme = c
+            .fixed
+            .legacy
+            .find(&format!("acme_{}", "0".repeat(32)))
+            .unwrap();
+        assert_eq!(
+            (acme.name.as_str(), acme.charset),
+            ("acme", crate::key::Charset::Hex)
+        );
+        assert_eq!(
+            c.fixed.legacy.find("any+token/oflength16==").unwrap().name,
+            "any"
+        );
+        assert!(load(BASE).unwrap().fixed.legacy.is_empty());
+        let line = |entry: &str| {
+            with(&format!("    - {{ name: ok, min_length: 16, max_length: 20, charset: hex }}\n    - {entry}\n"))
+        };
+        for (entry, field, said) in [
+            ("{ name: Bad, min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].name", "a-z"),
+            ("{ name: ok, min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].name", "twice"),
+            ("{ name: b, min_length: 15, max_length: 20, charset: hex }", "keys.legacy[2].min_length", "at least 16"),
+            ("{ name: b, prefix: \"abcdefghijklmnopq\", min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].min_length", "prefix"),
+            ("{ name: b, min_length: 16, max_length: 513, charset: hex }", "keys.legacy[2].max_length", "512"),
+            ("{ name: b, min_length: 20, max_length: 19, charset: hex }", "keys.legacy[2].max_length", "min_length"),
+            ("{ name: b, prefix: sk_live_x, min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].prefix", "keys.prefixes"),
+            ("{ name: b, prefix: \"a b\", min_length: 16, max_length: 20, charset: hex }", "keys.legacy[2].prefix", "visible"),
+            ("{ name: b, min_length: 16, max_length: 20, charset: base64 }", "keys.legacy[2].charset", "base64url"),
+            ("{ name: b, min_length: 16, max_length: 20 }", "keys.legacy[2].charset", "missing"),
+        ] {
+            let e = load(&line(entry)).unwrap_err();
+            assert_eq!((e.field.as_str(), e.line), (field, Some(13)), "{entry}: {e}");
+            assert!(e.message.contains(said), "{entry}: {e}");
+            assert!(e.to_string().starts_with("test.yaml"), "{e}");
+        }
     }
 
     #[test]

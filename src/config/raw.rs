@@ -488,6 +488,26 @@ pub struct RawKeys {
     /// Environment variable holding an optional pepper: digests become HMAC-SHA-256.
     #[serde(default = "default_pepper_env")]
     pub pepper_env: String,
+    /// Formats of keys made before keygate (imported), accepted besides keygate's own.
+    #[serde(default)]
+    pub legacy: Vec<RawLegacyFormat>,
+}
+
+/// `keys.legacy[]`: one accepted format of imported keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLegacyFormat {
+    /// Unique; 1-32 of `a-z 0-9 _ -`.
+    pub name: String,
+    /// Text every such key starts with (may be empty); visible ASCII.
+    #[serde(default)]
+    pub prefix: String,
+    /// Shortest token, prefix included (at least 16).
+    pub min_length: usize,
+    /// Longest token, prefix included (at most 512).
+    pub max_length: usize,
+    /// Alphabet after the prefix: `base64url`, `hex`, `alnum` or `token68`.
+    pub charset: crate::key::Charset,
 }
 
 pub(super) const DEFAULT_PEPPER_ENV: &str = "KEYGATE_PEPPER";

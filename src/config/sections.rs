@@ -8,14 +8,14 @@
 
 use super::locate::FieldPath;
 use super::raw::{
-    Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawKeys, RawLimits, RawPrefixes,
-    RawProxy, RawRateLimits, RawRoute, RawRouteLimit, RawStore, RawTimeouts, RawTls,
+    Auth, RawAdmin, RawCache, RawConfig, RawIdentityHeaders, RawKeys, RawLegacyFormat, RawLimits,
+    RawPrefixes, RawProxy, RawRateLimits, RawRoute, RawRouteLimit, RawStore, RawTimeouts, RawTls,
     UnderscoreHeaders, Unmatched, DEFAULT_PEPPER_ENV,
 };
 use super::{
     CacheRules, Env, Fixed, Limits, Live, RateLimitRules, StoreConfig, Timeouts, Upstream,
 };
-use crate::key::Prefixes;
+use crate::key::{LegacyFormat, LegacyFormats, Prefixes};
 use crate::policy::{self, HeaderPolicy, IdentityHeaders, Policy, PolicySpec, RouteSpec};
 use secrecy::SecretString;
 use std::collections::HashSet;
@@ -88,6 +88,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
     let limits = self::limits(&proxy.limits, &admin)?;
     let timeouts = self::timeouts(&proxy.timeouts)?;
     let (prefixes, pepper) = self::keys(keys.as_ref(), env)?;
+    let legacy = self::legacy(keys.as_ref(), &prefixes)?;
     let root_token = self::root_token(&admin, env)?;
     let upstream_ca = self::upstream_ca(&proxy)?;
     let tls = tls_pair("proxy.tls", &proxy.tls)?;
@@ -111,6 +112,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
         cache_max_entries,
         prefixes,
         pepper,
+        legacy,
         limit_sync_interval,
     };
     let live = Live {
@@ -285,6 +287,79 @@ fn prefixes(p: &RawPrefixes) -> Result<Prefixes> {
         }
     }
     Ok(prefixes)
+}
+
+/// `keys.legacy`: each format's name unique, its prefix one that no keygate prefix starts
+/// (such tokens are read as keygate keys, so the format could never match), its lengths
+/// within what import accepts and longer than the prefix.
+fn legacy(keys: Option<&RawKeys>, prefixes: &Prefixes) -> Result<LegacyFormats> {
+    let raw = keys.map_or(&[][..], |k| k.legacy.as_slice());
+    let mut names = HashSet::new();
+    let mut formats = Vec::with_capacity(raw.len());
+    for (i, f) in raw.iter().enumerate() {
+        let field = |name: &str| FieldPath::keys("keys.legacy").index(i).key(name);
+        let format = legacy_format(f, prefixes, field)?;
+        if !names.insert(format.name.clone()) {
+            return Err(invalid(
+                field("name"),
+                format!("{:?} is used twice", f.name),
+            ));
+        }
+        formats.push(format);
+    }
+    Ok(LegacyFormats::new(formats))
+}
+
+fn legacy_format(
+    f: &RawLegacyFormat,
+    prefixes: &Prefixes,
+    field: impl Fn(&str) -> FieldPath,
+) -> Result<LegacyFormat> {
+    let name_ok = (1..=32).contains(&f.name.len())
+        && f.name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if !name_ok {
+        return Err(invalid(field("name"), "use 1-32 characters of a-z 0-9 _ -"));
+    }
+    if f.prefix.len() > 64 || !f.prefix.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field("prefix"),
+            "use at most 64 visible ASCII characters (no spaces)",
+        ));
+    }
+    if crate::key::has_keygate_prefix(prefixes, &f.prefix) {
+        return Err(invalid(
+            field("prefix"),
+            format!(
+                "{:?} starts with one of keys.prefixes: such tokens are read as keygate keys,                  so this format could never match; change keys.prefixes",
+                f.prefix
+            ),
+        ));
+    }
+    let (lo, hi) = (
+        *crate::key::LEGACY_LENGTHS.start(),
+        *crate::key::LEGACY_LENGTHS.end(),
+    );
+    if f.min_length < lo.max(f.prefix.len() + 1) {
+        return Err(invalid(
+            field("min_length"),
+            format!("use at least {lo} and more than the prefix's length"),
+        ));
+    }
+    if f.max_length > hi || f.max_length < f.min_length {
+        return Err(invalid(
+            field("max_length"),
+            format!("use min_length to {hi}"),
+        ));
+    }
+    Ok(LegacyFormat {
+        name: f.name.clone(),
+        prefix: f.prefix.clone(),
+        min_length: f.min_length,
+        max_length: f.max_length,
+        charset: f.charset,
+    })
 }
 
 /// The root token: from `admin.root_token_env`, else `admin.root_token_file`. A short one

@@ -36,6 +36,9 @@ pub struct KeyRecord {
     pub digest: Digest,
     /// The key's own rate limits and credits (empty: none).
     pub limits: KeyLimits,
+    /// `digest` is plain SHA-256 of a text keygate never saw (imported by hash): only a
+    /// legacy-format token may match it, never a keygate key (see `auth`).
+    pub plain_sha256: bool,
 }
 
 /// A key's own rate limits and credits. Counted under `budget` (the key's own id, or for
@@ -92,6 +95,7 @@ impl fmt::Debug for KeyRecord {
             .field("type", &self.key_type)
             .field("scopes", &self.scopes)
             .field("revoked_at", &self.revoked_at)
+            .field("plain_sha256", &self.plain_sha256)
             .finish_non_exhaustive()
     }
 }

@@ -17,6 +17,9 @@
 //! - `credits`     JSON object `{"remaining", "set_at", "refill"?: {"amount", "interval_ms"}}`
 //! - `budget`      text: the key id whose counters this key spends
 //!
+//! A key imported by its SHA-256 (issue 15) has `digest_alg` = `sha256` (absent on every
+//! other record): its digest is unpeppered, and only a legacy-format token may match it.
+//!
 //! Separate fields make a PATCH of rate limits or credits a plain `HSET`/`HDEL` of its
 //! own field in the update script, so concurrent changes of different fields never
 //! overwrite each other. A field that does not decode is `StoreError::Corrupt`.
@@ -675,6 +678,9 @@ pub(crate) fn fields(record: &KeyRecord) -> Vec<(&'static str, String)> {
     if let Some(b) = &limits.budget {
         f.push(("budget", b.clone()));
     }
+    if record.plain_sha256 {
+        f.push(("digest_alg", "sha256".into()));
+    }
     f
 }
 
@@ -767,6 +773,11 @@ pub(crate) fn parse_record(flat: Vec<String>) -> Result<Option<KeyRecord>, Store
                 .map(|v| serde_json::from_str::<Credits>(&v).map_err(|_| malformed("credits")))
                 .transpose()?,
             budget: map.remove("budget"),
+        },
+        plain_sha256: match map.remove("digest_alg").as_deref() {
+            None => false,
+            Some("sha256") => true,
+            Some(_) => return Err(malformed("digest_alg")),
         },
     };
     Ok(Some(record))

@@ -29,6 +29,7 @@ pub fn record(tenant: &str, created_at: u64) -> KeyRecord {
         successor_id: None,
         digest: key::sha256(k.text.as_bytes()),
         limits: Default::default(),
+        plain_sha256: false,
     }
 }
 
@@ -46,6 +47,43 @@ pub async fn run_all(store: &dyn KeyStore) {
     limits_round_trip(store).await;
     update_sets_replaces_and_removes_limits(store).await;
     update_of_limits_refuses_a_revoked_key(store).await;
+    a_hash_import_keeps_its_mark_and_its_digest(store).await;
+}
+
+/// A key imported by SHA-256 reads back marked as such by digest, id and list, and a
+/// second record with its digest is refused (create-if-absent), the first unchanged.
+async fn a_hash_import_keeps_its_mark_and_its_digest(store: &dyn KeyStore) {
+    let r = KeyRecord {
+        plain_sha256: true,
+        prefix: String::new(),
+        last_four: String::new(),
+        ..record("t-import", 1_700_000_000_000)
+    };
+    store.insert(&r).await.unwrap();
+    assert_eq!(store.by_digest(&r.digest).await.unwrap().as_ref(), Some(&r));
+    assert_eq!(
+        store.by_id("t-import", &r.id).await.unwrap().as_ref(),
+        Some(&r)
+    );
+    let page = PageRequest {
+        limit: 10,
+        cursor: None,
+    };
+    assert_eq!(
+        store.list("t-import", &page).await.unwrap().items,
+        vec![r.clone()]
+    );
+    let again = KeyRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: "again".into(),
+        plain_sha256: false,
+        ..r.clone()
+    };
+    assert!(matches!(
+        store.insert(&again).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.by_digest(&r.digest).await.unwrap().as_ref(), Some(&r));
 }
 
 /// Two rate limits, credits with a refill, and another key's budget.

@@ -22,6 +22,7 @@ mod explain;
 mod feed;
 mod h2_tools;
 mod hostile;
+mod import;
 mod k8s;
 mod k8s_sentinel;
 mod limits;

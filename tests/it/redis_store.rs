@@ -341,6 +341,7 @@ async fn a_create_clears_a_cached_unknown_on_other_replicas() {
         successor_id: None,
         digest: key::sha256(new.text.as_bytes()),
         limits: Default::default(),
+        plain_sha256: false,
     };
     store.insert(&record).await.unwrap();
     // Well within negative_ttl (2 s): only the published create can clear the entry.

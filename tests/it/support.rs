@@ -260,10 +260,22 @@ pub async fn spawn_app_with(config: &str, store: Store<'_>) -> TestApp {
 /// Like `spawn_app_with`, with an upstream of the test's own (e.g. a WebSocket server,
 /// or a closed port for 502).
 pub async fn spawn_app_upstream(config: &str, store: Store<'_>, upstream: SocketAddr) -> TestApp {
+    spawn_app_env(config, store, upstream, &[]).await
+}
+
+/// Like `spawn_app_upstream`, with more environment variables (e.g. `KEYGATE_PEPPER`).
+pub async fn spawn_app_env(
+    config: &str,
+    store: Store<'_>,
+    upstream: SocketAddr,
+    env: &[(&str, &str)],
+) -> TestApp {
     let text = config
         .replace("{upstream}", &format!("http://{upstream}"))
         .replace("{store}", &store.yaml());
-    let config = Config::from_yaml(&text, "test config", &[("KEYGATE_ROOT_TOKEN", ROOT)])
+    let mut env = env.to_vec();
+    env.push(("KEYGATE_ROOT_TOKEN", ROOT));
+    let config = Config::from_yaml(&text, "test config", &env.as_slice())
         .unwrap_or_else(|e| panic!("test config: {e}"));
     let app = App::build(config).await.expect("build app");
     let (proxy, admin) = (app.proxy_addr, app.admin_addr);

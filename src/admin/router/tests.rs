@@ -122,6 +122,7 @@ fn state_with(limits: Arc<TestLimits>) -> Arc<AdminState> {
             cache: Arc::new(KeyCache::new(1000)),
             hasher: KeyHasher::new(None),
             prefixes: Prefixes::default(),
+            legacy: Default::default(),
         },
         live: Live::new(Snapshot::new(&config, &metrics)),
         root_digest: Some(key::sha256(ROOT.as_bytes())),
