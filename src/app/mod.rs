@@ -6,7 +6,7 @@ pub mod reload;
 use crate::admin::{self, AdminState};
 use crate::auth::Verifier;
 use crate::cache::KeyCache;
-use crate::config::{Config, Fixed, SecretScanning, StoreConfig};
+use crate::config::{Config, Fixed, ScanAction, SecretScanning, StoreConfig};
 use crate::connection::{Deadlines, ServerSettings};
 use crate::feed::FeedSettings;
 use crate::key::{self, KeyHasher};
@@ -157,7 +157,10 @@ impl App {
             tracing::info!(
                 secret_scanning = %addr,
                 tls = s.tls.is_some(),
-                action = ?s.action,
+                action = match s.action {
+                    ScanAction::Revoke => "revoke",
+                    ScanAction::Report => "report",
+                },
                 public_keys = s.public_keys.len(),
                 "secret-scanning listener started"
             );
