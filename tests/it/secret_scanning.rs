@@ -516,3 +516,61 @@ async fn report_mode_revokes_nothing_and_writes_the_audit_event() {
     let series = "keygate_secret_scanning_tokens_total{action=\"reported\",label=\"true_positive\"}";
     assert_eq!(node.metric(series).await, 1.0);
 }
+
+/// The README's regular expression for scanners (the `regex` block of "Leaked keys"),
+/// with `\b` made ASCII (this regex build has no Unicode word tables).
+fn published_regex() -> regex::Regex {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("\n## Leaked keys")
+        .nth(1)
+        .expect("README has a `## Leaked keys` section");
+    let pattern = section
+        .split("```regex\n")
+        .nth(1)
+        .and_then(|s| s.split('\n').next())
+        .expect("a regex block");
+    regex::Regex::new(&pattern.replace(r"\b", r"(?-u:\b)")).expect("a valid regex")
+}
+
+/// The README's description of the checksum: base62 of the CRC-32 of what precedes it.
+fn published_checksum(signed: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut n = u64::from(crc32fast::hash(signed.as_bytes()));
+    let mut digits = vec![b'0'; 6];
+    for d in digits.iter_mut().rev() {
+        *d = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8(digits).unwrap()
+}
+
+#[test]
+fn the_published_regex_and_checksum_match_every_key_type() {
+    use keygate::key::{generate, Environment, KeyType, Prefixes};
+    let re = published_regex();
+    for t in [KeyType::Secret, KeyType::Publishable] {
+        for e in [Environment::Live, Environment::Test] {
+            for _ in 0..50 {
+                let key = generate(&Prefixes::default(), t, e).expect("os rng").text;
+                let line = format!("API_KEY=\"{key}\"\n");
+                let found = re.find(&line).map(|m| m.as_str());
+                assert_eq!(found, Some(key.as_str()));
+                let (signed, sum) = key.split_at(key.len() - 6);
+                assert_eq!(published_checksum(signed), sum, "{key}");
+            }
+        }
+    }
+    let key = generate(&Prefixes::default(), KeyType::Secret, Environment::Live)
+        .unwrap()
+        .text;
+    for near in [
+        format!("x{key}"),
+        format!("{key}x"),
+        key[..key.len() - 1].to_string(),
+        key.replace("sk_live_", "sk_prod_"),
+    ] {
+        assert!(!re.is_match(&near), "{near}");
+    }
+}
