@@ -230,7 +230,7 @@ impl Scanner {
                 other => other.map(|_| Done::Revoked)?,
             },
         };
-        Ok(Outcome::Found(record, done))
+        Ok(Outcome::Found(Box::new(record), done))
     }
 
     /// The admin API's own revoke, acting in the key's tenant with every scope (the
@@ -251,7 +251,7 @@ enum Outcome {
     NotKeygate,
     /// keygate's format, but no key of this keygate.
     Unknown,
-    Found(KeyRecord, Done),
+    Found(Box<KeyRecord>, Done),
 }
 
 enum Done {
@@ -385,7 +385,10 @@ mod tests {
             assert!(matches!(parse(body), Err(Refusal::InvalidBody(_))));
         }
         let many = format!("[{}]", vec!["{\"token\":\"x\"}"; MAX_TOKENS + 1].join(","));
-        assert!(matches!(parse(many.as_bytes()), Err(Refusal::InvalidBody(_))));
+        assert!(matches!(
+            parse(many.as_bytes()),
+            Err(Refusal::InvalidBody(_))
+        ));
         let ok = parse(br#"[{"token":"t","type":"x","url":null,"extra":1}]"#);
         assert!(ok.is_ok_and(|r| r.len() == 1 && r[0].url.is_none()));
     }

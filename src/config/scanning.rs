@@ -98,9 +98,7 @@ fn scan_key(i: usize, raw: &RawScanKey) -> Result<ScanKey> {
     let key = VerifyingKey::from_public_key_pem(raw.pem.trim()).map_err(|e| {
         invalid(
             key_field(i, "pem"),
-            format!(
-                "not an ECDSA P-256 public key in PEM (-----BEGIN PUBLIC KEY-----): {e}"
-            ),
+            format!("not an ECDSA P-256 public key in PEM (-----BEGIN PUBLIC KEY-----): {e}"),
         )
     })?;
     Ok(ScanKey {
@@ -179,7 +177,8 @@ mod tests {
             "{e}"
         );
         // A private key where the public one belongs is refused too.
-        let private = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----";
+        let private =
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----";
         let e = refused(&config("127.0.0.1:9902", &[("a", private)]));
         assert_eq!(e.field, "secret_scanning.public_keys[1].pem", "{e}");
     }
@@ -187,7 +186,10 @@ mod tests {
     #[test]
     fn a_duplicate_identifier_names_the_second() {
         let (a, b) = (pem(1), pem(2));
-        let text = config("127.0.0.1:9902", &[("same", &a), ("other", &b), ("same", &b)]);
+        let text = config(
+            "127.0.0.1:9902",
+            &[("same", &a), ("other", &b), ("same", &b)],
+        );
         let e = refused(&text);
         assert_eq!(
             e.field, "secret_scanning.public_keys[3].key_identifier",
@@ -225,7 +227,9 @@ mod tests {
             assert_eq!(e.line, line, "{e}");
             assert!(e.message.contains(port), "{e}");
         }
-        let e = refused(&config("127.0.0.1:9902", &[]).replace("  public_keys:\n", "  public_keys: []\n"));
+        let e = refused(
+            &config("127.0.0.1:9902", &[]).replace("  public_keys:\n", "  public_keys: []\n"),
+        );
         assert_eq!(e.field, "secret_scanning.public_keys", "{e}");
     }
 }

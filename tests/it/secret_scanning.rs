@@ -97,7 +97,9 @@ async fn post(
     if let Some(sig) = signature {
         req = req.header("GITHUB-PUBLIC-KEY-SIGNATURE", sig);
     }
-    req.send().await.expect("secret-scanning listener reachable")
+    req.send()
+        .await
+        .expect("secret-scanning listener reachable")
 }
 
 /// A correctly signed report of `tokens` to `/v1/secret-scanning`.
@@ -363,7 +365,11 @@ async fn a_signed_report_revokes_a_live_key_on_every_replica() {
 
     // Reported to A: with a token of another format and a well-formed unknown key.
     let unknown = unknown_key();
-    let tokens = [leaked.as_str(), "ghp_notakeygatekey000000000000000000000", &unknown];
+    let tokens = [
+        leaked.as_str(),
+        "ghp_notakeygatekey000000000000000000000",
+        &unknown,
+    ];
     let got = labels(report(a.scanning, &scanner, &tokens).await, &tokens).await;
     assert_eq!(got, ["true_positive", "false_positive", "false_positive"]);
 
@@ -383,7 +389,14 @@ async fn a_signed_report_revokes_a_live_key_on_every_replica() {
 
     // The bare URL works too, on the other replica.
     let body = body(&[&bystander]);
-    let resp = post(b.scanning, "/", &body, Some(scanner.identifier), Some(&scanner.sign(&body))).await;
+    let resp = post(
+        b.scanning,
+        "/",
+        &body,
+        Some(scanner.identifier),
+        Some(&scanner.sign(&body)),
+    )
+    .await;
     assert_eq!(labels(resp, &[&bystander]).await, ["true_positive"]);
     let refused = eventually(Duration::from_secs(1), || async {
         a.status(&bystander).await == 403
@@ -396,11 +409,12 @@ async fn a_signed_report_revokes_a_live_key_on_every_replica() {
         format!("keygate_secret_scanning_tokens_total{{action=\"{action}\",label=\"{label}\"}}")
     };
     assert_eq!(a.metric(&series("true_positive", "revoked")).await, 1.0);
-    assert_eq!(a.metric(&series("true_positive", "already_revoked")).await, 1.0);
+    assert_eq!(
+        a.metric(&series("true_positive", "already_revoked")).await,
+        1.0
+    );
     assert_eq!(a.metric(&series("false_positive", "none")).await, 2.0);
-    let line = pa
-        .wait_log_line(&["keygate::audit", &id, "revoked"])
-        .await;
+    let line = pa.wait_log_line(&["keygate::audit", &id, "revoked"]).await;
     assert!(line.contains(URL) && line.contains(SOURCE), "{line}");
     assert!(!pa.log().contains(&leaked), "the token is in A's log");
 }
@@ -413,6 +427,9 @@ async fn in_process(store: Store<'_>, action: &str, keys: &[&ScannerKey]) -> (Te
     let node = Node::of(&app, port);
     (app, node)
 }
+
+/// A report that must be refused: (what, body, identifier, signature, error code).
+type Refused<'a> = (&'a str, Vec<u8>, Option<&'a str>, Option<String>, &'a str);
 
 #[tokio::test]
 async fn unsigned_tampered_or_unknown_signer_reports_are_401_and_revoke_nothing() {
@@ -428,14 +445,50 @@ async fn unsigned_tampered_or_unknown_signer_reports_are_401_and_revoke_nothing(
     tampered[at] ^= 0x20;
     let path = "/v1/secret-scanning";
     let id = Some("k1");
-    let cases: [(&str, Vec<u8>, Option<&str>, Option<String>, &str); 7] = [
-        ("tampered body", tampered, id, Some(good.clone()), "signature_invalid"),
-        ("unknown identifier", body.clone(), Some("k2"), Some(good.clone()), "signature_key_unknown"),
-        ("another key's signature", body.clone(), id, Some(stranger.sign(&body)), "signature_invalid"),
+    let cases: [Refused; 7] = [
+        (
+            "tampered body",
+            tampered,
+            id,
+            Some(good.clone()),
+            "signature_invalid",
+        ),
+        (
+            "unknown identifier",
+            body.clone(),
+            Some("k2"),
+            Some(good.clone()),
+            "signature_key_unknown",
+        ),
+        (
+            "another key's signature",
+            body.clone(),
+            id,
+            Some(stranger.sign(&body)),
+            "signature_invalid",
+        ),
         ("no signature", body.clone(), id, None, "signature_missing"),
-        ("no identifier", body.clone(), None, Some(good.clone()), "signature_missing"),
-        ("not base64", body.clone(), id, Some("%%%".into()), "signature_invalid"),
-        ("not DER", body.clone(), id, Some("AAAA".into()), "signature_invalid"),
+        (
+            "no identifier",
+            body.clone(),
+            None,
+            Some(good.clone()),
+            "signature_missing",
+        ),
+        (
+            "not base64",
+            body.clone(),
+            id,
+            Some("%%%".into()),
+            "signature_invalid",
+        ),
+        (
+            "not DER",
+            body.clone(),
+            id,
+            Some("AAAA".into()),
+            "signature_invalid",
+        ),
     ];
     for (what, body, identifier, signature, code) in cases {
         let resp = post(node.scanning, path, &body, identifier, signature.as_deref()).await;
@@ -448,7 +501,11 @@ async fn unsigned_tampered_or_unknown_signer_reports_are_401_and_revoke_nothing(
     assert_eq!(node.metric(refused).await, 4.0);
 
     // The signed original still works afterwards.
-    let got = labels(report(node.scanning, &scanner, &[&key.key]).await, &[&key.key]).await;
+    let got = labels(
+        report(node.scanning, &scanner, &[&key.key]).await,
+        &[&key.key],
+    )
+    .await;
     assert_eq!(got, ["true_positive"]);
     assert_error(node.get(&key.key).await, 403, "revoked_key").await;
     app.stop().await;
@@ -463,28 +520,71 @@ async fn hostile_reports_are_refused_cleanly() {
     let many = format!("[{}]", vec!["{\"token\":\"x\"}"; 1001].join(","));
     for (what, body, status, code) in [
         ("not JSON", signed(b"token=abc"), 400, "invalid_body"),
-        ("an object", signed(b"{\"token\":\"a\"}"), 400, "invalid_body"),
-        ("a number token", signed(b"[{\"token\":1}]"), 400, "invalid_body"),
-        ("deep nesting", signed("[".repeat(10_000).as_bytes()), 400, "invalid_body"),
-        ("too many tokens", signed(many.as_bytes()), 400, "invalid_body"),
-        ("over 1 MiB", signed(&vec![b' '; (1 << 20) + 1]), 413, "body_too_large"),
+        (
+            "an object",
+            signed(b"{\"token\":\"a\"}"),
+            400,
+            "invalid_body",
+        ),
+        (
+            "a number token",
+            signed(b"[{\"token\":1}]"),
+            400,
+            "invalid_body",
+        ),
+        (
+            "deep nesting",
+            signed("[".repeat(10_000).as_bytes()),
+            400,
+            "invalid_body",
+        ),
+        (
+            "too many tokens",
+            signed(many.as_bytes()),
+            400,
+            "invalid_body",
+        ),
+        (
+            "over 1 MiB",
+            signed(&vec![b' '; (1 << 20) + 1]),
+            413,
+            "body_too_large",
+        ),
     ] {
         let (body, sig) = body;
-        let resp = post(node.scanning, "/v1/secret-scanning", &body, Some("k1"), Some(&sig)).await;
+        let resp = post(
+            node.scanning,
+            "/v1/secret-scanning",
+            &body,
+            Some("k1"),
+            Some(&sig),
+        )
+        .await;
         assert_error(resp, status, code).await;
         println!("{what}: {status} {code}");
     }
     // Not the report path, not POST.
     let resp = post(node.scanning, "/v1/keys", b"[]", None, None).await;
     assert_eq!(resp.status(), 404);
-    let resp = client().get(format!("http://{}/", node.scanning)).send().await.unwrap();
+    let resp = client()
+        .get(format!("http://{}/", node.scanning))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 405);
     // An empty report is answered with an empty list; the listener is still well.
     let resp = report(node.scanning, &scanner, &[]).await;
     assert_eq!(labels(resp, &[]).await, Vec::<String>::new());
     assert_eq!(node.status(&key.key).await, 200);
     // The admin port has no report endpoint.
-    let resp = post(node.admin, "/v1/secret-scanning", b"[]", Some("k1"), Some("x")).await;
+    let resp = post(
+        node.admin,
+        "/v1/secret-scanning",
+        b"[]",
+        Some("k1"),
+        Some("x"),
+    )
+    .await;
     assert_eq!(resp.status(), 404);
     app.stop().await;
 }
@@ -500,20 +600,30 @@ async fn report_mode_revokes_nothing_and_writes_the_audit_event() {
     p.wait_ready().await;
     let node = &p.node;
     let (id, leaked) = node.create_key().await;
-    let got = labels(report(node.scanning, &scanner, &[&leaked, "hunter2"]).await, &[&leaked, "hunter2"]).await;
+    let got = labels(
+        report(node.scanning, &scanner, &[&leaked, "hunter2"]).await,
+        &[&leaked, "hunter2"],
+    )
+    .await;
     assert_eq!(got, ["true_positive", "false_positive"]);
-    assert_eq!(node.status(&leaked).await, 200, "report mode revoked the key");
+    assert_eq!(
+        node.status(&leaked).await,
+        200,
+        "report mode revoked the key"
+    );
     let line = p
         .wait_log_line(&["keygate::audit", &id, "action=\"reported\""])
         .await;
     for needle in ["label=\"true_positive\"", URL, SOURCE, "WARN"] {
         assert!(line.contains(needle), "{needle:?} not in {line}");
     }
-    p.wait_log_line(&["keygate::audit", "false_positive", URL]).await;
+    p.wait_log_line(&["keygate::audit", "false_positive", URL])
+        .await;
     let log = p.log();
     assert!(!log.contains(&leaked), "the token is in the log");
     assert!(!log.contains("hunter2"), "a reported token is in the log");
-    let series = "keygate_secret_scanning_tokens_total{action=\"reported\",label=\"true_positive\"}";
+    let series =
+        "keygate_secret_scanning_tokens_total{action=\"reported\",label=\"true_positive\"}";
     assert_eq!(node.metric(series).await, 1.0);
 }
 
