@@ -3,7 +3,8 @@
 //! processes on one Redis; both proxies then refuse it), labels a token that is not
 //! keygate's `false_positive`; a tampered body, an unknown key identifier, a missing or
 //! malformed signature are 401 and revoke nothing; hostile bodies are refused cleanly;
-//! `action: report` revokes nothing and writes the audit event.
+//! `action: report` revokes nothing and writes the audit event; `secret_scanning.tls`
+//! serves HTTPS; the README's regular expression for scanners matches the key format.
 
 use crate::support::{
     assert_error, eventually, free_port, spawn_app_with, Redis, Store, TestApp, ROOT, TEST_CONFIG,
@@ -683,4 +684,49 @@ fn the_published_regex_and_checksum_match_every_key_type() {
     ] {
         assert!(!re.is_match(&near), "{near}");
     }
+}
+
+#[tokio::test]
+async fn the_listener_serves_https_with_secret_scanning_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("scan.crt"), dir.path().join("scan.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let scanner = ScannerKey::new("k1");
+    let port = free_port();
+    let tls = format!(
+        "  tls: {{ cert: \"{}\", key: \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    );
+    let config = format!("{TEST_CONFIG}{}{tls}", section(port, "revoke", &[&scanner]));
+    let app = spawn_app_with(&config, Store::Memory).await;
+    let leaked = app.create_key(&["users:read"]).await;
+    let https = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let body = body(&[&leaked.key]);
+    let resp = https
+        .post(format!("https://localhost:{port}/v1/secret-scanning"))
+        .header("GITHUB-PUBLIC-KEY-IDENTIFIER", "k1")
+        .header("GITHUB-PUBLIC-KEY-SIGNATURE", scanner.sign(&body))
+        .body(body)
+        .send()
+        .await
+        .expect("HTTPS listener");
+    assert_eq!(labels(resp, &[&leaked.key]).await, ["true_positive"]);
+    assert_error(app.get_with(PATH, &leaked.key).await, 403, "revoked_key").await;
+    // Plain HTTP is not answered on a TLS listener.
+    let plain = client()
+        .post(format!("http://127.0.0.1:{port}/v1/secret-scanning"))
+        .body("[]")
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+    app.stop().await;
 }
