@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod secret_scanning;
 pub mod snapshot;
 pub mod store;
 pub mod time;

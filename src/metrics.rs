@@ -51,6 +51,8 @@ pub struct Metrics {
     pub store: StoreMetrics,
     /// Rate-limit and credit decisions.
     limits: LimitMetrics,
+    /// Secret-scanning reports (`secret_scanning`).
+    pub scanning: ScanMetrics,
     /// Serialises scrapes while they bring hits and misses up to date (not a request path).
     #[allow(
         clippy::disallowed_types,
@@ -245,6 +247,66 @@ impl LimitMetrics {
     }
 }
 
+/// `keygate_secret_scanning_tokens_total{label, action}` (each reported token: what it
+/// was and what was done) and `keygate_secret_scanning_refused_total{reason}` (reports
+/// refused whole). Every label value is one of the fixed lists below.
+pub struct ScanMetrics {
+    tokens: IntCounterVec,
+    refused: IntCounterVec,
+}
+
+/// A reported token's `label` values.
+pub const SCAN_LABELS: [&str; 2] = ["true_positive", "false_positive"];
+/// What was done about a reported token: its `action` values.
+pub const SCAN_ACTIONS: [&str; 4] = ["revoked", "already_revoked", "reported", "none"];
+/// Why a whole report was refused: its `reason` values.
+pub const SCAN_REFUSALS: [&str; 6] = [
+    "unsigned",
+    "unknown_key_identifier",
+    "bad_signature",
+    "too_large",
+    "invalid_body",
+    "timeout",
+];
+
+impl ScanMetrics {
+    fn new(b: &Builder) -> ScanMetrics {
+        let opts = Opts::new(
+            "keygate_secret_scanning_tokens_total",
+            "Tokens reported by secret scanners, by label and what was done",
+        );
+        let tokens = IntCounterVec::new(opts, &["label", "action"]).expect("static definition");
+        for label in SCAN_LABELS {
+            for action in SCAN_ACTIONS {
+                tokens.with_label_values(&[label, action]);
+            }
+        }
+        ScanMetrics {
+            tokens: b.add(tokens),
+            refused: b.counters(
+                "keygate_secret_scanning_refused_total",
+                "Secret-scanning reports refused whole, by reason",
+                "reason",
+                &SCAN_REFUSALS,
+            ),
+        }
+    }
+
+    /// One reported token; values outside the fixed lists are not counted.
+    pub fn token(&self, label: &str, action: &str) {
+        if SCAN_LABELS.contains(&label) && SCAN_ACTIONS.contains(&action) {
+            self.tokens.with_label_values(&[label, action]).inc();
+        }
+    }
+
+    /// One refused report; a reason outside the fixed list is not counted.
+    pub fn refused(&self, reason: &str) {
+        if SCAN_REFUSALS.contains(&reason) {
+            self.refused.with_label_values(&[reason]).inc();
+        }
+    }
+}
+
 /// The change feed: messages, reconnects, flushes, lag.
 pub struct FeedMetrics {
     pub received: IntCounterVec,
@@ -364,6 +426,7 @@ impl Metrics {
             ),
             store: StoreMetrics::new(&b),
             limits: LimitMetrics::new(&b),
+            scanning: ScanMetrics::new(&b),
             #[allow(clippy::disallowed_types, reason = "see the field")]
             scrape: std::sync::Mutex::new(()),
             registry: b.0,

@@ -83,6 +83,8 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         let challenge = match (self.status, self.code) {
+            // The secret-scanning listener's: a signature scheme, not a bearer one.
+            (StatusCode::UNAUTHORIZED, code) if code.starts_with("signature_") => None,
             (StatusCode::UNAUTHORIZED, "missing_key" | "unsupported_auth_scheme") => {
                 Some("Bearer realm=\"keygate-admin\"")
             }

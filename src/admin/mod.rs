@@ -68,10 +68,23 @@ pub async fn serve(
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     settings: ServerSettings,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    serve_port("admin", listener, router, tls, settings, shutdown).await;
+}
+
+/// `serve` for any axum port of keygate's (`name` in its logs): the secret-scanning
+/// listener is served this way too.
+pub async fn serve_port(
+    name: &'static str,
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    settings: ServerSettings,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
-    let port = Arc::new(Port::new("admin", &settings, tls, shutdown.clone()));
+    let port = Arc::new(Port::new(name, &settings, tls, shutdown.clone()));
     let mut connections = tokio::task::JoinSet::new();
     while let Some((stream, peer, permit)) =
         connection::accept(&listener, &slots, &mut shutdown).await

@@ -6,7 +6,7 @@ pub mod reload;
 use crate::admin::{self, AdminState};
 use crate::auth::Verifier;
 use crate::cache::KeyCache;
-use crate::config::{Config, Fixed, StoreConfig};
+use crate::config::{Config, Fixed, ScanAction, SecretScanning, StoreConfig};
 use crate::connection::{Deadlines, ServerSettings};
 use crate::feed::FeedSettings;
 use crate::key::{self, KeyHasher};
@@ -15,6 +15,7 @@ use crate::limits::{LimitStore, Limiter};
 use crate::metrics::Metrics;
 use crate::proxy::server;
 use crate::proxy::Proxy;
+use crate::secret_scanning::Scanner;
 use crate::snapshot::{Live, Snapshot};
 use crate::store::cluster::{ClusterFeed, ClusterSettings, ClusterStore};
 use crate::store::redis::{Mode, RedisSettings, RedisStore};
@@ -49,6 +50,17 @@ pub struct App {
     reload_from: Option<PathBuf>,
     tls: Option<Arc<CertResolver>>,
     admin_tls: Option<Arc<CertResolver>>,
+    /// The secret-scanning listener, when `secret_scanning` is configured.
+    scanning: Option<ScanningPort>,
+    /// Where the secret-scanning listener listens (`None`: off).
+    pub scanning_addr: Option<SocketAddr>,
+}
+
+/// The secret-scanning listener's socket and TLS, bound in `build`.
+struct ScanningPort {
+    listener: TcpListener,
+    tls: Option<Arc<CertResolver>>,
+    config: SecretScanning,
 }
 
 /// Ask a running `App` to stop (drain, then return from `run_until_stopped`).
@@ -97,8 +109,13 @@ impl App {
         };
         let (proxy_listener, admin_listener) = bind(fixed).await?;
         let (tls, admin_tls) = (cert_resolver(&fixed.tls)?, cert_resolver(&fixed.admin_tls)?);
+        let scanning = bind_scanning(fixed).await?;
         let (tx, _) = watch::channel(false);
         Ok(App {
+            scanning_addr: (scanning.as_ref())
+                .map(|s| s.listener.local_addr())
+                .transpose()?,
+            scanning,
             proxy_addr: proxy_listener.local_addr()?,
             admin_addr: admin_listener.local_addr()?,
             proxy: Arc::new(proxy),
@@ -137,6 +154,18 @@ impl App {
             routes = self.config.live.policy.routes().len(),
             "keygate started"
         );
+        if let (Some(addr), Some(s)) = (self.scanning_addr, &fixed.secret_scanning) {
+            tracing::info!(
+                secret_scanning = %addr,
+                tls = s.tls.is_some(),
+                action = match s.action {
+                    ScanAction::Revoke => "revoke",
+                    ScanAction::Report => "report",
+                },
+                public_keys = s.public_keys.len(),
+                "secret-scanning listener started"
+            );
+        }
         if fixed.root_token.is_none() {
             tracing::warn!(
                 "no root token is configured: the admin API accepts management keys only, \
@@ -181,6 +210,21 @@ impl App {
             max_connections: self.config.fixed.limits.admin_max_connections,
             ..self.settings.clone()
         };
+        let scanning = self.scanning.map(|port| {
+            let scanner = Scanner {
+                admin: self.admin.clone(),
+                public_keys: port.config.public_keys,
+                action: port.config.action,
+            };
+            tokio::spawn(admin::serve_port(
+                "secret_scanning",
+                port.listener,
+                crate::secret_scanning::router(Arc::new(scanner)),
+                tls_acceptor(port.tls, &rx),
+                admin_settings.clone(),
+                rx.clone(),
+            ))
+        });
         let admin = tokio::spawn(admin::serve(
             self.admin_listener,
             admin::router(self.admin.clone()),
@@ -208,6 +252,9 @@ impl App {
         let _ = tokio::time::timeout(drain, flusher).await;
         let _ = tokio::time::timeout(drain, exchange).await;
         let _ = tokio::time::timeout(drain, admin).await;
+        if let Some(scanning) = scanning {
+            let _ = tokio::time::timeout(drain, scanning).await;
+        }
         served.map_err(|e| anyhow::anyhow!("the proxy stopped serving: {e}"))
     }
 
@@ -328,6 +375,22 @@ async fn bind(fixed: &Fixed) -> anyhow::Result<(std::net::TcpListener, TcpListen
         .await
         .map_err(|e| refused(fixed.admin_listen, "admin", e))?;
     Ok((proxy, admin))
+}
+
+/// The secret-scanning listener's socket (and its TLS), when configured.
+async fn bind_scanning(fixed: &Fixed) -> anyhow::Result<Option<ScanningPort>> {
+    let Some(s) = &fixed.secret_scanning else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(s.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (secret_scanning): {e}", s.listen))?;
+    let tls = cert_resolver(&s.tls)?;
+    Ok(Some(ScanningPort {
+        listener,
+        tls,
+        config: s.clone(),
+    }))
 }
 
 fn cert_resolver(pair: &Option<(PathBuf, PathBuf)>) -> anyhow::Result<Option<Arc<CertResolver>>> {

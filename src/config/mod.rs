@@ -13,6 +13,7 @@ pub mod raw;
 
 mod backend;
 mod locate;
+mod scanning;
 mod sections;
 mod syntax;
 
@@ -20,6 +21,8 @@ use crate::key::Prefixes;
 use crate::policy::Policy;
 use crate::store::redis::RedisSettings;
 use raw::RawConfig;
+pub use raw::ScanAction;
+pub use scanning::{ScanKey, SecretScanning};
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
 use std::net::SocketAddr;
@@ -192,6 +195,8 @@ pub struct Fixed {
     pub legacy: crate::key::LegacyFormats,
     /// `rate_limits.sync_interval` (local mode).
     pub limit_sync_interval: Duration,
+    /// The secret-scanning report listener; `None`: off.
+    pub secret_scanning: Option<SecretScanning>,
 }
 
 impl Fixed {
@@ -217,6 +222,7 @@ impl Fixed {
             pepper,
             legacy,
             limit_sync_interval,
+            secret_scanning,
         } = self;
         let o = other;
         let (proxy_limits, admin_max) = limits.differ(&o.limits);
@@ -249,6 +255,7 @@ impl Fixed {
                 "rate_limits.sync_interval",
                 *limit_sync_interval != o.limit_sync_interval,
             ),
+            ("secret_scanning", *secret_scanning != o.secret_scanning),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))

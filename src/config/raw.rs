@@ -34,6 +34,9 @@ pub struct RawConfig {
     /// How rate limits and credits are counted.
     #[serde(default)]
     pub rate_limits: RawRateLimits,
+    /// The listener for secret scanners' reports of leaked keys; off when absent.
+    #[serde(default)]
+    pub secret_scanning: Option<RawSecretScanning>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -703,4 +706,42 @@ impl<'de> serde::Deserialize<'de> for Scope {
             )))
         }
     }
+}
+
+/// `secret_scanning`: where a scanner (GitHub's partner programme) reports leaked keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecretScanning {
+    /// Address of the report listener; must differ from the proxy's and the admin's.
+    pub listen: SocketAddr,
+    /// The scanner's ECDSA P-256 public keys, chosen by the request's
+    /// `GITHUB-PUBLIC-KEY-IDENTIFIER`.
+    pub public_keys: Vec<RawScanKey>,
+    /// `revoke` (default: a reported live key is revoked) or `report` (logged only).
+    #[serde(default)]
+    pub action: ScanAction,
+    /// Serve the listener over TLS with this PEM certificate chain and key.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+}
+
+/// One of the scanner's public keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScanKey {
+    /// The identifier the scanner sends in `GITHUB-PUBLIC-KEY-IDENTIFIER`.
+    pub key_identifier: String,
+    /// The key as PEM (`-----BEGIN PUBLIC KEY-----`, SubjectPublicKeyInfo).
+    pub pem: String,
+}
+
+/// What a report of a live key does.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanAction {
+    /// Revoke the key (on every replica, through the store's change feed).
+    #[default]
+    Revoke,
+    /// Only log the audit event and answer; the key keeps working.
+    Report,
 }

@@ -80,6 +80,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
         routes,
         unmatched,
         rate_limits,
+        secret_scanning,
     } = raw;
     let (proxy_listen, admin_listen) = listen(&proxy, &admin, env)?;
     let upstream = upstream(&proxy, env)?;
@@ -95,6 +96,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
     let admin_tls = tls_pair("admin.tls", &admin.tls)?;
     let policy = self::policy(&proxy, &routes, unmatched)?;
     let (limit_rules, limit_sync_interval) = self::rate_limits(&rate_limits)?;
+    let secret_scanning = super::scanning::validate(secret_scanning, proxy_listen, admin_listen)?;
     let fixed = Fixed {
         proxy_listen,
         proxy_workers: proxy.workers.resolve(),
@@ -114,6 +116,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
         pepper,
         legacy,
         limit_sync_interval,
+        secret_scanning,
     };
     let live = Live {
         policy: Arc::new(policy),
@@ -134,12 +137,7 @@ fn listen(proxy: &RawProxy, admin: &RawAdmin, env: &dyn Env) -> Result<(SocketAd
     };
     let proxy_listen = addr("KEYGATE_PROXY_LISTEN", proxy.listen)?;
     let admin_listen = addr("KEYGATE_ADMIN_LISTEN", admin.listen)?;
-    if proxy_listen.port() != 0
-        && proxy_listen.port() == admin_listen.port()
-        && (proxy_listen.ip() == admin_listen.ip()
-            || proxy_listen.ip().is_unspecified()
-            || admin_listen.ip().is_unspecified())
-    {
+    if overlaps(proxy_listen, admin_listen) {
         let shared = "the admin API must not share the proxy's address";
         return Err(match env.var("KEYGATE_ADMIN_LISTEN") {
             Some(_) => outside("KEYGATE_ADMIN_LISTEN", shared),
@@ -147,6 +145,14 @@ fn listen(proxy: &RawProxy, admin: &RawAdmin, env: &dyn Env) -> Result<(SocketAd
         });
     }
     Ok((proxy_listen, admin_listen))
+}
+
+/// Would two listeners take the same port (an unspecified address takes every one)?
+/// Port 0 is a fresh port each time, so never.
+pub(super) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// `proxy.upstream`, or `KEYGATE_UPSTREAM`.
@@ -399,7 +405,7 @@ fn upstream_ca(proxy: &RawProxy) -> Result<Option<PathBuf>> {
 }
 
 /// `proxy.tls` or `admin.tls`: the pair must load now.
-fn tls_pair(field: &str, t: &Option<RawTls>) -> Result<Option<(PathBuf, PathBuf)>> {
+pub(super) fn tls_pair(field: &str, t: &Option<RawTls>) -> Result<Option<(PathBuf, PathBuf)>> {
     match t {
         None => Ok(None),
         Some(t) => {

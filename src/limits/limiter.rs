@@ -275,9 +275,7 @@ impl Limiter {
             key_id: key_id.to_string(),
         };
         match store.take(&ask, now_ms).await {
-            Ok(o) if o.counters.len() == specs.len() => {
-                Ok((o.decision, Few::from_vec(o.counters)))
-            }
+            Ok(o) if o.counters.len() == specs.len() => Ok((o.decision, Few::from_vec(o.counters))),
             Ok(_) => {
                 tracing::error!("the rate-limit store answered for other counters than asked");
                 Err(())

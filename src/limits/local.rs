@@ -318,7 +318,12 @@ impl Local {
     }
 
     /// The state kept beside a cached key (see `KeyRun`), made on its first limited request.
-    pub fn run<'a>(&self, attached: &'a Attached, tenant: &str, key_id: &str) -> Option<&'a KeyRun> {
+    pub fn run<'a>(
+        &self,
+        attached: &'a Attached,
+        tenant: &str,
+        key_id: &str,
+    ) -> Option<&'a KeyRun> {
         let any = attached.get_or_init(|| Box::new(Box::new(KeyRun::new(tenant, key_id))));
         any.downcast_ref::<KeyRun>()
     }

@@ -37,6 +37,7 @@ mod raw;
 mod redis_store;
 mod reload;
 mod reload_cache;
+mod secret_scanning;
 mod sentinel;
 mod streaming;
 mod tls;
