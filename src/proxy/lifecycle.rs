@@ -21,23 +21,23 @@ pub struct Ending {
 
 /// What `id`'s answers announce at `now_ms`, if anything.
 pub fn ending(rules: &Lifecycle, id: &Identity, now_ms: u64) -> Option<Ending> {
-        // A future revocation is a rotation's grace (a revoke takes effect at once). The
-        // rotation time is not kept with the cached key (it would grow `Identity` past
-        // its budget), so `Deprecation` carries the revoke time too.
-        let rotating = id.revoked_at().filter(|&r| r > now_ms);
-        let expires = id.expires_at().filter(|&e| e > now_ms);
-        match (rotating, expires) {
-            (Some(r), e) => Some(Ending {
-                deprecation: Some(r),
-                sunset: e.map_or(r, |e| e.min(r)),
-            }),
-            (None, Some(e)) if e - now_ms <= rules.sunset_window_ms => Some(Ending {
-                deprecation: None,
-                sunset: e,
-            }),
-            _ => None,
-        }
+    // A future revocation is a rotation's grace (a revoke takes effect at once). The
+    // rotation time is not kept with the cached key (it would grow `Identity` past
+    // its budget), so `Deprecation` carries the revoke time too.
+    let rotating = id.revoked_at().filter(|&r| r > now_ms);
+    let expires = id.expires_at().filter(|&e| e > now_ms);
+    match (rotating, expires) {
+        (Some(r), e) => Some(Ending {
+            deprecation: Some(r),
+            sunset: e.map_or(r, |e| e.min(r)),
+        }),
+        (None, Some(e)) if e - now_ms <= rules.sunset_window_ms => Some(Ending {
+            deprecation: None,
+            sunset: e,
+        }),
+        _ => None,
     }
+}
 
 /// Append the headers `id` is owed, if any, to an answer made for it. A key without an
 /// end (no expiry, no revocation) costs a comparison or two: no clock read, no allocation.
@@ -120,7 +120,10 @@ mod tests {
         assert_eq!(ending(&on(), &id, NOW), Some(want));
         // An expiry before the grace ends is the sooner end.
         let id = identity(Some(NOW + 60_000), Some(NOW + DAY));
-        assert_eq!(ending(&on(), &id, NOW).map(|e| e.sunset), Some(NOW + 60_000));
+        assert_eq!(
+            ending(&on(), &id, NOW).map(|e| e.sunset),
+            Some(NOW + 60_000)
+        );
     }
 
     #[test]
@@ -133,7 +136,10 @@ mod tests {
                 sunset: NOW + 7 * DAY
             })
         );
-        assert_eq!(ending(&on(), &identity(Some(NOW + 7 * DAY + 1), None), NOW), None);
+        assert_eq!(
+            ending(&on(), &identity(Some(NOW + 7 * DAY + 1), None), NOW),
+            None
+        );
     }
 
     #[test]
@@ -153,7 +159,10 @@ mod tests {
     #[test]
     fn values_are_a_structured_date_and_an_imf_fixdate() {
         assert_eq!(deprecation_value(1_700_000_000_999), "@1700000000");
-        assert_eq!(sunset_value(1_700_000_000_999), "Tue, 14 Nov 2023 22:13:20 GMT");
+        assert_eq!(
+            sunset_value(1_700_000_000_999),
+            "Tue, 14 Nov 2023 22:13:20 GMT"
+        );
         assert_eq!(sunset_value(u64::MAX - 1), "Fri, 31 Dec 9999 23:59:59 GMT");
     }
 

@@ -81,7 +81,10 @@ fn deprecation(h: &HeaderMap) -> Option<SystemTime> {
 /// `Sunset` (RFC 8594: an IMF-fixdate) as a time.
 fn sunset(h: &HeaderMap) -> Option<SystemTime> {
     let v = one(h, "sunset")?;
-    assert!(v.ends_with(" GMT") && v.len() == 29, "{v:?} is not an IMF-fixdate");
+    assert!(
+        v.ends_with(" GMT") && v.len() == 29,
+        "{v:?} is not an IMF-fixdate"
+    );
     Some(httpdate::parse_http_date(&v).unwrap_or_else(|e| panic!("{v:?}: {e}")))
 }
 
@@ -104,7 +107,11 @@ async fn the_old_key_in_its_grace_period_is_told_deprecation_and_sunset() {
     let old = create(&app, json!({})).await;
     let (status, h) = get(&app, "/users/1", &old.key).await;
     assert_eq!(status, 200, "cached before the rotation");
-    assert_eq!((deprecation(&h), sunset(&h)), (None, None), "not ending yet");
+    assert_eq!(
+        (deprecation(&h), sunset(&h)),
+        (None, None),
+        "not ending yet"
+    );
 
     let (new, revokes_at) = rotate(&app, &old.id, "24h").await;
     let want = Some(floor_secs(revokes_at));
@@ -117,7 +124,11 @@ async fn the_old_key_in_its_grace_period_is_told_deprecation_and_sunset() {
     }
     for path in ["/users/1", "/admin/x"] {
         let (_, h) = get(&app, path, &new).await;
-        assert_eq!((deprecation(&h), sunset(&h)), (None, None), "new key at {path}");
+        assert_eq!(
+            (deprecation(&h), sunset(&h)),
+            (None, None),
+            "new key at {path}"
+        );
     }
 }
 
@@ -136,7 +147,11 @@ async fn after_the_grace_the_old_key_is_refused_as_before() {
     .await;
     assert!(refused, "the old key still passes 5 s into a 1 s grace");
     let h = assert_error(app.get_with("/users/1", &old.key).await, 403, "revoked_key").await;
-    assert_eq!((deprecation(&h), sunset(&h)), (None, None), "revoked: {h:?}");
+    assert_eq!(
+        (deprecation(&h), sunset(&h)),
+        (None, None),
+        "revoked: {h:?}"
+    );
     assert_eq!(get(&app, "/users/1", &new).await.0, 200);
 }
 
