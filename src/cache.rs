@@ -186,6 +186,12 @@ impl Identity {
     pub fn is_expired_at(&self, now_ms: u64) -> bool {
         self.expires_at <= now_ms
     }
+    /// Has the key an end at all (an expiry, or a revocation, past or to come)? One
+    /// comparison and no clock read: the proxy asks it of every answer before it looks
+    /// at the lifecycle headers (`proxy::lifecycle`).
+    pub fn may_end(&self) -> bool {
+        self.revoked_at.min(self.expires_at) != u64::MAX
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -150,6 +150,13 @@ pub struct RawProxy {
     /// `[websocket]`); any other offer is removed. `h2c` is never allowed.
     #[serde(default = "default_upgrades")]
     pub upgrades: Vec<String>,
+    /// `Deprecation` and `Sunset` on every answer to a key in a rotation's grace period,
+    /// `Sunset` on every answer to a key expiring within `sunset_window`. Default on.
+    #[serde(default = "yes")]
+    pub key_lifecycle_headers: bool,
+    /// How far ahead an expiry is announced with `Sunset` (default `7d`, at most `366d`).
+    #[serde(default = "default_sunset_window")]
+    pub sunset_window: HumanDuration,
     /// Timeouts.
     #[serde(default)]
     pub timeouts: RawTimeouts,
@@ -169,6 +176,10 @@ pub enum UnderscoreHeaders {
     #[default]
     Drop,
     Keep,
+}
+
+fn default_sunset_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(7 * 86_400))
 }
 
 fn default_upgrades() -> Vec<String> {

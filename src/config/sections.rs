@@ -436,6 +436,7 @@ fn policy(proxy: &RawProxy, raw_routes: &[RawRoute], unmatched: Unmatched) -> Re
         access_log: proxy.access_log,
         keep_underscore_headers: proxy.underscore_headers == UnderscoreHeaders::Keep,
         upgrades: upgrades(&proxy.upgrades)?,
+        lifecycle: lifecycle(proxy)?,
     };
     let unmatched = match unmatched {
         Unmatched::Deny => policy::Unmatched::Deny,
@@ -644,6 +645,18 @@ fn rate_limits(raw: &RawRateLimits) -> Result<(RateLimitRules, Duration)> {
         headers: raw.headers,
     };
     Ok((rules, interval))
+}
+
+/// `proxy.key_lifecycle_headers` and `proxy.sunset_window` (0 to 366 days).
+fn lifecycle(proxy: &RawProxy) -> Result<policy::Lifecycle> {
+    let window = proxy.sunset_window.0;
+    if window > Duration::from_secs(366 * 86_400) {
+        return Err(invalid("proxy.sunset_window", "must be at most 366d"));
+    }
+    Ok(policy::Lifecycle {
+        headers: proxy.key_lifecycle_headers,
+        sunset_window_ms: window.as_millis() as u64,
+    })
 }
 
 /// `proxy.upgrades`: protocol names (RFC 9110 tokens), lower-cased; never `h2c`.

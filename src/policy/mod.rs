@@ -75,6 +75,16 @@ pub struct HeaderPolicy {
     pub keep_underscore_headers: bool,
     /// `Upgrade` protocols allowed through, lower-case (never `h2c`).
     pub upgrades: Box<[Box<str>]>,
+    /// `Deprecation` and `Sunset` on the answers to an ending key (`proxy::lifecycle`).
+    pub lifecycle: Lifecycle,
+}
+
+/// `proxy.key_lifecycle_headers` and `proxy.sunset_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifecycle {
+    pub headers: bool,
+    /// An expiry at most this far ahead is announced with `Sunset`.
+    pub sunset_window_ms: u64,
 }
 
 /// Everything `Policy::new` compiles.
@@ -361,6 +371,10 @@ mod tests {
                 access_log: true,
                 keep_underscore_headers: false,
                 upgrades: Box::new(["websocket".into()]),
+                lifecycle: Lifecycle {
+                    headers: true,
+                    sunset_window_ms: 0,
+                },
             },
         })
     }

@@ -4,6 +4,7 @@
 pub mod forward;
 pub mod headers;
 pub mod host;
+pub mod lifecycle;
 pub mod server;
 
 use crate::auth::{Admitted, Ask, Credential, Need, Outcome, Refused, Rules, Verdict, Verifier};
@@ -124,7 +125,7 @@ impl Proxy {
         let mut who = None;
         let (route_index, result) = self.decide_and_forward(&snap, req, conn, &mut who).await;
         let per_route = snap.metrics.route(route_index);
-        let (resp, code) = match result {
+        let (mut resp, code) = match result {
             Ok((resp, upstream_elapsed)) => {
                 per_route.allowed();
                 per_route.upstream.observe(upstream_elapsed.as_secs_f64());
@@ -135,6 +136,10 @@ impl Proxy {
                 (deny.response(), deny.code())
             }
         };
+        // Forwarded answers and keygate's own refusals alike, once the key is known.
+        if let Some(id) = &who {
+            lifecycle::add(&snap.policy.headers.lifecycle, resp.headers_mut(), id);
+        }
         if access_log {
             // One line per request: never the path (it may carry data), never a key.
             let who = who.as_deref();

@@ -25,6 +25,7 @@ mod hostile;
 mod import;
 mod k8s;
 mod k8s_sentinel;
+mod lifecycle;
 mod limits;
 mod metrics;
 mod migrate;
