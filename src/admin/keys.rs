@@ -1020,19 +1020,30 @@ mod tests {
         assert_eq!(param["schema"]["pattern"].as_str(), Some(wanted.as_str()));
         for path in ["/v1/keys", "/v1/api-keys"] {
             let params = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
-            let refs = params.iter().filter(|p| p["$ref"] == "#/components/parameters/UnusedFor");
+            let refs = params
+                .iter()
+                .filter(|p| p["$ref"] == "#/components/parameters/UnusedFor");
             assert_eq!(refs.count(), 1, "{path}");
         }
         let re = regex::Regex::new(&wanted).unwrap();
-        for text in ["90d", "1s", "36600d", "100y", "0s", "36601d", "1h 30m", "1.5h", "", "90"] {
+        for text in [
+            "90d", "1s", "36600d", "100y", "0s", "36601d", "1h 30m", "1.5h", "", "90",
+        ] {
             let got = unused_cutoff(Some(text), 10 * DAY_MS);
             assert_eq!(re.is_match(text), got.is_ok(), "{text:?}");
             if let Err(e) = got {
                 assert_eq!(e.code, "invalid_query");
-                assert!(e.message.starts_with("parameter `unused_for`"), "{}", e.message);
+                assert!(
+                    e.message.starts_with("parameter `unused_for`"),
+                    "{}",
+                    e.message
+                );
             }
         }
-        assert_eq!(unused_cutoff(Some("1d"), 10 * DAY_MS).unwrap(), Some(9 * DAY_MS));
+        assert_eq!(
+            unused_cutoff(Some("1d"), 10 * DAY_MS).unwrap(),
+            Some(9 * DAY_MS)
+        );
         assert_eq!(unused_cutoff(Some("1y"), DAY_MS).unwrap(), Some(0));
         assert_eq!(unused_cutoff(None, DAY_MS).unwrap(), None);
     }

@@ -41,7 +41,12 @@ fn created_days_ago(redis: &Redis, tenant: &str, id: &str, days: u64) {
     let _: i64 = redis.cmd(&["HSET", &rec, "created_at", &at.to_string()]);
 }
 
-async fn get(app: &TestApp, path: &str, tenant: &str, query: &[(&str, String)]) -> reqwest::Response {
+async fn get(
+    app: &TestApp,
+    path: &str,
+    tenant: &str,
+    query: &[(&str, String)],
+) -> reqwest::Response {
     app.http
         .get(app.admin_url(path))
         .bearer_auth(ROOT)
@@ -84,7 +89,10 @@ async fn all_pages(
         assert!(items.len() <= limit, "{path}: page over the limit: {body}");
         sizes.push(items.len());
         for k in items {
-            assert!(ids.insert(k["id"].as_str().unwrap().to_string()), "{path}: listed twice");
+            assert!(
+                ids.insert(k["id"].as_str().unwrap().to_string()),
+                "{path}: listed twice"
+            );
         }
         match next {
             Some(c) => cursor = Some(c),
@@ -144,7 +152,8 @@ async fn unused_for_lists_exactly_the_dormant_keys_on_both_surfaces_with_paging(
     dormant_7.insert(used_10d.id.clone());
     for limit in [1, 2, 4, 1000] {
         // jack lists revoked keys; HelloJohn leaves them out unless `revoked=true`.
-        let (jack, _) = all_pages(&app, "/v1/keys", "default", &[("unused_for", "90d")], limit).await;
+        let (jack, _) =
+            all_pages(&app, "/v1/keys", "default", &[("unused_for", "90d")], limit).await;
         assert_eq!(jack, with_revoked, "jack, limit {limit}");
         let q = [("unused_for", "90d")];
         let (hj, _) = all_pages(&app, "/v1/api-keys", "default", &q, limit).await;
@@ -152,7 +161,8 @@ async fn unused_for_lists_exactly_the_dormant_keys_on_both_surfaces_with_paging(
         let q = [("unused_for", "90d"), ("revoked", "true")];
         let (hj, _) = all_pages(&app, "/v1/api-keys", "default", &q, limit).await;
         assert_eq!(hj, with_revoked, "hellojohn revoked=true, limit {limit}");
-        let (jack, _) = all_pages(&app, "/v1/keys", "default", &[("unused_for", "1w")], limit).await;
+        let (jack, _) =
+            all_pages(&app, "/v1/keys", "default", &[("unused_for", "1w")], limit).await;
         assert_eq!(jack, dormant_7, "jack 1w, limit {limit}");
     }
     // Other units, and the tenant rule: only the caller's tenant.
@@ -173,18 +183,29 @@ async fn unused_for_refuses_what_is_not_a_duration() {
     for path in ["/v1/keys", "/v1/api-keys"] {
         let ok = get(&app, path, "default", &[("unused_for", "90d".into())]).await;
         assert_eq!(ok.status(), 200, "{path}");
-        for bad in ["", "90", "1.5d", "1h 30m", "0s", "36601d", "-1d", "090d", "1M", "x"] {
+        for bad in [
+            "", "90", "1.5d", "1h 30m", "0s", "36601d", "-1d", "090d", "1M", "x",
+        ] {
             let resp = get(&app, path, "default", &[("unused_for", bad.into())]).await;
             let text = resp.text().await.unwrap();
             let body: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(body["error"]["code"], "invalid_query", "{path} {bad:?}: {text}");
+            assert_eq!(
+                body["error"]["code"], "invalid_query",
+                "{path} {bad:?}: {text}"
+            );
             let message = body["error"]["message"].as_str().unwrap();
             assert!(
                 message.starts_with("parameter `unused_for`: invalid duration"),
                 "{path} {bad:?}: {message}"
             );
         }
-        let resp = get(&app, path, "default", &[("unused_for", "1d".into()), ("limit", "0".into())]).await;
+        let resp = get(
+            &app,
+            path,
+            "default",
+            &[("unused_for", "1d".into()), ("limit", "0".into())],
+        )
+        .await;
         assert_error(resp, 400, "invalid_query").await;
     }
 }
@@ -197,7 +218,12 @@ fn gauge(text: &str, kind: &str) -> Option<i64> {
 }
 
 async fn scrape(app: &TestApp) -> String {
-    let resp = app.http.get(app.admin_url("/metrics")).send().await.unwrap();
+    let resp = app
+        .http
+        .get(app.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     resp.text().await.unwrap()
 }
 
@@ -221,7 +247,12 @@ async fn the_dormant_gauge_counts_live_keys_of_every_tenant_after_a_refresh() {
     used_days_ago(&redis, &used_40d.id, 40);
     assert_eq!(app.revoke(&revoked.id).await.status(), 200);
     created_days_ago(&redis, "default", &expired.id, 40);
-    let _: i64 = redis.cmd(&["HSET", &record_key(&redis, &expired.id), "expires_at", "1000"]);
+    let _: i64 = redis.cmd(&[
+        "HSET",
+        &record_key(&redis, &expired.id),
+        "expires_at",
+        "1000",
+    ]);
     used_days_ago(&redis, &revoked_used_40d.id, 40);
     assert_eq!(app.revoke(&revoked_used_40d.id).await.status(), 200);
 
@@ -239,7 +270,8 @@ async fn the_dormant_gauge_counts_live_keys_of_every_tenant_after_a_refresh() {
         gauge(&text, "unused_30d")
     );
     assert!(
-        text.lines().all(|l| !l.starts_with("keygate_keys_dormant{") || !l.contains("tenant")),
+        text.lines()
+            .all(|l| !l.starts_with("keygate_keys_dormant{") || !l.contains("tenant")),
         "no tenant label"
     );
 
