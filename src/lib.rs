@@ -10,6 +10,7 @@ pub mod cache;
 pub mod config;
 pub mod connection;
 pub mod dev;
+pub mod dormant;
 pub mod error;
 pub mod explain;
 pub mod feed;

@@ -53,6 +53,8 @@ pub struct Metrics {
     limits: LimitMetrics,
     /// Secret-scanning reports (`secret_scanning`).
     pub scanning: ScanMetrics,
+    /// `keygate_keys_dormant{kind}`: set by the background count (`dormant`).
+    pub keys_dormant: IntGaugeVec,
     /// Serialises scrapes while they bring hits and misses up to date (not a request path).
     #[allow(
         clippy::disallowed_types,
@@ -427,6 +429,17 @@ impl Metrics {
             store: StoreMetrics::new(&b),
             limits: LimitMetrics::new(&b),
             scanning: ScanMetrics::new(&b),
+            // No label value until the first count ends: absent rather than a false 0.
+            keys_dormant: b.add(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "keygate_keys_dormant",
+                        "Live keys never used, and live keys unused for 30 days (last complete count)",
+                    ),
+                    &["kind"],
+                )
+                .expect("static metric definition"),
+            ),
             #[allow(clippy::disallowed_types, reason = "see the field")]
             scrape: std::sync::Mutex::new(()),
             registry: b.0,

@@ -1,4 +1,5 @@
-//! The HelloJohn document's surface: `/v1/api-keys` list (filters `type`, `revoked`),
+//! The HelloJohn document's surface: `/v1/api-keys` list (filters `type`, `revoked`,
+//! `unused_for`),
 //! create (201, key shown once), get, patch (name, scopes), delete (204) and
 //! `POST /v1/api-keys/rotate` (new key now, old key refused after the grace period).
 //! Additive: `environment`, `ratelimits` and `credits` on create, `ratelimits` and
@@ -79,6 +80,8 @@ pub struct ListQuery {
     limit: Option<String>,
     #[serde(default)]
     cursor: Option<String>,
+    #[serde(default)]
+    unused_for: Option<String>,
 }
 
 pub async fn list(
@@ -108,8 +111,11 @@ pub async fn list(
     let page = keys::page_request(q.limit.as_deref(), q.cursor, DEFAULT_LIMIT)?;
     // One `now` for the filter and the answer: they agree on which keys are revoked.
     let now = now_ms();
+    let cutoff = keys::unused_cutoff(q.unused_for.as_deref(), now)?;
     let keep = |r: &KeyRecord| {
-        type_filter.is_none_or(|t| r.key_type == t) && (include_revoked || !r.is_revoked_at(now))
+        type_filter.is_none_or(|t| r.key_type == t)
+            && (include_revoked || !r.is_revoked_at(now))
+            && cutoff.is_none_or(|c| keys::unused_since(r, c))
     };
     let found = keys::scan(&s, &caller, page, keep).await?;
     let shown = limits::shown_all(&s, &found.items).await?;

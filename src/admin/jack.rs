@@ -1,7 +1,8 @@
 //! The jack document's surface: `POST /v1/keys` (create; the key is shown once),
 //! `GET /v1/keys` (list, prefix only), `DELETE /v1/keys/{id}` (revoke, 200).
 //! Additive: `scopes`, `expires_in`, `ratelimits` and `credits` on create; `limit` and
-//! `cursor` on list, with the next cursor in the `X-Next-Cursor` response header;
+//! `cursor` on list, with the next cursor in the `X-Next-Cursor` response header, and the
+//! `unused_for` filter (dormant keys);
 //! `ratelimits` and `credits` on the key object.
 
 use super::keys::{self, check_name, NewKeySpec};
@@ -139,6 +140,8 @@ pub struct ListQuery {
     limit: Option<String>,
     #[serde(default)]
     cursor: Option<String>,
+    #[serde(default)]
+    unused_for: Option<String>,
 }
 
 pub async fn list(
@@ -147,7 +150,10 @@ pub async fn list(
     QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Response, ApiError> {
     let page = keys::page_request(q.limit.as_deref(), q.cursor, LIST_LIMIT)?;
-    let page = keys::list(&s, &caller, &page).await?;
+    let page = match keys::unused_cutoff(q.unused_for.as_deref(), now_ms())? {
+        None => keys::list(&s, &caller, &page).await?,
+        Some(cutoff) => keys::scan(&s, &caller, page, |r| keys::unused_since(r, cutoff)).await?,
+    };
     let shown = limits::shown_all(&s, &page.items).await?;
     let items: Vec<JackKey> = page
         .items

@@ -154,6 +154,34 @@ pub const REFILL_INTERVAL: DurationField = DurationField {
     below: Some("at least 1m"),
 };
 
+/// `unused_for` of both list calls (`90d`): the same values as `expires_in`.
+pub const UNUSED_FOR: DurationField = DurationField {
+    field: "unused_for",
+    range_ms: 1..=100 * 366 * DAY_MS,
+    examples: "30d, 90d, 1y",
+    above: None,
+    below: None,
+};
+
+/// The `unused_for` query parameter of a list call, checked: the cut-off instant
+/// (`now` minus the duration), refused like the other query parameters (`invalid_query`).
+pub fn unused_cutoff(text: Option<&str>, now: u64) -> Result<Option<u64>, ApiError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let ms = UNUSED_FOR.parse(text).map_err(|e| {
+        let message = e.message.replacen("field `", "parameter `", 1);
+        ApiError::bad_request("invalid_query", message)
+    })?;
+    Ok(Some(now.saturating_sub(ms)))
+}
+
+/// Is the key dormant at `cutoff`: last used before it, or never used and created
+/// before it (a key made yesterday and not used yet is not dormant for `30d`).
+pub fn unused_since(r: &KeyRecord, cutoff: u64) -> bool {
+    r.last_used_at.unwrap_or(r.created_at) < cutoff
+}
+
 impl DurationField {
     /// The value in milliseconds, or `invalid_field` naming the field.
     pub fn parse(&self, text: &str) -> Result<u64, ApiError> {
@@ -979,6 +1007,45 @@ mod tests {
                 assert_eq!(re.is_match(c), f.parse(c).is_ok(), "{property}: {c:?}");
             }
         }
+    }
+
+    /// `unused_for` is documented once (a shared parameter of both list operations) with
+    /// the pattern of exactly what `unused_cutoff` accepts; anything else is `invalid_query`.
+    #[test]
+    fn openapi_unused_for_matches_what_parses() {
+        let doc: serde_json::Value =
+            serde_json::from_str(crate::admin::router::OPENAPI).expect("valid JSON");
+        let param = &doc["components"]["parameters"]["UnusedFor"];
+        let wanted = pattern(&UNUSED_FOR);
+        assert_eq!(param["schema"]["pattern"].as_str(), Some(wanted.as_str()));
+        for path in ["/v1/keys", "/v1/api-keys"] {
+            let params = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+            let refs = params
+                .iter()
+                .filter(|p| p["$ref"] == "#/components/parameters/UnusedFor");
+            assert_eq!(refs.count(), 1, "{path}");
+        }
+        let re = regex::Regex::new(&wanted).unwrap();
+        for text in [
+            "90d", "1s", "36600d", "100y", "0s", "36601d", "1h 30m", "1.5h", "", "90",
+        ] {
+            let got = unused_cutoff(Some(text), 10 * DAY_MS);
+            assert_eq!(re.is_match(text), got.is_ok(), "{text:?}");
+            if let Err(e) = got {
+                assert_eq!(e.code, "invalid_query");
+                assert!(
+                    e.message.starts_with("parameter `unused_for`"),
+                    "{}",
+                    e.message
+                );
+            }
+        }
+        assert_eq!(
+            unused_cutoff(Some("1d"), 10 * DAY_MS).unwrap(),
+            Some(9 * DAY_MS)
+        );
+        assert_eq!(unused_cutoff(Some("1y"), DAY_MS).unwrap(), Some(0));
+        assert_eq!(unused_cutoff(None, DAY_MS).unwrap(), None);
     }
 
     proptest::proptest! {

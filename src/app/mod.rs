@@ -199,6 +199,12 @@ impl App {
             self.last_used_interval,
             usage_stopped,
         ));
+        tokio::spawn(crate::dormant::run(
+            self.admin.store.clone(),
+            self.admin.metrics.clone(),
+            self.config.fixed.dormant_interval,
+            rx.clone(),
+        ));
         let (joining, limit_store) = self.limit_exchange;
         let exchange = tokio::spawn(crate::limits::local::run_exchange(
             joining,

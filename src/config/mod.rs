@@ -188,6 +188,8 @@ pub struct Fixed {
     pub default_tenant: String,
     pub store: StoreConfig,
     pub last_used_interval: Duration,
+    /// `store.dormant_interval`: how often dormant keys are counted.
+    pub dormant_interval: Duration,
     pub cache_max_entries: u64,
     pub prefixes: Prefixes,
     pub pepper: Option<SecretString>,
@@ -217,6 +219,7 @@ impl Fixed {
             default_tenant,
             store,
             last_used_interval,
+            dormant_interval,
             cache_max_entries,
             prefixes,
             pepper,
@@ -243,6 +246,10 @@ impl Fixed {
             (
                 "store.last_used_interval",
                 *last_used_interval != o.last_used_interval,
+            ),
+            (
+                "store.dormant_interval",
+                *dormant_interval != o.dormant_interval,
             ),
             (
                 "cache.max_entries",

@@ -391,6 +391,13 @@ pub struct RawStore {
     /// How often noted key uses are written to the store (`last_used_at`), in one batch.
     #[serde(default = "default_last_used_interval")]
     pub last_used_interval: HumanDuration,
+    /// How often the background count of dormant keys (`keygate_keys_dormant`) runs.
+    #[serde(default = "default_dormant_interval")]
+    pub dormant_interval: HumanDuration,
+}
+
+fn default_dormant_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
 }
 
 fn default_last_used_interval() -> HumanDuration {

@@ -84,7 +84,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
     } = raw;
     let (proxy_listen, admin_listen) = listen(&proxy, &admin, env)?;
     let upstream = upstream(&proxy, env)?;
-    let (store, last_used_interval) = self::store(store, env)?;
+    let (store, last_used_interval, dormant_interval) = self::store(store, env)?;
     let (cache, cache_max_entries) = self::cache(&cache)?;
     let limits = self::limits(&proxy.limits, &admin)?;
     let timeouts = self::timeouts(&proxy.timeouts)?;
@@ -111,6 +111,7 @@ pub(super) fn validate(raw: RawConfig, env: &dyn Env) -> Result<(Fixed, Live)> {
         default_tenant: admin.default_tenant.0,
         store,
         last_used_interval,
+        dormant_interval,
         cache_max_entries,
         prefixes,
         pepper,
@@ -163,8 +164,8 @@ fn upstream(proxy: &RawProxy, env: &dyn Env) -> Result<Upstream> {
     }
 }
 
-/// `store`: exactly one backend, and `last_used_interval`.
-fn store(raw: RawStore, env: &dyn Env) -> Result<(StoreConfig, Duration)> {
+/// `store`: exactly one backend, `last_used_interval` and `dormant_interval`.
+fn store(raw: RawStore, env: &dyn Env) -> Result<(StoreConfig, Duration, Duration)> {
     let store = match (raw.redis, raw.memory) {
         (Some(r), None) => StoreConfig::Redis(super::backend::redis(r, env)?),
         (None, Some(_)) => StoreConfig::Memory,
@@ -173,7 +174,10 @@ fn store(raw: RawStore, env: &dyn Env) -> Result<(StoreConfig, Duration)> {
     if raw.last_used_interval.0 < Duration::from_millis(10) {
         return Err(invalid("store.last_used_interval", "must be at least 10ms"));
     }
-    Ok((store, raw.last_used_interval.0))
+    if raw.dormant_interval.0 < Duration::from_millis(10) {
+        return Err(invalid("store.dormant_interval", "must be at least 10ms"));
+    }
+    Ok((store, raw.last_used_interval.0, raw.dormant_interval.0))
 }
 
 /// `cache`: the reloadable rules, and `max_entries` (fixed: it sizes the cache).

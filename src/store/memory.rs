@@ -50,6 +50,12 @@ impl KeyStore for MemoryStore {
         Ok(self.inner.read().await.by_digest.get(digest).cloned())
     }
 
+    /// The whole (dev and test sized) store in one page.
+    async fn scan_all(&self, _cursor: u64) -> Result<Option<(u64, Vec<KeyRecord>)>, StoreError> {
+        let g = self.inner.read().await;
+        Ok(Some((0, g.by_digest.values().cloned().collect())))
+    }
+
     async fn by_id(&self, tenant: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let g = self.inner.read().await;
         Ok(g.by_id

@@ -214,6 +214,12 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Record last uses (digest, ms) in one round trip; a later time never goes back,
     /// unknown digests are skipped. No change event: it affects no decision.
     async fn touch(&self, uses: &[(Digest, u64)]) -> Result<(), StoreError>;
+    /// One page of every record of every tenant, for background counts (`dormant`):
+    /// start at cursor 0; the next cursor is 0 at the end. `None`: this store cannot
+    /// scan all records (Redis Cluster).
+    async fn scan_all(&self, _cursor: u64) -> Result<Option<(u64, Vec<KeyRecord>)>, StoreError> {
+        Ok(None)
+    }
     /// Is the store answering?
     async fn ping(&self) -> Result<(), StoreError>;
     /// Short name for logs and metrics.

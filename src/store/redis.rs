@@ -1032,6 +1032,11 @@ impl KeyStore for RedisStore {
         }
     }
 
+    async fn scan_all(&self, cursor: u64) -> Result<Option<(u64, Vec<KeyRecord>)>, StoreError> {
+        let (next, records, _unreadable) = self.scan_records(cursor).await?;
+        Ok(Some((next, records)))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.get()?;
         let _: String = self

@@ -18,6 +18,7 @@ mod cluster;
 mod code_map;
 mod contract;
 mod crash;
+mod dormant;
 mod explain;
 mod feed;
 mod h2_tools;
