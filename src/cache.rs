@@ -114,6 +114,30 @@ impl Identity {
         })
     }
 
+    /// A valid identity with these end times, for other modules' unit tests.
+    #[cfg(test)]
+    pub fn sample(expires_at: Option<u64>, revoked_at: Option<u64>) -> Identity {
+        Identity::new(KeyRecord {
+            id: "01900000-0000-7000-8000-000000000001".into(),
+            tenant: "t".into(),
+            name: "n".into(),
+            key_type: KeyType::Secret,
+            environment: crate::key::Environment::Live,
+            prefix: "sk_live_abcd".into(),
+            last_four: "wxyz".into(),
+            scopes: vec!["*".into()],
+            created_at: 1,
+            last_used_at: None,
+            expires_at,
+            revoked_at,
+            successor_id: None,
+            digest: [3u8; 32],
+            limits: Default::default(),
+            plain_sha256: false,
+        })
+        .expect("a valid record")
+    }
+
     fn part(&self, range: std::ops::Range<usize>) -> &str {
         // ASCII, checked in `new`: never the fallback.
         self.text.get(range).unwrap_or("-")

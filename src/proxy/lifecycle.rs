@@ -76,31 +76,12 @@ pub fn sunset_value(ms: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::KeyRecord;
 
     const DAY: u64 = 86_400_000;
     const NOW: u64 = 1_800_000_000_000;
 
     fn identity(expires_at: Option<u64>, revoked_at: Option<u64>) -> Identity {
-        Identity::new(KeyRecord {
-            id: "01900000-0000-7000-8000-000000000001".into(),
-            tenant: "t".into(),
-            name: "n".into(),
-            key_type: crate::key::KeyType::Secret,
-            environment: crate::key::Environment::Live,
-            prefix: "sk_live_abcd".into(),
-            last_four: "wxyz".into(),
-            scopes: vec!["*".into()],
-            created_at: 1,
-            last_used_at: None,
-            expires_at,
-            revoked_at,
-            successor_id: None,
-            digest: [3u8; 32],
-            limits: Default::default(),
-            plain_sha256: false,
-        })
-        .expect("a valid record")
+        Identity::sample(expires_at, revoked_at)
     }
 
     fn on() -> Lifecycle {
