@@ -118,22 +118,9 @@ impl Identity {
     #[cfg(test)]
     pub fn sample(expires_at: Option<u64>, revoked_at: Option<u64>) -> Identity {
         Identity::new(KeyRecord {
-            id: "01900000-0000-7000-8000-000000000001".into(),
-            tenant: "t".into(),
-            name: "n".into(),
-            key_type: KeyType::Secret,
-            environment: crate::key::Environment::Live,
-            prefix: "sk_live_abcd".into(),
-            last_four: "wxyz".into(),
-            scopes: vec!["*".into()],
-            created_at: 1,
-            last_used_at: None,
             expires_at,
             revoked_at,
-            successor_id: None,
-            digest: [3u8; 32],
-            limits: Default::default(),
-            plain_sha256: false,
+            ..KeyRecord::sample()
         })
         .expect("a valid record")
     }
@@ -589,7 +576,6 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{Environment, KeyType};
     use crate::store::memory::MemoryStore;
 
     /// A cache with the TTLs and store a snapshot and a worker would hand it.
@@ -623,22 +609,9 @@ mod tests {
 
     fn record(tenant: &str, created_at: u64) -> KeyRecord {
         KeyRecord {
-            id: "01900000-0000-7000-8000-000000000001".into(),
             tenant: tenant.into(),
-            name: "n".into(),
-            key_type: KeyType::Secret,
-            environment: Environment::Live,
-            prefix: "sk_live_abcd".into(),
-            last_four: "wxyz".into(),
-            scopes: vec!["*".into()],
             created_at,
-            last_used_at: None,
-            expires_at: None,
-            revoked_at: None,
-            successor_id: None,
-            digest: [3u8; 32],
-            limits: Default::default(),
-            plain_sha256: false,
+            ..KeyRecord::sample()
         }
     }
 

@@ -103,26 +103,12 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{Environment, KeyType};
 
     fn record(created_at: u64, last_used_at: Option<u64>) -> KeyRecord {
         KeyRecord {
-            id: "01900000-0000-7000-8000-000000000001".into(),
-            tenant: "t".into(),
-            name: "n".into(),
-            key_type: KeyType::Secret,
-            environment: Environment::Live,
-            prefix: "sk_live_abcd".into(),
-            last_four: "wxyz".into(),
-            scopes: vec!["*".into()],
             created_at,
             last_used_at,
-            expires_at: None,
-            revoked_at: None,
-            successor_id: None,
-            digest: [3u8; 32],
-            limits: Default::default(),
-            plain_sha256: false,
+            ..KeyRecord::sample()
         }
     }
 

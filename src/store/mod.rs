@@ -41,6 +41,32 @@ pub struct KeyRecord {
     pub plain_sha256: bool,
 }
 
+/// A valid record (tenant `t`, scope `*`; never used, expiring or revoked), for unit tests
+/// that need one: change what the test is about with `..KeyRecord::sample()`.
+#[cfg(test)]
+impl KeyRecord {
+    pub fn sample() -> KeyRecord {
+        KeyRecord {
+            id: "01900000-0000-7000-8000-000000000001".into(),
+            tenant: "t".into(),
+            name: "n".into(),
+            key_type: crate::key::KeyType::Secret,
+            environment: crate::key::Environment::Live,
+            prefix: "sk_live_abcd".into(),
+            last_four: "wxyz".into(),
+            scopes: vec!["*".into()],
+            created_at: 1,
+            last_used_at: None,
+            expires_at: None,
+            revoked_at: None,
+            successor_id: None,
+            digest: [3u8; 32],
+            limits: Default::default(),
+            plain_sha256: false,
+        }
+    }
+}
+
 /// A key's own rate limits and credits. Counted under `budget` (the key's own id, or for
 /// a key made by rotation the id of the first key of the chain), so old and new key share
 /// one budget during a rotation's grace period.
