@@ -646,6 +646,13 @@ def hot_phase(a, procs, workdir, binary, report):
         report["skipped"].append("haproxy (not installed)" if not a.no_haproxy
                                  else "haproxy (--no-haproxy)")
 
+    if a.only:
+        names = set(a.only.split(","))
+        unknown = names - {t.name for t in targets}
+        if unknown:
+            raise RuntimeError(f"--only: no target named {', '.join(sorted(unknown))}")
+        targets = [t for t in targets if t.name in names]
+
     keyfile = workdir / "hot-keys.txt"
     t0 = time.time()
     keys = create_keys(ka_admin, a.keys, keyfile)
@@ -1238,6 +1245,9 @@ def main():
                     help="perf-record keygate-auth during one extra run, print top symbols")
     ap.add_argument("--perf-target", default="keygate-auth",
                     help="the target --perf records (default keygate-auth)")
+    ap.add_argument("--only", metavar="NAMES",
+                    help="measure only these targets (comma-separated names), e.g. "
+                         "keygate-auth,keygate-auth-limited for a ratio in more rounds")
     ap.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--results", default=str(ROOT / "benches" / "RESULTS.md"))
     ap.add_argument("--binary", default=str(ROOT / "target" / "dist" / "keygate"))

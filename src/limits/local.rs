@@ -24,6 +24,10 @@ const QUEUE: usize = 65_536;
 const DEFER: u64 = 20;
 /// How often a replica tells the store it is there, and learns how many are.
 const HEARTBEAT_MS: u64 = 1_000;
+/// A replica goes on beating this long after its last limited decision: traffic that
+/// pauses and comes back finds it still counted and trusted, so it defers at once instead
+/// of sending every counter it spends on for `TRUSTED_BEATS` heartbeats.
+const BEAT_AFTER_MS: u64 = 600_000;
 /// A replica is counted this long after its last heartbeat.
 const REPLICA_TTL_MS: u64 = 10_000;
 /// Heartbeats a replica makes before it defers: by then every other replica that defers
@@ -481,6 +485,7 @@ pub async fn run_exchange(
     let mut totals: Vec<Arc<Totals>> = Vec::new();
     let mut peers = Peers::new();
     let mut totals_sent = 0u64;
+    let mut active_ms: Option<u64> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -499,13 +504,15 @@ pub async fn run_exchange(
             due = joining.all.iter().map(|(_, s)| s).collect();
         }
         let now = crate::time::now_ms();
-        // No decisions lately (their totals left the list), no heartbeat (a keygate
-        // without limits never asks), and the count starts over: the others stop counting
-        // this replica after a while.
-        if totals.is_empty() && due.is_empty() {
-            peers.beats = 0;
-        } else {
+        if !totals.is_empty() || !due.is_empty() {
+            active_ms = Some(now);
+        }
+        // No decisions for `BEAT_AFTER_MS` (a keygate without limits never asks): no
+        // heartbeat, and the count starts over, as the others stop counting this replica.
+        if active_ms.is_some_and(|t| now.saturating_sub(t) < BEAT_AFTER_MS) {
             peers.beat(&*store, now).await;
+        } else {
+            peers.beats = 0;
         }
         let share = if last { None } else { peers.share() };
         joining.share.store(share.unwrap_or(0), Ordering::Relaxed);
@@ -604,18 +611,15 @@ async fn exchange(
 async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<Totals>>) -> bool {
     let mut adds = Vec::new();
     let mut taken = Vec::new();
-    for t in totals.iter() {
+    // One pass (a busy replica holds a total for every key in use). Idle totals leave the
+    // list; the next decision registers them again. Leave, then look again: a count that
+    // saw `registered` still set stays here.
+    totals.retain(|t| {
         let a = t.admitted.swap(0, Ordering::AcqRel);
         let r = t.refused.swap(0, Ordering::AcqRel);
         if a + r > 0 {
             adds.push((t.tag.clone(), t.key_id.clone(), a, r));
             taken.push((t.clone(), a, r));
-        }
-    }
-    // Idle totals leave the list; the next decision registers them again. Leave, then
-    // look again, as `keep` does: a count that saw `registered` still set stays here.
-    totals.retain(|t| {
-        if taken.iter().any(|(s, _, _)| Arc::ptr_eq(s, t)) {
             return true;
         }
         t.registered.store(false, Ordering::SeqCst);

@@ -1070,6 +1070,41 @@ async fn local_mode_holds_back_spending_far_from_the_limit_and_sends_it_on_stop(
     );
 }
 
+/// Traffic that pauses and comes back is held back at once: a replica goes on counting
+/// the replicas for a while after its last decision, so it need not learn their number
+/// again (three heartbeats, sending every counter it spends on meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_holds_back_at_once_when_traffic_returns_after_a_pause() {
+    const LIMIT: u64 = 1_000_000;
+    const PER_REPLICA: u64 = 20;
+    let redis = Redis::start();
+    let http = client();
+    let kgs = replicas(&redis, "local", &http).await;
+    let gates: Vec<Gate> = kgs.iter().map(|k| Gate::of_process(k, &http)).collect();
+    clear_of_boundary(HOUR_MS, 60_000).await;
+    let k = gates[0]
+        .create(json!({"ratelimits": [{"name": "requests", "limit": LIMIT, "duration": HOUR}]}))
+        .await;
+    for g in &gates {
+        assert_eq!(g.get("/open/far", &k.key).await.status, 200, "warm-up");
+    }
+    // Long enough for the usage totals (sent every 10 s) to find the key idle and let it
+    // go: nothing of this key is left for the exchange.
+    tokio::time::sleep(Duration::from_millis(22_000)).await;
+    redis.reset_stats();
+    for i in 0..PER_REPLICA * REPLICAS as u64 {
+        let a = gates[i as usize % REPLICAS].get("/open/far", &k.key).await;
+        assert_eq!(a.status, 200, "request {i}: {a:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = redis.calls("incrby");
+    eprintln!("after a pause: {sent} INCRBY while {REPLICAS} replicas spent");
+    assert!(
+        sent <= 2 * REPLICAS as u64,
+        "{sent} INCRBY: a replica back from a pause sent a counter far from its limit"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. All or nothing.
 
