@@ -15,8 +15,9 @@ use xxhash_rust::xxh3::xxh3_128_with_seed;
 /// What an admitted request takes along.
 #[derive(Debug, Default)]
 pub struct Admission {
-    /// The counter closest to exhaustion, for the answer's `RateLimit` headers.
-    pub tightest: Option<Headroom>,
+    /// `RateLimit-Policy` and `RateLimit` of the counter closest to exhaustion, for the
+    /// answer (`None` when `rate_limits.headers` is off).
+    pub headers: Option<(HeaderValue, HeaderValue)>,
     /// The store could not be asked and `on_store_error: allow` let the request pass.
     pub unchecked: bool,
 }
@@ -245,17 +246,22 @@ impl Limiter {
             Err(()) => return self.store_failed(rules, &specs),
         };
         self.count(&specs, &states, decision, unchecked);
+        let named = |i: Option<usize>| i.map(|i| (specs[i].name(), &states[i]));
         match decision {
             Decision::Admit => Ok(Admission {
-                tightest: tightest(&states),
+                headers: rules
+                    .headers
+                    .then(|| named(tightest(&states)))
+                    .flatten()
+                    .map(headers),
                 unchecked,
             }),
             Decision::Limited { retry_after_ms } => Err(Deny::RateLimited(throttle(
-                refusing(&states, Kind::RateLimit),
+                named(refusing(&states, Kind::RateLimit)),
                 Some(retry_after_ms),
             ))),
             Decision::NoCredits { retry_after_ms } => Err(Deny::CreditsExhausted(throttle(
-                refusing(&states, Kind::Credits),
+                named(refusing(&states, Kind::Credits)),
                 retry_after_ms,
             ))),
         }
@@ -296,15 +302,15 @@ impl Limiter {
         now_ms: u64,
     ) -> (Decision, Few<Headroom>) {
         let spare;
-        let run = match self.local.run(&id.attached, id.tenant(), id.id()) {
+        let run = match Local::run(&id.attached, id.tenant(), id.id()) {
             Some(run) => run,
             None => {
-                spare = KeyRun::new(id.tenant(), id.id());
-                &spare
+                spare = Arc::new(KeyRun::new(id.tenant(), id.id()));
+                Local::own(&spare)
             }
         };
         let made;
-        let slots: &[Arc<Slot>] = match run.route(route.uid, || self.slots(specs, id)) {
+        let slots: &[Arc<Slot>] = match run.run.route(route.uid, || self.slots(specs, id)) {
             Some(kept) => {
                 if kept.touch_due(now_ms) {
                     for (s, slot) in specs.iter().zip(&kept.slots) {
@@ -359,17 +365,13 @@ impl Limiter {
             if used.saturating_add(s.cost) > quota {
                 decision = worse(decision, refusal(s.kind(), period_ms, reset_ms));
             }
-            let mut h = Headroom {
-                name: slot.name().clone(),
+            states.push(Headroom {
                 kind: s.kind(),
                 quota,
                 remaining: quota.saturating_sub(used),
                 reset_ms,
                 period_ms,
-                policy: None,
-            };
-            h.policy = Some(slot.policy_header(&h));
-            states.push(h);
+            });
         }
         (decision, states)
     }
@@ -388,7 +390,7 @@ impl Limiter {
             return Err(Deny::StoreUnavailable);
         }
         Ok(Admission {
-            tightest: None,
+            headers: None,
             unchecked: true,
         })
     }
@@ -433,32 +435,32 @@ fn worse(a: Decision, b: Decision) -> Decision {
     }
 }
 
-/// The counter nearest exhaustion: least remaining as a share of its quota.
-fn tightest(states: &[Headroom]) -> Option<Headroom> {
+/// The counter nearest exhaustion (its index): least remaining as a share of its quota.
+fn tightest(states: &[Headroom]) -> Option<usize> {
     let share = |a: &Headroom, b: &Headroom| {
         let left = u128::from(a.remaining) * u128::from(b.quota.max(1));
         let right = u128::from(b.remaining) * u128::from(a.quota.max(1));
         left.cmp(&right).then(a.remaining.cmp(&b.remaining))
     };
-    states.iter().min_by(|a, b| share(a, b)).cloned()
+    (0..states.len()).min_by(|&a, &b| share(&states[a], &states[b]))
 }
 
 /// The refusing counter of `kind` with nothing left, else the tightest.
 /// Of several spent ones, the one whose window ends last: the one `Retry-After` names.
-fn refusing(states: &[Headroom], kind: Kind) -> Option<Headroom> {
-    let empty = states.iter().filter(|h| h.kind == kind);
-    empty
-        .min_by(|a, b| {
+fn refusing(states: &[Headroom], kind: Kind) -> Option<usize> {
+    let of_kind = (0..states.len()).filter(|&i| states[i].kind == kind);
+    of_kind
+        .min_by(|&a, &b| {
+            let (a, b) = (&states[a], &states[b]);
             a.remaining
                 .cmp(&b.remaining)
                 .then(b.reset_ms.cmp(&a.reset_ms))
         })
-        .cloned()
         .or_else(|| tightest(states))
 }
 
-fn throttle(h: Option<Headroom>, retry_after_ms: Option<u64>) -> Throttle {
-    let (policy, state) = h.as_ref().map(headers).unzip();
+fn throttle(h: Option<(&str, &Headroom)>, retry_after_ms: Option<u64>) -> Throttle {
+    let (policy, state) = h.map(headers).unzip();
     Throttle {
         retry_after: retry_after_ms.map(|ms| HeaderValue::from(ms.div_ceil(1000).max(1))),
         policy,
@@ -466,24 +468,17 @@ fn throttle(h: Option<Headroom>, retry_after_ms: Option<u64>) -> Throttle {
     }
 }
 
-/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11) for one
-/// counter: `"name";q=100;w=60` and `"name";r=42;t=17` (no `w`/`t` for credits that never
-/// refill). Names are validated to a header-safe alphabet.
-pub fn headers(h: &Headroom) -> (HeaderValue, HeaderValue) {
-    let policy = h.policy.clone().unwrap_or_else(|| policy_header(h));
-    let endless = h.period_ms == u64::MAX;
-    let reset = (!endless).then(|| h.reset_ms.div_ceil(1000));
-    (
-        policy,
-        item(&h.name, ("r", h.remaining), reset.map(|t| ("t", t))),
-    )
-}
-
-/// The `RateLimit-Policy` value of a counter (fixed while its quota is).
-pub fn policy_header(h: &Headroom) -> HeaderValue {
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11) for the
+/// counter `name`: `"name";q=100;w=60` and `"name";r=42;t=17` (no `w`/`t` for credits that
+/// never refill). Names are validated to a header-safe alphabet.
+pub fn headers((name, h): (&str, &Headroom)) -> (HeaderValue, HeaderValue) {
     let endless = h.period_ms == u64::MAX;
     let window = (!endless).then(|| h.period_ms.div_ceil(1000));
-    item(&h.name, ("q", h.quota), window.map(|w| ("w", w)))
+    let reset = (!endless).then(|| h.reset_ms.div_ceil(1000));
+    (
+        item(name, ("q", h.quota), window.map(|w| ("w", w))),
+        item(name, ("r", h.remaining), reset.map(|t| ("t", t))),
+    )
 }
 
 /// `"name";a=1;b=2` as a header value, in one allocation.
@@ -505,8 +500,7 @@ fn item(name: &str, a: (&str, u64), b: Option<(&str, u64)>) -> HeaderValue {
 
 /// Put the admitted answer's `RateLimit` headers on `resp`, after any of the upstream's
 /// own (fields combine into one list).
-pub fn add_headers(resp: &mut http::HeaderMap, h: &Headroom) {
-    let (policy, state) = headers(h);
+pub fn add_headers(resp: &mut http::HeaderMap, (policy, state): (HeaderValue, HeaderValue)) {
     resp.append(RATELIMIT_POLICY, policy);
     resp.append(RATELIMIT, state);
 }

@@ -48,16 +48,14 @@ const TOUCH_MS: u64 = 60_000;
 /// The counters of one request, kept inline for the usual few.
 pub type Few<T> = SmallVec<[T; 4]>;
 
-/// One counter as this process sees it, for the window it is in.
+/// One counter as this process sees it, for the window it is in. What a decision reads
+/// and writes comes first, in one cache line of its own (`align(64)`): with many keys in
+/// use each line a request touches is a miss, and the two threads never share one by
+/// accident.
+#[repr(C, align(64))]
 pub struct Slot {
-    /// The store key without the window: `<ns>:{<tag>}:<counter id>`.
-    key: String,
-    /// The limit's name, for the `RateLimit` headers.
-    name: Arc<str>,
     anchor_ms: u64,
     period_ms: u64,
-    ttl_ms: u64,
-    kind: Kind,
     /// The quota of the window, as the last decision saw it.
     quota: AtomicU64,
     window: AtomicU64,
@@ -69,39 +67,27 @@ pub struct Slot {
     inflight: AtomicU64,
     /// Queued for the next exchange.
     registered: AtomicBool,
-    /// `RateLimit-Policy` for the quota it was made for (a PATCH may change the quota).
-    policy: arc_swap::ArcSwapOption<(u64, http::HeaderValue)>,
+    kind: Kind,
+    ttl_ms: u64,
+    /// The store key without the window: `<ns>:{<tag>}:<counter id>`.
+    key: String,
 }
 
 impl Slot {
     fn new(key: String, c: &super::Counter) -> Slot {
         Slot {
-            key,
-            name: c.name.clone(),
             anchor_ms: c.anchor_ms,
             period_ms: c.period_ms,
-            ttl_ms: c.ttl_ms(),
-            kind: c.kind,
             quota: AtomicU64::new(0),
             window: AtomicU64::new(0),
             global: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             registered: AtomicBool::new(false),
-            policy: arc_swap::ArcSwapOption::empty(),
+            kind: c.kind,
+            ttl_ms: c.ttl_ms(),
+            key,
         }
-    }
-
-    /// The `RateLimit-Policy` value of `h` (this counter), made once per quota.
-    pub fn policy_header(&self, h: &super::Headroom) -> http::HeaderValue {
-        if let Some(p) = &*self.policy.load() {
-            if p.0 == h.quota {
-                return p.1.clone();
-            }
-        }
-        let v = super::limiter::policy_header(h);
-        self.policy.store(Some(Arc::new((h.quota, v.clone()))));
-        v
     }
 
     fn window_at(&self, now_ms: u64) -> u64 {
@@ -151,19 +137,15 @@ impl Slot {
         let left = self.quota.load(Ordering::Relaxed).saturating_sub(known);
         self.pending.load(Ordering::Acquire).saturating_mul(share) < left
     }
-
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
-    }
 }
 
 /// The admitted/refused totals of one key, waiting to be added in the store.
-pub struct Totals {
-    tag: String,
-    key_id: String,
+struct Totals {
     admitted: AtomicU64,
     refused: AtomicU64,
     registered: AtomicBool,
+    tag: String,
+    key_id: String,
 }
 
 /// A slot is kept while idle for at least its window (and 10 minutes): one made afresh
@@ -232,7 +214,7 @@ type Slots<V> = moka::sync::Cache<u128, Arc<V>, Prehashed>;
 pub struct Local {
     slots: Slots<Slot>,
     new_slots: mpsc::Sender<Arc<Slot>>,
-    new_totals: mpsc::Sender<Arc<Totals>>,
+    new_totals: mpsc::Sender<Arc<KeyRun>>,
     /// Did the last exchange reach the store?
     store_ok: Arc<AtomicBool>,
     /// `DEFER` times the replicas, 0 while not known (`Peers::share`): what `spend` needs
@@ -243,7 +225,7 @@ pub struct Local {
 /// The receiving half, for `run_exchange`.
 pub struct Joining {
     slots: mpsc::Receiver<Arc<Slot>>,
-    totals: mpsc::Receiver<Arc<Totals>>,
+    totals: mpsc::Receiver<Arc<KeyRun>>,
     store_ok: Arc<AtomicBool>,
     share: Arc<AtomicU64>,
     /// Every slot, for the last exchange (which sends what was held back too).
@@ -321,26 +303,35 @@ impl Local {
         self.slots.get_with(hash, || slot.clone());
     }
 
-    /// The state kept beside a cached key (see `KeyRun`), made on its first limited request.
-    pub fn run<'a>(
-        &self,
-        attached: &'a Attached,
-        tenant: &str,
-        key_id: &str,
-    ) -> Option<&'a KeyRun> {
-        let any = attached.get_or_init(|| Box::new(Box::new(KeyRun::new(tenant, key_id))));
-        any.downcast_ref::<KeyRun>()
+    /// The state kept beside a cached key (see `KeyRun`), made on its first limited
+    /// request; `None` if something else is attached to the key.
+    pub fn run<'a>(attached: &'a Attached, tenant: &str, key_id: &str) -> Option<RunRef<'a>> {
+        let any = attached.get_or_init(|| Arc::new(KeyRun::new(tenant, key_id)));
+        let run = any.downcast_ref::<KeyRun>()?;
+        Some(RunRef {
+            queue_as: QueueAs::Attached(any),
+            run,
+        })
+    }
+
+    /// A key's `KeyRun` made for one request (when something else is attached to it).
+    pub fn own(run: &Arc<KeyRun>) -> RunRef<'_> {
+        RunRef {
+            queue_as: QueueAs::Own(run),
+            run,
+        }
     }
 
     /// Count one decision for the key's usage totals.
-    pub fn count(&self, run: &KeyRun, admitted: bool) {
-        let t = &run.totals;
+    pub fn count(&self, run: RunRef<'_>, admitted: bool) {
+        let t = &run.run.totals;
         let n = if admitted { &t.admitted } else { &t.refused };
         n.fetch_add(1, Ordering::SeqCst);
-        if !t.registered.load(Ordering::SeqCst)
-            && !t.registered.swap(true, Ordering::AcqRel)
-            && self.new_totals.try_send(t.clone()).is_err()
-        {
+        if t.registered.load(Ordering::SeqCst) || t.registered.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queued = (run.queue_as.shared()).is_some_and(|r| self.new_totals.try_send(r).is_ok());
+        if !queued {
             t.registered.store(false, Ordering::Release);
         }
     }
@@ -349,10 +340,33 @@ impl Local {
 /// What a cached key's limited requests reuse, kept beside its identity: its usage totals
 /// and, for the first few routes it is used on, that route's slots in the decision's
 /// order. A repeat request then reads no shared map: every read of one (moka) is a write
-/// to a queue all threads share.
+/// to a queue all threads share. The totals' counts sit next to the first route's slots.
+#[repr(C)]
 pub struct KeyRun {
-    totals: Arc<Totals>,
+    totals: Totals,
     routes: [OnceLock<RouteRun>; ROUTES_PER_KEY],
+}
+
+/// A key's `KeyRun`, with what it is shared as, to queue it for the exchange.
+#[derive(Clone, Copy)]
+pub struct RunRef<'a> {
+    queue_as: QueueAs<'a>,
+    pub run: &'a KeyRun,
+}
+
+#[derive(Clone, Copy)]
+enum QueueAs<'a> {
+    Attached(&'a Arc<dyn std::any::Any + Send + Sync>),
+    Own(&'a Arc<KeyRun>),
+}
+
+impl QueueAs<'_> {
+    fn shared(self) -> Option<Arc<KeyRun>> {
+        match self {
+            QueueAs::Attached(any) => any.clone().downcast::<KeyRun>().ok(),
+            QueueAs::Own(run) => Some(run.clone()),
+        }
+    }
 }
 
 /// The slots of one route's requests by one key.
@@ -366,13 +380,13 @@ impl KeyRun {
     /// A new key's: totals from nothing (they are deltas: two runs of one key add up).
     pub fn new(tenant: &str, key_id: &str) -> KeyRun {
         KeyRun {
-            totals: Arc::new(Totals {
-                tag: super::tag(tenant),
-                key_id: key_id.to_string(),
+            totals: Totals {
                 admitted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
                 registered: AtomicBool::new(false),
-            }),
+                tag: super::tag(tenant),
+                key_id: key_id.to_string(),
+            },
             routes: Default::default(),
         }
     }
@@ -482,7 +496,7 @@ pub async fn run_exchange(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut due: Vec<Arc<Slot>> = Vec::new();
-    let mut totals: Vec<Arc<Totals>> = Vec::new();
+    let mut totals: Vec<Arc<KeyRun>> = Vec::new();
     let mut peers = Peers::new();
     let mut totals_sent = 0u64;
     let mut active_ms: Option<u64> = None;
@@ -608,18 +622,19 @@ async fn exchange(
 }
 
 /// Add the keys' admitted/refused totals; what could not be sent stays for next time.
-async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<Totals>>) -> bool {
+async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<KeyRun>>) -> bool {
     let mut adds = Vec::new();
     let mut taken = Vec::new();
     // One pass (a busy replica holds a total for every key in use). Idle totals leave the
     // list; the next decision registers them again. Leave, then look again: a count that
     // saw `registered` still set stays here.
-    totals.retain(|t| {
+    totals.retain(|run| {
+        let t = &run.totals;
         let a = t.admitted.swap(0, Ordering::AcqRel);
         let r = t.refused.swap(0, Ordering::AcqRel);
         if a + r > 0 {
             adds.push((t.tag.clone(), t.key_id.clone(), a, r));
-            taken.push((t.clone(), a, r));
+            taken.push((run.clone(), a, r));
             return true;
         }
         t.registered.store(false, Ordering::SeqCst);
@@ -635,7 +650,8 @@ async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<Totals>>) -> bo
     match store.add_totals(&adds).await {
         Ok(()) => true,
         Err(e) => {
-            for (t, a, r) in taken {
+            for (run, a, r) in taken {
+                let t = &run.totals;
                 t.admitted.fetch_add(a, Ordering::AcqRel);
                 t.refused.fetch_add(r, Ordering::AcqRel);
             }

@@ -86,10 +86,10 @@ pub struct Ask {
     pub key_id: String,
 }
 
-/// The state of one counter after a decision: what the `RateLimit` headers tell.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The state of one counter after a decision: what the `RateLimit` headers tell. Its name
+/// is its counter's (in the same order), so a decision clones no name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Headroom {
-    pub name: Arc<str>,
     pub kind: Kind,
     /// The quota of the current window.
     pub quota: u64,
@@ -98,8 +98,6 @@ pub struct Headroom {
     pub reset_ms: u64,
     /// `u64::MAX` for endless windows.
     pub period_ms: u64,
-    /// The `RateLimit-Policy` value when already made (`local` keeps it per counter).
-    pub policy: Option<http::HeaderValue>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

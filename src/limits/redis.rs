@@ -420,13 +420,11 @@ pub(super) fn headroom(ask: &Ask, now_ms: u64, counts: &[u64]) -> Vec<Headroom> 
         .map(|(c, &count)| {
             let quota = c.quota_of(c.window(now_ms));
             Headroom {
-                name: c.name.clone(),
                 kind: c.kind,
                 quota,
                 remaining: quota.saturating_sub(count),
                 reset_ms: c.reset_in(now_ms),
                 period_ms: c.period_ms,
-                policy: None,
             }
         })
         .collect()

@@ -233,10 +233,8 @@ impl Proxy {
             unchecked: admission.unchecked,
         };
         let mut result = self.forwarder.forward(req, out, policy, conn).await;
-        if let (Ok((resp, _)), Some(h)) = (&mut result, &admission.tightest) {
-            if snap.rate_limits.headers {
-                crate::limits::limiter::add_headers(resp.headers_mut(), h);
-            }
+        if let (Ok((resp, _)), Some(h)) = (&mut result, admission.headers) {
+            crate::limits::limiter::add_headers(resp.headers_mut(), h);
         }
         *who = identity;
         (index, result)

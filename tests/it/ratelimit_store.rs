@@ -232,12 +232,11 @@ async fn all_or_nothing(t: &Target) {
     let a = ask("all_or_nothing", limits(2));
     let o = t.store.take(&a, BASE).await.unwrap();
     assert_eq!(o.decision, ADMIT);
-    let shape: Vec<_> = o
-        .counters
-        .iter()
-        .map(|h| {
+    // A state's name is its counter's: they come back in the order asked.
+    let shape: Vec<_> = (a.counters.iter().zip(&o.counters))
+        .map(|(c, h)| {
             (
-                &*h.name,
+                &*c.name,
                 h.kind,
                 h.quota,
                 h.remaining,

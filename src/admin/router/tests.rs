@@ -72,13 +72,11 @@ impl LimitStore for TestLimits {
                     .map(|(_, n)| *n)
                     .sum::<u64>();
                 Headroom {
-                    name: c.name.clone(),
                     kind: c.kind,
                     quota,
                     remaining: quota.saturating_sub(used),
                     reset_ms: c.reset_in(now_ms),
                     period_ms: c.period_ms,
-                    policy: None,
                 }
             })
             .collect();
