@@ -22,6 +22,27 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
+/// One `RateLimit`/`RateLimit-Policy` item, `"name";a=1;b=2`, in one allocation of its
+/// exact size (names are validated to a header-safe alphabet).
+pub fn ratelimit_item(name: &str, a: (&str, u64), b: Option<(&str, u64)>) -> HeaderValue {
+    let (mut num_a, mut num_b) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let a = (a.0, num_a.format(a.1));
+    let b = b.map(|(k, v)| (k, num_b.format(v)));
+    let param = |(k, n): (&str, &str)| 2 + k.len() + n.len();
+    let mut v = Vec::with_capacity(2 + name.len() + param(a) + b.map_or(0, param));
+    v.push(b'"');
+    v.extend_from_slice(name.as_bytes());
+    v.push(b'"');
+    for (k, n) in std::iter::once(a).chain(b) {
+        v.push(b';');
+        v.extend_from_slice(k.as_bytes());
+        v.push(b'=');
+        v.extend_from_slice(n.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(v))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"limit\";q=0"))
+}
+
 const CHALLENGE: HeaderValue = HeaderValue::from_static("Bearer realm=\"keygate\"");
 const INVALID_TOKEN: HeaderValue =
     HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\"");

@@ -9,8 +9,9 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{self, Relaxed};
+use std::sync::{Arc, OnceLock};
 
 /// Brings a counter kept elsewhere up to `seen` (counters only grow).
 fn catch_up(counter: &IntCounter, seen: u64) {
@@ -189,17 +190,27 @@ impl StoreMetrics {
 /// the rest count as `other`, so a client cannot grow the label set without bound.
 struct LimitMetrics {
     decisions: IntCounterVec,
-    /// Handles by limit name, one per result; copied on the rare new name.
-    seen: arc_swap::ArcSwap<LimitHandles>,
+    /// Handles by limit name, one per result: an open-addressed table whose buckets are
+    /// set once and never change, so a lookup is a hash, a load and a compare (it runs once
+    /// per limit per limited request, on every proxy thread).
+    seen: [OnceLock<(Box<str>, [IntCounter; 4])>; LIMIT_BUCKETS],
+    names: AtomicUsize,
 }
 
-/// At most `MAX_LIMIT_LABELS` names, all from the config or the admin API: a fast hash
-/// is enough (it runs once per limit per limited request).
-type LimitHandles =
-    std::collections::HashMap<Box<str>, [IntCounter; 4], xxhash_rust::xxh3::Xxh3DefaultBuilder>;
-
+/// The `result` label values, in `LimitResult` order.
 const LIMIT_RESULTS: [&str; 4] = ["admitted", "refused", "unchecked", "store_error_denied"];
 const MAX_LIMIT_LABELS: usize = 64;
+/// Twice the names it holds at most ("other" too), so probes stay short and always end.
+const LIMIT_BUCKETS: usize = 2 * (MAX_LIMIT_LABELS + 1);
+
+/// What a rate-limit decision was, for `keygate_ratelimit_decisions_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitResult {
+    Admitted,
+    Refused,
+    Unchecked,
+    StoreErrorDenied,
+}
 
 impl LimitMetrics {
     fn new(b: &Builder) -> LimitMetrics {
@@ -211,41 +222,41 @@ impl LimitMetrics {
             b.add(IntCounterVec::new(opts, &["limit", "result"]).expect("static definition"));
         let m = LimitMetrics {
             decisions,
-            seen: Default::default(),
+            seen: std::array::from_fn(|_| OnceLock::new()),
+            names: AtomicUsize::new(0),
         };
         m.handles("other");
         m
     }
 
-    fn handles(&self, limit: &str) -> [IntCounter; 4] {
-        if let Some(h) = self.seen.load().get(limit) {
-            return h.clone();
+    /// The handles of `limit`, made on its first decision ("other"'s past the cap).
+    fn handles(&self, limit: &str) -> &[IntCounter; 4] {
+        let start = xxhash_rust::xxh3::xxh3_64(limit.as_bytes()) as usize;
+        for i in 0..LIMIT_BUCKETS {
+            let bucket = &self.seen[(start + i) % LIMIT_BUCKETS];
+            let (name, handles) = match bucket.get() {
+                Some(found) => found,
+                None if limit != "other"
+                    && self.names.load(Ordering::Relaxed) >= MAX_LIMIT_LABELS =>
+                {
+                    return self.handles("other");
+                }
+                None => bucket.get_or_init(|| {
+                    self.names.fetch_add(1, Ordering::Relaxed);
+                    let made = LIMIT_RESULTS.map(|r| self.decisions.with_label_values(&[limit, r]));
+                    (limit.into(), made)
+                }),
+            };
+            if **name == *limit {
+                return handles;
+            }
         }
-        let label = if self.seen.load().len() >= MAX_LIMIT_LABELS {
-            "other"
-        } else {
-            limit
-        };
-        let made = LIMIT_RESULTS.map(|r| self.decisions.with_label_values(&[label, r]));
-        if label == limit {
-            self.seen.rcu(|m| {
-                let mut m = LimitHandles::clone(m);
-                m.entry(limit.into()).or_insert_with(|| made.clone());
-                m
-            });
-        }
-        made
+        // Not reached: the table has room for every name it admits.
+        self.handles("other")
     }
 
-    fn decision(&self, limit: &str, result: &str) {
-        let Some(i) = LIMIT_RESULTS.iter().position(|r| *r == result) else {
-            return;
-        };
-        if let Some(h) = self.seen.load().get(limit) {
-            h[i].inc();
-            return;
-        }
-        self.handles(limit)[i].inc();
+    fn decision(&self, limit: &str, result: LimitResult) {
+        self.handles(limit)[result as usize].inc();
     }
 }
 
@@ -448,7 +459,7 @@ impl Metrics {
 
     /// One limit's part in a decision: `admitted`, `refused`, `unchecked` (the store could
     /// not be asked; admitted) or `store_error_denied`.
-    pub fn ratelimit_decision(&self, limit: &str, result: &str) {
+    pub fn ratelimit_decision(&self, limit: &str, result: LimitResult) {
         self.limits.decision(limit, result);
     }
 
@@ -550,5 +561,34 @@ mod tests {
         routes.route(Some(0)).allowed();
         assert_eq!(m.requests.with_label_values(&["users", "allowed"]).get(), 1);
         assert_eq!(results().count(), 1 + Deny::iter().count());
+    }
+
+    /// Limit names are labels up to the cap, then `other`; every decision is counted once.
+    #[test]
+    fn limit_names_past_the_cap_count_as_other() {
+        let m = Metrics::new();
+        let name = |i: usize| format!("limit-{i}");
+        for round in 0..3 {
+            for i in 0..100 {
+                m.ratelimit_decision(&name(i), LimitResult::Admitted);
+            }
+            m.ratelimit_decision(&name(7), LimitResult::Refused);
+            let count = |label: &str, result: &str| {
+                m.limits.decisions.with_label_values(&[label, result]).get()
+            };
+            let each = round + 1;
+            for i in 0..MAX_LIMIT_LABELS - 1 {
+                assert_eq!(count(&name(i), "admitted"), each, "{}", name(i));
+            }
+            let past = (100 - (MAX_LIMIT_LABELS - 1)) as u64;
+            assert_eq!(count("other", "admitted"), past * each);
+            assert_eq!(count(&name(7), "refused"), each);
+        }
+        let text = m.render();
+        let labels = (text.lines())
+            .filter(|l| l.starts_with("keygate_ratelimit_decisions_total{"))
+            .filter(|l| l.contains("result=\"admitted\""))
+            .count();
+        assert_eq!(labels, MAX_LIMIT_LABELS, "{text}");
     }
 }

@@ -620,15 +620,11 @@ fn route_limits(i: usize, raw: &[RawRouteLimit]) -> Result<Vec<policy::RouteLimi
                 "must be whole seconds, from 1s to 366d",
             ));
         }
-        out.push(policy::RouteLimit {
-            name: l.name.as_str().into(),
-            limit: l.limit,
-            window_ms: ms as u64,
-            by: match l.by {
-                super::raw::RawLimitBy::Key => policy::LimitBy::Key,
-                super::raw::RawLimitBy::Tenant => policy::LimitBy::Tenant,
-            },
-        });
+        let by = match l.by {
+            super::raw::RawLimitBy::Key => policy::LimitBy::Key,
+            super::raw::RawLimitBy::Tenant => policy::LimitBy::Tenant,
+        };
+        out.push(policy::RouteLimit::new(&l.name, l.limit, ms as u64, by));
     }
     Ok(out)
 }

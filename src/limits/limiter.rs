@@ -5,7 +5,8 @@ use super::local::{Few, KeyRun, Local, Slot};
 use super::{reset_in, Counter, Decision, Headroom, Kind, LimitStore};
 use crate::cache::Identity;
 use crate::config::RateLimitRules;
-use crate::error::{Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
+use crate::error::{ratelimit_item, Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
+use crate::metrics::LimitResult;
 use crate::policy::{LimitBy, Route, RouteLimit};
 use crate::store::{Credits, KeyLimits, RateLimit};
 use http::HeaderValue;
@@ -234,19 +235,20 @@ impl Limiter {
         if unchecked && rules.deny_on_store_error {
             return self.store_failed(rules, &specs);
         }
+        // Filled in place: a request's states are a few hundred bytes, not worth moving.
+        let mut states = Few::new();
         let answer = if rules.exact {
             let store = worker.unwrap_or(&self.store);
             let tag = super::tag(id.tenant());
-            Self::exact(&**store, &specs, &tag, id.id(), now_ms).await
+            Self::exact(&**store, &specs, &tag, id.id(), now_ms, &mut states).await
         } else {
-            Ok(self.local(route, &specs, id, now_ms))
+            Ok(self.local(route, &specs, id, now_ms, &mut states))
         };
-        let (decision, states) = match answer {
-            Ok(done) => done,
-            Err(()) => return self.store_failed(rules, &specs),
+        let Ok(decision) = answer else {
+            return self.store_failed(rules, &specs);
         };
         self.count(&specs, &states, decision, unchecked);
-        let named = |i: Option<usize>| i.map(|i| (specs[i].name(), &states[i]));
+        let named = |i: Option<usize>| i.map(|i| (&specs[i], &states[i]));
         match decision {
             Decision::Admit => Ok(Admission {
                 headers: rules
@@ -274,14 +276,18 @@ impl Limiter {
         tag: &str,
         key_id: &str,
         now_ms: u64,
-    ) -> Result<(Decision, Few<Headroom>), ()> {
+        states: &mut Few<Headroom>,
+    ) -> Result<Decision, ()> {
         let ask = super::Ask {
             tag: tag.to_string(),
             counters: specs.iter().map(Spec::counter).collect(),
             key_id: key_id.to_string(),
         };
         match store.take(&ask, now_ms).await {
-            Ok(o) if o.counters.len() == specs.len() => Ok((o.decision, Few::from_vec(o.counters))),
+            Ok(o) if o.counters.len() == specs.len() => {
+                states.extend(o.counters);
+                Ok(o.decision)
+            }
             Ok(_) => {
                 tracing::error!("the rate-limit store answered for other counters than asked");
                 Err(())
@@ -300,7 +306,8 @@ impl Limiter {
         specs: &[Spec<'_>],
         id: &Identity,
         now_ms: u64,
-    ) -> (Decision, Few<Headroom>) {
+        states: &mut Few<Headroom>,
+    ) -> Decision {
         let spare;
         let run = match Local::run(&id.attached, id.tenant(), id.id()) {
             Some(run) => run,
@@ -324,7 +331,7 @@ impl Limiter {
                 &made
             }
         };
-        let (decision, mut states) = Self::decide(specs, slots, now_ms);
+        let decision = Self::decide(specs, slots, now_ms, states);
         // A refusal spends nothing and needs no exchange: within a window the store's
         // count only grows, so what made this replica refuse stays true.
         if decision == Decision::Admit {
@@ -334,7 +341,7 @@ impl Limiter {
             }
         }
         self.local.count(run, decision == Decision::Admit);
-        (decision, states)
+        decision
     }
 
     /// The shared map's slots for `specs`.
@@ -353,8 +360,12 @@ impl Limiter {
     }
 
     /// What the slots say of each counter, and whether they admit the request.
-    fn decide(specs: &[Spec<'_>], slots: &[Arc<Slot>], now_ms: u64) -> (Decision, Few<Headroom>) {
-        let mut states = Few::new();
+    fn decide(
+        specs: &[Spec<'_>],
+        slots: &[Arc<Slot>],
+        now_ms: u64,
+        states: &mut Few<Headroom>,
+    ) -> Decision {
         let mut decision = Decision::Admit;
         for (s, slot) in specs.iter().zip(slots) {
             let (first, quota, anchor_ms, period_ms) = s.shape();
@@ -373,16 +384,16 @@ impl Limiter {
                 period_ms,
             });
         }
-        (decision, states)
+        decision
     }
 
     /// The store could not be asked: admit unchecked, or refuse, as configured.
     fn store_failed(&self, rules: RateLimitRules, specs: &[Spec<'_>]) -> Result<Admission, Deny> {
         for s in specs {
             let result = if rules.deny_on_store_error {
-                "store_error_denied"
+                LimitResult::StoreErrorDenied
             } else {
-                "unchecked"
+                LimitResult::Unchecked
             };
             self.metrics.ratelimit_decision(s.name(), result);
         }
@@ -398,9 +409,9 @@ impl Limiter {
     fn count(&self, specs: &[Spec<'_>], states: &[Headroom], decision: Decision, unchecked: bool) {
         for (s, st) in specs.iter().zip(states) {
             let result = match decision {
-                Decision::Admit if unchecked => "unchecked",
-                Decision::Admit => "admitted",
-                _ if st.remaining < s.cost => "refused",
+                Decision::Admit if unchecked => LimitResult::Unchecked,
+                Decision::Admit => LimitResult::Admitted,
+                _ if st.remaining < s.cost => LimitResult::Refused,
                 _ => continue,
             };
             self.metrics.ratelimit_decision(s.name(), result);
@@ -459,7 +470,7 @@ fn refusing(states: &[Headroom], kind: Kind) -> Option<usize> {
         .or_else(|| tightest(states))
 }
 
-fn throttle(h: Option<(&str, &Headroom)>, retry_after_ms: Option<u64>) -> Throttle {
+fn throttle(h: Option<(&Spec<'_>, &Headroom)>, retry_after_ms: Option<u64>) -> Throttle {
     let (policy, state) = h.map(headers).unzip();
     Throttle {
         retry_after: retry_after_ms.map(|ms| HeaderValue::from(ms.div_ceil(1000).max(1))),
@@ -471,31 +482,19 @@ fn throttle(h: Option<(&str, &Headroom)>, retry_after_ms: Option<u64>) -> Thrott
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11) for the
 /// counter `name`: `"name";q=100;w=60` and `"name";r=42;t=17` (no `w`/`t` for credits that
 /// never refill). Names are validated to a header-safe alphabet.
-pub fn headers((name, h): (&str, &Headroom)) -> (HeaderValue, HeaderValue) {
+fn headers((spec, h): (&Spec<'_>, &Headroom)) -> (HeaderValue, HeaderValue) {
     let endless = h.period_ms == u64::MAX;
     let window = (!endless).then(|| h.period_ms.div_ceil(1000));
     let reset = (!endless).then(|| h.reset_ms.div_ceil(1000));
+    let name = spec.name();
+    let policy = match &spec.source {
+        Source::Route(_, l) => l.policy.clone(),
+        _ => ratelimit_item(name, ("q", h.quota), window.map(|w| ("w", w))),
+    };
     (
-        item(name, ("q", h.quota), window.map(|w| ("w", w))),
-        item(name, ("r", h.remaining), reset.map(|t| ("t", t))),
+        policy,
+        ratelimit_item(name, ("r", h.remaining), reset.map(|t| ("t", t))),
     )
-}
-
-/// `"name";a=1;b=2` as a header value, in one allocation.
-fn item(name: &str, a: (&str, u64), b: Option<(&str, u64)>) -> HeaderValue {
-    let mut s = String::with_capacity(name.len() + 48);
-    let mut num = itoa::Buffer::new();
-    s.push('"');
-    s.push_str(name);
-    s.push('"');
-    for (k, v) in std::iter::once(a).chain(b) {
-        s.push(';');
-        s.push_str(k);
-        s.push('=');
-        s.push_str(num.format(v));
-    }
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
-        .unwrap_or_else(|_| HeaderValue::from_static("\"limit\";q=0"))
 }
 
 /// Put the admitted answer's `RateLimit` headers on `resp`, after any of the upstream's

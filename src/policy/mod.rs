@@ -7,7 +7,7 @@ pub mod path;
 use crate::error::Challenge;
 use http::{HeaderName, Method};
 use path::{PathPattern, SplitPath};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use xxhash_rust::xxh3::Xxh3Builder;
 
@@ -43,6 +43,47 @@ pub struct RouteLimit {
     pub limit: u64,
     pub window_ms: u64,
     pub by: LimitBy,
+    /// Its `RateLimit-Policy` value, the same for every key (`kept`).
+    pub policy: http::HeaderValue,
+}
+
+impl RouteLimit {
+    pub fn new(name: &str, limit: u64, window_ms: u64, by: LimitBy) -> RouteLimit {
+        let window = ("w", window_ms.div_ceil(1000));
+        let policy = crate::error::ratelimit_item(name, ("q", limit), Some(window));
+        RouteLimit {
+            name: name.into(),
+            limit,
+            window_ms,
+            by,
+            policy: kept(policy),
+        }
+    }
+}
+
+/// `value` kept for the life of the process, so a clone copies a pointer: no reference
+/// count for every thread to write. For values fixed by the config (a route limit's
+/// `RateLimit-Policy`); each text is kept once, and past `MAX_KEPT` texts (reloads that
+/// keep changing limits) the value is returned as it is.
+#[allow(clippy::disallowed_types, reason = "config load and reload only")]
+fn kept(value: http::HeaderValue) -> http::HeaderValue {
+    const MAX_KEPT: usize = 10_000;
+    static KEPT: std::sync::Mutex<BTreeSet<&'static str>> = std::sync::Mutex::new(BTreeSet::new());
+    // Visible ASCII, as `from_static` wants (anything else stays as it is).
+    let Ok(text) = value.to_str() else {
+        return value;
+    };
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let text = match kept.get(text) {
+        Some(&text) => text,
+        None if kept.len() >= MAX_KEPT => return value,
+        None => {
+            let text: &'static str = Box::leak(text.into());
+            kept.insert(text);
+            text
+        }
+    };
+    http::HeaderValue::from_static(text)
 }
 
 /// Whose requests a route limit counts together.
@@ -338,6 +379,21 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A route limit's policy is made once per text: every reload that keeps the limit
+    /// shares it, and a clone copies a pointer.
+    #[test]
+    fn a_route_limits_policy_is_kept_once() {
+        let a = RouteLimit::new("per-key", 100, 60_000, LimitBy::Key);
+        let b = RouteLimit::new("per-key", 100, 60_000, LimitBy::Tenant);
+        let c = RouteLimit::new("per-key", 101, 60_000, LimitBy::Key);
+        assert_eq!(a.policy, "\"per-key\";q=100;w=60");
+        assert_eq!(c.policy, "\"per-key\";q=101;w=60");
+        let at = |l: &RouteLimit| l.policy.as_bytes().as_ptr();
+        assert_eq!(at(&a), at(&b));
+        assert_eq!(at(&a), a.policy.clone().as_bytes().as_ptr());
+        assert_ne!(at(&a), at(&c));
+    }
 
     fn route(name: &str, path: &str) -> RouteSpec {
         RouteSpec {
