@@ -139,15 +139,6 @@ impl Slot {
     }
 }
 
-/// The admitted/refused totals of one key, waiting to be added in the store.
-struct Totals {
-    admitted: AtomicU64,
-    refused: AtomicU64,
-    registered: AtomicBool,
-    tag: String,
-    key_id: String,
-}
-
 /// A slot is kept while idle for at least its window (and 10 minutes): one made afresh
 /// starts from nothing until its first exchange, so dropping it mid-window would let a
 /// long window admit again.
@@ -324,7 +315,7 @@ impl Local {
 
     /// Count one decision for the key's usage totals.
     pub fn count(&self, run: RunRef<'_>, admitted: bool) {
-        let t = &run.run.totals;
+        let t = run.run;
         let n = if admitted { &t.admitted } else { &t.refused };
         n.fetch_add(1, Ordering::SeqCst);
         if t.registered.load(Ordering::SeqCst) || t.registered.swap(true, Ordering::AcqRel) {
@@ -338,14 +329,23 @@ impl Local {
 }
 
 /// What a cached key's limited requests reuse, kept beside its identity: its usage totals
-/// and, for the first few routes it is used on, that route's slots in the decision's
-/// order. A repeat request then reads no shared map: every read of one (moka) is a write
-/// to a queue all threads share. The totals' counts sit next to the first route's slots.
-#[repr(C)]
+/// (admitted/refused, waiting to be added in the store) and, for the first few routes it
+/// is used on, that route's slots in the decision's order. A repeat request then reads no
+/// shared map: every read of one (moka) is a write to a queue all threads share. What an
+/// admitted request on the key's first route touches is one cache line, the first.
+#[repr(C, align(64))]
 pub struct KeyRun {
-    totals: Totals,
-    routes: [OnceLock<RouteRun>; ROUTES_PER_KEY],
+    admitted: AtomicU64,
+    /// Queued for the exchange's totals.
+    registered: AtomicBool,
+    first: OnceLock<RouteRun>,
+    refused: AtomicU64,
+    more: [OnceLock<RouteRun>; ROUTES_PER_KEY - 1],
+    tag: String,
+    key_id: String,
 }
+
+const _: () = assert!(std::mem::offset_of!(KeyRun, refused) <= 64);
 
 /// A key's `KeyRun`, with what it is shared as, to queue it for the exchange.
 #[derive(Clone, Copy)]
@@ -369,25 +369,25 @@ impl QueueAs<'_> {
     }
 }
 
-/// The slots of one route's requests by one key.
+/// The slots of one route's requests by one key (inline for two: a route limit and a
+/// key's own, say; more spill to the heap).
 pub struct RouteRun {
     route: u64,
-    pub slots: Few<Arc<Slot>>,
     touched_ms: AtomicU64,
+    pub slots: SmallVec<[Arc<Slot>; 2]>,
 }
 
 impl KeyRun {
     /// A new key's: totals from nothing (they are deltas: two runs of one key add up).
     pub fn new(tenant: &str, key_id: &str) -> KeyRun {
         KeyRun {
-            totals: Totals {
-                admitted: AtomicU64::new(0),
-                refused: AtomicU64::new(0),
-                registered: AtomicBool::new(false),
-                tag: super::tag(tenant),
-                key_id: key_id.to_string(),
-            },
-            routes: Default::default(),
+            admitted: AtomicU64::new(0),
+            registered: AtomicBool::new(false),
+            first: OnceLock::new(),
+            refused: AtomicU64::new(0),
+            more: Default::default(),
+            tag: super::tag(tenant),
+            key_id: key_id.to_string(),
         }
     }
 
@@ -395,15 +395,15 @@ impl KeyRun {
     /// routes; `None` past those.
     pub fn route(&self, uid: u64, make: impl FnOnce() -> Few<Arc<Slot>>) -> Option<&RouteRun> {
         let mut make = Some(make);
-        for cell in &self.routes {
+        for cell in std::iter::once(&self.first).chain(&self.more) {
             let run = match cell.get() {
                 Some(run) => run,
                 None => {
                     let m = make.take()?;
                     cell.get_or_init(|| RouteRun {
                         route: uid,
-                        slots: m(),
                         touched_ms: AtomicU64::new(0),
+                        slots: m().into_iter().collect(),
                     })
                 }
             };
@@ -628,13 +628,12 @@ async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<KeyRun>>) -> bo
     // One pass (a busy replica holds a total for every key in use). Idle totals leave the
     // list; the next decision registers them again. Leave, then look again: a count that
     // saw `registered` still set stays here.
-    totals.retain(|run| {
-        let t = &run.totals;
+    totals.retain(|t| {
         let a = t.admitted.swap(0, Ordering::AcqRel);
         let r = t.refused.swap(0, Ordering::AcqRel);
         if a + r > 0 {
             adds.push((t.tag.clone(), t.key_id.clone(), a, r));
-            taken.push((run.clone(), a, r));
+            taken.push((t.clone(), a, r));
             return true;
         }
         t.registered.store(false, Ordering::SeqCst);
@@ -650,8 +649,7 @@ async fn add_totals(store: &dyn LimitStore, totals: &mut Vec<Arc<KeyRun>>) -> bo
     match store.add_totals(&adds).await {
         Ok(()) => true,
         Err(e) => {
-            for (run, a, r) in taken {
-                let t = &run.totals;
+            for (t, a, r) in taken {
                 t.admitted.fetch_add(a, Ordering::AcqRel);
                 t.refused.fetch_add(r, Ordering::AcqRel);
             }
