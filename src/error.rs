@@ -22,6 +22,13 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
+/// The `RateLimit-Policy` value of a counter: `"name";q=100;w=60` (no `w` for credits that
+/// never refill, `period_ms` `u64::MAX`).
+pub fn ratelimit_policy(name: &str, quota: u64, period_ms: u64) -> HeaderValue {
+    let window = (period_ms != u64::MAX).then(|| ("w", period_ms.div_ceil(1000)));
+    ratelimit_item(name, ("q", quota), window)
+}
+
 /// One `RateLimit`/`RateLimit-Policy` item, `"name";a=1;b=2`, in one allocation of its
 /// exact size (names are validated to a header-safe alphabet).
 pub fn ratelimit_item(name: &str, a: (&str, u64), b: Option<(&str, u64)>) -> HeaderValue {

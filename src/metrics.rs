@@ -195,13 +195,15 @@ struct LimitMetrics {
     /// per limit per limited request, on every proxy thread).
     seen: [OnceLock<(Box<str>, [IntCounter; 4])>; LIMIT_BUCKETS],
     names: AtomicUsize,
+    /// Every name past the cap.
+    other: [IntCounter; 4],
 }
 
 /// The `result` label values, in `LimitResult` order.
 const LIMIT_RESULTS: [&str; 4] = ["admitted", "refused", "unchecked", "store_error_denied"];
 const MAX_LIMIT_LABELS: usize = 64;
-/// Twice the names it holds at most ("other" too), so probes stay short and always end.
-const LIMIT_BUCKETS: usize = 2 * (MAX_LIMIT_LABELS + 1);
+/// Twice the names it holds at most, so probes stay short and always end.
+const LIMIT_BUCKETS: usize = 2 * MAX_LIMIT_LABELS;
 
 /// What a rate-limit decision was, for `keygate_ratelimit_decisions_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,13 +222,14 @@ impl LimitMetrics {
         );
         let decisions =
             b.add(IntCounterVec::new(opts, &["limit", "result"]).expect("static definition"));
-        let m = LimitMetrics {
+        let other = LIMIT_RESULTS.map(|r| decisions.with_label_values(&["other", r]));
+        LimitMetrics {
             decisions,
             seen: std::array::from_fn(|_| OnceLock::new()),
-            names: AtomicUsize::new(0),
-        };
-        m.handles("other");
-        m
+            // "other" is a label too: the table holds one name fewer.
+            names: AtomicUsize::new(1),
+            other,
+        }
     }
 
     /// The handles of `limit`, made on its first decision ("other"'s past the cap).
@@ -236,10 +239,9 @@ impl LimitMetrics {
             let bucket = &self.seen[(start + i) % LIMIT_BUCKETS];
             let (name, handles) = match bucket.get() {
                 Some(found) => found,
-                None if limit != "other"
-                    && self.names.load(Ordering::Relaxed) >= MAX_LIMIT_LABELS =>
-                {
-                    return self.handles("other");
+                None if limit == "other" => return &self.other,
+                None if self.names.load(Ordering::Relaxed) >= MAX_LIMIT_LABELS => {
+                    return &self.other;
                 }
                 None => bucket.get_or_init(|| {
                     self.names.fetch_add(1, Ordering::Relaxed);
@@ -252,7 +254,7 @@ impl LimitMetrics {
             }
         }
         // Not reached: the table has room for every name it admits.
-        self.handles("other")
+        &self.other
     }
 
     fn decision(&self, limit: &str, result: LimitResult) {

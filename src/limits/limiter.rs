@@ -5,7 +5,7 @@ use super::local::{Few, KeyRun, Local, Slot};
 use super::{reset_after, Counter, Decision, Headroom, Kind, LimitStore};
 use crate::cache::Identity;
 use crate::config::RateLimitRules;
-use crate::error::{ratelimit_item, Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
+use crate::error::{ratelimit_item, ratelimit_policy, Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::LimitResult;
 use crate::policy::{LimitBy, Route, RouteLimit};
 use crate::store::{Credits, KeyLimits, RateLimit};
@@ -483,13 +483,11 @@ fn throttle(h: Option<(&Spec<'_>, &Headroom)>, retry_after_ms: Option<u64>) -> T
 /// counter `name`: `"name";q=100;w=60` and `"name";r=42;t=17` (no `w`/`t` for credits that
 /// never refill). Names are validated to a header-safe alphabet.
 fn headers((spec, h): (&Spec<'_>, &Headroom)) -> (HeaderValue, HeaderValue) {
-    let endless = h.period_ms == u64::MAX;
-    let window = (!endless).then(|| h.period_ms.div_ceil(1000));
-    let reset = (!endless).then(|| h.reset_ms.div_ceil(1000));
+    let reset = (h.period_ms != u64::MAX).then(|| h.reset_ms.div_ceil(1000));
     let name = spec.name();
     let policy = match &spec.source {
         Source::Route(_, l) => l.policy.clone(),
-        _ => ratelimit_item(name, ("q", h.quota), window.map(|w| ("w", w))),
+        _ => ratelimit_policy(name, h.quota, h.period_ms),
     };
     (
         policy,

@@ -49,8 +49,7 @@ pub struct RouteLimit {
 
 impl RouteLimit {
     pub fn new(name: &str, limit: u64, window_ms: u64, by: LimitBy) -> RouteLimit {
-        let window = ("w", window_ms.div_ceil(1000));
-        let policy = crate::error::ratelimit_item(name, ("q", limit), Some(window));
+        let policy = crate::error::ratelimit_policy(name, limit, window_ms);
         RouteLimit {
             name: name.into(),
             limit,
