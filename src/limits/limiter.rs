@@ -2,7 +2,7 @@
 //! the route's) and the key's credits admit it, or it is refused and spends nothing.
 
 use super::local::{Few, KeyRun, Local, Slot};
-use super::{reset_after, Counter, Decision, Headroom, Kind, LimitStore};
+use super::{reset_in, Counter, Decision, Headroom, Kind, LimitStore};
 use crate::cache::Identity;
 use crate::config::RateLimitRules;
 use crate::error::{ratelimit_item, ratelimit_policy, Deny, Throttle, RATELIMIT, RATELIMIT_POLICY};
@@ -372,7 +372,7 @@ impl Limiter {
             let quota_of = |window| if window == 0 { first } else { quota };
             let (window, used) = Local::used(slot, now_ms, quota_of);
             let quota = quota_of(window);
-            let reset_ms = reset_after(anchor_ms, period_ms, window, now_ms);
+            let reset_ms = reset_in(anchor_ms, period_ms, now_ms);
             if used.saturating_add(s.cost) > quota {
                 decision = worse(decision, refusal(s.kind(), period_ms, reset_ms));
             }

@@ -162,16 +162,11 @@ pub trait LimitStore: Send + Sync + 'static {
 /// Milliseconds from `now_ms` to the end of the window of `period_ms` (from `anchor_ms`)
 /// it falls in; `u64::MAX` for an endless window.
 pub fn reset_in(anchor_ms: u64, period_ms: u64, now_ms: u64) -> u64 {
-    let window = now_ms.saturating_sub(anchor_ms) / period_ms.max(1);
-    reset_after(anchor_ms, period_ms, window, now_ms)
-}
-
-/// `reset_in` when the window is known (one division fewer per counter and request).
-pub fn reset_after(anchor_ms: u64, period_ms: u64, window: u64, now_ms: u64) -> u64 {
     if period_ms == u64::MAX {
         return u64::MAX;
     }
-    let end = anchor_ms.saturating_add(window.saturating_add(1).saturating_mul(period_ms));
+    let window = now_ms.saturating_sub(anchor_ms) / period_ms.max(1);
+    let end = anchor_ms.saturating_add((window + 1).saturating_mul(period_ms));
     end.saturating_sub(now_ms)
 }
 
