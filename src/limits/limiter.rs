@@ -501,3 +501,79 @@ pub fn add_headers(resp: &mut http::HeaderMap, (policy, state): (HeaderValue, He
     resp.append(RATELIMIT_POLICY, policy);
     resp.append(RATELIMIT, state);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::RouteLimit;
+    use crate::store::Refill;
+
+    /// A thread whose clock is a little behind another's finds the slot already in the
+    /// next window: the reset it tells is still within its own window (`t <= w`).
+    #[test]
+    fn reset_is_at_most_the_window_when_the_slot_is_ahead() {
+        let (local, _joining) = Local::new();
+        let l = RouteLimit::new("per-key", 10, 60_000, LimitBy::Key);
+        let spec = Spec {
+            source: Source::Route("route", &l),
+            budget: "k1",
+            tenant: "t",
+            cost: 1,
+        };
+        let slot = local.slot(spec.hash(), || ("ns:{t}:x".to_string(), spec.counter()));
+        let (specs, slots) = ([spec], [slot]);
+        let mut st = Few::new();
+        Limiter::decide(&specs, &slots, 120_001, &mut st);
+        assert_eq!(st[0].reset_ms, 59_999);
+        st.clear();
+        Limiter::decide(&specs, &slots, 119_999, &mut st);
+        let (policy, state) = headers((&specs[0], &st[0]));
+        assert!(
+            st[0].reset_ms <= 60_000,
+            "reset {} ms > the 60 s window; RateLimit {state:?} vs policy {policy:?}",
+            st[0].reset_ms
+        );
+    }
+
+    /// Two credit settings that share a counter (same budget and `set_at`, another refill
+    /// interval): each tells the reset of its own interval.
+    #[test]
+    fn credits_reset_follows_the_keys_own_interval() {
+        let (local, _joining) = Local::new();
+        let refill = |interval_ms| {
+            Some(Refill {
+                amount: 5,
+                interval_ms,
+            })
+        };
+        let fast = Credits {
+            remaining: 5,
+            set_at: 0,
+            refill: refill(60_000),
+        };
+        let slow = Credits {
+            remaining: 5,
+            set_at: 0,
+            refill: refill(3_600_000),
+        };
+        let spec = |c| Spec {
+            source: Source::Credits(c),
+            budget: "b",
+            tenant: "t",
+            cost: 1,
+        };
+        let (a, b) = ([spec(&fast)], [spec(&slow)]);
+        assert_eq!(a[0].hash(), b[0].hash());
+        let slot = local.slot(a[0].hash(), || ("ns:{t}:x".to_string(), a[0].counter()));
+        let slots = [slot];
+        let mut st = Few::new();
+        Limiter::decide(&a, &slots, 1_800_000, &mut st);
+        st.clear();
+        Limiter::decide(&b, &slots, 1_800_000, &mut st);
+        assert!(
+            st[0].reset_ms <= 3_600_000,
+            "reset {} ms for a 1 h interval",
+            st[0].reset_ms
+        );
+    }
+}
