@@ -234,7 +234,7 @@ impl LimitMetrics {
 
     /// The handles of `limit`, made on its first decision ("other"'s past the cap).
     fn handles(&self, limit: &str) -> &[IntCounter; 4] {
-        let start = xxhash_rust::xxh3::xxh3_64(limit.as_bytes()) as usize;
+        let start = xxhash_rust::xxh3::xxh3_64(limit.as_bytes()) as usize % LIMIT_BUCKETS;
         for i in 0..LIMIT_BUCKETS {
             let bucket = &self.seen[(start + i) % LIMIT_BUCKETS];
             let (name, handles) = match bucket.get() {
