@@ -249,6 +249,9 @@ pub struct Admitted<'p, 'r> {
     pub path: Normalized<'r>,
     /// `None` on a public route.
     pub identity: Option<Arc<Identity>>,
+    /// When the key was judged (Unix ms, `Verdict::at_ms`; 0 without a key): the rate
+    /// limiter decides at the same instant rather than read the clock again.
+    pub judged_at: u64,
 }
 
 /// What the proxy does with a request: forward it, or answer the refusal.
@@ -293,12 +296,12 @@ impl<'p, 'r> Decision<'p, 'r> {
     /// The proxy's view: forward, or answer the refusal.
     pub fn into_outcome(self) -> Outcome<'p, 'r> {
         let index = self.route.and_then(|(i, _)| i);
-        let (result, identity) = match self.key {
+        let (result, identity, judged_at) = match self.key {
             Some(KeyCheck { verdict, .. }) => match (verdict.result, verdict.identity) {
-                (Ok(()), None) => (Err(Deny::UnknownKey), None),
-                (r, id) => (r, id),
+                (Ok(()), None) => (Err(Deny::UnknownKey), None, 0),
+                (r, id) => (r, id, verdict.at_ms),
             },
-            None => (Ok(()), None),
+            None => (Ok(()), None, 0),
         };
         let deny = self.refused.or(result.err());
         match (deny, self.route, self.path) {
@@ -307,6 +310,7 @@ impl<'p, 'r> Decision<'p, 'r> {
                 route,
                 path,
                 identity,
+                judged_at,
             }),
             (deny, ..) => Outcome::Refused(Refused {
                 index,

@@ -25,25 +25,24 @@ pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit
 /// The `RateLimit-Policy` value of a counter: `"name";q=100;w=60` (no `w` for credits that
 /// never refill, `period_ms` `u64::MAX`).
 pub fn ratelimit_policy(name: &str, quota: u64, period_ms: u64) -> HeaderValue {
-    let window = (period_ms != u64::MAX).then(|| ("w", period_ms.div_ceil(1000)));
-    ratelimit_item(name, ("q", quota), window)
+    let window = (period_ms != u64::MAX).then(|| (b'w', period_ms.div_ceil(1000)));
+    ratelimit_item(name, (b'q', quota), window)
 }
 
-/// One `RateLimit`/`RateLimit-Policy` item, `"name";a=1;b=2`, in one allocation of its
-/// exact size (names are validated to a header-safe alphabet).
-pub fn ratelimit_item(name: &str, a: (&str, u64), b: Option<(&str, u64)>) -> HeaderValue {
+/// One `RateLimit`/`RateLimit-Policy` item, `"name";a=1;b=2` (parameters named by one
+/// letter), in one allocation of its exact size (names are validated to a header-safe
+/// alphabet). Built on every limited answer: bytes are pushed, not formatted.
+pub fn ratelimit_item(name: &str, a: (u8, u64), b: Option<(u8, u64)>) -> HeaderValue {
     let (mut num_a, mut num_b) = (itoa::Buffer::new(), itoa::Buffer::new());
     let a = (a.0, num_a.format(a.1));
     let b = b.map(|(k, v)| (k, num_b.format(v)));
-    let param = |(k, n): (&str, &str)| 2 + k.len() + n.len();
+    let param = |(_, n): (u8, &str)| 3 + n.len();
     let mut v = Vec::with_capacity(2 + name.len() + param(a) + b.map_or(0, param));
     v.push(b'"');
     v.extend_from_slice(name.as_bytes());
     v.push(b'"');
     for (k, n) in std::iter::once(a).chain(b) {
-        v.push(b';');
-        v.extend_from_slice(k.as_bytes());
-        v.push(b'=');
+        v.extend_from_slice(&[b';', k, b'=']);
         v.extend_from_slice(n.as_bytes());
     }
     HeaderValue::from_maybe_shared(Bytes::from(v))

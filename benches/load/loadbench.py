@@ -26,7 +26,8 @@ Everything listens on 127.0.0.1, on free ports, with state in a temporary direct
   nginx             plain reverse proxy, upstream keepalive, access_log off
   haproxy           plain reverse proxy, http-reuse always (when installed)
 
-Phases: (1) warm hot path, targets interleaved over rounds, medians; (2) cold path on a
+Phases: (1) warm hot path, targets interleaved over rounds, medians, then keygate-auth
+and keygate-auth-limited in back-to-back pairs (`--pair-rounds`); (2) cold path on a
 fresh keygate (every request a key it has never seen: one Redis HGETALL each); (3) memory:
 the same keygate filled with every generated key, RSS before/after.
 """
@@ -704,6 +705,8 @@ def hot_phase(a, procs, workdir, binary, report):
                 f"cpu {r['cpu_us']:5.1f} µs/req (kernel {r['sys_us']:4.1f})  "
                 f"tcp connects {r['connects']}  other load {r['other_load']:.0%}")
 
+    report["pairs"] = limit_pairs(a, targets, up_pids, keyfile)
+
     if a.perf and shutil.which("perf"):
         report["perfstat"] = {}
         for t in targets:
@@ -718,6 +721,30 @@ def hot_phase(a, procs, workdir, binary, report):
     report["targets"] = [(t.name, t.note) for t in targets]
     report["hot"] = results
     return upstream, up_port, up_pids
+
+
+def limit_pairs(a, targets, up_pids, keyfile):
+    """keygate-auth-limited / keygate-auth req/s in back-to-back pairs (order alternating).
+    The target is a ratio of two figures a few percent apart, and this shared VM's speed
+    drifts by more than that within a minute: a pair run seconds apart sees the same
+    machine, which the rounds above (every target between two runs) do not."""
+    by_name = {t.name: t for t in targets}
+    if not a.pair_rounds or not {"keygate-auth", "keygate-auth-limited"} <= by_name.keys():
+        return []
+    pair = [by_name["keygate-auth"], by_name["keygate-auth-limited"]]
+    ratios = []
+    for i in range(a.pair_rounds):
+        got = {}
+        for t in pair if i % 2 == 0 else pair[::-1]:
+            r = measure(t, up_pids, "random_key.lua", [keyfile, BENCH_PATH],
+                        a.threads, a.conns, a.pair_duration)
+            if r["errors"]:
+                raise RuntimeError(f"{t.name}: non-200 or socket errors:\n{r['raw']}")
+            got[t.name] = r["rps"]
+        ratios.append(got["keygate-auth-limited"] / got["keygate-auth"])
+        log(f"pair {i + 1}/{a.pair_rounds} keygate-auth-limited / keygate-auth "
+            f"{ratios[-1]:.3f}")
+    return ratios
 
 
 def perf_stat(a, target, keyfile):
@@ -942,6 +969,15 @@ def cold_phase(a, procs, workdir, binary, up_port, report):
     procs.stop(redis.proc)
 
 
+def pairs_text(pairs, seconds):
+    """The back-to-back pairs' ratio (`limit_pairs`): median and quartiles."""
+    if not pairs:
+        return ""
+    q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+    return (f"; in {len(pairs)} back-to-back pairs of {seconds} s runs: median "
+            f"**{median(pairs):.2f}x** (quartiles {q[0]:.2f}x-{q[2]:.2f}x)")
+
+
 def write_report(a, report, machine, started):
     hot = report.get("hot", {})
     med = {}
@@ -1039,7 +1075,8 @@ def write_report(a, report, machine, started):
             ratios.append(f"keygate-auth-limited / keygate-auth: req/s "
                           f"**{kl['rps'] / ka['rps']:.2f}x** (target >= 0.95), p99 "
                           f"{kl['p99_us'] / ka['p99_us']:.2f}x; per-round median: req/s "
-                          f"{per_round('keygate-auth-limited', 'keygate-auth', 'rps'):.2f}x")
+                          f"{per_round('keygate-auth-limited', 'keygate-auth', 'rps'):.2f}x"
+                          + pairs_text(report.get("pairs"), a.pair_duration))
         if ka and ke:
             ratios.append(f"keygate-auth-exact / keygate-auth: req/s "
                           f"{ke['rps'] / ka['rps']:.2f}x, p99 {ke['p99_us']:.0f} us vs "
@@ -1254,21 +1291,29 @@ def main():
     ap.add_argument("--passthrough", metavar="PATH",
                     help="executable of benches/passthrough.rs (bare-hyper targets); "
                          "scripts/loadbench builds it and passes it")
+    ap.add_argument("--pair-rounds", type=int,
+                    help="back-to-back keygate-auth / keygate-auth-limited pairs after the "
+                         "rounds, for a steadier ratio (default 20; 10 with --quick; 0 to skip)")
+    ap.add_argument("--pair-duration", type=int,
+                    help="seconds per run in those pairs (default 3; 1 with --smoke)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
 
     if a.smoke:
         # The figures mean nothing here (debug builds, 1 s runs): no waiting for idle.
         defaults = dict(rounds=1, duration=1, warmup=3, keys=1000, mem_keys=30000,
-                        cold_duration=1, cold_reserve=20000, quiet_wait=0)
+                        cold_duration=1, cold_reserve=20000, quiet_wait=0, pair_rounds=2,
+                        pair_duration=1)
         a.no_write = True
         a.no_memory = True
     elif a.quick:
         defaults = dict(rounds=3, duration=3, warmup=2, keys=10000, mem_keys=200000,
-                        cold_duration=3, cold_reserve=120000, quiet_wait=30)
+                        cold_duration=3, cold_reserve=120000, quiet_wait=30, pair_rounds=10,
+                        pair_duration=3)
     else:
         defaults = dict(rounds=3, duration=10, warmup=3, keys=10000, mem_keys=1000000,
-                        cold_duration=10, cold_reserve=320000, quiet_wait=30)
+                        cold_duration=10, cold_reserve=320000, quiet_wait=30, pair_rounds=20,
+                        pair_duration=3)
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

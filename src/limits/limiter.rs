@@ -130,7 +130,8 @@ impl Spec<'_> {
 }
 
 /// The counters one request touches: the key's limits, its credits, the route's limits.
-fn specs<'a>(route: &'a Route, id: &'a Identity) -> Few<Spec<'a>> {
+/// Filled in place: returned, the few hundred bytes would be copied once more.
+fn fill_specs<'a>(route: &'a Route, id: &'a Identity, out: &mut Few<Spec<'a>>) {
     let budget = id
         .limits
         .as_ref()
@@ -143,7 +144,6 @@ fn specs<'a>(route: &'a Route, id: &'a Identity) -> Few<Spec<'a>> {
         tenant,
         cost,
     };
-    let mut out = Few::new();
     if let Some(l) = &id.limits {
         out.extend(l.ratelimits.iter().map(|r| spec(Source::Key(r), 1)));
         if let Some(c) = &l.credits {
@@ -154,7 +154,6 @@ fn specs<'a>(route: &'a Route, id: &'a Identity) -> Few<Spec<'a>> {
     }
     let routed = route.rate_limits.iter();
     out.extend(routed.map(|l| spec(Source::Route(&route.name, l), 1)));
-    out
 }
 
 /// The counters of a key's own limits and credits (`cost` credits a request), as the
@@ -226,44 +225,74 @@ impl Limiter {
         now_ms: u64,
         worker: Option<&Arc<dyn LimitStore>>,
     ) -> Result<Admission, Deny> {
-        let specs = specs(route, id);
+        if !rules.exact {
+            return self.admit_local(rules, route, id, now_ms);
+        }
+        let mut specs = Few::new();
+        fill_specs(route, id, &mut specs);
         if specs.is_empty() {
             return Ok(Admission::default());
         }
-        // In `local` mode a failing exchange means the counts are this replica's alone.
-        let unchecked = !rules.exact && !self.local.store_ok();
+        let mut states = Few::new();
+        let store = worker.unwrap_or(&self.store);
+        let tag = super::tag(id.tenant());
+        match Self::exact(&**store, &specs, &tag, id.id(), now_ms, &mut states).await {
+            Ok(decision) => self.answer(rules, &specs, &states, decision, false),
+            Err(()) => self.store_failed(rules, &specs),
+        }
+    }
+
+    /// `admit` in `local` mode, which needs no I/O: the proxy calls it directly and
+    /// makes no future for a decision that never waits.
+    pub fn admit_local(
+        &self,
+        rules: RateLimitRules,
+        route: &Route,
+        id: &Identity,
+        now_ms: u64,
+    ) -> Result<Admission, Deny> {
+        let mut specs = Few::new();
+        fill_specs(route, id, &mut specs);
+        if specs.is_empty() {
+            return Ok(Admission::default());
+        }
+        // A failing exchange means the counts are this replica's alone.
+        let unchecked = !self.local.store_ok();
         if unchecked && rules.deny_on_store_error {
             return self.store_failed(rules, &specs);
         }
         // Filled in place: a request's states are a few hundred bytes, not worth moving.
         let mut states = Few::new();
-        let answer = if rules.exact {
-            let store = worker.unwrap_or(&self.store);
-            let tag = super::tag(id.tenant());
-            Self::exact(&**store, &specs, &tag, id.id(), now_ms, &mut states).await
-        } else {
-            Ok(self.local(route, &specs, id, now_ms, &mut states))
-        };
-        let Ok(decision) = answer else {
-            return self.store_failed(rules, &specs);
-        };
-        self.count(&specs, &states, decision, unchecked);
+        let decision = self.local(route, &specs, id, now_ms, &mut states);
+        self.answer(rules, &specs, &states, decision, unchecked)
+    }
+
+    /// The decision's answer: what an admitted request takes along, or the refusal.
+    fn answer(
+        &self,
+        rules: RateLimitRules,
+        specs: &[Spec<'_>],
+        states: &[Headroom],
+        decision: Decision,
+        unchecked: bool,
+    ) -> Result<Admission, Deny> {
+        self.count(specs, states, decision, unchecked);
         let named = |i: Option<usize>| i.map(|i| (&specs[i], &states[i]));
         match decision {
             Decision::Admit => Ok(Admission {
                 headers: rules
                     .headers
-                    .then(|| named(tightest(&states)))
+                    .then(|| named(tightest(states)))
                     .flatten()
                     .map(headers),
                 unchecked,
             }),
             Decision::Limited { retry_after_ms } => Err(Deny::RateLimited(throttle(
-                named(refusing(&states, Kind::RateLimit)),
+                named(refusing(states, Kind::RateLimit)),
                 Some(retry_after_ms),
             ))),
             Decision::NoCredits { retry_after_ms } => Err(Deny::CreditsExhausted(throttle(
-                named(refusing(&states, Kind::Credits)),
+                named(refusing(states, Kind::Credits)),
                 retry_after_ms,
             ))),
         }
@@ -491,7 +520,7 @@ fn headers((spec, h): (&Spec<'_>, &Headroom)) -> (HeaderValue, HeaderValue) {
     };
     (
         policy,
-        ratelimit_item(name, ("r", h.remaining), reset.map(|t| ("t", t))),
+        ratelimit_item(name, (b'r', h.remaining), reset.map(|t| (b't', t))),
     )
 }
 

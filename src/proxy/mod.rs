@@ -187,6 +187,7 @@ impl Proxy {
             route,
             path,
             identity,
+            judged_at,
         } = match decision.into_outcome() {
             Outcome::Admitted(admitted) => admitted,
             Outcome::Refused(Refused {
@@ -209,13 +210,18 @@ impl Proxy {
         }
         let admission = match identity.as_deref() {
             Some(id) if Limiter::applies(route, id) => {
-                let now = crate::time::now_ms();
-                let store = conn.limits.as_ref();
-                match self
-                    .limiter
-                    .admit(snap.rate_limits, route, id, now, store)
-                    .await
-                {
+                let rules = snap.rate_limits;
+                let now = match judged_at {
+                    0 => crate::time::now_ms(),
+                    t => t,
+                };
+                let admitted = if rules.exact {
+                    let store = conn.limits.as_ref();
+                    self.limiter.admit(rules, route, id, now, store).await
+                } else {
+                    self.limiter.admit_local(rules, route, id, now)
+                };
+                match admitted {
                     Ok(a) => a,
                     Err(d) => {
                         *who = identity;
