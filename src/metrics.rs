@@ -9,8 +9,8 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::{self, Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 
 /// Brings a counter kept elsewhere up to `seen` (counters only grow).
@@ -190,13 +190,65 @@ impl StoreMetrics {
 /// the rest count as `other`, so a client cannot grow the label set without bound.
 struct LimitMetrics {
     decisions: IntCounterVec,
-    /// Handles by limit name, one per result: an open-addressed table whose buckets are
-    /// set once and never change, so a lookup is a hash, a load and a compare (it runs once
-    /// per limit per limited request, on every proxy thread).
-    seen: [OnceLock<(Box<str>, [IntCounter; 4])>; LIMIT_BUCKETS],
+    /// Tallies by limit name: an open-addressed table whose buckets are set once and
+    /// never change, so a lookup is a hash, a load and a compare (it runs once per limit
+    /// per limited request, on every proxy thread).
+    seen: [OnceLock<Box<Tally>>; LIMIT_BUCKETS],
     names: AtomicUsize,
     /// Every name past the cap.
-    other: [IntCounter; 4],
+    other: Tally,
+}
+
+/// One limit name's decisions. Every limited request counts one, on every proxy thread:
+/// a counter both threads write would move its cache line between the cores on each
+/// request, so each thread adds to its own stripe and a scrape sums them into `handles`.
+struct Tally {
+    name: Box<str>,
+    handles: [IntCounter; 4],
+    stripes: [Stripe; STRIPES],
+}
+
+/// One thread's counts by result, on a cache line of its own.
+#[repr(align(64))]
+#[derive(Default)]
+struct Stripe([AtomicU64; 4]);
+
+/// Stripes per name: threads past this many share one (still exact: they are atomic).
+const STRIPES: usize = 8;
+
+thread_local! {
+    /// This thread's stripe, handed out in turn on first use.
+    static STRIPE: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
+    };
+}
+
+impl Tally {
+    fn new(decisions: &IntCounterVec, name: &str) -> Tally {
+        Tally {
+            name: name.into(),
+            handles: LIMIT_RESULTS.map(|r| decisions.with_label_values(&[name, r])),
+            stripes: Default::default(),
+        }
+    }
+
+    fn add(&self, result: LimitResult) {
+        let stripe = STRIPE.with(|s| *s);
+        self.stripes[stripe].0[result as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bring the exported counters up to the stripes' sums.
+    fn catch_up(&self) {
+        for (i, handle) in self.handles.iter().enumerate() {
+            let sum = self
+                .stripes
+                .iter()
+                .map(|s| s.0[i].load(Ordering::Relaxed))
+                .sum();
+            catch_up(handle, sum);
+        }
+    }
 }
 
 /// The `result` label values, in `LimitResult` order.
@@ -222,7 +274,7 @@ impl LimitMetrics {
         );
         let decisions =
             b.add(IntCounterVec::new(opts, &["limit", "result"]).expect("static definition"));
-        let other = LIMIT_RESULTS.map(|r| decisions.with_label_values(&["other", r]));
+        let other = Tally::new(&decisions, "other");
         LimitMetrics {
             decisions,
             seen: std::array::from_fn(|_| OnceLock::new()),
@@ -232,12 +284,12 @@ impl LimitMetrics {
         }
     }
 
-    /// The handles of `limit`, made on its first decision ("other"'s past the cap).
-    fn handles(&self, limit: &str) -> &[IntCounter; 4] {
+    /// The tally of `limit`, made on its first decision ("other"'s past the cap).
+    fn tally(&self, limit: &str) -> &Tally {
         let start = xxhash_rust::xxh3::xxh3_64(limit.as_bytes()) as usize % LIMIT_BUCKETS;
         for i in 0..LIMIT_BUCKETS {
             let bucket = &self.seen[(start + i) % LIMIT_BUCKETS];
-            let (name, handles) = match bucket.get() {
+            let tally = match bucket.get() {
                 Some(found) => found,
                 None if limit == "other" => return &self.other,
                 None if self.names.load(Ordering::Relaxed) >= MAX_LIMIT_LABELS => {
@@ -245,12 +297,11 @@ impl LimitMetrics {
                 }
                 None => bucket.get_or_init(|| {
                     self.names.fetch_add(1, Ordering::Relaxed);
-                    let made = LIMIT_RESULTS.map(|r| self.decisions.with_label_values(&[limit, r]));
-                    (limit.into(), made)
+                    Box::new(Tally::new(&self.decisions, limit))
                 }),
             };
-            if **name == *limit {
-                return handles;
+            if *tally.name == *limit {
+                return tally;
             }
         }
         // Not reached: the table has room for every name it admits.
@@ -258,7 +309,14 @@ impl LimitMetrics {
     }
 
     fn decision(&self, limit: &str, result: LimitResult) {
-        self.handles(limit)[result as usize].inc();
+        self.tally(limit).add(result);
+    }
+
+    fn catch_up(&self) {
+        for tally in self.seen.iter().filter_map(OnceLock::get) {
+            tally.catch_up();
+        }
+        self.other.catch_up();
     }
 }
 
@@ -500,6 +558,7 @@ impl Metrics {
         }
         catch_up(&self.log_lines_dropped, crate::logging::dropped_lines());
         self.store.catch_up();
+        self.limits.catch_up();
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics could not be encoded; the scrape is partial");
@@ -565,6 +624,49 @@ mod tests {
         assert_eq!(results().count(), 1 + Deny::iter().count());
     }
 
+    /// Decisions counted on many threads (each on its own stripe) all reach a scrape.
+    #[test]
+    fn decisions_from_many_threads_add_up_in_a_scrape() {
+        let m = Metrics::new();
+        std::thread::scope(|s| {
+            for t in 0..2 * STRIPES {
+                let m = &m;
+                s.spawn(move || {
+                    for _ in 0..1000 {
+                        m.ratelimit_decision("per-key", LimitResult::Admitted);
+                    }
+                    m.ratelimit_decision("per-key", LimitResult::Refused);
+                    if t == 0 {
+                        m.ratelimit_decision("daily", LimitResult::Unchecked);
+                    }
+                });
+            }
+        });
+        let text = m.render();
+        let value = |labels: &str| {
+            let line = text.lines().find(|l| l.contains(labels));
+            line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        let n = 2 * STRIPES as u64;
+        let per_key = "limit=\"per-key\",result=";
+        assert_eq!(
+            value(&format!("{per_key}\"admitted\"")),
+            Some(1000 * n),
+            "{text}"
+        );
+        assert_eq!(value(&format!("{per_key}\"refused\"")), Some(n), "{text}");
+        let daily = "limit=\"daily\",result=\"unchecked\"";
+        assert_eq!(value(daily), Some(1), "{text}");
+        // A second scrape adds nothing twice.
+        let decisions = |t: &str| {
+            let lines = t
+                .lines()
+                .filter(|l| l.starts_with("keygate_ratelimit_decisions"));
+            lines.map(str::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(decisions(&m.render()), decisions(&text));
+    }
+
     /// Limit names are labels up to the cap, then `other`; every decision is counted once.
     #[test]
     fn limit_names_past_the_cap_count_as_other() {
@@ -575,6 +677,7 @@ mod tests {
                 m.ratelimit_decision(&name(i), LimitResult::Admitted);
             }
             m.ratelimit_decision(&name(7), LimitResult::Refused);
+            m.limits.catch_up();
             let count = |label: &str, result: &str| {
                 m.limits.decisions.with_label_values(&[label, result]).get()
             };

@@ -144,16 +144,20 @@ fn fill_specs<'a>(route: &'a Route, id: &'a Identity, out: &mut Few<Spec<'a>>) {
         tenant,
         cost,
     };
+    // Pushed one by one: `extend` reserves first, which costs more than the usual one.
     if let Some(l) = &id.limits {
-        out.extend(l.ratelimits.iter().map(|r| spec(Source::Key(r), 1)));
+        for r in &l.ratelimits {
+            out.push(spec(Source::Key(r), 1));
+        }
         if let Some(c) = &l.credits {
             if route.cost > 0 {
                 out.push(spec(Source::Credits(c), route.cost));
             }
         }
     }
-    let routed = route.rate_limits.iter();
-    out.extend(routed.map(|l| spec(Source::Route(&route.name, l), 1)));
+    for l in &route.rate_limits {
+        out.push(spec(Source::Route(&route.name, l), 1));
+    }
 }
 
 /// The counters of a key's own limits and credits (`cost` credits a request), as the
