@@ -1293,7 +1293,7 @@ def main():
                          "scripts/loadbench builds it and passes it")
     ap.add_argument("--pair-rounds", type=int,
                     help="back-to-back keygate-auth / keygate-auth-limited pairs after the "
-                         "rounds, for a steadier ratio (default 20; 10 with --quick; 0 to skip)")
+                         "rounds, for a steadier ratio (default 40; 20 with --quick; 0 to skip)")
     ap.add_argument("--pair-duration", type=int,
                     help="seconds per run in those pairs (default 3; 1 with --smoke)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -1308,11 +1308,11 @@ def main():
         a.no_memory = True
     elif a.quick:
         defaults = dict(rounds=3, duration=3, warmup=2, keys=10000, mem_keys=200000,
-                        cold_duration=3, cold_reserve=120000, quiet_wait=30, pair_rounds=10,
+                        cold_duration=3, cold_reserve=120000, quiet_wait=30, pair_rounds=20,
                         pair_duration=3)
     else:
         defaults = dict(rounds=3, duration=10, warmup=3, keys=10000, mem_keys=1000000,
-                        cold_duration=10, cold_reserve=320000, quiet_wait=30, pair_rounds=20,
+                        cold_duration=10, cold_reserve=320000, quiet_wait=30, pair_rounds=40,
                         pair_duration=3)
     for k, v in defaults.items():
         if getattr(a, k) is None:
