@@ -707,22 +707,10 @@ async fn a_stalled_log_reader_drops_lines_instead_of_requests() {
     assert!(dropped > 0, "{metrics}");
 }
 
-/// The README's walk-through, pasted as it is (ports moved to free ones) against
-/// `serve --dev`: every answer it promises comes back. Needs `jq`, which scripts/test
-/// installs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readme_walk_through_runs_as_pasted() {
-    let readme = include_str!("../../README.md");
-    let section = readme
-        .split("### Walk-through")
-        .nth(1)
-        .expect("README has a walk-through");
-    // The second sh block: the first only sets ROOT.
-    let block = section
-        .split("```sh\n")
-        .nth(2)
-        .and_then(|b| b.split("```").next())
-        .expect("the walk-through's pasteable block");
+/// A README shell block, pasted as it is (ports moved to free ones) into bash against a
+/// fresh `serve --dev` with `ROOT` set: its standard output. Needs `jq` and `curl`, which
+/// scripts/test installs.
+async fn run_readme_block(block: &str) -> String {
     let (proxy_port, admin_port) = (free_port(), free_port());
     let script = block
         .replace("localhost:8080", &format!("127.0.0.1:{proxy_port}"))
@@ -744,7 +732,7 @@ async fn readme_walk_through_runs_as_pasted() {
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success()),
-        "the walk-through needs jq: apt-get install jq (scripts/test installs it)"
+        "README blocks need jq: apt-get install jq (scripts/test installs it)"
     );
     let out = run(Command::new("bash")
         .args(["-eu", "-o", "pipefail", "-c", &script])
@@ -753,6 +741,27 @@ async fn readme_walk_through_runs_as_pasted() {
     .await;
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}\n{stdout}", text(&out.stderr));
+    stdout
+}
+
+/// The `lang` code block that follows `heading` in the README, the `nth` one (from 1).
+fn readme_block(heading: &str, lang: &str, nth: usize) -> &'static str {
+    let readme = include_str!("../../README.md");
+    readme
+        .split(heading)
+        .nth(1)
+        .unwrap_or_else(|| panic!("README has {heading:?}"))
+        .split(&format!("```{lang}\n"))
+        .nth(nth)
+        .and_then(|b| b.split("```").next())
+        .unwrap_or_else(|| panic!("README's {heading:?} has a {lang} block {nth}"))
+}
+
+/// The README's walk-through against `serve --dev`: every answer it promises comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walk_through_runs_as_pasted() {
+    // The second sh block: the first only sets ROOT.
+    let stdout = run_readme_block(readme_block("### Walk-through", "sh", 2)).await;
     let statuses: Vec<&str> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("HTTP/1.1 "))
@@ -768,4 +777,40 @@ async fn readme_walk_through_runs_as_pasted() {
     ] {
         assert!(stdout.contains(needle), "lacks {needle:?}: {stdout}");
     }
+}
+
+/// The README's rate-limit example against `serve --dev`: the key is made with its
+/// limits and credits, an admitted answer names the closest limit, both PATCHes apply,
+/// and the usage shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_rate_limit_example_runs_as_pasted() {
+    let stdout = run_readme_block(readme_block("## Rate limits and credits", "bash", 1)).await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    let [policy, state, raised, unlimited, usage] = lines[..] else {
+        panic!("expected two headers and three JSON answers: {stdout}")
+    };
+    assert_eq!(
+        policy.trim_end(),
+        r#"ratelimit-policy: "requests";q=100;w=1"#,
+        "{stdout}"
+    );
+    assert!(
+        state.starts_with(r#"ratelimit: "requests";r=99;t="#),
+        "{stdout}"
+    );
+    let json =
+        |l: &str| -> Value { serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")) };
+    let (raised, unlimited, usage) = (json(raised), json(unlimited), json(usage));
+    let requests = json!([{"name": "requests", "limit": 200, "duration": "1s"}]);
+    assert_eq!(raised["ratelimits"], requests, "{raised}");
+    // Spending reaches the key object and the usage totals at the next exchange (one
+    // `sync_interval`, 50 ms, on a memory store), which the PATCHes may not outlast.
+    let spent = raised["credits"]["remaining"].as_u64();
+    assert!(matches!(spent, Some(999 | 1000)), "{raised}");
+    assert_eq!(unlimited["credits"], Value::Null, "{unlimited}");
+    assert_eq!(usage["ratelimits"][0]["limit"], 200, "{usage}");
+    assert_eq!(usage["credits"], Value::Null, "{usage}");
+    let admitted = usage["requests"]["admitted"].as_u64();
+    assert!(matches!(admitted, Some(0 | 1)), "{usage}");
+    assert_eq!(usage["requests"]["refused"], 0, "{usage}");
 }
