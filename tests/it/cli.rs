@@ -814,3 +814,59 @@ async fn readme_rate_limit_example_runs_as_pasted() {
     assert!(matches!(admitted, Some(0 | 1)), "{usage}");
     assert_eq!(usage["requests"]["refused"], 0, "{usage}");
 }
+
+/// The README's VM set-up: its config passes `check-config` with the environment file
+/// beside it (a pepper the config does not name is refused, so the two must agree).
+#[tokio::test]
+async fn readme_vm_config_checks_with_its_environment_file() {
+    let heading = "### Fronting a legacy service on a VM";
+    let yaml: String = readme_block(heading, "yaml", 1)
+        .lines()
+        .map(|l| l.strip_prefix("   ").unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let env_file = readme_block(heading, "sh", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keygate.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut cmd = keygate();
+    for line in env_file.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once('=').expect("NAME=value");
+        // `<openssl rand -hex 32 …>` stands for a secret: any 32 bytes in hex.
+        let value = if value.starts_with('<') {
+            "0123456789abcdef".repeat(4)
+        } else {
+            value.into()
+        };
+        cmd.env(name, value);
+    }
+    let out = run(cmd.arg("check-config").arg(&file)).await;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The README's explain example against `serve --dev`: the DELETE is refused for the
+/// missing scope, the GET by key id allowed, as its comments say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_explain_example_runs_as_pasted() {
+    let stdout = run_readme_block(readme_block("## Explaining a decision", "bash", 1)).await;
+    let answers: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let [delete, get] = &answers[..] else {
+        panic!("expected two answers: {stdout}")
+    };
+    assert_eq!(delete["normalized_path"], "/users/42/", "{delete}");
+    assert_eq!(delete["decision"]["code"], "insufficient_scope", "{delete}");
+    assert_eq!(
+        delete["reasons"].as_array().and_then(|r| r.last()),
+        Some(&json!("key lacks scope users:write")),
+        "{delete}"
+    );
+    assert_eq!(get["decision"]["allowed"], true, "{get}");
+}
