@@ -2,6 +2,7 @@
 //! (`JsonBody`) and a strict query string (`QueryParams`), both refusing with
 //! keygate's error shape instead of axum's plain-text rejections.
 
+use super::strict::Strict;
 use super::ApiError;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -69,19 +70,25 @@ async fn collect(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError
     Ok(collected.to_bytes())
 }
 
-/// Deserialize, naming the field that is wrong (`field `scopes[1]`: ...`).
+/// Deserialize one JSON value and nothing after it, objects only where the document has
+/// objects ([`Strict`]), naming the field that is wrong (`field `scopes[1]`: ...`).
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(Strict(&mut *de)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let msg = if path == "." || path.is_empty() {
-            format!("invalid body: {inner}")
+        if path == "." || path.is_empty() {
+            invalid_body(inner)
         } else {
-            format!("field `{path}`: {inner}")
-        };
-        ApiError::bad_request("invalid_body", msg)
-    })
+            ApiError::bad_request("invalid_body", format!("field `{path}`: {inner}"))
+        }
+    })?;
+    de.end().map_err(invalid_body)?;
+    Ok(value)
+}
+
+fn invalid_body(e: serde_json::Error) -> ApiError {
+    ApiError::bad_request("invalid_body", format!("invalid body: {e}"))
 }
 
 /// A query string parsed into `T` (unknown parameters refused by `deny_unknown_fields`);

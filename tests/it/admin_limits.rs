@@ -613,3 +613,54 @@ async fn what_the_proxy_spends_shows_in_credits_and_usage_and_a_rotation_shares_
     assert_eq!(usage(&app, old_id).await["requests"]["admitted"], 3);
     app.stop().await;
 }
+
+/// Every JSON body of the admin port is one object, objects inside it where the documents
+/// have objects: a body followed by anything, a body sent as an array, or a nested
+/// object (`credits`, a `ratelimits` entry, an import entry) sent as an array is 400
+/// `invalid_body`, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_one_json_object_with_objects_inside() {
+    let (app, _redis) = app_on("memory").await;
+    let made = root(
+        &app,
+        Method::POST,
+        "/v1/api-keys",
+        Some(&json!({"name": "strict", "type": "secret", "scopes": ["users:read"]})),
+        201,
+    )
+    .await;
+    let id = made["id"].as_str().unwrap().to_string();
+    let before = get_key(&app, &id).await;
+    let patch_path = format!("/v1/api-keys/{id}");
+    let rotate = format!(r#"{{"id": "{id}", "grace_period": "0s"}}"#);
+    let cases: Vec<(Method, &str, String)> = vec![
+        (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": "secret"} ,"credits": {"remaining": 0}}"#.into()),
+        (Method::POST, "/v1/api-keys", r#"["t", "secret", ["users:read"]]"#.into()),
+        (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": "secret", "ratelimits": [["r", 3, "1s"]]}"#.into()),
+        (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": "secret", "credits": [5, [100, "1d"]]}"#.into()),
+        (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": "secret", "credits": {"remaining": 5, "refill": [100, "1d"]}}"#.into()),
+        (Method::POST, "/v1/keys", r#"{"label": "q"}<html>"#.into()),
+        (Method::POST, "/v1/keys", r#"["q", ["users:read"]]"#.into()),
+        (Method::PATCH, &patch_path, r#"{"name": "n2"}{"credits": {"remaining": 0}}"#.into()),
+        (Method::PATCH, &patch_path, r#"[null, null, null, [7, null]]"#.into()),
+        (Method::POST, "/v1/api-keys/rotate", format!("{rotate} trailing")),
+        (Method::POST, "/v1/api-keys/rotate", format!(r#"["{id}", "0s"]"#)),
+        (Method::POST, "/v1/api-keys/import", r#"{"keys": [["legacy_token_0123456789abcdef", null, "seq"]]}"#.into()),
+        (Method::POST, "/v1/api-keys/import", r#"{"keys": [{"key": "legacy_token_0123456789abcdef", "name": "x"}]}!!!"#.into()),
+        (Method::POST, "/v1/explain", r#"["GET", "/"]"#.into()),
+    ];
+    for (method, path, body) in cases {
+        let resp = admin(&app, method.clone(), path, ROOT, Some(TENANT))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let what = format!("{method} {path} {body}");
+        let e = json_of(resp, 400, &what).await;
+        assert_eq!(e["error"]["code"], "invalid_body", "{what}: {e}");
+    }
+    assert_eq!(get_key(&app, &id).await, before, "the key is as it was");
+    let listed = root(&app, Method::GET, "/v1/api-keys?revoked=true", None, 200).await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+}

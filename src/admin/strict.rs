@@ -1,0 +1,258 @@
+//! JSON read as the admin API's documents describe it: an object only where an object is
+//! expected. serde_json also gives a struct its fields from an array in order
+//! (`["name", "secret"]` as `{"name": ..., "type": ...}`), which no document allows; this
+//! wrapper asks the format for a map wherever a struct is wanted, at every depth.
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+
+/// A deserializer whose structs, at any depth, are read from JSON objects only.
+pub struct Strict<D>(pub D);
+
+/// Passes each call on with the visitor wrapped, so that nested values stay strict.
+macro_rules! forward {
+    ($($method:ident),*) => {$(
+        fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Self::Error> {
+            self.0.$method(Wrap(v))
+        }
+    )*};
+}
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
+    type Error = D::Error;
+
+    forward!(
+        deserialize_any,
+        deserialize_bool,
+        deserialize_i8,
+        deserialize_i16,
+        deserialize_i32,
+        deserialize_i64,
+        deserialize_i128,
+        deserialize_u8,
+        deserialize_u16,
+        deserialize_u32,
+        deserialize_u64,
+        deserialize_u128,
+        deserialize_f32,
+        deserialize_f64,
+        deserialize_char,
+        deserialize_str,
+        deserialize_string,
+        deserialize_bytes,
+        deserialize_byte_buf,
+        deserialize_option,
+        deserialize_unit,
+        deserialize_seq,
+        deserialize_map,
+        deserialize_identifier,
+        deserialize_ignored_any
+    );
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(Wrap(v))
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_unit_struct(name, Wrap(v))
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_newtype_struct(name, Wrap(v))
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_tuple(len, Wrap(v))
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        len: usize,
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_tuple_struct(name, len, Wrap(v))
+    }
+
+    /// Enums pass unwrapped: the bodies' enums carry no data, so no struct hides in one.
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_enum(name, variants, v)
+    }
+
+    fn is_human_readable(&self) -> bool {
+        self.0.is_human_readable()
+    }
+}
+
+/// A visitor whose nested deserializers, sequences and maps are made strict.
+struct Wrap<V>(V);
+
+macro_rules! visit {
+    ($($method:ident: $t:ty),*) => {$(
+        fn $method<E: de::Error>(self, x: $t) -> Result<Self::Value, E> {
+            self.0.$method(x)
+        }
+    )*};
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        self.0.expecting(f)
+    }
+
+    visit!(
+        visit_bool: bool, visit_i64: i64, visit_i128: i128, visit_u64: u64, visit_u128: u128,
+        visit_f64: f64, visit_char: char, visit_str: &str, visit_borrowed_str: &'de str,
+        visit_string: String, visit_bytes: &[u8], visit_borrowed_bytes: &'de [u8],
+        visit_byte_buf: Vec<u8>
+    );
+
+    fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+        self.0.visit_none()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+        self.0.visit_unit()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+        self.0.visit_some(Strict(d))
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+        self.0.visit_newtype_struct(Strict(d))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, a: A) -> Result<V::Value, A::Error> {
+        self.0.visit_seq(Wrap(a))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<V::Value, A::Error> {
+        self.0.visit_map(Wrap(a))
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, a: A) -> Result<V::Value, A::Error> {
+        self.0.visit_enum(a)
+    }
+}
+
+impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Wrap<A> {
+    type Error = A::Error;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, A::Error> {
+        self.0.next_element_seed(Wrap(seed))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.0.size_hint()
+    }
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Wrap<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        self.0.next_key_seed(seed)
+    }
+
+    fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
+        self.0.next_value_seed(Wrap(seed))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.0.size_hint()
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Wrap<S> {
+    type Value = S::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
+        self.0.deserialize(Strict(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Strict;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        n: u64,
+    }
+
+    #[derive(Deserialize, Debug, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        name: String,
+        #[serde(default)]
+        one: Option<Inner>,
+        #[serde(default)]
+        many: Vec<Inner>,
+    }
+
+    fn read(text: &str) -> Result<Outer, String> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let out = Outer::deserialize(Strict(&mut *de)).map_err(|e| e.to_string())?;
+        de.end().map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    #[test]
+    fn objects_are_read_as_before() {
+        let got = read(r#"{"name": "a", "one": {"n": 1}, "many": [{"n": 2}, {"n": 3}]}"#);
+        let want = Outer {
+            name: "a".into(),
+            one: Some(Inner { n: 1 }),
+            many: vec![Inner { n: 2 }, Inner { n: 3 }],
+        };
+        assert_eq!(got, Ok(want));
+        assert!(read(r#"{"name": "a", "name": "b"}"#)
+            .unwrap_err()
+            .contains("duplicate field"));
+        assert!(read(r#"{"name": "a", "x": 1}"#)
+            .unwrap_err()
+            .contains("unknown field"));
+    }
+
+    #[test]
+    fn no_struct_is_read_from_an_array_at_any_depth() {
+        for text in [
+            r#"["a"]"#,
+            r#"{"name": "a", "one": [1]}"#,
+            r#"{"name": "a", "many": [[2]]}"#,
+            r#"{"name": "a", "many": [{"n": 2}, [3]]}"#,
+        ] {
+            let err = read(text).unwrap_err();
+            assert!(err.contains("invalid type: sequence"), "{text}: {err}");
+        }
+    }
+}
