@@ -346,7 +346,7 @@ async fn collect(body: Body) -> Result<bytes::Bytes, Refusal> {
 
 /// The signed body: a JSON array of at most `MAX_TOKENS` reported tokens.
 fn parse(body: &[u8]) -> Result<Vec<Reported>, Refusal> {
-    let reported: Vec<Reported> = serde_json::from_slice(body).map_err(|e| {
+    let reported: Vec<Reported> = crate::admin::strict::from_slice(body).map_err(|e| {
         Refusal::InvalidBody(format!(
             "invalid body: {e}; send a JSON array of {{\"token\", \"type\", \"url\", \"source\"}}"
         ))

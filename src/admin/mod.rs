@@ -28,7 +28,7 @@ pub mod jack;
 pub mod keys;
 pub mod limits;
 pub mod router;
-mod strict;
+pub mod strict;
 
 pub use body::{JsonBody, QueryParams, MAX_BODY_BYTES};
 pub use caller::{authorize, Auth, Caller, OnKey, Read, Scope, Write};

@@ -9,6 +9,14 @@ use std::fmt;
 /// A deserializer whose structs, at any depth, are read from JSON objects only.
 pub struct Strict<D>(pub D);
 
+/// `serde_json::from_slice`, strictly: one JSON value, objects for structs.
+pub fn from_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = T::deserialize(Strict(&mut *de))?;
+    de.end()?;
+    Ok(value)
+}
+
 /// Passes each call on with the visitor wrapped, so that nested values stay strict.
 macro_rules! forward {
     ($($method:ident),*) => {$(
@@ -200,7 +208,6 @@ impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Wrap<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::Strict;
     use serde::Deserialize;
 
     #[derive(Deserialize, Debug, PartialEq)]
@@ -220,10 +227,7 @@ mod tests {
     }
 
     fn read(text: &str) -> Result<Outer, String> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let out = Outer::deserialize(Strict(&mut *de)).map_err(|e| e.to_string())?;
-        de.end().map_err(|e| e.to_string())?;
-        Ok(out)
+        super::from_slice(text.as_bytes()).map_err(|e| e.to_string())
     }
 
     #[test]

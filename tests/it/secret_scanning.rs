@@ -534,6 +534,18 @@ async fn hostile_reports_are_refused_cleanly() {
             "invalid_body",
         ),
         (
+            "a report as an array",
+            signed(b"[[\"sk_live_x\", \"keygate_api_key\"]]"),
+            400,
+            "invalid_body",
+        ),
+        (
+            "text after the array",
+            signed(b"[{\"token\":\"a\"}] x"),
+            400,
+            "invalid_body",
+        ),
+        (
             "deep nesting",
             signed("[".repeat(10_000).as_bytes()),
             400,
