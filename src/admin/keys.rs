@@ -517,7 +517,56 @@ pub async fn update(
     // The proxy enforces the new scopes at once.
     s.verifier.cache.invalidate(&r.digest).await;
     tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
+    if change.ratelimits.is_some() || change.credits.is_some() {
+        share_limits(s, &r, change, now).await?;
+    }
     Ok(r)
+}
+
+/// Rotations that one key's limits and credits follow, at most: a longer chain's oldest
+/// keys are long revoked (each rotation's grace is at most 366 days).
+const MAX_CHAIN: usize = 1_000;
+
+/// Give the same limits and credits (the same `set_at`, so the same counters) to every
+/// other key still working that spends `r`'s budget: the keys of its rotation chain
+/// share one budget, and a change made through one of them binds them all. A key never
+/// rotated reads nothing more.
+async fn share_limits(
+    s: &AdminState,
+    r: &KeyRecord,
+    change: &KeyUpdate,
+    now: u64,
+) -> Result<(), ApiError> {
+    let limits_only = KeyUpdate {
+        ratelimits: change.ratelimits.clone(),
+        credits: change.credits.clone(),
+        ..KeyUpdate::default()
+    };
+    let mut next = Some(r.limits.budget.clone().unwrap_or_else(|| r.id.clone()));
+    for _ in 0..MAX_CHAIN {
+        let Some(id) = next.take() else { break };
+        if id == r.id {
+            next.clone_from(&r.successor_id);
+            continue;
+        }
+        let Some(k) = s.store.by_id(&r.tenant, &id).await? else {
+            break;
+        };
+        next.clone_from(&k.successor_id);
+        if k.is_revoked_at(now) {
+            continue;
+        }
+        match s.store.update(&r.tenant, &k.id, &limits_only, now).await {
+            Ok(Some(k)) => {
+                s.verifier.cache.invalidate(&k.digest).await;
+                tracing::info!(id = %k.id, from = %r.id, "key's limits updated with its rotation's");
+            }
+            // Revoked or gone since it was read: nothing left to bind.
+            Ok(None) | Err(StoreError::Revoked) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Revoke in the caller's tenant (idempotent) and evict it from this process's cache.

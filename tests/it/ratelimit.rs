@@ -1459,6 +1459,36 @@ async fn a_rotated_key_shares_its_predecessors_limits_and_credits() {
     }
     let u = g.usage(&new.id).await;
     assert_eq!(u["requests"], json!({"admitted": 1, "refused": 1}), "{u}");
+
+    // A change made through either key binds both: new credits and a lower limit set on
+    // the new key hold for the old one, and the old key's next change reaches the new.
+    let lower = json!([{"name": "requests", "limit": 6, "duration": HOUR}]);
+    g.patch(
+        &new.id,
+        json!({"credits": {"remaining": 1}, "ratelimits": lower}),
+    )
+    .await;
+    for id in [&new.id, &old.id] {
+        let k = g.key_object(id).await;
+        assert_eq!(
+            (&k["ratelimits"], &k["credits"]["remaining"]),
+            (&lower, &json!(1)),
+            "{k}"
+        );
+    }
+    let seen = [
+        g.get("/open/x", &old.key).await.label(),
+        g.get("/open/x", &new.key).await.label(),
+    ];
+    assert_eq!(seen, ["200", "429 credits_exhausted"]);
+    g.patch(&old.id, json!({"credits": null})).await;
+    assert_eq!(g.key_object(&new.id).await["credits"], Value::Null);
+    // 5 admitted so far, and the lowered limit kept their count: one more, then no more.
+    let seen = [
+        g.get("/open/x", &new.key).await.label(),
+        g.get("/open/x", &old.key).await.label(),
+    ];
+    assert_eq!(seen, ["200", "429 rate_limited"]);
 }
 
 // ---------------------------------------------------------------------------------------
