@@ -509,6 +509,11 @@ pub async fn update(
             return Err(escalation());
         }
     }
+    // New credits are a new counter: the old one is let go once every key has moved on.
+    let before = match change.credits {
+        Some(_) => s.store.by_id(&caller.tenant, id.as_str()).await?,
+        None => None,
+    };
     let r = s
         .store
         .update(&caller.tenant, id.as_str(), change, now)
@@ -517,8 +522,15 @@ pub async fn update(
     // The proxy enforces the new scopes at once.
     s.verifier.cache.invalidate(&r.digest).await;
     tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
+    let mut moved = Vec::new();
     if change.ratelimits.is_some() || change.credits.is_some() {
-        share_limits(s, &r, change, now).await?;
+        moved = share_limits(s, &r, change, now).await?;
+    }
+    if let Some(before) = before {
+        moved.push((before, r.clone()));
+    }
+    for (before, after) in &moved {
+        super::limits::retire_credits(s, before, after).await;
     }
     Ok(r)
 }
@@ -530,13 +542,14 @@ const MAX_CHAIN: usize = 1_000;
 /// Give the same limits and credits (the same `set_at`, so the same counters) to every
 /// other key still working that spends `r`'s budget: the keys of its rotation chain
 /// share one budget, and a change made through one of them binds them all. A key never
-/// rotated reads nothing more.
+/// rotated reads nothing more. Each key changed, before and after.
 async fn share_limits(
     s: &AdminState,
     r: &KeyRecord,
     change: &KeyUpdate,
     now: u64,
-) -> Result<(), ApiError> {
+) -> Result<Vec<(KeyRecord, KeyRecord)>, ApiError> {
+    let mut changed = Vec::new();
     let limits_only = KeyUpdate {
         ratelimits: change.ratelimits.clone(),
         credits: change.credits.clone(),
@@ -557,16 +570,17 @@ async fn share_limits(
             continue;
         }
         match s.store.update(&r.tenant, &k.id, &limits_only, now).await {
-            Ok(Some(k)) => {
-                s.verifier.cache.invalidate(&k.digest).await;
-                tracing::info!(id = %k.id, from = %r.id, "key's limits updated with its rotation's");
+            Ok(Some(after)) => {
+                s.verifier.cache.invalidate(&after.digest).await;
+                tracing::info!(id = %after.id, from = %r.id, "key's limits updated with its rotation's");
+                changed.push((k, after));
             }
             // Revoked or gone since it was read: nothing left to bind.
             Ok(None) | Err(StoreError::Revoked) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// Revoke in the caller's tenant (idempotent) and evict it from this process's cache.

@@ -288,6 +288,30 @@ pub async fn credits_remaining(s: &AdminState, r: &KeyRecord) -> Result<Option<u
     Ok(peek(s, &ask, now_ms()).await?.pop().map(|h| h.remaining))
 }
 
+/// How long a superseded credits counter is kept: far past the last exchange any replica
+/// makes of what it spent there (each exchanges every `sync_interval`).
+const RETIRED_KEEP_MS: u64 = 3_600_000;
+
+/// `before`'s credits were replaced (now `after`'s): their counter, which would never
+/// expire without a refill, is let go. Best effort: a counter left behind only takes room.
+pub async fn retire_credits(s: &AdminState, before: &KeyRecord, after: &KeyRecord) {
+    if before.limits.credits.is_none() || before.limits.credits == after.limits.credits {
+        return;
+    }
+    // The credits counter is the last of the key's counters.
+    let Some(credits) = counters::key_counters(&before.id, &before.limits, 1).pop() else {
+        return;
+    };
+    let ask = Ask {
+        tag: counters::tag(&before.tenant),
+        counters: vec![credits],
+        key_id: before.id.clone(),
+    };
+    if let Err(e) = s.limits.retire(&ask, now_ms(), RETIRED_KEEP_MS).await {
+        tracing::warn!(id = %before.id, error = %e, "superseded credits counter kept: no expiry could be set");
+    }
+}
+
 /// What the key object of `r` shows of its limits, credits read now.
 pub async fn shown(s: &AdminState, r: &KeyRecord) -> Result<Shown, ApiError> {
     Ok(Shown::new(&r.limits, credits_remaining(s, r).await?))

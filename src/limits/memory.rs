@@ -170,6 +170,17 @@ impl LimitStore for MemoryLimits {
     async fn replicas(&self, _: &str, _: u64) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
+
+    async fn retire(&self, ask: &Ask, now_ms: u64, after_ms: u64) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        for key in counter_keys(ask, now_ms) {
+            if let Some(c) = g.counts.get_mut(&key).filter(|c| c.expires_ms == 0) {
+                c.expires_ms = now_ms.saturating_add(after_ms.max(1));
+            }
+        }
+        g.prune(now_ms);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -157,6 +157,10 @@ pub trait LimitStore: Send + Sync + 'static {
     /// replicas did within the last `within_ms` (by the store's clock), `me` included;
     /// `None` for a store only this process uses (nothing to hold back from others).
     async fn replicas(&self, me: &str, within_ms: u64) -> Result<Option<u64>, StoreError>;
+    /// The counters of `ask` (their windows at `now_ms`) are no longer used: a count that
+    /// would never expire (credits without a refill) now expires `after_ms` from now, so
+    /// that superseded counters do not pile up; one that expires already is left alone.
+    async fn retire(&self, ask: &Ask, now_ms: u64, after_ms: u64) -> Result<(), StoreError>;
 }
 
 /// Milliseconds from `now_ms` to the end of the window of `period_ms` (from `anchor_ms`)

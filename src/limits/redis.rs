@@ -124,6 +124,18 @@ return {0, unpack(totals)}
     )
 });
 
+/// `retire`. ARGV: the expiry (ms). A count without one gets it; others are left alone.
+static RETIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+for i = 1, #KEYS do
+  if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 0
+",
+    )
+});
+
 /// `replicas`. KEYS: the replicas' set. ARGV: this replica's id, how long (ms) a replica
 /// counts after its last call. Returns how many count, this one included. Redis' clock,
 /// not the replicas': theirs may disagree.
@@ -349,6 +361,15 @@ impl LimitStore for RedisLimits {
             Value::Int(n) if n >= 1 => Ok(Some(n as u64)),
             _ => Err(corrupt(&key, "expected a replica count")),
         }
+    }
+
+    async fn retire(&self, ask: &Ask, now_ms: u64, after_ms: u64) -> Result<(), StoreError> {
+        if ask.counters.is_empty() {
+            return Ok(());
+        }
+        let keys = self.counter_keys(ask, now_ms);
+        let after = after_ms.max(1).to_string();
+        self.scripts.eval(&RETIRE, &keys, &[after]).await.map(drop)
     }
 }
 

@@ -664,3 +664,47 @@ async fn bodies_are_one_json_object_with_objects_inside() {
     let listed = root(&app, Method::GET, "/v1/api-keys?revoked=true", None, 200).await;
     assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
 }
+
+/// Credits without a refill are one counter that never expires; new credits (a PATCH)
+/// are a new counter, and the one they replace is given an expiry instead of staying in
+/// Redis for good. The new balance is counted afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_credits_leave_no_counter_behind_for_good() {
+    let (app, redis) = app_on("redis").await;
+    let redis = redis.expect("a Redis");
+    let body = json!({"name": "metered", "type": "secret", "scopes": ["users:read"],
+                      "credits": {"remaining": 10}});
+    let made = root(&app, Method::POST, "/v1/api-keys", Some(&body), 201).await;
+    let (id, key) = (made["id"].as_str().unwrap(), made["key"].as_str().unwrap());
+    let counters = || -> Vec<(String, i64)> {
+        let mut keys: Vec<String> = redis.cmd(&["KEYS", &format!("*:c:{id}:*")]);
+        keys.sort();
+        keys.into_iter()
+            .map(|k| {
+                let ttl: i64 = redis.cmd(&["PTTL", &k]);
+                (k, ttl)
+            })
+            .collect()
+    };
+    let spend = || async {
+        assert_eq!(app.get_with("/users/1", key).await.status(), 200);
+        let within = Duration::from_secs(10);
+        let endless = || counters().into_iter().filter(|(_, t)| *t == -1).count();
+        // `local` mode: the spending reaches Redis at the next exchange.
+        assert!(eventually(within, || async { endless() > 0 }).await);
+        // Only the balance in force never expires.
+        assert_eq!(endless(), 1, "{:?}", counters());
+    };
+    for round in 0..3 {
+        spend().await;
+        let credits = json!({"credits": {"remaining": 5}});
+        patch(&app, id, &credits).await;
+        let left = counters();
+        assert!(
+            left.iter().all(|(_, ttl)| (1..=3_600_000).contains(ttl)),
+            "round {round}: every replaced counter expires: {left:?}"
+        );
+        assert_eq!(get_key(&app, id).await["credits"]["remaining"], 5);
+    }
+    assert_eq!(counters().len(), 3, "{:?}", counters());
+}

@@ -481,6 +481,34 @@ async fn credits_refill(t: &Target) {
     }
 }
 
+/// `retire` gives an endless count (credits without a refill) an expiry and leaves a
+/// window's own expiry alone; a count that was never written stays absent.
+async fn retire_expires_endless_counts(t: &Target) {
+    let a = ask(
+        "retire_expires_endless_counts",
+        vec![rate("rph", 5, 3_600_000), credits(10, None, BASE - 1, 2)],
+    );
+    step(t, &a, BASE, ADMIT, &[4, 8], "take").await;
+    t.store.retire(&a, BASE, 60_000).await.unwrap();
+    let unused = ask(
+        "retire_expires_endless_counts",
+        vec![credits(3, None, BASE, 1)],
+    );
+    t.store.retire(&unused, BASE, 60_000).await.unwrap();
+    if let Some(conn) = &t.conn {
+        let (k0, k1) = (t.key_of(&a, 0, BASE), t.key_of(&a, 1, BASE));
+        let window: i64 = conn.cmd(&["PTTL", &k0]).await;
+        let credits: i64 = conn.cmd(&["PTTL", &k1]).await;
+        assert!(window > 60_000 && window <= 7_200_000, "{window}");
+        assert!(credits > 0 && credits <= 60_000, "{credits}");
+        let never: i64 = conn.cmd(&["PTTL", &t.key_of(&unused, 0, BASE)]).await;
+        assert_eq!(never, -2, "not created");
+    }
+    // Retiring changes no count.
+    let o = t.store.peek(&a, BASE).await.unwrap();
+    assert_eq!((o.decision, remaining(&o)), (ADMIT, vec![4, 8]));
+}
+
 /// `peek` tells what `take` would, and changes nothing: no count, no total.
 async fn peek_changes_nothing(t: &Target) {
     let a = ask(
@@ -783,4 +811,5 @@ cases!(
     totals_count,
     garbage_is_an_error,
     replicas_are_counted,
+    retire_expires_endless_counts,
 );

@@ -59,6 +59,9 @@ impl LimitStore for TestLimits {
     async fn exchange(&self, _: &[Push]) -> Result<Vec<u64>, StoreError> {
         unreachable!("the admin API never spends")
     }
+    async fn retire(&self, _: &Ask, _: u64, _: u64) -> Result<(), StoreError> {
+        self.up()
+    }
     async fn peek(&self, ask: &Ask, now_ms: u64) -> Result<Outcome, StoreError> {
         self.up()?;
         let spent = self.spent.lock().unwrap();
