@@ -32,10 +32,10 @@ fn routes() -> Table {
         .add(Method::GET, "/readyz", readyz)
         .add(Method::GET, "/metrics", metrics)
         .add(Method::GET, "/openapi.json", openapi)
-        .add(Method::GET, "/v1/keys", jack::list)
+        .add_listing(Method::GET, "/v1/keys", jack::list)
         .add(Method::POST, "/v1/keys", jack::create)
         .add(Method::DELETE, "/v1/keys/{id}", jack::revoke)
-        .add(Method::GET, "/v1/api-keys", hellojohn::list)
+        .add_listing(Method::GET, "/v1/api-keys", hellojohn::list)
         .add(Method::POST, "/v1/api-keys", hellojohn::create)
         .add(Method::POST, "/v1/api-keys/rotate", hellojohn::rotate)
         .add(Method::POST, "/v1/api-keys/import", import::import)
@@ -54,16 +54,51 @@ struct Table {
 }
 
 impl Table {
-    fn add<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    /// A route; under `/v1/` it takes no query (the documents refuse unknown parameters,
+    /// and only the lists have any).
+    fn add<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, Arc<AdminState>>,
+        T: 'static,
+    {
+        let strict = path.starts_with("/v1/");
+        self.with(method, path, handler, strict)
+    }
+
+    /// A list: its handler reads (and checks) the query itself.
+    fn add_listing<H, T>(self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, Arc<AdminState>>,
+        T: 'static,
+    {
+        self.with(method, path, handler, false)
+    }
+
+    fn with<H, T>(mut self, method: Method, path: &'static str, handler: H, no_query: bool) -> Self
     where
         H: Handler<T, Arc<AdminState>>,
         T: 'static,
     {
         let filter = MethodFilter::try_from(method.clone())
             .expect("the table names only standard methods, each of which has a filter");
-        self.router = self.router.route(path, on(filter, handler));
+        let mut route = on(filter, handler);
+        if no_query {
+            route = route.layer(axum::middleware::from_fn(refuse_query));
+        }
+        self.router = self.router.route(path, route);
         self.served.push((method, path));
         self
+    }
+}
+
+/// 400 `invalid_query` for a query string on a route that takes none (a bare `?` passes).
+async fn refuse_query(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match req.uri().query() {
+        Some(q) if !q.is_empty() => {
+            ApiError::bad_request("invalid_query", "this endpoint takes no query parameters")
+                .into_response()
+        }
+        _ => next.run(req).await,
     }
 }
 

@@ -708,3 +708,65 @@ async fn replaced_credits_leave_no_counter_behind_for_good() {
     }
     assert_eq!(counters().len(), 3, "{:?}", counters());
 }
+
+/// Only the two lists take query parameters: on every other management endpoint a query
+/// is 400 `invalid_query`, and the call does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_endpoints_without_parameters_refuse_a_query() {
+    let (app, _redis) = app_on("memory").await;
+    let made = root(
+        &app,
+        Method::POST,
+        "/v1/api-keys",
+        Some(&json!({"name": "q", "type": "secret", "scopes": ["users:read"]})),
+        201,
+    )
+    .await;
+    let id = made["id"].as_str().unwrap();
+    let key_path = format!("/v1/api-keys/{id}");
+    let calls = [
+        (Method::GET, format!("{key_path}?x=1"), None),
+        (Method::GET, format!("{key_path}/usage?x=1"), None),
+        (
+            Method::PATCH,
+            format!("{key_path}?x=1"),
+            Some(json!({"name": "changed"})),
+        ),
+        (
+            Method::POST,
+            "/v1/keys?x=1".into(),
+            Some(json!({"label": "new"})),
+        ),
+        (
+            Method::POST,
+            "/v1/api-keys?x=1".into(),
+            Some(json!({"name": "new", "type": "secret"})),
+        ),
+        (
+            Method::POST,
+            "/v1/api-keys/rotate?x=1".into(),
+            Some(json!({"id": id})),
+        ),
+        (
+            Method::POST,
+            "/v1/explain?x=1".into(),
+            Some(json!({"method": "GET", "path": "/"})),
+        ),
+        (Method::DELETE, format!("{key_path}?x=1"), None),
+        (Method::DELETE, format!("/v1/keys/{id}?x=1"), None),
+    ];
+    for (method, path, body) in &calls {
+        let e = root(&app, method.clone(), path, body.as_ref(), 400).await;
+        assert_eq!(e["error"]["code"], "invalid_query", "{method} {path}: {e}");
+    }
+    let k = get_key(&app, id).await;
+    assert_eq!(
+        (&k["name"], &k["revoked"]),
+        (&json!("q"), &json!(false)),
+        "{k}"
+    );
+    let listed = root(&app, Method::GET, "/v1/api-keys?revoked=true", None, 200).await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+    // A bare `?` is no parameter.
+    root(&app, Method::GET, &format!("{key_path}?"), None, 200).await;
+}
