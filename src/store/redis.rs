@@ -919,7 +919,8 @@ impl KeyStore for RedisStore {
         if uses.is_empty() {
             return Ok(());
         }
-        let mut conn = self.bulk.get()?;
+        // Flushed every few seconds: the connection has been idle, and is tested first.
+        let mut conn = self.bulk.checked().await?;
         // A round trip may queue behind other writes: allow more than one read's timeout.
         let budget = self.timeout.max(Duration::from_secs(5));
         // And one bound on the whole batch, so a slow Redis cannot keep a flush going for
@@ -1085,12 +1086,14 @@ impl Scripts for RedisScripts {
         for a in args {
             invocation.arg(a);
         }
-        let mut conn = self.link.get()?;
         // Sent once: a script that met a dropped connection may have run, and a counter
-        // must not count twice. `EVALSHA`, then on `NOSCRIPT` (a new primary, a restart)
-        // `SCRIPT LOAD` and `EVALSHA` again.
+        // must not count twice (`checked`: an idle connection is tested first). `EVALSHA`,
+        // then on `NOSCRIPT` (a new primary, a restart) `SCRIPT LOAD` and `EVALSHA` again.
         self.store
             .bounded(async {
+                let mut conn = self.link.checked().await.map_err(|e| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "no connection", e.to_string()))
+                })?;
                 let r = invocation.invoke_async::<redis::Value>(&mut conn).await;
                 if let Err(e) = &r {
                     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {

@@ -101,7 +101,14 @@ pub struct Link {
     target: Arc<Target>,
     config: ConnectionManagerConfig,
     conn: Arc<ArcSwapOption<(u64, ConnectionManager)>>,
+    /// When `checked` last handed the connection out (`time::mono_ms`; 0: never).
+    last_used_ms: Arc<AtomicU64>,
 }
+
+/// Idle this long, a connection is pinged before a command that is sent only once.
+const IDLE_CHECK_MS: u64 = 1_000;
+/// At most this long for that `PING` (a dead peer's silence): then the command is sent.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Link {
     pub fn new(target: Arc<Target>, config: ConnectionManagerConfig) -> Link {
@@ -109,7 +116,28 @@ impl Link {
             target,
             config,
             conn: Arc::new(ArcSwapOption::empty()),
+            last_used_ms: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// `get`, for a command that must not be sent twice (a rate-limit script may have
+    /// run when its reply is lost). A connection idle for a second or more is pinged
+    /// first: Redis' `timeout`, a NAT or a restart may have closed it meanwhile, and the
+    /// command would fail on it although Redis is up. A failed `PING` makes the manager
+    /// reconnect, and the command then goes over the new connection. Call it within the
+    /// caller's time bound.
+    pub async fn checked(&self) -> Result<ConnectionManager, StoreError> {
+        let mut conn = self.get()?;
+        let now = crate::time::mono_ms().max(1);
+        let last = self.last_used_ms.swap(now, Ordering::Relaxed);
+        if now.saturating_sub(last) >= IDLE_CHECK_MS {
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<()>(&mut conn);
+            if let Ok(Err(e)) = tokio::time::timeout(PING_TIMEOUT, ping).await {
+                tracing::debug!(error = %e, "idle Redis connection was closed; reconnecting");
+            }
+        }
+        Ok(conn)
     }
 
     /// Another connection to the same target (a proxy worker's own).

@@ -1532,6 +1532,30 @@ fn checked(a: &Answer) -> bool {
     a.status == 200 && a.mark_seen_upstream().is_empty()
 }
 
+/// Redis closes connections idle past its `timeout` (as a NAT or a managed Redis may):
+/// the first limited request after a quiet spell is still decided, not refused for a
+/// dead connection while Redis answers. (`deny`: a failed script would be a 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_decides_after_redis_closed_its_idle_connections() {
+    let redis = Redis::start();
+    let app = start(&redis, "{ mode: exact, on_store_error: deny }").await;
+    let g = Gate::of(&app);
+    clear_of_boundary(HOUR_MS, 30_000).await;
+    let k = g
+        .create(json!({"ratelimits": [{"name": "requests", "limit": 100, "duration": HOUR}]}))
+        .await;
+    assert_eq!(g.get("/open/x", &k.key).await.label(), "200");
+    let _: () = redis.cmd(&["CONFIG", "SET", "timeout", "1"]);
+    for round in 0..2 {
+        // Past the timeout, and Redis' once-a-second sweep of idle clients.
+        tokio::time::sleep(Duration::from_millis(2_600)).await;
+        let a = g.get("/open/x", &k.key).await;
+        assert_eq!(a.label(), "200", "round {round}: {a:?}");
+        assert!(checked(&a), "round {round}: {a:?}");
+    }
+    assert_eq!(g.decisions("requests", "store_error_denied").await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_mode_without_the_store_admits_unchecked_or_denies_and_recovers() {
     let mut redis = Redis::start_persistent();
