@@ -578,3 +578,57 @@ mod tests {
         assert_eq!(dropped_lines(), 0);
     }
 }
+
+/// At most one line a second for a warning that can repeat on every request (the store
+/// down under load), with how many were left out since the last one: the log stays
+/// readable and its writer keeps up, while the metrics count every occurrence.
+#[derive(Default)]
+pub struct Sampled {
+    last_ms: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Sampled {
+    pub const fn new() -> Sampled {
+        Sampled {
+            last_ms: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(left out since the last line)` when this occurrence may be logged.
+    pub fn pass(&self) -> Option<u64> {
+        let now = crate::time::mono_ms().saturating_add(1_000);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= 1_000
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if due {
+            Some(self.skipped.swap(0, Ordering::Relaxed))
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod sampled_tests {
+    use super::Sampled;
+
+    #[test]
+    fn one_line_a_second_telling_what_was_left_out() {
+        let s = Sampled::new();
+        assert_eq!(s.pass(), Some(0), "the first passes");
+        for _ in 0..5 {
+            assert_eq!(s.pass(), None);
+        }
+        // As if a second went by.
+        s.last_ms
+            .fetch_sub(1_000, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(s.pass(), Some(5));
+        assert_eq!(s.pass(), None);
+    }
+}

@@ -326,7 +326,10 @@ impl Limiter {
                 Err(())
             }
             Err(e) => {
-                tracing::warn!(error = %e, "rate-limit store unavailable");
+                static SAMPLED: crate::logging::Sampled = crate::logging::Sampled::new();
+                if let Some(left_out) = SAMPLED.pass() {
+                    tracing::warn!(error = %e, left_out, "rate-limit store unavailable");
+                }
                 Err(())
             }
         }

@@ -302,7 +302,10 @@ impl Proxy {
     /// check timed, an allowed key's use noted (`explain` does none of these).
     fn record(&self, verdict: &Verdict, started: Instant) {
         if let Some(e) = &verdict.store_error {
-            tracing::warn!(error = %e, "key store read failed");
+            static SAMPLED: crate::logging::Sampled = crate::logging::Sampled::new();
+            if let Some(left_out) = SAMPLED.pass() {
+                tracing::warn!(error = %e, left_out, "key store read failed");
+            }
             self.metrics.store_errors.with_label_values(&["read"]).inc();
         }
         if let Some(id) = verdict.allowed() {
