@@ -22,6 +22,9 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
+/// The largest integer a structured field may carry.
+pub const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
+
 /// The `RateLimit-Policy` value of a counter: `"name";q=100;w=60` (no `w` for credits that
 /// never refill, `period_ms` `u64::MAX`).
 pub fn ratelimit_policy(name: &str, quota: u64, period_ms: u64) -> HeaderValue {
@@ -32,10 +35,12 @@ pub fn ratelimit_policy(name: &str, quota: u64, period_ms: u64) -> HeaderValue {
 /// One `RateLimit`/`RateLimit-Policy` item, `"name";a=1;b=2` (parameters named by one
 /// letter), in one allocation of its exact size (names are validated to a header-safe
 /// alphabet). Built on every limited answer: bytes are pushed, not formatted.
+/// A number past a structured field's integer (15 digits, RFC 8941 3.3.1) is shown as the
+/// largest one: a parser refuses the whole field otherwise.
 pub fn ratelimit_item(name: &str, a: (u8, u64), b: Option<(u8, u64)>) -> HeaderValue {
     let (mut num_a, mut num_b) = (itoa::Buffer::new(), itoa::Buffer::new());
-    let a = (a.0, num_a.format(a.1));
-    let b = b.map(|(k, v)| (k, num_b.format(v)));
+    let a = (a.0, num_a.format(a.1.min(SF_INTEGER_MAX)));
+    let b = b.map(|(k, v)| (k, num_b.format(v.min(SF_INTEGER_MAX))));
     let param = |(_, n): (u8, &str)| 3 + n.len();
     let mut v = Vec::with_capacity(2 + name.len() + param(a) + b.map_or(0, param));
     v.push(b'"');
@@ -327,6 +332,19 @@ impl Deny {
 mod tests {
     use super::*;
     use strum::EnumCount;
+
+    #[test]
+    fn ratelimit_numbers_stay_structured_field_integers() {
+        let v = ratelimit_item(
+            "credits",
+            (b'q', 1_000_000_000_000_000),
+            Some((b'w', 86_400)),
+        );
+        assert_eq!(v, "\"credits\";q=999999999999999;w=86400");
+        let v = ratelimit_item("credits", (b'r', u64::MAX), None);
+        assert_eq!(v, "\"credits\";r=999999999999999");
+        assert_eq!(ratelimit_policy("a", 5, 1_500), "\"a\";q=5;w=2");
+    }
 
     const TOKEN: &str = "Bearer realm=\"keygate\", error=\"invalid_token\"";
     const SCOPE: &str = "Bearer realm=\"keygate\", error=\"insufficient_scope\"";

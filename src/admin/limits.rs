@@ -15,8 +15,9 @@ use std::fmt::Display;
 pub const MAX_RATELIMITS: usize = 8;
 /// Largest `limit` of a rate limit.
 pub const MAX_LIMIT: u64 = 1_000_000_000_000;
-/// Largest `remaining` and refill `amount` of credits.
-pub const MAX_CREDITS: u64 = 1_000_000_000_000_000;
+/// Largest `remaining` and refill `amount` of credits: the largest number the `RateLimit`
+/// headers can carry (a structured field's integer has at most 15 digits).
+pub const MAX_CREDITS: u64 = crate::error::SF_INTEGER_MAX;
 /// The name the `RateLimit` headers give the credits policy: no rate limit may take it.
 pub const RESERVED_NAME: &str = "credits";
 /// The latest instant shown (9999-12-31T23:59:59Z): RFC 3339 has four year digits.
