@@ -535,6 +535,14 @@ routes:
             "{e}"
         );
 
+        // `M` is humantime's month: refused, with `m` named, in any spelling of a month.
+        for month in ["1M", "2 months", "1month 2d"] {
+            let e = load(&format!("{BASE}cache: {{ ttl: {month} }}\n")).unwrap_err();
+            assert_eq!(e.field, "cache.ttl", "{e}");
+            assert!(e.message.contains("`m` is minutes"), "{month}: {e}");
+        }
+        load(&format!("{BASE}cache: {{ ttl: 1m }}\n")).expect("minutes");
+
         // Indices count from 1, like `check-config`'s table: the second route's first scope.
         let e = load(&BASE.replace("users:read", "Users Read")).unwrap_err();
         assert_eq!(e.field, "routes[2].scopes[1]", "{e}");

@@ -611,6 +611,16 @@ pub struct HumanDuration(pub Duration);
 impl<'de> serde::Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
+        // humantime reads `M` as a month (30.44 days): `1M` meant as a minute would make a
+        // rate window or a timeout 43,830 times longer without a word.
+        let months = s
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .any(|unit| matches!(unit, "M" | "month" | "months"));
+        if months {
+            return Err(de::Error::custom(format!(
+                "invalid duration {s:?}: months are not a unit here (`m` is minutes); use d or w"
+            )));
+        }
         crate::time::parse_duration(&s)
             .map(HumanDuration)
             .map_err(|e| {
