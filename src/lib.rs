@@ -14,6 +14,7 @@ pub mod dormant;
 pub mod error;
 pub mod explain;
 pub mod feed;
+pub mod header_names;
 pub mod key;
 pub mod limits;
 pub mod loader;

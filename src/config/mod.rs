@@ -517,6 +517,34 @@ routes:
         assert_eq!(e.field, "rate_limits.mode", "{e}");
     }
 
+    /// No identity header may take a name the proxy strips from clients: the upstream
+    /// would read the tenant or scopes as a method override, a client address or
+    /// keygate's own rate-limit mark.
+    #[test]
+    fn identity_headers_take_no_name_the_proxy_strips() {
+        for name in [
+            "x-keygate-ratelimit",
+            "x-http-method-override",
+            "x-real-ip",
+            "host",
+        ] {
+            let text = BASE.replace(
+                "  upstream: http://127.0.0.1:3000",
+                &format!(
+                    "  upstream: http://127.0.0.1:3000\n  identity_headers: {{ tenant: {name} }}"
+                ),
+            );
+            let e = load(&text).unwrap_err();
+            assert_eq!(e.field, "proxy.identity_headers.tenant", "{name}: {e}");
+            assert!(e.message.contains("reserved"), "{name}: {e}");
+        }
+        let ok = BASE.replace(
+            "  upstream: http://127.0.0.1:3000",
+            "  upstream: http://127.0.0.1:3000\n  identity_headers: { tenant: x-tenant }",
+        );
+        load(&ok).expect("a name of its own");
+    }
+
     #[test]
     fn errors_name_field_and_line() {
         let e = load(&BASE.replace(

@@ -15,6 +15,7 @@ use super::raw::{
 use super::{
     CacheRules, Env, Fixed, Limits, Live, RateLimitRules, StoreConfig, Timeouts, Upstream,
 };
+use crate::header_names::{CLIENT_CLAIMS, OVERRIDES};
 use crate::key::{LegacyFormat, LegacyFormats, Prefixes};
 use crate::policy::{self, HeaderPolicy, IdentityHeaders, Policy, PolicySpec, RouteSpec};
 use secrecy::SecretString;
@@ -472,7 +473,9 @@ const RESERVED: &[&str] = &[
     "forwarded",
 ];
 
-/// `proxy.identity_headers`: four distinct names, none reserved.
+/// `proxy.identity_headers`: four distinct names, none reserved nor one the proxy strips
+/// from clients (a method override or a client address claim would carry the tenant or
+/// the scopes to the upstream as something else; `x-keygate-ratelimit` is keygate's mark).
 fn identity_headers(ih: &RawIdentityHeaders) -> Result<IdentityHeaders> {
     let identity = IdentityHeaders {
         key_id: ih.key_id.0.clone(),
@@ -488,7 +491,8 @@ fn identity_headers(ih: &RawIdentityHeaders) -> Result<IdentityHeaders> {
         ("key_type", &identity.key_type),
     ] {
         let path = FieldPath::keys("proxy.identity_headers").key(field);
-        if RESERVED.contains(&name.as_str()) {
+        let stripped = OVERRIDES.contains(&name.as_str()) || CLIENT_CLAIMS.contains(&name.as_str());
+        if RESERVED.contains(&name.as_str()) || stripped {
             return Err(invalid(
                 path,
                 format!("{name} is reserved and cannot carry identity"),

@@ -18,44 +18,7 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// Set on a request admitted without its rate limits checked (the store was unavailable).
 pub const RATELIMIT_MARK: HeaderName = HeaderName::from_static("x-keygate-ratelimit");
 
-/// Headers by which an upstream framework would act on another method or path than the
-/// one keygate matched (Rails, Express, Symfony, IIS URL rewrite), and keygate's own
-/// `x-keygate-ratelimit` (set only by keygate): never forwarded from a client.
-const OVERRIDES: [&str; 7] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-method",
-    "x-keygate-ratelimit",
-];
-
-/// Client address, host, scheme and original-URL claims besides
-/// `X-Forwarded-For/Proto/Host` (which are rewritten): kept from trusted proxies only.
-/// `Forwarded` is extended for those.
-const CLIENT_CLAIMS: [&str; 20] = [
-    "forwarded",
-    "x-real-ip",
-    "x-client-ip",
-    "client-ip",
-    "x-originating-ip",
-    "x-remote-addr",
-    "x-remote-ip",
-    "x-host",
-    "x-forwarded-uri",
-    "x-original-uri",
-    "x-envoy-original-path",
-    "true-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-forwarded-scheme",
-    "x-forwarded-ssl",
-];
+use crate::header_names::{CLIENT_CLAIMS, OVERRIDES};
 
 /// Bit n set when a name in `OVERRIDES` or `CLIENT_CLAIMS` is n bytes long: most header
 /// names are ruled out by their length alone.
