@@ -367,18 +367,24 @@ impl SentinelSet {
         });
     }
 
-    /// Until every running sentinel names the current primary, lists every running replica
-    /// (not down) and knows the other running sentinels.
-    pub fn wait_sentinels_agree(&self) {
-        let primary = self.primary_port();
-        let replicas = self.replica_ports();
+    /// Until every running sentinel names one primary, lists every other running data node
+    /// as its replica (not down) and knows the other running sentinels. The sentinels may
+    /// have failed over once more meanwhile (a new primary slow to answer on a loaded
+    /// machine is seen down after `down-after-milliseconds`): the primary they agree on,
+    /// if it says `role:master`, becomes the harness's.
+    pub fn wait_sentinels_agree(&mut self) {
         let sentinels: Vec<u16> = self
             .sentinels
             .iter()
             .filter(|s| s.alive())
             .map(|s| s.port)
             .collect();
-        converge(CONVERGE, "sentinels agree on the topology", || {
+        let agreed = converge(CONVERGE, "sentinels agree on the topology", || {
+            let primary = self.primary_agreed(&sentinels)?;
+            let replicas: Vec<u16> = (self.data.iter())
+                .filter(|n| n.alive() && n.port != primary)
+                .map(|n| n.port)
+                .collect();
             for &s in &sentinels {
                 let err = |e: redis::RedisError| format!("sentinel {s}: {e}");
                 let (_, p) = Self::primary_seen_by(s).map_err(err)?;
@@ -415,8 +421,40 @@ impl SentinelSet {
                     return Err(format!("sentinel {s} knows sentinels {peers:?}"));
                 }
             }
-            Ok(())
+            Ok(primary)
         });
+        if agreed != self.primary_port() {
+            eprintln!(
+                "the sentinels failed over again: primary {} -> {agreed}",
+                self.primary_port()
+            );
+            self.primary = (self.data.iter())
+                .position(|n| n.port == agreed)
+                .expect("a node of the set");
+        }
+    }
+
+    /// The primary every sentinel in `sentinels` names, when they agree and it is a running
+    /// node of the set that says `role:master`.
+    fn primary_agreed(&self, sentinels: &[u16]) -> Result<u16, String> {
+        let mut named = None;
+        for &s in sentinels {
+            let (_, p) = Self::primary_seen_by(s).map_err(|e| format!("sentinel {s}: {e}"))?;
+            if named.is_some_and(|n| n != p) {
+                return Err(format!("sentinel {s} names primary {p}, others {named:?}"));
+            }
+            named = Some(p);
+        }
+        let p = named.ok_or("no sentinel running")?;
+        if !self.data.iter().any(|n| n.port == p && n.alive()) {
+            return Err(format!("the sentinels name {p}, which is not running"));
+        }
+        let role: Vec<redis::Value> =
+            cmd_on(p, &["ROLE"]).map_err(|e| format!("ROLE on {p}: {e}"))?;
+        match role.first() {
+            Some(redis::Value::BulkString(b)) if b == b"master" => Ok(p),
+            other => Err(format!("{p} has role {other:?}")),
+        }
     }
 
     /// SIGKILL the primary.
@@ -443,22 +481,9 @@ impl SentinelSet {
             .map(|s| s.port)
             .collect();
         let new = converge(within, "failover to a new primary", || {
-            let mut named = None;
-            for &s in &sentinels {
-                let (_, p) = Self::primary_seen_by(s).map_err(|e| format!("sentinel {s}: {e}"))?;
-                if p == old || named.is_some_and(|n| n != p) {
-                    return Err(format!(
-                        "sentinel {s} names {p} (old {old}, others {named:?})"
-                    ));
-                }
-                named = Some(p);
-            }
-            let p = named.ok_or("no sentinel running")?;
-            let role: Vec<redis::Value> =
-                cmd_on(p, &["ROLE"]).map_err(|e| format!("ROLE on {p}: {e}"))?;
-            match role.first() {
-                Some(redis::Value::BulkString(b)) if b == b"master" => Ok(p),
-                other => Err(format!("{p} has role {other:?}")),
+            match self.primary_agreed(&sentinels)? {
+                p if p == old => Err(format!("the sentinels still name {old}")),
+                p => Ok(p),
             }
         });
         self.primary = self
