@@ -522,14 +522,12 @@ pub async fn update(
     // The proxy enforces the new scopes at once.
     s.verifier.cache.invalidate(&r.digest).await;
     tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
-    let mut moved = Vec::new();
-    if change.ratelimits.is_some() || change.credits.is_some() {
-        moved = share_limits(s, &r, change, now).await?;
-    }
-    if let Some(before) = before {
-        moved.push((before, r.clone()));
-    }
-    for (before, after) in &moved {
+    let partners = match change.ratelimits.is_some() || change.credits.is_some() {
+        true => share_limits(s, &r, change, now).await?,
+        false => Vec::new(),
+    };
+    let mine = before.as_ref().map(|b| (b, &r));
+    for (before, after) in partners.iter().map(|(b, a)| (b, a)).chain(mine) {
         super::limits::retire_credits(s, before, after).await;
     }
     Ok(r)
