@@ -87,6 +87,12 @@ async fn root(app: &TestApp, method: Method, path: &str, body: Option<&Value>, w
     json_of(req.send().await.expect("admin reachable"), want, &what).await
 }
 
+/// A secret key of `TENANT` that may read users, with neither limits nor credits.
+async fn reader_key(app: &TestApp, name: &str) -> Value {
+    let body = json!({"name": name, "type": "secret", "scopes": ["users:read"]});
+    root(app, Method::POST, "/v1/api-keys", Some(&body), 201).await
+}
+
 async fn get_key(app: &TestApp, id: &str) -> Value {
     root(app, Method::GET, &format!("/v1/api-keys/{id}"), None, 200).await
 }
@@ -621,14 +627,7 @@ async fn what_the_proxy_spends_shows_in_credits_and_usage_and_a_rotation_shares_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_are_one_json_object_with_objects_inside() {
     let (app, _redis) = app_on("memory").await;
-    let made = root(
-        &app,
-        Method::POST,
-        "/v1/api-keys",
-        Some(&json!({"name": "strict", "type": "secret", "scopes": ["users:read"]})),
-        201,
-    )
-    .await;
+    let made = reader_key(&app, "strict").await;
     let id = made["id"].as_str().unwrap().to_string();
     let before = get_key(&app, &id).await;
     let patch_path = format!("/v1/api-keys/{id}");
@@ -714,14 +713,7 @@ async fn replaced_credits_leave_no_counter_behind_for_good() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn management_endpoints_without_parameters_refuse_a_query() {
     let (app, _redis) = app_on("memory").await;
-    let made = root(
-        &app,
-        Method::POST,
-        "/v1/api-keys",
-        Some(&json!({"name": "q", "type": "secret", "scopes": ["users:read"]})),
-        201,
-    )
-    .await;
+    let made = reader_key(&app, "q").await;
     let id = made["id"].as_str().unwrap();
     let key_path = format!("/v1/api-keys/{id}");
     let calls = [

@@ -539,6 +539,11 @@ async fn create_refuses_bad_limits_naming_the_field() {
             "field `ratelimits[0].burst`",
         ),
         (
+            json!({"credits": {"remaining": 1_000_000_000_000_001u64}}),
+            "invalid_field",
+            "field `credits.remaining`: use 0 to 999999999999999",
+        ),
+        (
             json!({"credits": {"remaining": 1_000_000_000_000_000u64}}),
             "invalid_field",
             "field `credits.remaining`: use 0 to 999999999999999",
