@@ -527,6 +527,11 @@ routes:
             "x-http-method-override",
             "x-real-ip",
             "host",
+            "x_http_method_override",
+            "x_keygate_ratelimit",
+            "true_client_ip",
+            "proxy-authorization",
+            "http2-settings",
         ] {
             let text = BASE.replace(
                 "  upstream: http://127.0.0.1:3000",

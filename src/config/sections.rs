@@ -458,6 +458,8 @@ fn policy(proxy: &RawProxy, raw_routes: &[RawRoute], unmatched: Unmatched) -> Re
 /// or client facts, and keygate sets or strips them itself.
 const RESERVED: &[&str] = &[
     "authorization",
+    "proxy-authorization",
+    "http2-settings",
     "host",
     "connection",
     "keep-alive",
@@ -491,14 +493,17 @@ fn identity_headers(ih: &RawIdentityHeaders) -> Result<IdentityHeaders> {
         ("key_type", &identity.key_type),
     ] {
         let path = FieldPath::keys("proxy.identity_headers").key(field);
-        let stripped = OVERRIDES.contains(&name.as_str()) || CLIENT_CLAIMS.contains(&name.as_str());
-        if RESERVED.contains(&name.as_str()) || stripped {
+        // CGI, WSGI, Rack and PHP read `_` as `-` (as the proxy's own stripping does).
+        let canon = name.as_str().replace('_', "-");
+        let canon = canon.as_str();
+        if RESERVED.contains(&canon) || OVERRIDES.contains(&canon) || CLIENT_CLAIMS.contains(&canon)
+        {
             return Err(invalid(
                 path,
                 format!("{name} is reserved and cannot carry identity"),
             ));
         }
-        if !names.insert(name.clone()) {
+        if !names.insert(canon.to_string()) {
             return Err(invalid(path, format!("{name} is used twice")));
         }
     }
