@@ -71,18 +71,35 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
         self.0.deserialize_map(Wrap(v))
     }
 
-    /// Enums pass unwrapped: the bodies' enums carry no data, so no struct hides in one.
+    /// The bodies' enums are names (`"secret"`): a string only, never serde's
+    /// `{"secret": null}` form.
     fn deserialize_enum<V: Visitor<'de>>(
         self,
-        name: &'static str,
-        variants: &'static [&'static str],
+        _: &'static str,
+        _: &'static [&'static str],
         v: V,
     ) -> Result<V::Value, D::Error> {
-        self.0.deserialize_enum(name, variants, v)
+        self.0.deserialize_str(UnitVariant(v))
     }
 
     fn is_human_readable(&self) -> bool {
         self.0.is_human_readable()
+    }
+}
+
+/// An enum's visitor fed a variant's name.
+struct UnitVariant<V>(V);
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for UnitVariant<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        self.0.expecting(f)
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<V::Value, E> {
+        self.0
+            .visit_enum(de::IntoDeserializer::<E>::into_deserializer(name))
     }
 }
 
@@ -221,6 +238,24 @@ mod tests {
         assert!(read(r#"{"name": "a", "x": 1}"#)
             .unwrap_err()
             .contains("unknown field"));
+    }
+
+    #[derive(Deserialize, Debug, PartialEq)]
+    #[serde(rename_all = "lowercase")]
+    enum Kind {
+        Secret,
+        Publishable,
+    }
+
+    #[test]
+    fn an_enum_is_its_name_only() {
+        let read =
+            |text: &str| super::from_slice::<Kind>(text.as_bytes()).map_err(|e| e.to_string());
+        assert_eq!(read(r#""secret""#), Ok(Kind::Secret));
+        assert_eq!(read(r#""publishable""#), Ok(Kind::Publishable));
+        for text in [r#"{"secret": null}"#, r#"["secret"]"#, "1", r#""other""#] {
+            assert!(read(text).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -638,6 +638,7 @@ async fn bodies_are_one_json_object_with_objects_inside() {
         (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": "secret", "ratelimits": [["r", 3, "1s"]]}"#.into()),
         (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": "secret", "credits": [5, [100, "1d"]]}"#.into()),
         (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": "secret", "credits": {"remaining": 5, "refill": [100, "1d"]}}"#.into()),
+        (Method::POST, "/v1/api-keys", r#"{"name": "t", "type": {"secret": null}}"#.into()),
         (Method::POST, "/v1/keys", r#"{"label": "q"}<html>"#.into()),
         (Method::POST, "/v1/keys", r#"["q", ["users:read"]]"#.into()),
         (Method::PATCH, &patch_path, r#"{"name": "n2"}{"credits": {"remaining": 0}}"#.into()),
