@@ -810,11 +810,13 @@ impl KeyStore for RedisStore {
 
     async fn by_digest(&self, digest: &Digest) -> Result<Option<KeyRecord>, StoreError> {
         let key = self.rec_key(digest);
+        // `checked`: a connection idle for a second (a worker's own is used only on its
+        // misses) is tested first, so an idle cut by Redis or a NAT costs a PING, not a 503.
         let read = |link: &Link| {
-            let conn = link.get();
             let cmd = redis::cmd("HGETALL").arg(&key).clone();
+            let link = link.clone();
             async move {
-                let mut conn = conn.map_err(|e| {
+                let mut conn = link.checked().await.map_err(|e| {
                     redis::RedisError::from((redis::ErrorKind::Io, "no connection", e.to_string()))
                 })?;
                 cmd.query_async::<Vec<String>>(&mut conn).await
@@ -822,24 +824,26 @@ impl KeyStore for RedisStore {
         };
         let flat: Vec<String> = self
             .bounded(async {
-                let Some(own) = &self.reader else {
-                    return read(&self.conn).await;
-                };
-                match read(own).await {
-                    // A worker's own connection is used only on its misses, so a Redis
-                    // restart or an idle cut since then shows here first. Its manager is
-                    // reconnecting now; this read goes over the shared connection, which
-                    // the readiness checks keep fresh, rather than failing.
-                    Err(e)
-                        if e.is_io_error()
-                            || e.is_connection_dropped()
-                            || e.is_connection_refusal() =>
-                    {
-                        tracing::debug!(error = %e, "worker's Redis connection dropped; reading over the shared one");
-                        read(&self.conn).await
+                // A read can be sent again: a connection found dropped (a Redis restart,
+                // an idle cut) is left to its manager, which reconnects, and the read goes
+                // over the shared connection, once more if that one was dropped too.
+                let first = self.reader.as_ref().unwrap_or(&self.conn);
+                let mut result = read(first).await;
+                let again = if self.reader.is_some() { 2 } else { 1 };
+                for _ in 0..again {
+                    match &result {
+                        Err(e)
+                            if e.is_io_error()
+                                || e.is_connection_dropped()
+                                || e.is_connection_refusal() =>
+                        {
+                            tracing::debug!(error = %e, "Redis connection dropped; reading again");
+                            result = read(&self.conn).await;
+                        }
+                        _ => break,
                     }
-                    other => other,
                 }
+                result
             })
             .await?;
         let record = parse_record(flat)?;

@@ -120,10 +120,10 @@ impl Link {
         }
     }
 
-    /// `get`, for a command that must not be sent twice (a rate-limit script may have
-    /// run when its reply is lost). A connection idle for a second or more is pinged
-    /// first: Redis' `timeout`, a NAT or a restart may have closed it meanwhile, and the
-    /// command would fail on it although Redis is up. A failed `PING` makes the manager
+    /// `get`, for a connection that may have sat idle (a worker's reads on misses, a
+    /// rate-limit script, which must not be sent twice, a periodic flush). One idle for a
+    /// second or more is pinged first: Redis' `timeout`, a NAT or a restart may have
+    /// closed it meanwhile, and the command would fail on it although Redis is up. A failed `PING` makes the manager
     /// reconnect, and the command then goes over the new connection. Call it within the
     /// caller's time bound.
     pub async fn checked(&self) -> Result<ConnectionManager, StoreError> {

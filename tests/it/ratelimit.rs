@@ -1533,8 +1533,9 @@ fn checked(a: &Answer) -> bool {
 }
 
 /// Redis closes connections idle past its `timeout` (as a NAT or a managed Redis may):
-/// the first limited request after a quiet spell is still decided, not refused for a
-/// dead connection while Redis answers. (`deny`: a failed script would be a 503.)
+/// the first limited request after a quiet spell is still decided, and the first read of
+/// a key not yet cached still made, not refused for a dead connection while Redis
+/// answers. (`deny`: a failed script would be a 503.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_mode_decides_after_redis_closed_its_idle_connections() {
     let redis = Redis::start();
@@ -1545,13 +1546,22 @@ async fn exact_mode_decides_after_redis_closed_its_idle_connections() {
         .create(json!({"ratelimits": [{"name": "requests", "limit": 100, "duration": HOUR}]}))
         .await;
     assert_eq!(g.get("/open/x", &k.key).await.label(), "200");
+    // Keys first used after a quiet spell: their reads (cache misses) meet the idle cut too.
+    let fresh = [g.create(json!({})).await, g.create(json!({})).await];
     let _: () = redis.cmd(&["CONFIG", "SET", "timeout", "1"]);
-    for round in 0..2 {
+    for (round, new) in fresh.iter().enumerate() {
         // Past the timeout, and Redis' once-a-second sweep of idle clients.
         tokio::time::sleep(Duration::from_millis(2_600)).await;
         let a = g.get("/open/x", &k.key).await;
         assert_eq!(a.label(), "200", "round {round}: {a:?}");
         assert!(checked(&a), "round {round}: {a:?}");
+        tokio::time::sleep(Duration::from_millis(2_600)).await;
+        let a = g.get("/open/x", &new.key).await;
+        assert_eq!(
+            a.label(),
+            "200",
+            "round {round}, a key read after the cut: {a:?}"
+        );
     }
     assert_eq!(g.decisions("requests", "store_error_denied").await, 0);
 }
