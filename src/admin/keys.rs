@@ -522,13 +522,11 @@ pub async fn update(
     // The proxy enforces the new scopes at once.
     s.verifier.cache.invalidate(&r.digest).await;
     tracing::info!(id = %r.id, tenant = %r.tenant, prefix = %r.prefix, "key updated");
-    let partners = match change.ratelimits.is_some() || change.credits.is_some() {
-        true => share_limits(s, &r, change, now).await?,
-        false => Vec::new(),
-    };
-    let mine = before.as_ref().map(|b| (b, &r));
-    for (before, after) in partners.iter().map(|(b, a)| (b, a)).chain(mine) {
-        super::limits::retire_credits(s, before, after).await;
+    if change.ratelimits.is_some() || change.credits.is_some() {
+        share_limits(s, &r, change, now).await?;
+    }
+    if let Some(before) = &before {
+        super::limits::retire_credits(s, before, &r).await;
     }
     Ok(r)
 }
@@ -540,14 +538,13 @@ const MAX_CHAIN: usize = 1_000;
 /// Give the same limits and credits (the same `set_at`, so the same counters) to every
 /// other key still working that spends `r`'s budget: the keys of its rotation chain
 /// share one budget, and a change made through one of them binds them all. A key never
-/// rotated reads nothing more. Each key changed, before and after.
+/// rotated reads nothing more.
 async fn share_limits(
     s: &AdminState,
     r: &KeyRecord,
     change: &KeyUpdate,
     now: u64,
-) -> Result<Vec<(KeyRecord, KeyRecord)>, ApiError> {
-    let mut changed = Vec::new();
+) -> Result<(), ApiError> {
     let limits_only = KeyUpdate {
         ratelimits: change.ratelimits.clone(),
         credits: change.credits.clone(),
@@ -571,14 +568,13 @@ async fn share_limits(
             Ok(Some(after)) => {
                 s.verifier.cache.invalidate(&after.digest).await;
                 tracing::info!(id = %after.id, from = %r.id, "key's limits updated with its rotation's");
-                changed.push((k, after));
             }
             // Revoked or gone since it was read: nothing left to bind.
             Ok(None) | Err(StoreError::Revoked) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(changed)
+    Ok(())
 }
 
 /// Revoke in the caller's tenant (idempotent) and evict it from this process's cache.
@@ -647,13 +643,29 @@ pub async fn rotate(
             budget: Some(old.limits.budget.clone().unwrap_or_else(|| old.id.clone())),
         },
     };
-    let (new, key) = mint(s, &old.tenant, spec, now)?;
+    let (mut new, key) = mint(s, &old.tenant, spec, now)?;
     let revokes_at = now + grace_ms;
     let updated_old = s
         .store
         .rotate(&caller.tenant, &old.id, &new, revokes_at, now)
         .await?
         .ok_or_else(ApiError::key_not_found)?;
+    let mut credits_remaining = credits_remaining;
+    if updated_old.limits.ratelimits != new.limits.ratelimits
+        || updated_old.limits.credits != new.limits.credits
+    {
+        // A PATCH of the old key landed between its read and the rotation: the new key
+        // takes the limits and credits now in force (one budget, one counter), before
+        // anyone holds its text.
+        let limits = KeyUpdate {
+            ratelimits: Some(updated_old.limits.ratelimits.clone()),
+            credits: Some(updated_old.limits.credits.clone()),
+            ..KeyUpdate::default()
+        };
+        new = (s.store.update(&new.tenant, &new.id, &limits, now).await?)
+            .ok_or_else(ApiError::key_not_found)?;
+        credits_remaining = super::limits::credits_remaining(s, &new).await?;
+    }
     s.verifier.cache.invalidate(&updated_old.digest).await;
     s.verifier.cache.invalidate(&new.digest).await;
     tracing::info!(old = %old.id, new = %new.id, tenant = %new.tenant, prefix = %new.prefix, "key rotated");

@@ -293,16 +293,32 @@ pub async fn credits_remaining(s: &AdminState, r: &KeyRecord) -> Result<Option<u
 /// makes of what it spent there (each exchanges every `sync_interval`).
 const RETIRED_KEEP_MS: u64 = 3_600_000;
 
+/// The credits counter of `r`, if it has credits (the last of the key's counters).
+fn credits_counter(r: &KeyRecord) -> Option<counters::Counter> {
+    r.limits.credits.as_ref()?;
+    counters::key_counters(&r.id, &r.limits, 1).pop()
+}
+
 /// `before`'s credits were replaced (now `after`'s): their counter, which would never
-/// expire without a refill, is let go. Best effort: a counter left behind only takes room.
+/// expire without a refill, is let go. Only for a key of its own: the keys of a rotation
+/// chain spend one counter and may be changed concurrently, so a counter one of them
+/// still spends on is never given an expiry (a counter left behind only takes room;
+/// one that expires in use would give its credits back). Best effort.
 pub async fn retire_credits(s: &AdminState, before: &KeyRecord, after: &KeyRecord) {
-    if before.limits.credits.is_none() || before.limits.credits == after.limits.credits {
-        return;
-    }
-    // The credits counter is the last of the key's counters.
-    let Some(credits) = counters::key_counters(&before.id, &before.limits, 1).pop() else {
+    let chained = |r: &KeyRecord| r.limits.budget.is_some() || r.successor_id.is_some();
+    let Some(credits) = credits_counter(before) else {
         return;
     };
+    // Two PATCHes within one millisecond name the same counter (`c:<budget>:<set_at>`).
+    let in_use = |r: &KeyRecord| credits_counter(r).is_some_and(|c| c.id == credits.id);
+    if chained(before) || chained(after) || in_use(after) {
+        return;
+    }
+    // Read again: a rotation or another PATCH since may use it.
+    match s.store.by_id(&before.tenant, &before.id).await {
+        Ok(Some(now)) if !chained(&now) && !in_use(&now) => {}
+        _ => return,
+    }
     let ask = Ask {
         tag: counters::tag(&before.tenant),
         counters: vec![credits],
